@@ -1,0 +1,327 @@
+"""The command line: parse, call, render, exit. No audit logic lives here.
+
+Exit codes: 0 reproducible · 1 diverged · 2 usage or config error · 3 a run failed
+(crash, timeout, killed) · 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, List, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .report.json import EXIT_DIVERGED, EXIT_REPRODUCIBLE, EXIT_USAGE
+
+app = typer.Typer(
+    name="reprocheck",
+    help=(
+        "Audit PyTorch training for bitwise reproducibility: run a config N times under "
+        "identical seeding and report the first divergent step, phase and tensor.\n\n"
+        "Exit codes: 0 reproducible · 1 diverged · 2 usage or config error · "
+        "3 a run failed (crash, timeout, killed) · 130 interrupted."
+    ),
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+stdout = Console(highlight=False)
+stderr = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+_state = {"debug": False}
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: one line, exit 2."""
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """Print one line on stderr and return the Exit to raise."""
+    stderr.print(f"reprocheck: error: {message}", markup=False, highlight=False)
+    return typer.Exit(code)
+
+
+def user_errors(command: F) -> F:
+    """Turn the errors a user can cause into one line and exit 2 (``--debug``: traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .config import ConfigError
+        from .runner.audit import OutputError
+        from .trace import TraceError
+
+        try:
+            return command(*args, **kwargs)
+        except (ConfigError, TraceError, OutputError, UsageError, ValueError) as exc:
+            if _state["debug"]:
+                traceback.print_exc()
+            raise fail(str(exc)) from None
+        except OSError as exc:
+            if _state["debug"]:
+                traceback.print_exc()
+            where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+            raise fail(f"{exc.strerror or exc}:{where}".rstrip(":")) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"reprocheck {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    _state["debug"] = debug
+
+
+def _split_list(values: Optional[List[str]]) -> list[str] | None:
+    if not values:
+        return None
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def _threads(values: Optional[List[str]]) -> list[int] | None:
+    items = _split_list(values)
+    if items is None:
+        return None
+    try:
+        return [int(item) for item in items]
+    except ValueError:
+        raise UsageError(
+            f"--threads takes whole numbers, e.g. --threads 1,2 (got {','.join(items)})"
+        ) from None
+
+
+class RunProgress:
+    """A bar per run, updated from the launcher's polling; silent when quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.progress = (
+            None
+            if quiet
+            else Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("steps"),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                console=stderr,
+                transient=True,
+            )
+        )
+        self.tasks: dict[tuple[str, int], Any] = {}
+
+    def __enter__(self) -> RunProgress:
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def update(self, result: Any, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        key = (result.leg, result.run)
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(
+                f"{result.leg} #{result.run}", total=total, status=""
+            )
+        status = "" if result.status in ("running", "complete") else result.status
+        self.progress.update(self.tasks[key], completed=done, total=total, status=status)
+
+
+def _emit(report: dict[str, Any], json_path: Optional[Path], quiet: bool) -> None:
+    from .report.json import write_report
+    from .report.terminal import render
+
+    write_report(report, Path(report["out_dir"]) / "report.json")
+    if json_path is not None:
+        if str(json_path) == "-":
+            sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+            return
+        write_report(report, json_path)
+    if not quiet:
+        render(report, stdout)
+
+
+@app.command()
+@user_errors
+def run(
+    config_path: Path = typer.Argument(..., metavar="CONFIG", help="The audit's YAML config."),
+    repeats: Optional[int] = typer.Option(
+        None, "-n", "--repeats", help="Runs per leg (config: repeats)."
+    ),
+    device: Optional[List[str]] = typer.Option(
+        None, "--device", help="Devices, e.g. cpu,cuda (config: devices)."
+    ),
+    threads: Optional[List[str]] = typer.Option(
+        None, "--threads", help="Thread counts, e.g. 1,2: one leg each."
+    ),
+    steps: Optional[int] = typer.Option(
+        None, "--steps", help="Optimizer steps per run (config: steps)."
+    ),
+    out: str = typer.Option("reports", "--out", help="Folder for traces and report.json."),
+    json_path: Optional[Path] = typer.Option(
+        None, "--json", help="Also write the JSON report here ('-': stdout)."
+    ),
+    fail_fast: bool = typer.Option(
+        True, "--fail-fast/--no-fail-fast", help="Stop a leg's runs as soon as two disagree."
+    ),
+    jobs: Optional[int] = typer.Option(
+        None, "--jobs", "-j", min=1, help="Runs in parallel (default: cores ÷ threads)."
+    ),
+    timeout: Optional[float] = typer.Option(
+        None, "--timeout", min=0.1, help="Seconds a run may take; then it is killed (exit 3)."
+    ),
+    measure: bool = typer.Option(
+        True, "--measure/--no-measure", help="Replay the divergent step to diff the real tensors."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no terminal report."),
+) -> None:
+    """Run CONFIG N times per leg and report the first divergent step, phase and tensor.
+
+    Example: reprocheck run configs/demo.yaml -n 3 --threads 1,2
+    """
+    from .config import apply_overrides, load_config
+    from .runner.audit import AuditOptions, run_audit
+
+    config = load_config(config_path)
+    config = apply_overrides(
+        config, repeats=repeats, steps=steps, devices=_split_list(device), threads=_threads(threads)
+    )
+    options = AuditOptions(
+        out=out, jobs=jobs, timeout=timeout, fail_fast=fail_fast, measure=measure
+    )
+    with RunProgress(quiet or (json_path is not None and str(json_path) == "-")) as progress:
+        report = run_audit(config, options, progress=progress.update)
+    _emit(report, json_path, quiet)
+    raise typer.Exit(report["exit_code"])
+
+
+@app.command()
+@user_errors
+def compare(
+    trace_a: Path = typer.Argument(..., metavar="TRACE_A", help="A run's trace (.sqlite)."),
+    trace_b: Path = typer.Argument(..., metavar="TRACE_B", help="Another run's trace."),
+    tolerance: str = typer.Option(
+        "exact", "--tolerance", help="exact (digests) | ulp:N | rtol=..,atol=.. (numeric sketches)."
+    ),
+    json_path: Optional[Path] = typer.Option(
+        None, "--json", help="Write the result as JSON here ('-': stdout)."
+    ),
+) -> None:
+    """Compare two traces: the first divergent step and tensor, or distance under a tolerance.
+
+    Exit 0 when they agree (bitwise, or within the tolerance), 1 when they do not.
+    """
+    from .compare import compare_sketches, first_divergence, parse_tolerance
+    from .report.json import comparison_dict, divergence_dict
+    from .trace import Trace
+
+    parsed = parse_tolerance(tolerance)
+    with Trace(trace_a) as a, Trace(trace_b) as b:
+        ended = {str(t.path): (t.status, t.last_step) for t in (a, b)}
+        hashers = (a.meta.get("hasher"), b.meta.get("hasher"))
+    result: dict[str, Any] = {
+        "schema": "reprocheck.compare/1",
+        "traces": [str(trace_a), str(trace_b)],
+        "tolerance": parsed.describe(),
+        "ended": ended,
+    }
+    if parsed.exact:
+        if hashers[0] != hashers[1]:
+            raise UsageError(
+                f"the traces were fingerprinted with different hashers "
+                f"({hashers[0]} vs {hashers[1]}): "
+                "compare them with a tolerance, e.g. --tolerance rtol=1e-5,atol=1e-6"
+            )
+        divergence = first_divergence([str(trace_a), str(trace_b)])
+        result["first_divergence"] = divergence_dict(divergence) if divergence else None
+        agree = divergence is None
+    else:
+        comparison = compare_sketches(str(trace_a), str(trace_b), parsed, ("A", "B"))
+        result["comparison"] = comparison_dict(comparison)
+        agree = comparison.within_tolerance
+    result["agree"] = agree
+    if json_path is not None:
+        from .report.json import write_report
+
+        if str(json_path) == "-":
+            sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+        else:
+            write_report(result, json_path)
+    if json_path is None or str(json_path) != "-":
+        _render_compare(result)
+    raise typer.Exit(EXIT_REPRODUCIBLE if agree else EXIT_DIVERGED)
+
+
+def _render_compare(result: dict[str, Any]) -> None:
+    from rich.text import Text
+
+    for path, (status, last) in result["ended"].items():
+        note = "" if status == "complete" else f"  (status {status})"
+        stdout.print(Text(f"{path}: steps 0–{last}{note}", style="dim"))
+    if "first_divergence" in result:
+        d = result["first_divergence"]
+        if d is None:
+            stdout.print(Text("✔ IDENTICAL  every common step bitwise equal", style="bold green"))
+            return
+        line = Text("✘ DIVERGED", style="bold red")
+        line.append(f" at step {d['step']} · {d['phase']} · ")
+        line.append(d["tensor"], style="bold red")
+        stdout.print(line)
+        stdout.print(Text(f"  digests  A {d['digests'][0]}   B {d['digests'][-1]}", style="dim"))
+        return
+    c = result["comparison"]
+    if c["within_tolerance"]:
+        stdout.print(
+            Text(
+                f"✔ WITHIN TOLERANCE ({c['tolerance']})  {c['identical']:,} of "
+                f"{c['compared']:,} records bitwise identical",
+                style="bold green",
+            )
+        )
+    else:
+        o = c["first_outside"]
+        line = Text(f"✘ OUTSIDE TOLERANCE ({c['tolerance']})", style="bold red")
+        line.append(f" from step {o['step']} · {o['phase']} · {o['tensor']}")
+        stdout.print(line)
+    if c["worst"]:
+        w = c["worst"]
+        stdout.print(
+            Text(
+                f"  worst rel Δ {w['max_rel_diff']:.3g} at step {w['step']} {w['tensor']}",
+                style="dim",
+            )
+        )
+    if c["note"]:
+        stdout.print(Text(f"  note: {c['note']}", style="yellow"))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        stderr.print("reprocheck: interrupted", markup=False)
+        sys.exit(130)

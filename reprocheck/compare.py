@@ -1,0 +1,357 @@
+"""Traces → the first divergence within a leg, and how far legs are apart.
+
+Within a leg runs must agree bit for bit: the first divergence is the smallest
+(step, record order) where any run's digest differs from run 0's — any two runs that
+disagree there cannot both agree with run 0 — found by one join per pair of traces,
+stopping at the first mismatch. Across legs (devices, thread counts, another machine)
+digests are not expected to agree; the numeric sketches are compared under a tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import PHASES
+from .trace import Record, Trace, TraceError
+
+
+@dataclass
+class Divergence:
+    """Where the runs of a leg first disagree, and how they group there."""
+
+    step: int
+    seq: int
+    phase: str
+    tensor: str
+    shape: tuple[int, ...]
+    dtype: str
+    runs: list[list[int]]  # run indices grouped by what they recorded there
+    sides: list[Record | None]  # one record per group (None: the group has no record there)
+    kind: str = "value"  # value: digests differ · structure: names/shapes/counts differ
+    leg: str | None = None
+    diff: dict[str, Any] = field(default_factory=dict)  # numeric diff, from the real tensors
+    zoom: dict[str, Any] = field(default_factory=dict)  # module, op, source, cause (zoom)
+
+
+def _connect(*paths: str) -> sqlite3.Connection:
+    """An in-memory connection with each trace attached read-only as t0, t1, ..."""
+    db = sqlite3.connect(":memory:", uri=True)
+    for index, path in enumerate(paths):
+        db.execute(f"ATTACH DATABASE ? AS t{index}", (Path(path).resolve().as_uri() + "?mode=ro",))
+    return db
+
+
+def _tensor_table(db: sqlite3.Connection, alias: str) -> list[tuple]:
+    return db.execute(
+        f"SELECT id, phase, name, shape, dtype FROM {alias}.tensors ORDER BY id"
+    ).fetchall()
+
+
+def first_mismatch(path_a: str, path_b: str, last_step: int) -> tuple[int, int] | None:
+    """(step, seq) of the first record, up to ``last_step``, where two traces differ."""
+    db = _connect(path_a, path_b)
+    try:
+        counts = "SELECT step, records FROM {}.steps WHERE step <= ? ORDER BY step"
+        count_a = db.execute(counts.format("t0"), (last_step,)).fetchall()
+        count_b = db.execute(counts.format("t1"), (last_step,)).fetchall()
+        # A step where b holds more records than a: the first extra record is a mismatch
+        # the a-driven join below cannot see.
+        extra = next(
+            ((step, n_a) for (step, n_a), (_, n_b) in zip(count_a, count_b) if n_b > n_a), None
+        )
+        if _tensor_table(db, "t0") == _tensor_table(db, "t1"):
+            same = "y.tensor = x.tensor AND y.digest = x.digest"
+            joins = ""
+        else:  # ids assigned differently: compare what the ids stand for
+            joins = (
+                "JOIN t0.tensors ta ON ta.id = x.tensor LEFT JOIN t1.tensors tb ON tb.id = y.tensor"
+            )
+            same = (
+                "y.digest = x.digest AND tb.phase = ta.phase AND tb.name = ta.name "
+                "AND tb.shape = ta.shape AND tb.dtype = ta.dtype"
+            )
+        row = db.execute(
+            "SELECT x.step, x.seq FROM t0.records x "
+            "LEFT JOIN t1.records y ON y.step = x.step AND y.seq = x.seq "
+            f"{joins} WHERE x.step <= ? AND NOT coalesce({same}, 0) "
+            "ORDER BY x.step, x.seq LIMIT 1",
+            (last_step,),
+        ).fetchone()
+    finally:
+        db.close()
+    found = [p for p in (row and tuple(row), extra) if p is not None]
+    return min(found) if found else None
+
+
+def _record_key(record: Record | None) -> tuple | None:
+    if record is None:
+        return None
+    return (record.phase, record.name, record.shape, record.dtype, record.digest)
+
+
+def first_divergence(
+    traces: Sequence[str], run_ids: Sequence[int] | None = None, partial: bool = False
+) -> Divergence | None:
+    """The first divergence among a leg's traces, over the steps they all committed.
+
+    ``partial``: traces may still be running or not exist yet (fail-fast polling); the
+    unreadable ones are left out instead of raising.
+    """
+    run_ids = list(run_ids) if run_ids is not None else list(range(len(traces)))
+    opened: list[tuple[int, Trace]] = []
+    try:
+        for run, path in zip(run_ids, traces):
+            try:
+                opened.append((run, Trace(path)))
+            except TraceError:
+                if not partial:
+                    raise
+        opened = [(run, t) for run, t in opened if t.steps]
+        if len(opened) < 2:
+            return None
+        last_step = min(t.last_step for _, t in opened)
+        reference = opened[0][1]
+        mismatches = [first_mismatch(reference.path, t.path, last_step) for _, t in opened[1:]]
+        found = [m for m in mismatches if m is not None]
+        if not found:
+            return None
+        step, seq = min(found)
+        groups: dict[tuple | None, list[int]] = {}
+        sides: dict[tuple | None, Record | None] = {}
+        for run, trace in opened:
+            record = trace.record(step, seq)
+            key = _record_key(record)
+            groups.setdefault(key, []).append(run)
+            sides.setdefault(key, record)
+        shown = next(r for r in sides.values() if r is not None)
+        names = {(r.phase, r.name, r.shape, r.dtype) for r in sides.values() if r is not None}
+        kind = "value" if len(names) == 1 and None not in sides else "structure"
+        return Divergence(
+            step=step,
+            seq=seq,
+            phase=shown.phase,
+            tensor=shown.name,
+            shape=shown.shape,
+            dtype=shown.dtype,
+            runs=list(groups.values()),
+            sides=list(sides.values()),
+            kind=kind,
+        )
+    finally:
+        for _, trace in opened:
+            trace.close()
+
+
+# ---------------------------------------------------------------- tolerance across legs
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close two sketches must be: ``exact``, ``ulp:N`` or ``rtol=..,atol=..``."""
+
+    rtol: float = 0.0
+    atol: float = 0.0
+    ulps: int | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.rtol == 0 and self.atol == 0 and self.ulps is None
+
+    def describe(self) -> str:
+        if self.ulps is not None:
+            return f"ulp:{self.ulps}"
+        return "exact" if self.exact else f"rtol={self.rtol:g},atol={self.atol:g}"
+
+    def limit(self, a: float, b: float, dtype: str) -> float:
+        """The largest |a − b| this tolerance allows between two sketch values."""
+        scale = max(abs(a), abs(b))
+        if self.ulps is not None:
+            return self.ulps * _epsilon(dtype) * scale
+        return self.atol + self.rtol * scale
+
+
+def _epsilon(dtype: str) -> float:
+    try:
+        return torch.finfo(getattr(torch, dtype)).eps
+    except (TypeError, AttributeError):
+        return 1.0  # integer and bool tensors: one unit
+
+
+def parse_tolerance(text: str) -> Tolerance:
+    """``exact`` | ``ulp:N`` | ``rtol=1e-5,atol=1e-6`` (either key may be left out)."""
+    text = text.strip()
+    if text == "exact":
+        return Tolerance()
+    match = re.fullmatch(r"ulp:(\d+)", text)
+    if match:
+        return Tolerance(ulps=int(match.group(1)))
+    values: dict[str, float] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in ("rtol", "atol") or key in values:
+            raise ValueError(
+                f"tolerance {text!r}: expected exact, ulp:N or rtol=..,atol=.. "
+                "(e.g. rtol=1e-5,atol=1e-6)"
+            )
+        try:
+            values[key] = float(value)
+        except ValueError:
+            raise ValueError(f"tolerance {text!r}: {key} must be a number, got {value!r}") from None
+        if not math.isfinite(values[key]) or values[key] < 0:
+            raise ValueError(f"tolerance {text!r}: {key} must be a finite number ≥ 0")
+    return Tolerance(rtol=values.get("rtol", 0.0), atol=values.get("atol", 0.0))
+
+
+@dataclass
+class LegComparison:
+    """Two legs (or two traces) compared record by record through their sketches."""
+
+    pair: tuple[str, str]
+    tolerance: str
+    compared: int = 0
+    identical: int = 0  # bitwise-identical records (same hasher on both sides)
+    unmeasured: int = 0  # records that differ but have no sketch on one side
+    within_tolerance: bool = True
+    first_outside: dict[str, Any] | None = None
+    worst: dict[str, Any] | None = None
+    growth: list[tuple[int, float]] = field(default_factory=list)  # (step, max rel diff)
+    note: str | None = None
+
+
+def compare_sketches(
+    path_a: str, path_b: str, tolerance: Tolerance, pair: tuple[str, str]
+) -> LegComparison:
+    """Compare two traces under a tolerance, from the sketches both recorded."""
+    result = LegComparison(pair=pair, tolerance=tolerance.describe())
+    with Trace(path_a) as a, Trace(path_b) as b:
+        same_hasher = a.meta.get("hasher") == b.meta.get("hasher")
+        last_step = min(a.last_step if a.steps else -1, b.last_step if b.steps else -1)
+    db = _connect(path_a, path_b)
+    try:
+        rows = db.execute(
+            "SELECT x.step, ta.phase, ta.name, ta.dtype, x.digest = y.digest, "
+            "sa.sum, sa.sum_sq, sa.absmax, sa.nonfinite, "
+            "sb.sum, sb.sum_sq, sb.absmax, sb.nonfinite "
+            "FROM t0.records x JOIN t0.tensors ta ON ta.id = x.tensor "
+            "JOIN t1.records y ON y.step = x.step AND y.seq = x.seq "
+            "JOIN t1.tensors tb ON tb.id = y.tensor "
+            "AND tb.phase = ta.phase AND tb.name = ta.name AND tb.shape = ta.shape "
+            "LEFT JOIN t0.sketches sa ON sa.step = x.step AND sa.seq = x.seq "
+            "LEFT JOIN t1.sketches sb ON sb.step = y.step AND sb.seq = y.seq "
+            "WHERE x.step <= ? ORDER BY x.step, x.seq",
+            (last_step,),
+        )
+        growth: dict[int, float] = {}
+        for step, phase, name, dtype, equal, *values in rows:
+            result.compared += 1
+            bitwise = bool(equal) and same_hasher
+            result.identical += bitwise
+            side_a, side_b = values[:4], values[4:]
+            if bitwise:
+                excess = rel = 0.0
+            elif side_a[0] is None or side_b[0] is None:
+                excess = rel = math.inf  # differs, and no sketch to measure by how much
+                result.unmeasured += 1
+            else:
+                excess, rel = _sketch_distance(side_a, side_b, tolerance, dtype)
+            growth[step] = max(growth.get(step, 0.0), rel)
+            where = {"step": step, "phase": PHASES[phase], "tensor": name, "max_rel_diff": rel}
+            if excess > 1.0 and result.first_outside is None:
+                result.within_tolerance = False
+                result.first_outside = where
+            if rel > 0 and (result.worst is None or rel > result.worst["max_rel_diff"]):
+                result.worst = where
+        result.growth = sorted(growth.items())
+        if result.unmeasured:
+            result.note = (
+                f"{result.unmeasured} records differ and lack numeric sketches: "
+                "counted as outside the tolerance"
+            )
+    finally:
+        db.close()
+    return result
+
+
+def _sketch_distance(
+    a: Sequence[float], b: Sequence[float], tolerance: Tolerance, dtype: str
+) -> tuple[float, float]:
+    """(how many times the tolerance the worst sketch value is off, its relative difference)."""
+    if a[3] != b[3]:  # NaN/Inf counts differ: never within tolerance
+        return math.inf, math.inf
+    excess = rel = 0.0
+    for x, y in zip(a[:3], b[:3]):
+        gap = abs(x - y)
+        if gap == 0:
+            continue
+        allowed = tolerance.limit(x, y, dtype)
+        excess = max(excess, gap / allowed if allowed > 0 else math.inf)
+        rel = max(rel, gap / max(abs(x), abs(y)))
+    return excess, rel
+
+
+# ---------------------------------------------------------------- numeric diff of two tensors
+
+_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def _ordered_bits(t: torch.Tensor) -> torch.Tensor:
+    """Float bits mapped to integers that are ordered like the floats (for ULP distance)."""
+    bits = t.contiguous().view(_INT_VIEW[t.element_size()]).to(torch.int64)
+    sign_bit = 1 << (8 * t.element_size() - 1)
+    magnitude = bits & (sign_bit - 1)
+    return torch.where(bits < 0, -magnitude, magnitude)
+
+
+def numeric_diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    """max |Δ|, max relative Δ, max ULP distance, how many elements differ, the first one."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return {
+            "comparable": False,
+            "why": f"{tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}",
+        }
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    if a.dtype == torch.bool:
+        a, b = a.to(torch.uint8), b.to(torch.uint8)
+    # Bits, not values: -0.0 vs 0.0 and different NaN payloads count as differences.
+    differ = _ordered_bits(a) != _ordered_bits(b) if a.is_floating_point() else a != b
+    count = int(differ.sum())
+    out: dict[str, Any] = {
+        "elements_differing": count,
+        "elements": a.numel(),
+        "fraction_differing": count / a.numel() if a.numel() else 0.0,
+        "max_abs_diff": 0.0,
+        "max_rel_diff": 0.0,
+        "max_ulp": 0,
+        "first_index": None,
+    }
+    if count == 0:
+        return out
+    first = int(differ.reshape(-1).nonzero()[0])
+    out["first_index"] = list(torch.unravel_index(torch.tensor(first), a.shape)) if a.dim() else []
+    out["first_index"] = [int(i) for i in out["first_index"]]
+    x, y = a.double(), b.double()
+    gap = (x - y).abs()
+    finite = torch.isfinite(gap)
+    if finite.any():
+        out["max_abs_diff"] = float(gap[finite].max())
+        scale = torch.maximum(x.abs(), y.abs())[finite]
+        rel = gap[finite] / scale.clamp_min(torch.finfo(torch.float64).tiny)
+        out["max_rel_diff"] = float(rel.max())
+    if not bool(finite.all()):
+        out["nonfinite_differing"] = int((~finite & differ).sum())
+    if a.is_floating_point():
+        out["max_ulp"] = int((_ordered_bits(a) - _ordered_bits(b)).abs().max())
+    else:
+        out["max_ulp"] = int(gap.max()) if bool(finite.all()) else None
+    return out

@@ -1,0 +1,167 @@
+"""Seed everything, apply the determinism controls, and snapshot the environment.
+
+Two halves, because some controls only work before the interpreter starts:
+
+* :func:`child_environment` runs in the parent and fills the child's environment
+  (``PYTHONHASHSEED``, ``CUBLAS_WORKSPACE_CONFIG``, thread variables).
+* :func:`apply_controls` runs in the child, before any user code: seeds, deterministic
+  algorithms, cuDNN flags, thread count.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Config, DeterminismConfig
+
+# Environment variables that change numerics or reproducibility; every trace records them.
+RELEVANT_ENV_VARS = (
+    "PYTHONHASHSEED",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "ATEN_CPU_CAPABILITY",
+    "MKL_CBWR",
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_LAUNCH_BLOCKING",
+    "TORCH_DETERMINISTIC",
+)
+
+
+def child_environment(
+    controls: DeterminismConfig, threads: int | None, base: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment a run's process starts with: the parent's, plus the controls that
+    must be in place before the interpreter (hash seed) or CUDA (cuBLAS) starts."""
+    env = dict(os.environ if base is None else base)
+    if controls.pythonhashseed is not None:
+        env["PYTHONHASHSEED"] = str(controls.pythonhashseed)
+    if controls.cublas_workspace is not None:
+        env["CUBLAS_WORKSPACE_CONFIG"] = controls.cublas_workspace
+    if threads is not None:
+        # OpenMP reads these once at start-up; torch.set_num_threads alone leaves
+        # inter-op pools and MKL at their own defaults.
+        env["OMP_NUM_THREADS"] = str(threads)
+        env["MKL_NUM_THREADS"] = str(threads)
+    # The child's reprocheck must be the parent's, wherever the user's cwd is.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def seed_everything(seed: int, controls: DeterminismConfig) -> list[str]:
+    """Seed the generators the controls ask for; returns what was seeded."""
+    seeded = []
+    if controls.seed_python:
+        random.seed(seed)
+        seeded.append("random")
+    if controls.seed_numpy:
+        np.random.seed(seed % 2**32)
+        seeded.append("numpy")
+    if controls.seed_torch:
+        torch.manual_seed(seed)  # also seeds every CUDA device's generator
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+        seeded.append("torch")
+    return seeded
+
+
+def apply_controls(config: Config, device: str, threads: int | None) -> dict[str, Any]:
+    """Apply every control in the run's own process; returns what was actually applied."""
+    controls = config.determinism
+    applied: dict[str, Any] = {"preset": controls.preset}
+    if threads is not None:
+        torch.set_num_threads(threads)
+    applied["threads"] = torch.get_num_threads()
+
+    det = controls.deterministic_algorithms
+    if det:
+        torch.use_deterministic_algorithms(True, warn_only=(det == "warn"))
+    applied["deterministic_algorithms"] = det
+    if controls.fill_uninitialized_memory is not None:
+        fill = getattr(torch.utils, "deterministic", None)
+        if fill is not None and hasattr(fill, "fill_uninitialized_memory"):
+            fill.fill_uninitialized_memory = bool(controls.fill_uninitialized_memory)
+            applied["fill_uninitialized_memory"] = bool(controls.fill_uninitialized_memory)
+    if controls.cudnn_benchmark is not None:
+        torch.backends.cudnn.benchmark = controls.cudnn_benchmark
+    if controls.cudnn_deterministic is not None:
+        torch.backends.cudnn.deterministic = controls.cudnn_deterministic
+    applied["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+    applied["cudnn_deterministic"] = torch.backends.cudnn.deterministic
+    applied["pythonhashseed"] = os.environ.get("PYTHONHASHSEED")
+    applied["cublas_workspace"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    applied["seeded"] = seed_everything(config.seed, controls)
+    applied["dataloader_generator"] = controls.dataloader_generator
+    return applied
+
+
+def dataloader_generator(seed: int) -> torch.Generator:
+    """The generator a DataLoader shuffles and seeds its workers with."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: seed the libraries torch does not seed in workers from its seed.
+
+    torch already seeds ``random`` and its own generator per worker from the loader's
+    base seed; NumPy's global generator is seeded only by recent releases, so do it here
+    whatever the version (idempotent where torch already did it).
+    """
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name, from /proc/cpuinfo where present."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_capability() -> str | None:
+    """The SIMD level torch dispatches CPU kernels to (avx2, avx512, ...)."""
+    get = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    return get() if get is not None else None
+
+
+def environment_snapshot(applied: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything about this process that can change numerics; goes into every trace."""
+    cuda = torch.cuda.is_available()
+    snapshot: dict[str, Any] = {
+        "python": platform.python_version(),
+        "implementation": sys.implementation.name,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if cuda
+        else [],
+        "cpu": cpu_model(),
+        "cpu_capability": cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "env": {name: os.environ.get(name) for name in RELEVANT_ENV_VARS},
+    }
+    if applied is not None:
+        snapshot["controls"] = applied
+    return snapshot

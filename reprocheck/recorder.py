@@ -1,0 +1,180 @@
+"""What is recorded at each step, and in which order.
+
+A step's records go phase by phase in :data:`~reprocheck.config.PHASES` order — data,
+outputs, loss, grads, weights, optimizer, rng — each phase's tensors in a fixed order
+(batch order, ``named_parameters`` order, ``state_dict`` order). Step 0 is the initial
+state: weights, optimizer and rng before the first update.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import PHASES
+from .fingerprint import StepHasher
+from .trace import TraceWriter
+
+
+def flatten(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Name every tensor inside a (nested) batch or output: ``output``, ``output.logits``,
+    ``output.0``; plain numbers become 0-d tensors; anything else is passed over."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        fields = getattr(obj, "_fields", None)  # namedtuple: its own field names
+        for index, value in enumerate(obj):
+            key = fields[index] if fields else str(index)
+            yield from flatten(value, f"{prefix}.{key}" if prefix else key)
+    elif isinstance(obj, bool):
+        yield prefix, torch.tensor(obj)
+    elif isinstance(obj, (int, float)):
+        yield (
+            prefix,
+            torch.tensor(obj, dtype=torch.float64 if isinstance(obj, float) else torch.int64),
+        )
+
+
+def batch_tensors(batch: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """A batch's tensors by name: ``(input, target)`` pairs, a dict's own keys, else ``batch.i``."""
+    if isinstance(batch, torch.Tensor):
+        yield "input", batch
+    elif isinstance(batch, (list, tuple)) and len(batch) == 2 and not hasattr(batch, "_fields"):
+        yield from flatten(batch[0], "input")
+        yield from flatten(batch[1], "target")
+    elif isinstance(batch, Mapping) or hasattr(batch, "_fields"):
+        yield from flatten(batch, "")
+    else:
+        yield from flatten(batch, "batch")
+
+
+def rng_states() -> Iterator[tuple[str, torch.Tensor]]:
+    """The state of every generator a training step may draw from."""
+    yield "torch.cpu", torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            yield f"torch.cuda:{index}", state
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    yield "numpy", torch.from_numpy(np.append(keys.astype(np.int64), [pos, has_gauss]))
+    yield "numpy.gauss", torch.tensor(float(cached), dtype=torch.float64)
+    _version, internal, gauss = random.getstate()
+    yield "random", torch.tensor(internal, dtype=torch.int64)
+    yield (
+        "random.gauss",
+        torch.tensor(float("nan") if gauss is None else gauss, dtype=torch.float64),
+    )
+
+
+def parameter_names(model: torch.nn.Module) -> dict[int, str]:
+    """id(parameter) → its name in ``state_dict``, to name optimizer state."""
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: Mapping[int, str], tag: str = ""
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Optimizer state as ``fc1.weight.exp_avg``, in parameter-group order."""
+    position = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            base = names.get(id(param), f"param{position}")
+            position += 1
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            for key in sorted(state):
+                yield from flatten(state[key], f"{tag}{base}.{key}")
+
+
+class StepRecorder:
+    """Fingerprints the selected phases of each step and commits them to the trace."""
+
+    def __init__(
+        self,
+        writer: TraceWriter,
+        phases: Iterable[str],
+        with_sketch: bool = False,
+        capture: tuple[int, Iterable[tuple[str, str]]] | None = None,
+    ) -> None:
+        self.writer = writer
+        self.step = 0
+        # (step, {(phase, name)}): tensors whose values are kept, for the numeric diff.
+        self.capture_step = capture[0] if capture else None
+        self.capture_names = frozenset(tuple(c) for c in capture[1]) if capture else frozenset()
+        self.captured: dict[tuple[str, str], torch.Tensor] = {}
+        self.phases = frozenset(phases)
+        self.with_sketch = with_sketch
+        self._hasher = StepHasher(with_sketch=with_sketch)
+        self._ids: list[int] = []
+        self._phase_index = 0
+        self._started = time.perf_counter()
+        self.records = 0
+
+    def begin(self, step: int) -> None:
+        self.step = step
+        self._started = time.perf_counter()
+
+    def wants(self, phase: str) -> bool:
+        return phase in self.phases
+
+    def add(self, phase: str, name: str, tensor: torch.Tensor) -> None:
+        """Fingerprint a tensor now (later in-place updates don't change its record)."""
+        index = PHASES.index(phase)
+        if index < self._phase_index:
+            raise RuntimeError(f"phase {phase!r} recorded after {PHASES[self._phase_index]!r}")
+        self._phase_index = index
+        tensor = tensor.detach()
+        if self.step == self.capture_step and (phase, name) in self.capture_names:
+            self.captured[(phase, name)] = tensor.to("cpu", copy=True)
+        self._ids.append(
+            self.writer.tensor_id(phase, name, tuple(tensor.shape), str(tensor.dtype)[6:])
+        )
+        self._hasher.add(tensor)
+
+    def add_all(self, phase: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if phase in self.phases:
+            for name, tensor in named:
+                self.add(phase, name, tensor)
+
+    def commit(self, step: int, loss: torch.Tensor | None) -> None:
+        """One transaction per step; the hasher's single device→host copy happens here."""
+        digests, sketches = self._hasher.finish()
+        loss_value = float(loss.detach().float().mean()) if loss is not None else None
+        rows = list(zip(self._ids, digests))
+        stored = (
+            [None if s is None else s.to_tuple()[:4] for s in sketches]
+            if self.with_sketch
+            else None
+        )
+        self.writer.write_step(step, rows, stored, loss_value, time.perf_counter() - self._started)
+        self.records += len(rows)
+        self._ids = []
+        self._phase_index = 0
+
+    # The phases, each from the objects a training loop has at hand.
+    def state(
+        self,
+        model: torch.nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        names: Mapping[int, str],
+    ) -> None:
+        """weights, optimizer and rng: the state after an update (or before training)."""
+        self.add_all("weights", model.state_dict(keep_vars=False).items())
+        if "optimizer" in self.phases:
+            for index, optimizer in enumerate(optimizers):
+                tag = f"opt{index}." if len(optimizers) > 1 else ""
+                self.add_all("optimizer", optimizer_tensors(optimizer, names, tag))
+        self.add_all("rng", rng_states())
+
+    def grads(self, model: torch.nn.Module) -> None:
+        self.add_all(
+            "grads", ((name, p.grad) for name, p in model.named_parameters() if p.grad is not None)
+        )

@@ -1,0 +1,1 @@
+"""Renderings of an audit: JSON (the data) and the terminal view."""

@@ -1,0 +1,1 @@
+"""Runs: scheduling (launch), one run per process (worker), the training recipe (loop)."""

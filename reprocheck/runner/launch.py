@@ -1,0 +1,331 @@
+"""N runs × legs, each run in its own process: scheduling, timeouts, progress, fail-fast.
+
+The parent never imports user code. It writes one spec per run, starts
+``python -m reprocheck.runner.worker SPEC`` with the leg's environment, polls the
+traces for progress, and — with fail-fast — compares a leg's runs while they go, stopping
+the leg as soon as two of them disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import Config, config_to_dict
+from ..determinism import child_environment
+from ..trace import Trace, TraceError, committed_steps, mark_ended
+
+POLL_S = 0.05
+FAIL_FAST_EVERY_S = 0.5
+
+
+@dataclass
+class RunResult:
+    """One run's outcome.
+
+    ``status``: complete | failed | timeout | killed | stopped | config_error.
+    """
+
+    leg: str
+    run: int
+    trace: str
+    log: str
+    status: str = "pending"
+    steps: int = 0  # committed steps, step 0 included
+    error: str | None = None
+    exit_code: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def last_step(self) -> int | None:
+        return self.steps - 1 if self.steps else None
+
+
+@dataclass
+class Leg:
+    """Runs under one environment: a device and a thread count."""
+
+    name: str
+    device: str
+    threads: int | None
+    status: str = "ok"  # ok | skipped | failed
+    reason: str | None = None
+    runs: list[RunResult] = field(default_factory=list)
+
+
+def leg_name(device: str, threads: int | None) -> str:
+    return device.replace(":", "") + (f"-t{threads}" if threads is not None else "")
+
+
+def device_missing(device: str) -> str | None:
+    """Why a device cannot run here, or None when it can."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            return f"no CUDA device {index} (have {torch.cuda.device_count()})"
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            return "no MPS device"
+    return None
+
+
+def plan_legs(config: Config) -> list[Leg]:
+    """devices × threads; a leg whose device is absent is skipped with the reason."""
+    legs = []
+    for device in config.devices:
+        missing = device_missing(device)
+        for threads in config.threads:
+            leg = Leg(leg_name(device, threads), device, threads)
+            if missing:
+                leg.status, leg.reason = "skipped", missing
+            legs.append(leg)
+    return legs
+
+
+def default_jobs(config: Config) -> int:
+    """Parallel runs that fit this machine: cores ÷ the largest thread count per run."""
+    cores = os.cpu_count() or 1
+    per_run = max((t or cores) for t in config.threads)
+    return max(1, cores // per_run)
+
+
+@dataclass
+class _Task:
+    leg: Leg
+    result: RunResult
+    spec_path: str
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+
+
+class Launcher:
+    """Runs a config's legs. ``progress(result, steps_done, steps_total)`` is called on updates."""
+
+    def __init__(
+        self,
+        config: Config,
+        out_dir: str | os.PathLike,
+        *,
+        jobs: int | None = None,
+        timeout: float | None = None,
+        with_sketch: bool = False,
+        fail_fast: bool = True,
+        progress: Callable[[RunResult, int, int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.jobs = jobs or default_jobs(config)
+        self.timeout = timeout
+        self.with_sketch = with_sketch
+        self.fail_fast = fail_fast
+        self.progress = progress
+        self._config_dict = config_to_dict(config)
+        self._running: list[_Task] = []
+
+    def _spec(self, leg: Leg, run: int, suffix: str = "", **extra: Any) -> tuple[RunResult, str]:
+        stem = f"{leg.name}-r{run}{suffix}"
+        trace = self.out_dir / f"{stem}.sqlite"
+        spec = {
+            "config": self._config_dict,
+            "config_path": self.config.path,
+            "base_dir": os.path.abspath(self.config.base_dir),
+            "leg": leg.name,
+            "device": leg.device,
+            "threads": leg.threads,
+            "run": run,
+            "steps": self.config.steps,
+            "trace": str(trace.resolve()),
+            "with_sketch": self.with_sketch,
+            **extra,
+        }
+        spec_path = self.out_dir / f"{stem}.spec.json"
+        spec_path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
+        result = RunResult(leg.name, run, str(trace), str(self.out_dir / f"{stem}.log"))
+        return result, str(spec_path)
+
+    def run(self, legs: Sequence[Leg]) -> list[Leg]:
+        """Every run of every leg that is not skipped; Ctrl-C stops them all and re-raises."""
+        tasks = []
+        for leg in legs:
+            if leg.status == "skipped":
+                continue
+            env = child_environment(self.config.determinism, leg.threads)
+            for run in range(self.config.repeats):
+                result, spec_path = self._spec(leg, run)
+                leg.runs.append(result)
+                tasks.append(_Task(leg, result, spec_path, env))
+        self._execute(tasks, self.config.steps, check_leg=self.fail_fast)
+        for leg in legs:
+            if (
+                leg.status != "skipped"
+                and leg.runs
+                and all(r.status not in ("complete", "stopped") for r in leg.runs)
+            ):
+                leg.status = "failed"
+                leg.reason = leg.runs[0].error
+        return list(legs)
+
+    def capture(
+        self, leg: Leg, runs: Iterable[int], step: int, tensors: Sequence[tuple[str, str]]
+    ) -> dict[int, str]:
+        """Replay runs up to ``step`` and keep the named tensors' values: run → .pt path."""
+        env = child_environment(self.config.determinism, leg.threads)
+        tasks, outputs = [], {}
+        for run in runs:
+            out = str((self.out_dir / f"{leg.name}-r{run}.capture-s{step}.pt").resolve())
+            capture = {"step": step, "tensors": [list(t) for t in tensors], "out": out}
+            result, spec_path = self._spec(leg, run, f".replay-s{step}", capture=capture)
+            for stale in (result.trace, out):
+                if os.path.exists(stale):
+                    os.remove(stale)
+            tasks.append(_Task(leg, result, spec_path, env))
+            outputs[run] = out
+        self._execute(tasks, step, check_leg=False)
+        return {run: path for run, path in outputs.items() if os.path.exists(path)}
+
+    # The scheduler: start up to `jobs` processes, poll them, enforce timeouts.
+    def _execute(self, tasks: list[_Task], steps_total: int, check_leg: bool) -> None:
+        queue = list(tasks)
+        last_check = time.monotonic()
+        try:
+            while queue or self._running:
+                while queue and len(self._running) < self.jobs:
+                    task = queue.pop(0)
+                    if task.result.status == "stopped":
+                        continue
+                    self._start(task)
+                for task in list(self._running):
+                    self._poll(task, steps_total)
+                if check_leg and time.monotonic() - last_check > FAIL_FAST_EVERY_S:
+                    last_check = time.monotonic()
+                    self._stop_divergent_legs(tasks, queue)
+                time.sleep(POLL_S)
+        except BaseException:
+            for task in self._running:
+                self._kill(task, "interrupted", "interrupted (Ctrl-C) at step {step}")
+            self._running = []
+            raise
+
+    def _start(self, task: _Task) -> None:
+        log = open(task.result.log, "wb")  # noqa: SIM115 - handed to the child, closed on exit
+        task.process = subprocess.Popen(
+            [sys.executable, "-m", "reprocheck.runner.worker", task.spec_path],
+            env=task.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the parent, which stops the children
+        )
+        log.close()
+        task.started = time.monotonic()
+        task.result.status = "running"
+        self._running.append(task)
+
+    def _poll(self, task: _Task, steps_total: int) -> None:
+        result = task.result
+        assert task.process is not None
+        code = task.process.poll()
+        result.steps = committed_steps(result.trace)
+        result.seconds = time.monotonic() - task.started
+        if self.progress:
+            self.progress(result, max(0, result.steps - 1), steps_total)
+        if code is None:
+            if self.timeout and result.seconds > self.timeout:
+                self._kill(task, "timeout", f"timed out after {self.timeout:g} s at step {{step}}")
+            return
+        self._running.remove(task)
+        result.exit_code = code
+        self._settle(result, code)
+        if self.progress:
+            self.progress(result, max(0, result.steps - 1), steps_total)
+
+    def _settle(self, result: RunResult, code: int) -> None:
+        """Read how the run ended from its trace (or its log, if it never wrote one)."""
+        try:
+            with Trace(result.trace) as trace:
+                result.steps = len(trace.steps)
+                status, error, kind = trace.status, trace.error, trace.meta.get("error_kind")
+        except TraceError:
+            status, error, kind = "running", None, None
+        if status == "complete" and code == 0:
+            result.status = "complete"
+        elif kind == "config" or code == 2:
+            result.status = "config_error"
+            result.error = error or log_tail(result.log)
+        elif status == "failed":
+            result.status = "failed"
+            result.error = error
+        else:  # the process died without saying why: a signal, or an error before the trace
+            result.status = "killed" if code < 0 else "failed"
+            why = f"killed by {signal_name(-code)}" if code < 0 else f"exited with status {code}"
+            result.error = f"{why} at step {result.steps}: {log_tail(result.log)}".rstrip(": ")
+            if os.path.exists(result.trace):
+                mark_ended(result.trace, "failed", result.error)
+
+    def _kill(self, task: _Task, status: str, message: str) -> None:
+        assert task.process is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(task.process.pid, signal.SIGKILL)
+        task.process.wait()
+        if task in self._running:
+            self._running.remove(task)
+        result = task.result
+        result.steps = committed_steps(result.trace)
+        result.status = status
+        result.exit_code = task.process.returncode
+        result.error = message.format(step=result.steps)
+        if os.path.exists(result.trace):
+            mark_ended(result.trace, "failed" if status != "stopped" else "stopped", result.error)
+
+    def _stop_divergent_legs(self, tasks: list[_Task], queue: list[_Task]) -> None:
+        """Fail-fast: once two runs of a leg disagree, stop the leg's other runs."""
+        from ..compare import first_divergence
+
+        by_leg: dict[str, list[_Task]] = {}
+        for task in tasks:
+            by_leg.setdefault(task.leg.name, []).append(task)
+        for leg_tasks in by_leg.values():
+            started = [t for t in leg_tasks if t.result.status not in ("pending", "stopped")]
+            if len(started) < 2 or not any(t in self._running or t in queue for t in leg_tasks):
+                continue
+            if first_divergence([t.result.trace for t in started], partial=True) is None:
+                continue
+            for task in leg_tasks:
+                if task in self._running:
+                    self._kill(task, "stopped", "stopped by fail-fast at step {step}")
+                elif task in queue:
+                    queue.remove(task)
+                    task.result.status = "stopped"
+                    task.result.error = "not started: the leg had already diverged (fail-fast)"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def log_tail(path: str, lines: int = 1) -> str:
+    """The last non-empty lines of a run's output (its error, usually)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = [line.rstrip() for line in handle if line.strip()]
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])

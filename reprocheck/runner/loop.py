@@ -1,0 +1,153 @@
+"""The training recipe one run follows: build, record step 0, then train and record.
+
+Read top to bottom, this is what ``reprocheck run`` does to a config inside each run's
+process, after :func:`reprocheck.determinism.apply_controls`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import Config, ConfigError, resolve_callable
+from ..determinism import dataloader_generator, seed_worker
+from ..recorder import StepRecorder, batch_tensors, flatten, parameter_names
+
+
+def build_model(config: Config, device: torch.device) -> torch.nn.Module:
+    factory = resolve_callable(config.model.factory, config.base_dir)
+    model = factory(**dict(config.model.kwargs))
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(
+            f"model: factory {config.model.factory} returned {type(model).__name__}, "
+            "not a torch.nn.Module"
+        )
+    return model.to(device)
+
+
+def build_data(config: Config) -> Any:
+    """A DataLoader over the factory's Dataset (seeded generator and worker seeding), or
+    the factory's own DataLoader / iterable of batches, used as is."""
+    factory = resolve_callable(config.data.factory, config.base_dir)
+    kwargs = dict(config.data.kwargs)
+    try:
+        accepts_seed = "seed" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepts_seed = False
+    if accepts_seed and "seed" not in kwargs:
+        kwargs["seed"] = config.seed  # synthetic data is made from the config's seed
+    data = factory(**kwargs)
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        seeded = config.determinism.dataloader_generator
+        return DataLoader(
+            data,
+            batch_size=config.data.batch_size,
+            shuffle=config.data.shuffle,
+            num_workers=config.data.num_workers,
+            drop_last=config.data.drop_last,
+            generator=dataloader_generator(config.seed) if seeded else None,
+            worker_init_fn=seed_worker if seeded and config.data.num_workers > 0 else None,
+        )
+    if isinstance(data, (DataLoader, Dataset)) or hasattr(data, "__iter__"):
+        return data
+    raise ConfigError(
+        f"data: factory {config.data.factory} returned {type(data).__name__}; "
+        "return a Dataset, a DataLoader or an iterable of batches"
+    )
+
+
+def build_optimizer(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    optimizer_class = getattr(torch.optim, config.optimizer.name)
+    try:
+        return optimizer_class(model.parameters(), **dict(config.optimizer.kwargs))
+    except TypeError as exc:
+        raise ConfigError(f"optimizer: {config.optimizer.name}: {exc}") from None
+
+
+def resolve_loss(config: Config) -> Callable[..., torch.Tensor]:
+    if ":" in config.loss:
+        return resolve_callable(config.loss, config.base_dir)
+    return getattr(torch.nn.functional, config.loss)
+
+
+def batches(data: Any, device: torch.device) -> Iterator[Any]:
+    """Batches on the run's device, epoch after epoch until the loop stops asking."""
+    while True:
+        produced = False
+        for batch in data:
+            produced = True
+            yield to_device(batch, device)
+        if not produced or iter(data) is data:  # empty, or a one-shot iterator now spent
+            raise RuntimeError("the data ran out of batches before the last step")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=False)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """(input, target) for the default step."""
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict) and "input" in batch and "target" in batch:
+        return batch["input"], batch["target"]
+    raise ConfigError(
+        "the default step needs (input, target) batches; got "
+        f"{type(batch).__name__} — write a custom `step: module:function(model, batch, optimizer)`"
+    )
+
+
+def train(
+    config: Config,
+    device: torch.device,
+    recorder: StepRecorder,
+    steps: int,
+) -> int:
+    """Run ``steps`` optimizer steps, recording step 0 and each step; returns steps done."""
+    model = build_model(config, device)
+    data = build_data(config)
+    optimizer = build_optimizer(config, model)
+    loss_fn = resolve_loss(config)
+    custom_step = resolve_callable(config.step, config.base_dir) if config.step else None
+    names = parameter_names(model)
+
+    recorder.begin(0)
+    recorder.state(model, [optimizer], names)
+    recorder.commit(0, None)
+
+    model.train()
+    stream = batches(data, device)
+    for step in range(1, steps + 1):
+        recorder.begin(step)
+        batch = next(stream)
+        recorder.add_all("data", batch_tensors(batch))
+        if custom_step is not None:
+            result = custom_step(model, batch, optimizer)
+            loss, output = result if isinstance(result, tuple) else (result, None)
+            if output is not None:
+                recorder.add_all("outputs", flatten(output, "output"))
+            recorder.add_all("loss", [("loss", loss)])
+        else:
+            inputs, target = split_batch(batch)
+            output = model(inputs)
+            recorder.add_all("outputs", flatten(output, "output"))
+            loss = loss_fn(output, target)
+            recorder.add_all("loss", [("loss", loss)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        recorder.grads(model)
+        if custom_step is None:
+            optimizer.step()
+        recorder.state(model, [optimizer], names)
+        recorder.commit(step, loss)
+    return steps

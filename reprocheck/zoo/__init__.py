@@ -1,0 +1,1 @@
+"""Built-in models, synthetic data and planted-nondeterminism fixtures for audits and tests."""

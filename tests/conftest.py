@@ -1,0 +1,84 @@
+"""Shared helpers: run the real CLI in a child process, read its JSON report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+# Timings and thread-sensitive numerics: one thread unless a test is about threads.
+torch.set_num_threads(1)
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+    report: dict[str, Any] | None
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> CliResult:
+    """``python -m reprocheck ARGS``; if ``--json PATH`` was given, the parsed report."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), full_env.get("PYTHONPATH")) if p
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "reprocheck", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env=full_env,
+        timeout=timeout,
+    )
+    report = None
+    if "--json" in args:
+        path = Path(args[args.index("--json") + 1])
+        if not path.is_absolute():
+            path = (cwd or ROOT) / path
+        if str(path) != "-" and path.exists():
+            report = json.loads(path.read_text())
+    return CliResult(proc.returncode, proc.stdout, proc.stderr, report)
+
+
+@pytest.fixture
+def audit(tmp_path: Path):
+    """Run ``reprocheck run CONFIG ...`` into a temporary --out and return the result."""
+
+    def _audit(config: str | Path, *extra: str, **kwargs: Any) -> CliResult:
+        config = Path(config)
+        if not config.is_absolute():
+            config = CONFIGS / config
+        report = tmp_path / f"report-{len(list(tmp_path.glob('report-*')))}.json"
+        return run_cli(
+            "run",
+            str(config),
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+            str(report),
+            "-q",
+            *extra,
+            **kwargs,
+        )
+
+    return _audit
+
+
+def write_config(folder: Path, text: str, name: str = "config.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
