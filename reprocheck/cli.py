@@ -34,7 +34,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-stdout = Console(highlight=False)
+stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -316,6 +316,15 @@ def _render_compare(result: dict[str, Any]) -> None:
         )
     if c["note"]:
         stdout.print(Text(f"  note: {c['note']}", style="yellow"))
+
+
+def _register_feature_commands() -> None:
+    from .commands import register_all
+
+    register_all(app)
+
+
+_register_feature_commands()
 
 
 def main() -> None:

@@ -63,11 +63,14 @@ def header(report: dict[str, Any]) -> list[Text]:
         if leg["status"] == "skipped":
             legs.append(f"{leg['name']} – skipped: {leg['reason']}", style=DIM)
         else:
-            complete = sum(run["status"] == "complete" for run in leg["runs"])
+            statuses = [run["status"] for run in leg["runs"]]
+            ended = sum(s in ("complete", "stopped") for s in statuses)
             mark, style = ("✔", GREEN) if leg["status"] == "ok" else ("✘", RED)
             legs.append(f"{leg['name']} ")
             legs.append(mark, style=style)
-            legs.append(f" {complete}/{len(leg['runs'])} runs")
+            legs.append(f" {ended}/{len(statuses)} runs")
+            if "stopped" in statuses:
+                legs.append(f" ({statuses.count('stopped')} stopped early: fail-fast)", style=DIM)
     lines.append(legs)
     return lines
 
@@ -130,7 +133,8 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
             lines.append(
                 _line(
                     "replay",
-                    "the replay gave other digests: the nondeterminism is intermittent",
+                    "the replay's digests differ from the audited runs': the source does not "
+                    "repeat (values shown are the replay's)",
                     style=YELLOW,
                 )
             )
@@ -244,7 +248,9 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(
         _line(
             "time",
-            f"{timings.get('total_s', 0):.1f} s (runs {timings.get('runs_s', 0):.1f} s)",
+            f"{timings.get('total_s', 0):.1f} s (runs {timings.get('runs_s', 0):.1f} s"
+            + (f", replay {timings['measure_s']:.1f} s" if "measure_s" in timings else "")
+            + ")",
             style=DIM,
         )
     )

@@ -33,6 +33,9 @@ class AuditOptions:
     timeout: float | None = None
     fail_fast: bool = True
     measure: bool = True  # replay the divergent step to diff the real tensors
+    depth: str = "step"  # step | module | op: what each run records (issue: zoom)
+    zoom: bool = True  # after a divergence, replay the step at op depth (localize.py)
+    attribute: bool = True  # after a divergence, find the control that fixes it (doctor)
 
 
 def make_audit_dir(out: str, name: str) -> Path:
