@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -35,7 +36,7 @@ app = typer.Typer(
 )
 
 stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 _state = {"debug": False}
@@ -150,6 +151,16 @@ class RunProgress:
         self.progress.update(self.tasks[key], completed=done, total=total, status=status)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a CI runner cancelling the job) stops the runs like Ctrl-C does, so no
+    child is left running and the partial report is still written."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def _emit(report: dict[str, Any], json_path: Optional[Path], quiet: bool) -> None:
     from .report.json import write_report
     from .report.terminal import render
@@ -212,6 +223,7 @@ def run(
     options = AuditOptions(
         out=out, jobs=jobs, timeout=timeout, fail_fast=fail_fast, measure=measure
     )
+    _terminate_as_interrupt()
     with RunProgress(quiet or (json_path is not None and str(json_path) == "-")) as progress:
         report = run_audit(config, options, progress=progress.update)
     _emit(report, json_path, quiet)
@@ -229,10 +241,14 @@ def compare(
     json_path: Optional[Path] = typer.Option(
         None, "--json", help="Write the result as JSON here ('-': stdout)."
     ),
+    any_config: bool = typer.Option(
+        False, "--any-config", help="Compare traces even when they come from different configs."
+    ),
 ) -> None:
     """Compare two traces: the first divergent step and tensor, or distance under a tolerance.
 
-    Exit 0 when they agree (bitwise, or within the tolerance), 1 when they do not.
+    Exit 0 when they agree (bitwise, or within the tolerance), 1 when they do not, 2 when
+    a file is not a readable trace or the traces come from different configs.
     """
     from .compare import compare_sketches, first_divergence, parse_tolerance
     from .report.json import comparison_dict, divergence_dict
@@ -240,8 +256,15 @@ def compare(
 
     parsed = parse_tolerance(tolerance)
     with Trace(trace_a) as a, Trace(trace_b) as b:
-        ended = {str(t.path): (t.status, t.last_step) for t in (a, b)}
+        ended = {str(t.path): (t.status, t.last_step, t.error) for t in (a, b)}
         hashers = (a.meta.get("hasher"), b.meta.get("hasher"))
+        identities = [_config_identity(t.meta.get("config")) for t in (a, b)]
+        names = [(t.meta.get("config") or {}).get("name") for t in (a, b)]
+    if identities[0] != identities[1] and not any_config:
+        raise UsageError(
+            f"the traces come from different configs ({names[0]!r} vs {names[1]!r}): "
+            "pass --any-config to compare them anyway"
+        )
     result: dict[str, Any] = {
         "schema": "reprocheck.compare/1",
         "traces": [str(trace_a), str(trace_b)],
@@ -275,12 +298,22 @@ def compare(
     raise typer.Exit(EXIT_REPRODUCIBLE if agree else EXIT_DIVERGED)
 
 
+def _config_identity(config: Any) -> tuple:
+    """What makes two traces comparable: the same name, model and data."""
+    config = config if isinstance(config, dict) else {}
+    return tuple(json.dumps(config.get(key), sort_keys=True) for key in ("name", "model", "data"))
+
+
 def _render_compare(result: dict[str, Any]) -> None:
     from rich.text import Text
 
-    for path, (status, last) in result["ended"].items():
-        note = "" if status == "complete" else f"  (status {status})"
-        stdout.print(Text(f"{path}: steps 0–{last}{note}", style="dim"))
+    for path, (status, last, error) in result["ended"].items():
+        steps = "no step committed" if last is None else f"steps 0–{last}"
+        if status == "complete":
+            stdout.print(Text(f"{path}: {steps}", style="dim"))
+        else:
+            why = f" ({status}: {error})" if error else f" ({status})"
+            stdout.print(Text(f"{path}: {steps} — ended early{why}", style="yellow"))
     if "first_divergence" in result:
         d = result["first_divergence"]
         if d is None:

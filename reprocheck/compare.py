@@ -57,6 +57,13 @@ def _tensor_table(db: sqlite3.Connection, alias: str) -> list[tuple]:
 
 def first_mismatch(path_a: str, path_b: str, last_step: int) -> tuple[int, int] | None:
     """(step, seq) of the first record, up to ``last_step``, where two traces differ."""
+    try:
+        return _first_mismatch(path_a, path_b, last_step)
+    except sqlite3.DatabaseError as exc:
+        raise TraceError(f"{path_a} or {path_b}: corrupted trace ({exc})") from None
+
+
+def _first_mismatch(path_a: str, path_b: str, last_step: int) -> tuple[int, int] | None:
     db = _connect(path_a, path_b)
     try:
         counts = "SELECT step, records FROM {}.steps WHERE step <= ? ORDER BY step"
@@ -231,6 +238,15 @@ def compare_sketches(
     path_a: str, path_b: str, tolerance: Tolerance, pair: tuple[str, str]
 ) -> LegComparison:
     """Compare two traces under a tolerance, from the sketches both recorded."""
+    try:
+        return _compare_sketches(path_a, path_b, tolerance, pair)
+    except sqlite3.DatabaseError as exc:
+        raise TraceError(f"{path_a} or {path_b}: corrupted trace ({exc})") from None
+
+
+def _compare_sketches(
+    path_a: str, path_b: str, tolerance: Tolerance, pair: tuple[str, str]
+) -> LegComparison:
     result = LegComparison(pair=pair, tolerance=tolerance.describe())
     with Trace(path_a) as a, Trace(path_b) as b:
         same_hasher = a.meta.get("hasher") == b.meta.get("hasher")

@@ -305,6 +305,8 @@ def _parse_yaml(text: str, where: str) -> tuple[Any, _Located]:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = exc.problem or exc.context or "invalid YAML"
+        if isinstance(exc, yaml.constructor.ConstructorError):
+            raise ConfigError(f"{where}{line}: {problem}") from None
         raise ConfigError(f"{where}{line}: YAML syntax error: {problem} — fix the YAML") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: YAML error: {str(exc).splitlines()[0]}") from None
@@ -364,8 +366,11 @@ class _Context:
 
 
 def _suggest(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" — did you mean {close[0]!r}?" if close else ""
+    """`` — did you mean 'AdamW'?`` for the closest choice (case counts least), or ''."""
+    options = [str(c) for c in choices]
+    by_lower = {option.lower(): option for option in options}
+    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" — did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 def _mapping(ctx: _Context, path: tuple, value: Any, allowed: tuple[str, ...]) -> dict:

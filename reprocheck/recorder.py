@@ -8,6 +8,7 @@ state: weights, optimizer and rng before the first update.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,6 +20,18 @@ import torch
 from .config import PHASES
 from .fingerprint import StepHasher
 from .trace import TraceWriter
+
+RSS_EVERY = 100  # steps between samples of the run's resident memory
+
+
+def rss_mib() -> float | None:
+    """This process's resident memory in MiB (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def flatten(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -117,6 +130,7 @@ class StepRecorder:
         self._phase_index = 0
         self._started = time.perf_counter()
         self.records = 0
+        self.rss: dict[str, float] = {}
 
     def begin(self, step: int) -> None:
         self.step = step
@@ -158,6 +172,11 @@ class StepRecorder:
         self.records += len(rows)
         self._ids = []
         self._phase_index = 0
+        if step % RSS_EVERY == 0:
+            rss = rss_mib()
+            if rss is not None:  # memory over the run: flat after warm-up, or a leak
+                self.rss[str(step)] = rss
+                self.writer.set_meta(rss_mib=self.rss)
 
     # The phases, each from the objects a training loop has at hand.
     def state(

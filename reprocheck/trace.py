@@ -170,6 +170,13 @@ class Trace:
                 f"{self.path}: trace schema version {version}, this reprocheck reads "
                 f"{SCHEMA_VERSION} — re-record it with this version"
             )
+        tables = {
+            name
+            for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        missing = sorted({"meta", "tensors", "records", "sketches", "steps"} - tables)
+        if missing:
+            raise TraceError(f"{self.path}: corrupted trace (missing table {', '.join(missing)})")
         try:
             self.steps: list[int] = [
                 s for (s,) in self.db.execute("SELECT step FROM steps ORDER BY step")

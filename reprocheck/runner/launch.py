@@ -216,7 +216,7 @@ class Launcher:
                     self._stop_divergent_legs(tasks, queue)
                 time.sleep(POLL_S)
         except BaseException:
-            for task in self._running:
+            for task in list(self._running):
                 self._kill(task, "interrupted", "interrupted (Ctrl-C) at step {step}")
             self._running = []
             raise

@@ -10,12 +10,14 @@ backward_noise      step k · grads · ``fc1.weight``
 unseeded_init       step 0 · weights · ``fc1.weight``
 crash               run failed at step k, trace keeps steps < k
 hang                run never finishes step k (for ``--timeout``)
+killed              the process is SIGKILLed at step k, trace keeps steps < k
 ==================  ============================================
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -113,6 +115,14 @@ class Hang(PlantedMLP):
         return self.fc2(h)
 
 
+class Killed(PlantedMLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        if self.misbehaving:
+            os.kill(os.getpid(), signal.SIGKILL)  # planted: killed from outside, mid-step
+        return self.fc2(h)
+
+
 def forward_noise(step: int = 3, **sizes: int) -> nn.Module:
     return ForwardNoise(step, **sizes)
 
@@ -131,3 +141,7 @@ def crash(step: int = 3, **sizes: int) -> nn.Module:
 
 def hang(step: int = 2, **sizes: int) -> nn.Module:
     return Hang(step, **sizes)
+
+
+def killed(step: int = 3, **sizes: int) -> nn.Module:
+    return Killed(step, **sizes)
