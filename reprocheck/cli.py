@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import traceback
@@ -36,6 +37,8 @@ app = typer.Typer(
 )
 
 stdout = Console(highlight=False, soft_wrap=True)
+if not stdout.is_terminal and "COLUMNS" not in os.environ:
+    stdout.width = 120  # logs and pipes: room for the across-legs table
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -149,3 +149,25 @@ data: {factory: reprocheck.zoo.data:classification}
     assert result.code == 2, result.stderr
     assert result.report["verdict"] == "failed"
     assert "no_such_model" in result.report["legs"][0]["runs"][0]["error"]
+
+
+def test_torchmix_hasher_end_to_end(audit):
+    """The device-side digest (the CUDA code path) run on CPU catches the same divergence."""
+    result = audit("planted-backward.yaml", "--no-measure", env={"REPROCHECK_HASHER": "torch"})
+    assert result.code == 1, result.stderr
+    first = result.report["first_divergence"]
+    assert (first["step"], first["phase"], first["tensor"]) == (3, "grads", "fc1.weight")
+    assert result.report["environment"]["hasher"] == "torchmix-128"
+
+
+def test_thread_legs_are_compared_under_tolerance(audit):
+    result = audit("demo.yaml", "--threads", "1,2", "--steps", "4", "--device", "cpu")
+    assert result.code == 0, result.stderr
+    report = result.report
+    assert [leg["name"] for leg in report["legs"]] == ["cpu-t1", "cpu-t2"]
+    (pair,) = report["across_legs"]
+    assert pair["pair"] == ["cpu-t1", "cpu-t2"]
+    assert pair["tolerance"] == "rtol=1e-05,atol=1e-06"
+    assert pair["within_tolerance"] is True
+    assert pair["compared"] == report["legs"][0]["records"] // 2
+    assert [step for step, _ in pair["growth"]] == [0, 1, 2, 3, 4]
