@@ -131,9 +131,9 @@ def test_round_trip_and_overrides():
         ("cpu",),
         (1, 2),
     )
-    with pytest.raises(ConfigError, match="--device.*unknown device 'gpu'"):
+    with pytest.raises(ConfigError, match=r"--device.*unknown device 'gpu'"):
         apply_overrides(config, devices=["gpu"])
-    with pytest.raises(ConfigError, match="-n: 0 is out of range 1..1000"):
+    with pytest.raises(ConfigError, match=r"-n: 0 is out of range 1\.\.1000"):
         apply_overrides(config, repeats=0)
 
 
@@ -499,3 +499,7 @@ def test_fuzz_structures_never_crash(tmp_path, data):
         assert isinstance(load_config(path), Config)
     except ConfigError as exc:
         assert "\n" not in str(exc)
+
+
+def test_readme_reference_is_generated_from_the_dataclasses():
+    assert config_reference_markdown() in (ROOT / "README.md").read_text()

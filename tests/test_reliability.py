@@ -317,9 +317,8 @@ class Hostile(torch.nn.Module):
     def __init__(self):
         super().__init__()
         entropy = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        self.register_parameter(
-            "[bold red]boom[/bold red]<script>", torch.nn.Parameter(torch.randn(32, 4, generator=entropy))
-        )
+        weight = torch.nn.Parameter(torch.randn(32, 4, generator=entropy))
+        self.register_parameter("[bold red]boom[/bold red]<script>", weight)
 
     def forward(self, x):
         return x @ getattr(self, "[bold red]boom[/bold red]<script>")
@@ -383,18 +382,36 @@ def step(model, batch, optimizer):
     return loss
 """
     )
-    result = run_cli(
-        "run",
-        str(config),
-        "--out",
-        str(tmp_path / "out"),
-        "-q",
-        "--json",
-        str(tmp_path / "r.json"),
-        timeout=1200,
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reprocheck",
+            "run",
+            str(config),
+            "--out",
+            str(tmp_path / "out"),
+            "-q",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    assert result.code == 0, result.stderr
-    with Trace(result.report["legs"][0]["runs"][0]["trace"]) as trace:
+    parent_rss = []  # the parent polls the trace all along: its memory must not grow either
+    while parent.poll() is None:
+        with open(f"/proc/{parent.pid}/status") as status:
+            line = next((x for x in status if x.startswith("VmRSS:")), None)
+        if line:
+            parent_rss.append(int(line.split()[1]) / 1024)
+        time.sleep(1)
+    assert parent.returncode == 0, parent.stderr.read()
+    report = json.loads((tmp_path / "r.json").read_text())
+    with Trace(report["legs"][0]["runs"][0]["trace"]) as trace:
         rss = trace.meta["rss_mib"]
+    settled = parent_rss[len(parent_rss) // 4 :]
+    assert max(settled) - min(settled) < 20, parent_rss
     warm, end = rss["100"], rss["1000"]
     assert end - warm < 20, rss
