@@ -210,6 +210,14 @@ def run(
     measure: bool = typer.Option(
         True, "--measure/--no-measure", help="Replay the divergent step to diff the real tensors."
     ),
+    depth: str = typer.Option(
+        "step", "--depth", help="What each run records: step (phases) | module | op (inside steps)."
+    ),
+    zoom: bool = typer.Option(
+        True,
+        "--zoom/--no-zoom",
+        help="After a divergence, replay that step op by op: module, aten op, source line, cause.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no terminal report."),
 ) -> None:
     """Run CONFIG N times per leg and report the first divergent step, phase and tensor.
@@ -223,8 +231,16 @@ def run(
     config = apply_overrides(
         config, repeats=repeats, steps=steps, devices=_split_list(device), threads=_threads(threads)
     )
+    if depth not in ("step", "module", "op"):
+        raise UsageError(f"--depth takes step, module or op (got {depth!r})")
     options = AuditOptions(
-        out=out, jobs=jobs, timeout=timeout, fail_fast=fail_fast, measure=measure
+        out=out,
+        jobs=jobs,
+        timeout=timeout,
+        fail_fast=fail_fast,
+        measure=measure,
+        depth=depth,
+        zoom=zoom,
     )
     _terminate_as_interrupt()
     with RunProgress(quiet or (json_path is not None and str(json_path) == "-")) as progress:

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from .config import PHASES
 from .trace import Record, Trace, TraceError
 
 
@@ -39,6 +38,7 @@ class Divergence:
     leg: str | None = None
     diff: dict[str, Any] = field(default_factory=dict)  # numeric diff, from the real tensors
     zoom: dict[str, Any] = field(default_factory=dict)  # module, op, source, cause (zoom)
+    variability: list[dict[str, Any]] = field(default_factory=list)  # distinct digests per tensor
 
 
 def _connect(*paths: str) -> sqlite3.Connection:
@@ -280,7 +280,12 @@ def _compare_sketches(
             else:
                 excess, rel = _sketch_distance(side_a, side_b, tolerance, dtype)
             growth[step] = max(growth.get(step, 0.0), rel)
-            where = {"step": step, "phase": PHASES[phase], "tensor": name, "max_rel_diff": rel}
+            where = {
+                "step": step,
+                "phase": phase,
+                "tensor": name,
+                "max_rel_diff": rel,
+            }
             if excess > 1.0 and result.first_outside is None:
                 result.within_tolerance = False
                 result.first_outside = where

@@ -25,6 +25,19 @@ from typing import Any, Callable
 import yaml
 
 PHASES: tuple[str, ...] = ("data", "outputs", "loss", "grads", "weights", "optimizer", "rng")
+# Every phase a trace can hold, in record order: `forward` and `backward` hold what
+# `--depth module|op` records inside the step (module outputs, op outputs, grad_outputs).
+TRACE_PHASES: tuple[str, ...] = (
+    "data",
+    "forward",
+    "outputs",
+    "loss",
+    "backward",
+    "grads",
+    "weights",
+    "optimizer",
+    "rng",
+)
 
 PRESETS: dict[str, dict[str, object]] = {
     "seeded": {

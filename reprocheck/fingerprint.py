@@ -236,6 +236,11 @@ class StepHasher:
         if self.with_sketch:
             self._pending_sketches.append((slot, _sketch_device(t), t.numel()))
 
+    def add_digest(self, digest: bytes) -> None:
+        """A record whose digest was computed elsewhere (op depth); it has no sketch."""
+        self._host.append(digest)
+        self._sketches.append(None)
+
     def finish(self) -> tuple[list[bytes], list[Sketch | None]]:
         """The step's digests and sketches in :meth:`add` order; then reset."""
         if self._pending:

@@ -8,6 +8,7 @@ state: weights, optimizer and rng before the first update.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import PHASES
+from .config import TRACE_PHASES
 from .fingerprint import StepHasher
 from .trace import TraceWriter
 
@@ -141,9 +142,11 @@ class StepRecorder:
 
     def add(self, phase: str, name: str, tensor: torch.Tensor) -> None:
         """Fingerprint a tensor now (later in-place updates don't change its record)."""
-        index = PHASES.index(phase)
+        index = TRACE_PHASES.index(phase)
         if index < self._phase_index:
-            raise RuntimeError(f"phase {phase!r} recorded after {PHASES[self._phase_index]!r}")
+            raise RuntimeError(
+                f"phase {phase!r} recorded after {TRACE_PHASES[self._phase_index]!r}"
+            )
         self._phase_index = index
         tensor = tensor.detach()
         if self.step == self.capture_step and (phase, name) in self.capture_names:
@@ -152,6 +155,16 @@ class StepRecorder:
             self.writer.tensor_id(phase, name, tuple(tensor.shape), str(tensor.dtype)[6:])
         )
         self._hasher.add(tensor)
+
+    def add_ops(self, phase: str, ops: Iterable[Any]) -> None:
+        """``--depth op``: one record per aten op, ``op:<index>:<name>``, from the digests of
+        its outputs that :class:`~reprocheck.localize.OpCapture` took."""
+        if phase not in self.phases:
+            return
+        for op in ops:
+            digest = hashlib.blake2b(bytes.fromhex("".join(op.outputs)), digest_size=16).digest()
+            self._ids.append(self.writer.tensor_id(phase, f"op:{op.index}:{op.op}", (), "op"))
+            self._hasher.add_digest(digest)
 
     def add_all(self, phase: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         if phase in self.phases:

@@ -27,14 +27,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .config import PHASES
+from .config import TRACE_PHASES
 
 SCHEMA = "reprocheck.trace/1"
 SCHEMA_VERSION = 1
 
 _DDL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE tensors (id INTEGER PRIMARY KEY, phase INTEGER NOT NULL, name TEXT NOT NULL,
+CREATE TABLE tensors (id INTEGER PRIMARY KEY, phase TEXT NOT NULL, name TEXT NOT NULL,
                       shape TEXT NOT NULL, dtype TEXT NOT NULL);
 CREATE TABLE records (step INTEGER NOT NULL, seq INTEGER NOT NULL, tensor INTEGER NOT NULL,
                       digest BLOB NOT NULL, PRIMARY KEY (step, seq)) WITHOUT ROWID;
@@ -78,8 +78,8 @@ class TraceWriter:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
         self._db.executescript(_DDL)
-        self._ids: dict[tuple[int, str, str, str], int] = {}
-        self._pending_tensors: list[tuple[int, int, str, str, str]] = []
+        self._ids: dict[tuple[str, str, str, str], int] = {}
+        self._pending_tensors: list[tuple[int, str, str, str, str]] = []
         base = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "status": "running"}
         base["started"] = time.time()
         self._put_meta({**base, **meta})
@@ -98,7 +98,9 @@ class TraceWriter:
 
     def tensor_id(self, phase: str, name: str, shape: Sequence[int], dtype: str) -> int:
         """The id of (phase, name, shape, dtype), registered on first sight."""
-        key = (PHASES.index(phase), name, ",".join(map(str, shape)), dtype)
+        if phase not in TRACE_PHASES:
+            raise ValueError(f"unknown phase {phase!r}")
+        key = (phase, name, ",".join(map(str, shape)), dtype)
         found = self._ids.get(key)
         if found is None:
             found = len(self._ids) + 1
@@ -219,7 +221,7 @@ class Trace:
         phase, name, shape, dtype = self._tensors[tensor]
         dims = tuple(int(d) for d in shape.split(",") if d)
         sk = tuple(sketch) if sketch and sketch[0] is not None else None
-        return Record(step, seq, PHASES[phase], name, dims, dtype, bytes(digest), sk)
+        return Record(step, seq, phase, name, dims, dtype, bytes(digest), sk)
 
     _SELECT = (
         "SELECT r.step, r.seq, r.tensor, r.digest, s.sum, s.sum_sq, s.absmax, s.nonfinite "

@@ -19,6 +19,34 @@ SCHEMA = "reprocheck.report/1"
 
 EXIT_REPRODUCIBLE, EXIT_DIVERGED, EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
+# first_divergence fields from the replay's numeric diff, and from the zoom.
+DIFF_KEYS = (
+    "max_abs_diff",
+    "max_rel_diff",
+    "max_ulp",
+    "elements_differing",
+    "elements",
+    "fraction_differing",
+    "first_index",
+    "replay",
+    "replayed_runs",
+    "replays",
+    "replays_diverged",
+    "sketches",
+)
+ZOOM_KEYS = (
+    "module",
+    "op",
+    "source",
+    "code",
+    "stage",
+    "source_is_forward_line",
+    "cause",
+    "cause_detail",
+    "op_index",
+    "ops_captured",
+)
+
 FAILED_RUN = ("failed", "timeout", "killed", "interrupted", "config_error")
 
 
@@ -47,21 +75,11 @@ def divergence_dict(divergence: Divergence) -> dict[str, Any]:
             for side in divergence.sides
         ],
     }
-    for key in (
-        "max_abs_diff",
-        "max_rel_diff",
-        "max_ulp",
-        "elements_differing",
-        "elements",
-        "fraction_differing",
-        "first_index",
-        "replay",
-        "replayed_runs",
-        "sketches",
-    ):
+    for key in DIFF_KEYS:
         out[key] = diff.get(key)
-    for key in ("module", "op", "source", "cause", "op_index", "zoom"):
+    for key in ZOOM_KEYS:
         out[key] = divergence.zoom.get(key)
+    out["variability"] = divergence.variability
     return out
 
 

@@ -144,9 +144,40 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
                 "difference", "not measured: the replay of the divergent step failed", style=YELLOW
             )
         )
-    for key in ("module", "op", "source", "cause"):
-        if d.get(key):
-            lines.append(_line(key, str(d[key])))
+    if d.get("op"):
+        zoom = Text(f"module {d['module'] or '–'} → op {d['op']} ({d['stage']})")
+        lines.append(_line("zoom", zoom))
+    if d.get("source"):
+        source = Text(d["source"])
+        if d.get("code"):
+            source.append(f"   {d['code']}", style=DIM)
+        if d.get("source_is_forward_line"):
+            source.append("   (the forward line of this backward op)", style=DIM)
+        lines.append(_line("source", source))
+    if d.get("cause"):
+        cause = Text(d["cause"], style="bold")
+        if d.get("cause_detail"):
+            cause.append(f" — {d['cause_detail']}")
+        lines.append(_line("cause", cause))
+    if d.get("replays_diverged") == 0:
+        lines.append(
+            _line(
+                "zoom",
+                f"the divergence did not recur in {d['replays']} replays: intermittent",
+                style=YELLOW,
+            )
+        )
+    shown = d.get("variability") or []
+    for index, item in enumerate(shown[:5]):
+        groups = " ≠ ".join(",".join(f"#{run}" for run in group) for group in item["runs"])
+        lines.append(
+            _line(
+                "variability" if index == 0 else "",
+                Text(f"{item['phase']} · {item['tensor']}: {item['distinct']} distinct ({groups})"),
+            )
+        )
+    if len(shown) > 5:
+        lines.append(_line("", f"… {len(shown) - 5} more tensors differ at this step", style=DIM))
     return lines
 
 

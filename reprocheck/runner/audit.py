@@ -7,6 +7,7 @@ This is what ``reprocheck run`` calls; the CLI only parses, renders and exits.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shutil
 import time
@@ -74,35 +75,87 @@ def _leg_divergence(leg: Leg) -> Divergence | None:
     return found
 
 
-def _measure(launcher: Launcher, leg: Leg, divergence: Divergence) -> None:
-    """Replay one run of the first two groups to the divergent step and diff the tensors."""
+ZOOM_ATTEMPTS = 3  # replays of a divergent step before calling it intermittent
+
+
+def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -> None:
+    """Replay one run of each of the first two groups to the divergent step, keep the
+    divergent tensor (numeric diff) and, with ``zoom``, every aten op of that step (the
+    first divergent op, its module, source line and cause).
+
+    A pair of replays that agree (intermittent nondeterminism) is tried again, up to
+    :data:`ZOOM_ATTEMPTS` pairs; the report gives how many diverged.
+    """
     import torch
 
     from ..fingerprint import fingerprint, sketch
+    from ..localize import from_json, localize
 
     chosen = [group[0] for group in divergence.runs[:2]]
-    key = (divergence.phase, divergence.tensor)
-    paths = launcher.capture(leg, chosen, divergence.step, [key])
-    tensors = {}
-    for run, path in paths.items():
-        saved = torch.load(path, map_location="cpu")
-        tensor = saved.get(f"{divergence.phase}\t{divergence.tensor}")
-        if tensor is not None:
-            tensors[run] = tensor
-    measured: dict[str, Any] = {"replayed_runs": chosen}
-    if len(tensors) == 2:
-        a, b = (tensors[run] for run in chosen)
-        measured.update(numeric_diff(a, b))
-        originals = {group[0]: side for group, side in zip(divergence.runs, divergence.sides)}
-        same = [
-            originals[run] is not None and fingerprint(tensors[run]).value == originals[run].digest
-            for run in chosen
-        ]
-        measured["replay"] = "reproduced" if all(same) else "differed"
-        measured["sketches"] = {str(run): sketch(tensors[run]).__dict__ for run in chosen}
-    else:
-        measured["replay"] = "failed"
+    key = f"{divergence.phase}\t{divergence.tensor}"
+    measured: dict[str, Any] = {"replayed_runs": chosen, "replay": "failed"}
+    attempts = ZOOM_ATTEMPTS if zoom else 1
+    for attempt in range(attempts):
+        paths = launcher.capture(
+            leg, chosen, divergence.step, [(divergence.phase, divergence.tensor)], zoom, attempt
+        )
+        if len(paths) < 2:
+            break
+        tensors = [torch.load(paths[run], map_location="cpu").get(key) for run in chosen]
+        measured_now = all(t is not None for t in tensors)  # op-depth records keep no tensor
+        diff = numeric_diff(*tensors) if measured_now else {}
+        located = None
+        if zoom:
+            ops = []
+            for run in chosen:
+                with open(paths[run] + ".ops.json", encoding="utf-8") as handle:
+                    ops.append(from_json(json.load(handle)))
+            located = localize(ops[0], ops[1], divergence.step, divergence.phase)
+        measured["replays"] = attempt + 1
+        if measured_now:
+            measured.update(diff)
+            originals = {group[0]: side for group, side in zip(divergence.runs, divergence.sides)}
+            same = [
+                originals[run] is not None and fingerprint(tensor).value == originals[run].digest
+                for run, tensor in zip(chosen, tensors)
+            ]
+            measured["replay"] = "reproduced" if all(same) else "differed"
+            measured["sketches"] = {str(run): sketch(t).__dict__ for run, t in zip(chosen, tensors)}
+        if located:
+            divergence.zoom = located
+        if diff.get("elements_differing") or located:
+            measured["replays_diverged"] = 1
+            break
+        measured["replays_diverged"] = 0
     divergence.diff = measured
+
+
+def variability(traces: list[str], run_ids: list[int], step: int) -> list[dict[str, Any]]:
+    """At a step: each tensor with more than one distinct digest across the runs, grouped."""
+    from ..trace import Trace
+
+    records: dict[int, dict[int, Any]] = {}
+    for run, path in zip(run_ids, traces):
+        with Trace(path) as trace:
+            for record in trace.records(step):
+                records.setdefault(record.seq, {})[run] = record
+    out = []
+    for seq in sorted(records):
+        by_run = records[seq]
+        groups: dict[bytes, list[int]] = {}
+        for run, record in by_run.items():
+            groups.setdefault(record.digest, []).append(run)
+        if len(groups) > 1:
+            first = next(iter(by_run.values()))
+            out.append(
+                {
+                    "phase": first.phase,
+                    "tensor": first.name,
+                    "distinct": len(groups),
+                    "runs": list(groups.values()),
+                }
+            )
+    return out
 
 
 def run_audit(
@@ -127,6 +180,7 @@ def run_audit(
         timeout=options.timeout,
         with_sketch=len(active) > 1,  # sketches only where used: comparing legs
         fail_fast=options.fail_fast,
+        depth=options.depth,
         progress=progress,
     )
     timings: dict[str, float] = {}
@@ -139,11 +193,16 @@ def run_audit(
 
     divergences = [] if interrupted else [d for d in map(_leg_divergence, active) if d]
     first = min(divergences, key=lambda d: (d.step, d.seq), default=None)
-    if first is not None and first.kind == "value" and options.measure:
+    if first is not None:
         leg = next(leg for leg in active if leg.name == first.leg)
+        reached = [r for r in leg.runs if r.steps > first.step]
+        first.variability = variability(
+            [r.trace for r in reached], [r.run for r in reached], first.step
+        )
+    if first is not None and first.kind == "value" and options.measure:
         measure_started = time.monotonic()
         try:
-            _measure(launcher, leg, first)
+            _measure(launcher, leg, first, options.zoom)
         except KeyboardInterrupt:
             interrupted = True
         timings["measure_s"] = time.monotonic() - measure_started

@@ -125,6 +125,7 @@ class Launcher:
         timeout: float | None = None,
         with_sketch: bool = False,
         fail_fast: bool = True,
+        depth: str = "step",
         progress: Callable[[RunResult, int, int], None] | None = None,
     ) -> None:
         self.config = config
@@ -133,6 +134,7 @@ class Launcher:
         self.timeout = timeout
         self.with_sketch = with_sketch
         self.fail_fast = fail_fast
+        self.depth = depth
         self.progress = progress
         self._config_dict = config_to_dict(config)
         self._running: list[_Task] = []
@@ -151,6 +153,7 @@ class Launcher:
             "steps": self.config.steps,
             "trace": str(trace.resolve()),
             "with_sketch": self.with_sketch,
+            "depth": self.depth,
             **extra,
         }
         spec_path = self.out_dir / f"{stem}.spec.json"
@@ -181,16 +184,26 @@ class Launcher:
         return list(legs)
 
     def capture(
-        self, leg: Leg, runs: Iterable[int], step: int, tensors: Sequence[tuple[str, str]]
+        self,
+        leg: Leg,
+        runs: Iterable[int],
+        step: int,
+        tensors: Sequence[tuple[str, str]],
+        ops: bool = False,
+        attempt: int = 0,
     ) -> dict[int, str]:
-        """Replay runs up to ``step`` and keep the named tensors' values: run → .pt path."""
+        """Replay runs up to ``step`` and keep the named tensors' values: run → .pt path.
+
+        ``ops``: also capture every aten op of that step, to ``<path>.ops.json``.
+        """
         env = child_environment(self.config.determinism, leg.threads)
         tasks, outputs = [], {}
         for run in runs:
-            out = str((self.out_dir / f"{leg.name}-r{run}.capture-s{step}.pt").resolve())
-            capture = {"step": step, "tensors": [list(t) for t in tensors], "out": out}
-            result, spec_path = self._spec(leg, run, f".replay-s{step}", capture=capture)
-            for stale in (result.trace, out):
+            tag = f"s{step}" + (f"-{attempt}" if attempt else "")
+            out = str((self.out_dir / f"{leg.name}-r{run}.capture-{tag}.pt").resolve())
+            capture = {"step": step, "tensors": [list(t) for t in tensors], "out": out, "ops": ops}
+            result, spec_path = self._spec(leg, run, f".replay-{tag}", capture=capture)
+            for stale in (result.trace, out, out + ".ops.json"):
                 if os.path.exists(stale):
                     os.remove(stale)
             tasks.append(_Task(leg, result, spec_path, env))
@@ -288,7 +301,11 @@ class Launcher:
         result.steps = committed_steps(result.trace)
         result.status = status
         result.exit_code = task.process.returncode
-        result.error = message.format(step=result.steps)
+        # `steps` committed means step `steps` was running (or, past the last, finishing)
+        done = result.steps > self.config.steps
+        result.error = message.format(
+            step=f"{self.config.steps} (its last)" if done else result.steps
+        )
         if os.path.exists(result.trace):
             mark_ended(result.trace, "failed" if status != "stopped" else "stopped", result.error)
 

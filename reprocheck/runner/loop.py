@@ -6,6 +6,7 @@ process, after :func:`reprocheck.determinism.apply_controls`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config, ConfigError, resolve_callable
 from ..determinism import dataloader_generator, seed_worker
+from ..localize import OpCapture, OpRecord
 from ..recorder import StepRecorder, batch_tensors, flatten, parameter_names
 
 
@@ -112,9 +114,18 @@ def train(
     device: torch.device,
     recorder: StepRecorder,
     steps: int,
-) -> int:
-    """Run ``steps`` optimizer steps, recording step 0 and each step; returns steps done."""
-    model = build_model(config, device)
+    zoom_step: int | None = None,
+    depth: str = "step",
+) -> list[OpRecord]:
+    """Run ``steps`` optimizer steps, recording step 0 and each step.
+
+    ``zoom_step``: capture every aten op of that step (0: of building the model) and
+    return them; the other steps run untouched. ``depth``: ``module`` also records every
+    module's output and grad_output, ``op`` every aten op's output, inside each step.
+    """
+    capture = OpCapture(None) if zoom_step == 0 else None
+    with capture.during("forward") if capture else contextlib.nullcontext():
+        model = build_model(config, device)
     data = build_data(config)
     optimizer = build_optimizer(config, model)
     loss_fn = resolve_loss(config)
@@ -124,30 +135,67 @@ def train(
     recorder.begin(0)
     recorder.state(model, [optimizer], names)
     recorder.commit(0, None)
+    if depth == "module":
+        hook_modules(model, recorder)
 
     model.train()
     stream = batches(data, device)
     for step in range(1, steps + 1):
         recorder.begin(step)
+        if step == zoom_step or depth == "op":
+            capture = OpCapture(model)
+        part = capture.during if capture and (step == zoom_step or depth == "op") else _untouched
         batch = next(stream)
         recorder.add_all("data", batch_tensors(batch))
         if custom_step is not None:
-            result = custom_step(model, batch, optimizer)
+            with part("forward"):
+                result = custom_step(model, batch, optimizer)
             loss, output = result if isinstance(result, tuple) else (result, None)
+            if depth == "op":
+                recorder.add_ops("forward", [op for op in capture.ops if op.stage == "forward"])
             if output is not None:
                 recorder.add_all("outputs", flatten(output, "output"))
             recorder.add_all("loss", [("loss", loss)])
+            if depth == "op":
+                recorder.add_ops("backward", [op for op in capture.ops if op.stage == "backward"])
         else:
             inputs, target = split_batch(batch)
-            output = model(inputs)
+            with part("forward"):
+                output = model(inputs)
+                loss = loss_fn(output, target)
+            if depth == "op":
+                recorder.add_ops("forward", capture.ops)
             recorder.add_all("outputs", flatten(output, "output"))
-            loss = loss_fn(output, target)
             recorder.add_all("loss", [("loss", loss)])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            forward_ops = len(capture.ops) if capture else 0
+            with part("backward"):
+                loss.backward()
+            if depth == "op":
+                recorder.add_ops("backward", capture.ops[forward_ops:])
         recorder.grads(model)
         if custom_step is None:
-            optimizer.step()
+            with part("optimizer"):
+                optimizer.step()
         recorder.state(model, [optimizer], names)
         recorder.commit(step, loss)
-    return steps
+    return capture.ops if capture and zoom_step is not None else []
+
+
+def hook_modules(model: torch.nn.Module, recorder: StepRecorder) -> None:
+    """``--depth module``: every module's output (forward) and grad_output (backward)."""
+    for path, module in model.named_modules():
+        name = path or type(module).__name__
+
+        def forward(module, inputs, output, name=name):
+            recorder.add_all("forward", flatten(output, f"module:{name}"))
+
+        def backward(module, grad_input, grad_output, name=name):
+            recorder.add_all("backward", flatten(grad_output, f"module:{name}.grad_output"))
+
+        module.register_forward_hook(forward)
+        module.register_full_backward_hook(backward)
+
+
+def _untouched(stage: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()

@@ -15,30 +15,12 @@ from typing import Any
 
 EXIT_OK, EXIT_CONFIG, EXIT_FAILED = 0, 2, 3
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_ZOO_DIR = os.path.join(_PACKAGE_DIR, "zoo")
-
-
-def user_frame(tb: traceback.StackSummary) -> traceback.FrameSummary | None:
-    """The innermost frame of the user's code: not torch, not reprocheck's own machinery
-    (the zoo counts as user code: its fixtures stand in for a user's model)."""
-    import torch
-
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-    for frame in reversed(tb):
-        path = os.path.abspath(frame.filename)
-        if path.startswith(torch_dir) or "importlib" in path:
-            continue
-        if path.startswith(_PACKAGE_DIR) and not path.startswith(_ZOO_DIR):
-            continue
-        return frame
-    return None
-
 
 def error_line(exc: BaseException) -> str:
     """``RuntimeError: planted crash at step 3 (reprocheck/zoo/planted.py:61 in forward)``."""
-    summary = traceback.extract_tb(exc.__traceback__)
-    frame = user_frame(summary)
+    from ..localize import user_frame
+
+    frame = user_frame(traceback.extract_tb(exc.__traceback__))
     where = f" ({display_path(frame.filename)}:{frame.lineno} in {frame.name})" if frame else ""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
@@ -76,6 +58,7 @@ def run(spec: dict[str, Any]) -> int:
             "threads": spec.get("threads"),
             "steps_planned": spec["steps"],
             "phases": list(config.record),
+            "depth": spec.get("depth", "step"),
             "hasher": hasher_name(device),
             "sketches": bool(spec.get("with_sketch")),
             "environment": environment_snapshot(applied),
@@ -83,15 +66,17 @@ def run(spec: dict[str, Any]) -> int:
         },
     )
     capture = spec.get("capture")
+    depth = spec.get("depth", "step")
     recorder = StepRecorder(
         writer,
-        config.record,
+        config.record + (("forward", "backward") if depth != "step" else ()),
         with_sketch=bool(spec.get("with_sketch")),
         capture=(capture["step"], capture["tensors"]) if capture else None,
     )
     steps = capture["step"] if capture else spec["steps"]
     try:
-        train(config, device, recorder, steps)
+        zoom_step = capture["step"] if capture and capture.get("ops") else None
+        ops = train(config, device, recorder, steps, zoom_step=zoom_step, depth=depth)
     except ConfigError as exc:
         writer.finish(
             "failed", f"config error: {exc}", error_kind="config", last_step=recorder.step - 1
@@ -117,6 +102,11 @@ def run(spec: dict[str, Any]) -> int:
             {f"{phase}\t{name}": tensor for (phase, name), tensor in recorder.captured.items()},
             capture["out"],
         )
+        if capture.get("ops"):
+            from ..localize import to_json
+
+            with open(capture["out"] + ".ops.json", "w", encoding="utf-8") as handle:
+                json.dump(to_json(ops), handle)
     writer.finish("complete", records=recorder.records)
     return EXIT_OK
 

@@ -1,0 +1,371 @@
+"""Op-level capture of one step, and the first divergent op between two captures.
+
+During the captured step three layers watch the same computation:
+
+* module hooks keep the stack of modules running (``encoder.layers.0.linear1``);
+* a ``TorchFunctionMode`` sees each torch call *above* autograd: it finds the user's
+  source line (first frame outside torch and reprocheck's machinery; the zoo counts as
+  user code) and, for an output with a ``grad_fn``, remembers that line and module on the
+  autograd node and puts a pre-hook on the node;
+* a ``TorchDispatchMode`` sees every aten op *below* autograd, forward and backward, and
+  digests its inputs and outputs. An op that runs while a node's pre-hook has fired is a
+  backward op: it is given the forward line that created that node.
+
+Only the divergent step is captured (see :mod:`reprocheck.runner.audit`), so the cost of
+stacks and digests for every op is paid once, not at every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import os
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .fingerprint import fingerprint
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_ZOO_DIR = os.path.join(_PACKAGE_DIR, "zoo")
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+# aten ops whose output is drawn from a generator: a difference there is an RNG cause.
+RANDOM_OPS = (
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "normal",
+    "uniform",
+    "bernoulli",
+    "dropout",
+    "exponential",
+    "geometric",
+    "log_normal",
+    "cauchy",
+    "multinomial",
+    "random_",
+    "poisson",
+    "native_dropout",
+    "rrelu",
+)
+
+
+# Ops that return uninitialized memory: their output is not digested.
+UNINITIALIZED = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+
+
+@dataclass
+class OpRecord:
+    """One aten op of the captured step."""
+
+    index: int
+    op: str  # aten.index_put_.default
+    stage: str  # forward | backward | optimizer
+    module: str | None  # module path it ran under ('' for the model itself)
+    source: str | None  # file:line of the user code that called it (backward: its forward line)
+    code: str | None  # that line's text
+    inputs: list[str] = field(default_factory=list)  # input digests (hex)
+    outputs: list[str] = field(default_factory=list)  # output digests (hex)
+    generator: bool = False  # drew from a random generator
+    forward_line: bool = False  # a backward op: ``source`` is the forward line of its node
+
+    @property
+    def base(self) -> str:
+        """``aten.index_put_`` from ``aten.index_put_.default``."""
+        return self.op.rsplit(".", 1)[0] if self.op.count(".") >= 2 else self.op
+
+
+_USER_FILE: dict[str, bool] = {}
+
+
+def is_user_file(filename: str) -> bool:
+    """Code of the user's: not torch, not reprocheck's machinery (the zoo counts as the
+    user's: its fixtures stand in for a user's model), not a frozen or generated module."""
+    known = _USER_FILE.get(filename)
+    if known is None:
+        path = os.path.abspath(filename)
+        known = not (
+            filename.startswith("<")
+            or path.startswith(_TORCH_DIR)
+            or (path.startswith(_PACKAGE_DIR) and not path.startswith(_ZOO_DIR))
+            or os.path.basename(path) in ("contextlib.py", "runpy.py", "typing.py")
+            or "importlib" in path
+        )
+        _USER_FILE[filename] = known
+    return known
+
+
+def user_frame(stack: Sequence[traceback.FrameSummary]) -> traceback.FrameSummary | None:
+    """The innermost frame of user code in a traceback's stack."""
+    return next((frame for frame in reversed(stack) if is_user_file(frame.filename)), None)
+
+
+def _caller() -> tuple[str | None, str | None]:
+    """(file:line, code) of the innermost user frame now running. Walks the frames
+    directly: far cheaper than formatting a traceback for every op."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if is_user_file(filename):
+            relative = os.path.relpath(filename)
+            path = filename if relative.startswith("..") else relative
+            code = linecache.getline(filename, frame.f_lineno).strip() or None
+            return f"{path}:{frame.f_lineno}", code
+        frame = frame.f_back
+    return None, None
+
+
+def _digests(values: Any) -> list[str]:
+    flat, _ = tree_flatten(values)
+    return [
+        fingerprint(v).hex()
+        for v in flat
+        if isinstance(v, torch.Tensor) and v.layout == torch.strided
+    ]
+
+
+class _Context:
+    """What the three layers share while the step runs."""
+
+    def __init__(self, model: torch.nn.Module | None) -> None:
+        self.names = (
+            {id(m): n or type(m).__name__ for n, m in model.named_modules()} if model else {}
+        )
+        self.modules: list[str] = []
+        self.calls: list[tuple[str | None, str | None, str | None]] = []  # (source, code, module)
+        self.backward_node: tuple[str | None, str | None, str | None] | None = None
+        self.stage = "forward"
+        self.ops: list[OpRecord] = []
+
+
+class _Functions(TorchFunctionMode):
+    def __init__(self, context: _Context) -> None:
+        super().__init__()
+        self.context = context
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        context = self.context
+        source, code = _caller()
+        if context.backward_node is not None:  # python code in a custom backward
+            where = (source, code, context.backward_node[2]) if source else context.backward_node
+        else:
+            where = (source, code, context.modules[-1] if context.modules else None)
+        context.calls.append(where)
+        try:
+            result = func(*args, **kwargs)
+        finally:
+            context.calls.pop()
+        if context.backward_node is None:
+            for out in tree_flatten(result)[0]:
+                node = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
+                if node is not None and not hasattr(node, "_reprocheck_hooked"):
+                    _hook_node(node, where, context)
+        return result
+
+
+def _hook_node(node: Any, where: tuple, context: _Context) -> None:
+    """Mark the ops of this node's backward with the forward line that created it."""
+
+    def before(grad_outputs):  # runs just before the node's backward, in this thread on CPU
+        context.backward_node = where
+        return None
+
+    def after(grad_inputs, grad_outputs):
+        context.backward_node = None
+        return None
+
+    try:
+        node.register_prehook(before)
+        node.register_hook(after)
+        node._reprocheck_hooked = True
+    except (AttributeError, RuntimeError):
+        pass  # a node that takes no hooks: its ops keep the innermost frame instead
+
+
+class _Dispatch(TorchDispatchMode):
+    def __init__(self, context: _Context) -> None:
+        super().__init__()
+        self.context = context
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        context = self.context
+        inputs = _digests((args, kwargs))
+        out = func(*args, **kwargs)
+        forward_line = False
+        stage = "backward" if context.backward_node is not None else context.stage
+        if context.calls:  # a torch call in progress
+            source, code, module = context.calls[-1]
+        elif stage == "backward":
+            # python code of a custom Function's backward has a user frame; autograd's own
+            # kernels have none: they get the forward line that created their node.
+            source, code = _caller()
+            module = context.backward_node[2] if context.backward_node else None
+            if source is None and context.backward_node is not None:
+                source, code, module = context.backward_node
+                forward_line = True
+        else:
+            source, code = _caller()
+            module = context.modules[-1] if context.modules else None
+        name = str(func)
+        if any(name.startswith(f"aten.{e}.") or name.startswith(f"{e}.") for e in UNINITIALIZED):
+            out_digests: list[str] = []  # fresh memory: its bytes are whatever was there
+        else:
+            out_digests = _digests(out)
+        generator = any(isinstance(v, torch.Generator) for v in tree_flatten((args, kwargs))[0])
+        context.ops.append(
+            OpRecord(
+                index=len(context.ops),
+                op=name if name.startswith("aten.") else f"aten.{name}",
+                stage=stage,
+                module=module,
+                source=source,
+                code=code,
+                inputs=inputs,
+                outputs=out_digests,
+                generator=generator or any(r in name for r in RANDOM_OPS),
+                forward_line=forward_line,
+            )
+        )
+        return out
+
+
+class OpCapture:
+    """Capture the aten ops of one step, part by part (see the module docstring)::
+
+        capture = OpCapture(model)
+        with capture.during("forward"):
+            loss = loss_fn(model(x), y)
+        with capture.during("backward"):
+            loss.backward()
+
+    What runs between the parts (reprocheck's own recording) is not captured.
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None) -> None:
+        self.context = _Context(model)
+        self._handles: list[Any] = []
+        self._modes: list[Any] = []
+
+    @property
+    def ops(self) -> list[OpRecord]:
+        return self.context.ops
+
+    @contextlib.contextmanager
+    def during(self, stage: str) -> Iterator[OpCapture]:
+        self.context.stage = stage
+        with self:
+            yield self
+
+    def __enter__(self) -> OpCapture:
+        # Backward runs without the function mode: a mode is switched off while its own
+        # handler runs, so intercepting `loss.backward()` would blind it for the whole
+        # backward pass. The dispatch mode and the node hooks see backward instead.
+        context = self.context
+        hooks = torch.nn.modules.module
+
+        def push(module, inputs):
+            context.modules.append(context.names.get(id(module), type(module).__name__))
+
+        def pop(module, inputs, output):
+            if context.modules:
+                context.modules.pop()
+
+        self._handles = [
+            hooks.register_module_forward_pre_hook(push),
+            hooks.register_module_forward_hook(pop),
+        ]
+        self._modes = [_Dispatch(context)]
+        if context.stage != "backward":
+            self._modes.insert(0, _Functions(context))
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(None, None, None)
+        for handle in self._handles:
+            handle.remove()
+
+
+# ----------------------------------------------------------------- comparing two captures
+
+
+def first_divergent_op(a: Sequence[OpRecord], b: Sequence[OpRecord]) -> int | None:
+    """Index of the first op whose name or output digests differ between two captures."""
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x.op != y.op or x.outputs != y.outputs:
+            return index
+    if len(a) != len(b):
+        return min(len(a), len(b))
+    return None
+
+
+CAUSES = (
+    "nondeterministic op",
+    "unseeded or re-seeded RNG",
+    "data pipeline",
+    "initialisation",
+    "earlier state",
+)
+
+
+def classify(a: OpRecord, b: OpRecord, step: int, phase: str) -> tuple[str, str]:
+    """(cause class, the evidence for it) for a first divergent op."""
+    if step == 0:
+        return (
+            "initialisation",
+            "the initial weights differ: an op building the model drew other values",
+        )
+    if phase == "data":
+        return "data pipeline", "the batch differs before the model sees it"
+    if a.op != b.op:
+        return "earlier state", "the two runs executed different ops"
+    if a.inputs != b.inputs:
+        return "earlier state", "the op's inputs already differ when the step starts"
+    if a.generator:
+        return "unseeded or re-seeded RNG", "a random op drew different values (inputs identical)"
+    return "nondeterministic op", f"{a.base}: inputs identical, output differs"
+
+
+def localize(
+    a: Sequence[OpRecord], b: Sequence[OpRecord], step: int, phase: str
+) -> dict[str, Any] | None:
+    """module, op, source, cause and the op's index for the first divergent op."""
+    index = first_divergent_op(a, b)
+    if index is None or index >= min(len(a), len(b)):
+        return None
+    x, y = a[index], b[index]
+    backward = x.stage == "backward"
+    cause, detail = classify(x, y, step, phase)
+    return {
+        "op_index": index,
+        "ops_captured": [len(a), len(b)],
+        "op": x.base,
+        "stage": x.stage,
+        "module": x.module,
+        "source": x.source,
+        "code": x.code,
+        "source_is_forward_line": backward and x.forward_line,
+        "cause": cause,
+        "cause_detail": detail,
+    }
+
+
+def to_json(ops: Sequence[OpRecord]) -> list[dict[str, Any]]:
+    return [asdict(op) for op in ops]
+
+
+def from_json(items: Sequence[dict[str, Any]]) -> list[OpRecord]:
+    return [OpRecord(**item) for item in items]

@@ -1,0 +1,151 @@
+"""The zoom: from the divergent tensor to the module, the aten op, the source line and the
+cause — on planted fixtures and on a real nondeterministic CPU op."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from reprocheck.localize import OpCapture, first_divergent_op, localize
+from reprocheck.zoo import indexing, planted
+
+from .conftest import run_cli
+
+
+def _source(function, needle: str) -> str:
+    lines, start = inspect.getsourcelines(function)
+    offset = next(i for i, line in enumerate(lines) if needle in line)
+    path = inspect.getsourcefile(function)
+    import os
+
+    return f"{os.path.relpath(path)}:{start + offset}"
+
+
+def test_forward_noise_names_module_op_and_line(audit):
+    result = audit("planted-forward.yaml")
+    assert result.code == 1, result.stderr
+    d = result.report["first_divergence"]
+    assert (d["step"], d["phase"], d["tensor"]) == (3, "outputs", "output")
+    assert (d["module"], d["op"], d["stage"]) == ("ForwardNoise", "aten.randn", "forward")
+    assert d["source"] == _source(planted.ForwardNoise.forward, "torch.randn")
+    assert d["cause"] == "unseeded or re-seeded RNG"
+    assert d["source_is_forward_line"] is False
+    assert "zoom        module ForwardNoise → op aten.randn (forward)" in _terminal(result)
+
+
+def test_backward_noise_names_the_backward_op_and_its_line(audit):
+    result = audit("planted-backward.yaml")
+    assert result.code == 1, result.stderr
+    d = result.report["first_divergence"]
+    assert (d["step"], d["phase"], d["tensor"]) == (3, "grads", "fc1.weight")
+    assert (d["op"], d["stage"]) == ("aten.randn", "backward")
+    assert d["source"] == _source(planted._GradNoise.backward, "torch.randn")
+    assert d["cause"] == "unseeded or re-seeded RNG"
+
+
+def test_unseeded_init_is_initialisation_at_step_0(audit):
+    result = audit("planted-init.yaml")
+    assert result.code == 1, result.stderr
+    d = result.report["first_divergence"]
+    assert (d["step"], d["phase"], d["tensor"]) == (0, "weights", "fc1.weight")
+    assert d["cause"] == "initialisation"
+    assert d["op"] == "aten.randn"
+    assert d["source"] == _source(planted.UnseededInit.__init__, "torch.randn")
+    assert [v["tensor"] for v in d["variability"]] == ["fc1.weight", "fc1.bias", "fc2.weight",
+                                                      "fc2.bias"]
+
+
+def test_real_nondeterministic_index_put_is_named_with_its_forward_line(audit):
+    result = audit("nondeterministic-index.yaml")
+    assert result.code == 1, result.stderr
+    d = result.report["first_divergence"]
+    assert (d["step"], d["phase"], d["tensor"]) == (1, "grads", "table")
+    assert d["op"].startswith("aten.index_put")
+    assert d["stage"] == "backward"
+    assert d["module"] == "TableLookup"
+    assert d["source"] == _source(indexing.TableLookup.forward, "self.table[idx]")
+    assert d["source_is_forward_line"] is True
+    assert d["cause"] == "nondeterministic op"
+    assert d["variability"] == [{"phase": "grads", "tensor": "table", "distinct": 2,
+                                 "runs": [[0], [1]]}]
+
+
+def test_no_zoom_leaves_the_op_out(audit):
+    result = audit("planted-forward.yaml", "--no-zoom")
+    assert result.code == 1
+    d = result.report["first_divergence"]
+    assert d["op"] is None and d["cause"] is None
+    assert d["elements_differing"] > 0  # still measured
+
+
+def _terminal(result) -> str:
+    """The terminal report of the same audit's JSON, as a user sees it."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from reprocheck.report.terminal import render
+
+    buffer = StringIO()
+    render(result.report, Console(file=buffer, width=200, soft_wrap=True))
+    return buffer.getvalue()
+
+
+def test_capture_in_process_finds_the_nondeterministic_op():
+    """OpCapture itself, in this process: two backward passes of the same lookup with 2
+    threads disagree at index_put, with identical inputs."""
+    torch.manual_seed(0)
+    model = indexing.table_lookup(vocab=8, dim=16, seq_len=512)
+    idx = torch.randint(0, 8, (32, 512))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        captures = []
+        for _ in range(4):
+            model.zero_grad()
+            capture = OpCapture(model)
+            with capture.during("forward"):
+                loss = model(idx).sum()
+            with capture.during("backward"):
+                loss.backward()
+            captures.append(capture.ops)
+    finally:
+        torch.set_num_threads(previous)
+    located = [localize(captures[0], other, 1, "grads") for other in captures[1:]]
+    found = [loc for loc in located if loc is not None]
+    assert found, "index_put accumulation agreed in 4 backward passes on 2 threads"
+    assert all(loc["op"].startswith("aten.index_put") for loc in found)
+    assert all(loc["cause"] == "nondeterministic op" for loc in found)
+    assert first_divergent_op(captures[0], captures[0]) is None
+
+
+def test_show_lists_a_step(audit):
+    result = audit("planted-backward.yaml", "--no-measure")
+    trace = result.report["legs"][0]["runs"][0]["trace"]
+    shown = run_cli("show", trace, "--step", "1")
+    assert shown.code == 0, shown.stderr
+    rows = [line.split() for line in shown.stdout.splitlines()]
+    grads = [row for row in rows if row[1:3] == ["grads", "fc1.weight"]]
+    assert len(grads) == 1 and grads[0][3:5] == ["64×32", "float32"]
+    phases = [row[1] for row in rows if row and row[0].isdigit()]
+    assert phases == sorted(phases, key=["data", "outputs", "loss", "grads", "weights",
+                                          "optimizer", "rng"].index)
+    missing = run_cli("show", trace, "--step", "99")
+    assert missing.code == 2
+    assert missing.stderr.strip().endswith("has no step 99 (steps 0–6)")
+
+
+@pytest.mark.parametrize("depth", ["module", "op"])
+def test_depth_records_inside_the_step(audit, depth):
+    result = audit("planted-forward.yaml", "--depth", depth, "--no-zoom", "--no-measure")
+    assert result.code == 1
+    d = result.report["first_divergence"]
+    # at module/op depth the noise is seen inside forward, before the model's output
+    assert (d["step"], d["phase"]) == (3, "forward")
+    if depth == "module":
+        # the noise goes into fc2's input: fc2 is the first module whose output differs
+        assert d["tensor"] == "module:fc2"
+    else:
+        assert d["tensor"].startswith("op:") and "aten.randn" in d["tensor"]
