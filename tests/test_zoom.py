@@ -53,8 +53,12 @@ def test_unseeded_init_is_initialisation_at_step_0(audit):
     assert d["cause"] == "initialisation"
     assert d["op"] == "aten.randn"
     assert d["source"] == _source(planted.UnseededInit.__init__, "torch.randn")
-    assert [v["tensor"] for v in d["variability"]] == ["fc1.weight", "fc1.bias", "fc2.weight",
-                                                      "fc2.bias"]
+    assert [v["tensor"] for v in d["variability"]] == [
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+    ]
 
 
 def test_real_nondeterministic_index_put_is_named_with_its_forward_line(audit):
@@ -68,8 +72,9 @@ def test_real_nondeterministic_index_put_is_named_with_its_forward_line(audit):
     assert d["source"] == _source(indexing.TableLookup.forward, "self.table[idx]")
     assert d["source_is_forward_line"] is True
     assert d["cause"] == "nondeterministic op"
-    assert d["variability"] == [{"phase": "grads", "tensor": "table", "distinct": 2,
-                                 "runs": [[0], [1]]}]
+    assert d["variability"] == [
+        {"phase": "grads", "tensor": "table", "distinct": 2, "runs": [[0], [1]]}
+    ]
 
 
 def test_no_zoom_leaves_the_op_out(audit):
@@ -130,8 +135,9 @@ def test_show_lists_a_step(audit):
     grads = [row for row in rows if row[1:3] == ["grads", "fc1.weight"]]
     assert len(grads) == 1 and grads[0][3:5] == ["64×32", "float32"]
     phases = [row[1] for row in rows if row and row[0].isdigit()]
-    assert phases == sorted(phases, key=["data", "outputs", "loss", "grads", "weights",
-                                          "optimizer", "rng"].index)
+    assert phases == sorted(
+        phases, key=["data", "outputs", "loss", "grads", "weights", "optimizer", "rng"].index
+    )
     missing = run_cli("show", trace, "--step", "99")
     assert missing.code == 2
     assert missing.stderr.strip().endswith("has no step 99 (steps 0–6)")

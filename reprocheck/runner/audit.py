@@ -37,6 +37,7 @@ class AuditOptions:
     depth: str = "step"  # step | module | op: what each run records (issue: zoom)
     zoom: bool = True  # after a divergence, replay the step at op depth (localize.py)
     attribute: bool = True  # after a divergence, find the control that fixes it (doctor)
+    sketch: bool = False  # numeric sketches in every trace (golden traces); else only across legs
 
 
 def make_audit_dir(out: str, name: str) -> Path:
@@ -178,7 +179,7 @@ def run_audit(
         folder,
         jobs=options.jobs,
         timeout=options.timeout,
-        with_sketch=len(active) > 1,  # sketches only where used: comparing legs
+        with_sketch=options.sketch or len(active) > 1,  # sketches only where used
         fail_fast=options.fail_fast,
         depth=options.depth,
         progress=progress,

@@ -1,0 +1,215 @@
+"""``reprocheck record`` and ``reprocheck check``: golden traces for pre-merge checks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.text import Text
+
+
+def register(app: typer.Typer) -> None:
+    from ..cli import (
+        RunProgress,
+        UsageError,
+        _emit,
+        _split_list,
+        _terminate_as_interrupt,
+        _threads,
+        stdout,
+        user_errors,
+    )
+
+    def _audit(config_path: Path, repeats, steps, device, threads, out, jobs, timeout, quiet):
+        from ..config import apply_overrides, load_config
+        from ..runner.audit import AuditOptions, run_audit
+
+        config = load_config(config_path)
+        config = apply_overrides(
+            config,
+            repeats=repeats,
+            steps=steps,
+            devices=_split_list(device),
+            threads=_threads(threads),
+        )
+        options = AuditOptions(out=out, jobs=jobs, timeout=timeout, sketch=True)
+        _terminate_as_interrupt()
+        with RunProgress(quiet) as progress:
+            return config, run_audit(config, options, progress=progress.update)
+
+    @app.command()
+    @user_errors
+    def record(
+        config_path: Path = typer.Argument(..., metavar="CONFIG", help="The audit's YAML config."),
+        output: Path = typer.Option(..., "-o", "--output", help="Where to write the golden trace."),
+        repeats: Optional[int] = typer.Option(None, "-n", "--repeats", help="Runs per leg."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per run."),
+        device: Optional[List[str]] = typer.Option(None, "--device", help="Devices, e.g. cpu."),
+        threads: Optional[List[str]] = typer.Option(None, "--threads", help="Thread counts."),
+        out: str = typer.Option("reports", "--out", help="Folder for the audit's traces."),
+        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel."),
+        timeout: Optional[float] = typer.Option(
+            None, "--timeout", min=0.1, help="Seconds per run."
+        ),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report."),
+    ) -> None:
+        """Audit CONFIG and, if it reproduces, keep run 0 as a golden trace to check against.
+
+        The golden holds digests, numeric sketches and the environment (no tensors): commit
+        it, then run `reprocheck check CONFIG --against golden.sqlite` on every change.
+        """
+        from ..golden import reference_trace, write_golden
+
+        config, report = _audit(
+            config_path, repeats, steps, device, threads, out, jobs, timeout, quiet
+        )
+        _emit(report, None, quiet)
+        if report["verdict"] != "reproducible":
+            stdout.print(Text("no golden trace written: the audit did not reproduce", style="red"))
+            raise typer.Exit(report["exit_code"])
+        reference = reference_trace(report)
+        if reference is None:
+            raise UsageError("no run completed: nothing to keep as a golden trace")
+        facts = write_golden(reference, output, config)
+        stdout.print(
+            Text.assemble(
+                ("golden      ", "dim"),
+                (str(output), "bold"),
+                f"  {facts['bytes']:,} bytes · {facts['steps']} steps · "
+                f"{facts['bytes_per_step']:,} B/step · {facts['bytes_per_record']} B/record",
+            )
+        )
+
+    @app.command()
+    @user_errors
+    def check(
+        config_path: Path = typer.Argument(..., metavar="CONFIG", help="The audit's YAML config."),
+        against: Path = typer.Option(..., "--against", help="The golden trace (from `record`)."),
+        junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file."),
+        output_format: str = typer.Option(
+            "text", "--format", help="text | github (::error annotations) | json (stdout)."
+        ),
+        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report."),
+        any_config: bool = typer.Option(
+            False,
+            "--any-config",
+            help="Allow a golden trace of a differently named config.",
+        ),
+        repeats: Optional[int] = typer.Option(None, "-n", "--repeats", help="Runs per leg."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per run."),
+        device: Optional[List[str]] = typer.Option(None, "--device", help="Devices, e.g. cpu."),
+        threads: Optional[List[str]] = typer.Option(None, "--threads", help="Thread counts."),
+        out: str = typer.Option("reports", "--out", help="Folder for the audit's traces."),
+        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel."),
+        timeout: Optional[float] = typer.Option(
+            None, "--timeout", min=0.1, help="Seconds per run."
+        ),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report."),
+    ) -> None:
+        """Rerun CONFIG and compare it with a golden trace: exit 0 unchanged, 1 changed.
+
+        Same environment (torch, CPU capability, threads, device): compared bit for bit.
+        Another environment: the differences are listed and the runs compared under the
+        config's tolerance, naming the first step and tensor that leave it.
+        """
+        from ..golden import GoldenError, check_against, reference_trace
+        from ..report.json import EXIT_DIVERGED, EXIT_REPRODUCIBLE
+        from ..trace import Trace
+
+        if output_format not in ("text", "github", "json"):
+            raise UsageError(f"--format takes text, github or json (got {output_format!r})")
+        with Trace(against) as golden:  # a bad golden is said before any run starts
+            if "golden" not in golden.meta:
+                raise UsageError(
+                    f"{against} is a run's trace, not a golden trace — make one "
+                    "with `reprocheck record CONFIG -o golden.sqlite`"
+                )
+        machine = output_format != "text"
+        config, report = _audit(
+            config_path, repeats, steps, device, threads, out, jobs, timeout, quiet or machine
+        )
+        current = reference_trace(report)
+        if current is not None and report["exit_code"] in (EXIT_REPRODUCIBLE, EXIT_DIVERGED):
+            try:
+                result = check_against(str(against), current, config, any_config)
+            except GoldenError as exc:
+                raise UsageError(str(exc)) from None
+            report["golden"] = result.to_dict()
+            if not result.matches:
+                report["verdict"], report["exit_code"] = "diverged", EXIT_DIVERGED
+        _emit(report, json_path, quiet or machine)
+        if junit is not None:
+            from ..report.junit import write_junit
+
+            write_junit(report, junit)
+        if output_format == "github":
+            from ..report.github import annotations
+
+            sys.stdout.write("\n".join(annotations(report)) + "\n")
+        elif output_format == "json":
+            sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+        elif not quiet and report.get("golden"):
+            _render_golden(report["golden"])
+        raise typer.Exit(report["exit_code"])
+
+    def _render_golden(golden: dict[str, Any]) -> None:
+        stdout.print(
+            Text.assemble(
+                ("golden      ", "dim"), golden["golden"], (f"  ({golden['mode']})", "dim")
+            )
+        )
+        if golden.get("note"):
+            stdout.print(Text(f"  note        {golden['note']}", style="yellow"))
+        comparison = golden.get("comparison") or {}
+        d = golden.get("first_divergence")
+        identical = (
+            f"{comparison.get('identical', 0):,} of {comparison.get('compared', 0):,} "
+            "records bitwise identical"
+        )
+        if golden["matches"] and golden["mode"] == "bitwise":
+            stdout.print(Text(f"✔ MATCHES GOLDEN  {identical}", style="bold green"))
+        elif golden["matches"]:
+            stdout.print(
+                Text(
+                    f"✔ WITHIN TOLERANCE of golden ({comparison.get('tolerance')})  {identical}",
+                    style="bold green",
+                )
+            )
+        elif d is not None:
+            line = Text("✘ CHANGED against golden", style="bold red")
+            line.append(f" at step {d['step']} · {d['phase']} · ")
+            line.append(d["tensor"], style="bold red")
+            if d.get("sketch_rel_diff") is not None:
+                line.append(f"   (sketch rel Δ {d['sketch_rel_diff']:.3g})", style="dim")
+            stdout.print(line)
+        else:
+            o = comparison.get("first_outside") or {}
+            stdout.print(
+                Text(
+                    f"✘ OUTSIDE TOLERANCE against golden from step {o.get('step')} · "
+                    f"{o.get('phase')} · {o.get('tensor')}",
+                    style="bold red",
+                )
+            )
+        worst = comparison.get("worst")
+        if worst:
+            stdout.print(
+                Text(
+                    f"  worst       rel Δ {worst['max_rel_diff']:.3g} at step "
+                    f"{worst['step']} · {worst['tensor']}",
+                    style="dim",
+                )
+            )
+        growth = [(s, r) for s, r in comparison.get("growth") or [] if r > 0]
+        if growth:
+            shown = ", ".join(f"{s}: {r:.2g}" for s, r in growth[:8])
+            stdout.print(
+                Text(
+                    f"  growth      max rel Δ per step — {shown}"
+                    + (" …" if len(growth) > 8 else ""),
+                    style="dim",
+                )
+            )

@@ -1,0 +1,76 @@
+"""pytest plugin: assert in a few lines that a config trains reproducibly.
+
+Installed with reprocheck (entry point ``pytest11``)::
+
+    def test_training_is_reproducible(reprocheck_audit):
+        report = reprocheck_audit("configs/model.yaml", steps=5)
+        assert report["verdict"] == "reproducible", report["first_divergence"]
+
+    def test_with_one_call():
+        from reprocheck.pytest_plugin import assert_reproducible
+        assert_reproducible("configs/model.yaml", steps=5)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import pytest
+
+
+def audit_config(
+    config: str | os.PathLike,
+    *,
+    out: str | os.PathLike = "reports",
+    repeats: int | None = None,
+    steps: int | None = None,
+    devices: list[str] | None = None,
+    threads: list[int] | None = None,
+    zoom: bool = True,
+) -> dict[str, Any]:
+    """Audit a config (each run in its own process) and return the JSON report as a dict."""
+    from .config import apply_overrides, load_config
+    from .runner.audit import AuditOptions, run_audit
+
+    loaded = apply_overrides(
+        load_config(config), repeats=repeats, steps=steps, devices=devices, threads=threads
+    )
+    return run_audit(loaded, AuditOptions(out=os.fspath(out), zoom=zoom))
+
+
+def summary(report: dict[str, Any]) -> str:
+    """One line: the verdict and, if any, where the runs first differ or fail."""
+    d = report.get("first_divergence")
+    if d:
+        where = f"step {d['step']} · {d['phase']} · {d['tensor']}"
+        extra = f" (op {d['op']} at {d['source']}: {d['cause']})" if d.get("op") else ""
+        return f"{report['config']['name']}: diverged at {where}{extra}"
+    failed = [
+        run
+        for leg in report["legs"]
+        for run in leg["runs"]
+        if run["status"] not in ("complete", "stopped")
+    ]
+    if failed:
+        return f"{report['config']['name']}: run failed: {failed[0]['error']}"
+    return f"{report['config']['name']}: {report['verdict']}"
+
+
+def assert_reproducible(config: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
+    """Audit a config; raise AssertionError naming the first divergence unless it reproduces."""
+    report = audit_config(config, **overrides)
+    if report["verdict"] != "reproducible":
+        raise AssertionError(summary(report))
+    return report
+
+
+@pytest.fixture
+def reprocheck_audit(tmp_path) -> Callable[..., dict[str, Any]]:
+    """``reprocheck_audit(config, **overrides)`` → the report; traces under ``tmp_path``."""
+
+    def _audit(config: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
+        overrides.setdefault("out", tmp_path / "reprocheck")
+        return audit_config(config, **overrides)
+
+    return _audit
