@@ -61,8 +61,12 @@ class Sketch:
         return (self.sum, self.sum_sq, self.absmax, self.nonfinite, self.numel)
 
 
+# REPROCHECK_HASHER=torch runs the device-side digest on CPU too (tests of the CUDA path).
+_FORCE_TORCHMIX = xxhash is None or os.environ.get("REPROCHECK_HASHER") == "torch"
+
+
 def _use_torchmix(device: torch.device) -> bool:
-    return device.type != "cpu" or xxhash is None or os.environ.get("REPROCHECK_HASHER") == "torch"
+    return _FORCE_TORCHMIX or device.type != "cpu"
 
 
 def hasher_name(device: torch.device | str = "cpu") -> str:
@@ -82,9 +86,9 @@ def _check(t: torch.Tensor) -> torch.Tensor:
         raise TypeError(
             f"fingerprint: {t.layout} tensors are not supported; call .to_dense() first"
         )
-    if t.device.type == "meta":
+    if t.is_meta:
         raise TypeError("fingerprint: a meta tensor has no data to fingerprint")
-    return t.detach()
+    return t.detach() if t.requires_grad else t
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -96,12 +100,43 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+# dtypes NumPy can view directly; the others (bfloat16, float8 ...) are viewed as bytes.
+_NUMPY_DTYPES = frozenset(
+    (
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+    )
+)
+_SEEDS: dict[tuple[torch.dtype, torch.Size], int] = {}
+
+
+def _seed(t: torch.Tensor) -> int:
+    """dtype and shape folded into xxh3's 64-bit seed (cached: the hot path stays one call)."""
+    key = (t.dtype, t.shape)
+    seed = _SEEDS.get(key)
+    if seed is None:
+        seed = xxhash.xxh3_64_intdigest(_header(t))
+        if len(_SEEDS) < 100_000:
+            _SEEDS[key] = seed
+    return seed
+
+
 def _xxh3(t: torch.Tensor) -> bytes:
-    data = _as_bytes(t)
-    hasher = xxhash.xxh3_128(_header(t))
-    if data.numel():
-        hasher.update(memoryview(data.numpy()))
-    return hasher.digest()
+    seed = _seed(t)
+    if not t.is_contiguous() or t.is_conj() or t.is_neg():
+        t = _as_bytes(t)
+    elif t.dtype not in _NUMPY_DTYPES:
+        t = t.reshape(-1).view(torch.uint8)
+    return xxhash.xxh3_128_digest(t.numpy(), seed)
 
 
 # torchmix-128 ------------------------------------------------------------------------
@@ -175,7 +210,7 @@ def _nbytes(t: torch.Tensor) -> int:
 def fingerprint(t: torch.Tensor) -> Digest:
     """The exact digest of a tensor (dtype, shape and every bit of its data)."""
     t = _check(t)
-    if not _use_torchmix(t.device):
+    if t.is_cpu and not _FORCE_TORCHMIX:
         return Digest(_xxh3(t))
     lanes = _torchmix_device(t).cpu().tolist()
     return Digest(_torchmix_finish((lanes[0], lanes[1]), _header(t), _nbytes(t)))
@@ -227,11 +262,11 @@ class StepHasher:
         """Digest ``t`` now (later in-place updates of ``t`` do not change it)."""
         t = _check(t)
         slot = len(self._host)
-        if _use_torchmix(t.device):
+        if t.is_cpu and not _FORCE_TORCHMIX:
+            self._host.append(_xxh3(t))
+        else:
             self._host.append(None)
             self._pending.append((slot, _torchmix_device(t), _header(t), _nbytes(t)))
-        else:
-            self._host.append(_xxh3(t))
         self._sketches.append(None)
         if self.with_sketch:
             self._pending_sketches.append((slot, _sketch_device(t), t.numel()))
