@@ -22,6 +22,7 @@ from .config import TRACE_PHASES
 from .fingerprint import StepHasher
 from .trace import TraceWriter
 
+_PHASE_INDEX = {phase: index for index, phase in enumerate(TRACE_PHASES)}
 RSS_EVERY = 100  # steps between samples of the run's resident memory
 
 
@@ -80,7 +81,7 @@ def rng_states() -> Iterator[tuple[str, torch.Tensor]]:
     yield "numpy", torch.from_numpy(np.append(keys.astype(np.int64), [pos, has_gauss]))
     yield "numpy.gauss", torch.tensor(float(cached), dtype=torch.float64)
     _version, internal, gauss = random.getstate()
-    yield "random", torch.tensor(internal, dtype=torch.int64)
+    yield "random", torch.from_numpy(np.array(internal, dtype=np.int64))
     yield (
         "random.gauss",
         torch.tensor(float("nan") if gauss is None else gauss, dtype=torch.float64),
@@ -131,6 +132,7 @@ class StepRecorder:
         self._phase_index = 0
         self._started = time.perf_counter()
         self.records = 0
+        self._tensor_ids: dict[tuple, int] = {}
         self.rss: dict[str, float] = {}
 
     def begin(self, step: int) -> None:
@@ -142,18 +144,23 @@ class StepRecorder:
 
     def add(self, phase: str, name: str, tensor: torch.Tensor) -> None:
         """Fingerprint a tensor now (later in-place updates don't change its record)."""
-        index = TRACE_PHASES.index(phase)
+        index = _PHASE_INDEX[phase]
         if index < self._phase_index:
             raise RuntimeError(
                 f"phase {phase!r} recorded after {TRACE_PHASES[self._phase_index]!r}"
             )
         self._phase_index = index
-        tensor = tensor.detach()
         if self.step == self.capture_step and (phase, name) in self.capture_names:
-            self.captured[(phase, name)] = tensor.to("cpu", copy=True)
-        self._ids.append(
-            self.writer.tensor_id(phase, name, tuple(tensor.shape), str(tensor.dtype)[6:])
-        )
+            self.captured[(phase, name)] = tensor.detach().to("cpu", copy=True)
+        # The hot path: a dict hit on objects torch already has, no string building.
+        key = (phase, name, tensor.shape, tensor.dtype)
+        tensor_id = self._tensor_ids.get(key)
+        if tensor_id is None:
+            tensor_id = self.writer.tensor_id(
+                phase, name, tuple(tensor.shape), str(tensor.dtype)[6:]
+            )
+            self._tensor_ids[key] = tensor_id
+        self._ids.append(tensor_id)
         self._hasher.add(tensor)
 
     def add_ops(self, phase: str, ops: Iterable[Any]) -> None:

@@ -1,0 +1,264 @@
+"""What an audit costs: recorded vs plain steps, op capture vs DebugMode, whole runs,
+trace size, and comparing large traces. Ratios measured side by side in this one run,
+medians of repeats, torch on one thread.
+
+    python benchmarks/bench_audit.py [--markdown] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from reprocheck.compare import first_divergence
+from reprocheck.config import PHASES
+from reprocheck.localize import OpCapture
+from reprocheck.recorder import StepRecorder, batch_tensors, flatten, parameter_names
+from reprocheck.trace import TraceWriter
+from reprocheck.zoo import data, models
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def workloads() -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    mlp = models.mlp(in_features=784, hidden=512, classes=10, depth=2)
+    images = data.images(n=64, size=16)
+    seqs = data.sequences(n=64, seq_len=16)
+    return {
+        "mlp 784-512-512-10": (mlp, (torch.randn(64, 784), torch.randint(0, 10, (64,)))),
+        "cnn": (models.cnn(), images.tensors),
+        "transformer": (models.transformer(), seqs.tensors),
+    }
+
+
+class Loop:
+    """One training step of a workload, plain or recorded (all phases)."""
+
+    def __init__(self, model: torch.nn.Module, batch, folder: str, recorded: bool) -> None:
+        self.model, self.batch = model, batch
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        self.names = parameter_names(model)
+        self.recorder = None
+        if recorded:
+            path = os.path.join(folder, f"t{time.monotonic_ns()}.sqlite")
+            self.recorder = StepRecorder(TraceWriter(path, {}), PHASES)
+        self.step_number = 0
+
+    def step(self, capture: object = None) -> None:
+        x, y = self.batch
+        rec = self.recorder
+        self.step_number += 1
+        if rec:
+            rec.begin(self.step_number)
+            rec.add_all("data", batch_tensors(self.batch))
+        out = self.model(x)
+        loss = torch.nn.functional.cross_entropy(out, y)
+        if rec:
+            rec.add_all("outputs", flatten(out, "output"))
+            rec.add_all("loss", [("loss", loss)])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if rec:
+            rec.grads(self.model)
+        self.optimizer.step()
+        if rec:
+            rec.state(self.model, [self.optimizer], self.names)
+            rec.commit(self.step_number, loss)
+
+
+def per_step(fn, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+def step_overhead(repeats: int, folder: str) -> list[dict]:
+    from torch.utils._debug_mode import DebugMode  # noqa: F401 - checked below
+
+    rows = []
+    for name, (model, batch) in workloads().items():
+        plain = Loop(model, batch, folder, recorded=False)
+        recorded = Loop(model, batch, folder, recorded=True)
+        for loop in (plain, recorded):
+            per_step(loop.step, 3)
+        samples: dict[str, list[float]] = {
+            "plain": [],
+            "recorded": [],
+            "op capture": [],
+            "DebugMode": [],
+            "DebugMode+stack": [],
+        }
+        for _ in range(repeats):  # interleaved, so drift hits every variant alike
+            samples["plain"].append(per_step(plain.step, 10))
+            samples["recorded"].append(per_step(recorded.step, 10))
+            samples["op capture"].append(per_step(lambda: _captured(plain), 3))
+            debug = _debug_mode(plain, stack=False)
+            if debug is not None:
+                samples["DebugMode"].append(debug)
+                samples["DebugMode+stack"].append(_debug_mode(plain, stack=True))
+        med = {k: statistics.median(v) for k, v in samples.items() if v}
+        rows.append(
+            {
+                "workload": name,
+                "ms": {k: v * 1e3 for k, v in med.items()},
+                "ratio": {k: v / med["plain"] for k, v in med.items()},
+            }
+        )
+    return rows
+
+
+def _captured(loop: Loop) -> None:
+    """A step at op depth: every aten op with exact digests, module and source line."""
+    capture = OpCapture(loop.model)
+    x, y = loop.batch
+    with capture.during("forward"):
+        loss = torch.nn.functional.cross_entropy(loop.model(x), y)
+    loop.optimizer.zero_grad(set_to_none=True)
+    with capture.during("backward"):
+        loss.backward()
+    with capture.during("optimizer"):
+        loop.optimizer.step()
+
+
+def _debug_mode(loop: Loop, stack: bool) -> float | None:
+    try:
+        from torch.utils._debug_mode import DebugMode
+    except ImportError:
+        return None
+
+    def step() -> None:
+        with DebugMode(record_stack_trace=stack):
+            loop.step()
+
+    return per_step(step, 3)
+
+
+def whole_runs(repeats: int, folder: str) -> dict[str, float]:
+    """`reprocheck run -n 2` against one plain run of the same training, as processes."""
+    plain = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from reprocheck.config import load_config\n"
+        "from reprocheck.runner import loop\n"
+        f"c = load_config({str(ROOT / 'configs' / 'demo.yaml')!r})\n"
+        "torch.manual_seed(0); m = loop.build_model(c, torch.device('cpu'))\n"
+        "d = loop.build_data(c); o = loop.build_optimizer(c, m); s = loop.batches(d, 'cpu')\n"
+        "for _ in range(c.steps):\n"
+        "    x, y = next(s); loss = torch.nn.functional.cross_entropy(m(x), y)\n"
+        "    o.zero_grad(); loss.backward(); o.step()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    audit = [
+        sys.executable,
+        "-m",
+        "reprocheck",
+        "run",
+        str(ROOT / "configs" / "demo.yaml"),
+        "-n",
+        "2",
+        "-q",
+        "--out",
+        folder,
+        "--device",
+        "cpu",
+    ]
+    times: dict[str, list[float]] = {"one plain run": [], "run -n 2": []}
+    for _ in range(repeats):
+        for name, command in (
+            ("one plain run", [sys.executable, "-c", plain]),
+            ("run -n 2", audit),
+        ):
+            start = time.perf_counter()
+            subprocess.run(command, env=env, check=True, capture_output=True)
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def big_traces(folder: str, steps: int = 1000, per_step: int = 1000) -> dict[str, float]:
+    """Two identical traces of steps × per_step records: bytes per record, compare time."""
+    paths = []
+    for index in range(2):
+        path = os.path.join(folder, f"big{index}.sqlite")
+        writer = TraceWriter(path, {})
+        ids = [
+            writer.tensor_id("weights", f"layer{i}.weight", (64, 64), "float32")
+            for i in range(per_step)
+        ]
+        started = time.perf_counter()
+        for step in range(steps):
+            rows = [
+                (tid, (step * per_step + seq).to_bytes(16, "little")) for seq, tid in enumerate(ids)
+            ]
+            writer.write_step(step, rows, None, None, 0.0)
+        write_s = time.perf_counter() - started
+        writer.finish("complete")
+        paths.append(path)
+    records = steps * per_step
+    started = time.perf_counter()
+    assert first_divergence(paths) is None
+    compare_s = time.perf_counter() - started
+    return {
+        "records": records,
+        "bytes_per_record": os.path.getsize(paths[0]) / records,
+        "write_s": write_s,
+        "compare_s": compare_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as folder:
+        steps = step_overhead(args.repeats, folder)
+        runs = whole_runs(max(3, args.repeats // 2), folder)
+        traces = big_traces(folder)
+    bar = "| " if args.markdown else ""
+    end = " |" if args.markdown else ""
+    sep = " | " if args.markdown else "  "
+    variants = ["plain", "recorded", "op capture", "DebugMode", "DebugMode+stack"]
+    print(
+        bar
+        + sep.join(
+            ["workload"]
+            + [f"{v} ms" for v in variants]
+            + ["recorded ÷ plain", "op capture ÷ plain", "DebugMode ÷ plain"]
+        )
+        + end
+    )
+    if args.markdown:
+        print("|---" * (len(variants) + 4) + "|")
+    for row in steps:
+        ms, ratio = row["ms"], row["ratio"]
+        cells = [row["workload"]] + [f"{ms[v]:.2f}" if v in ms else "–" for v in variants]
+        cells += [
+            f"{ratio['recorded']:.3f}×",
+            f"{ratio['op capture']:.2f}×",
+            f"{ratio['DebugMode']:.2f}×" if "DebugMode" in ratio else "–",
+        ]
+        print(bar + sep.join(cells) + end)
+    print()
+    ratio = runs["run -n 2"] / runs["one plain run"]
+    print(
+        f"whole runs (demo, 20 steps, processes): one plain run {runs['one plain run']:.2f} s, "
+        f"`reprocheck run -n 2` {runs['run -n 2']:.2f} s → {ratio:.2f}×"
+    )
+    print(
+        f"traces: {traces['records']:,} records, {traces['bytes_per_record']:.1f} B/record, "
+        f"written in {traces['write_s']:.2f} s; comparing two of them: {traces['compare_s']:.2f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
