@@ -27,12 +27,12 @@ demo: venv
 	$(BIN)/reprocheck run configs/demo.yaml
 
 lint: venv
-	$(BIN)/ruff check reprocheck tests benchmarks
-	$(BIN)/ruff format --check reprocheck tests benchmarks
+	$(BIN)/ruff check reprocheck tests benchmarks examples
+	$(BIN)/ruff format --check reprocheck tests benchmarks examples
 
 format: venv
-	$(BIN)/ruff format reprocheck tests benchmarks
-	$(BIN)/ruff check --fix reprocheck tests benchmarks
+	$(BIN)/ruff format reprocheck tests benchmarks examples
+	$(BIN)/ruff check --fix reprocheck tests benchmarks examples
 
 # pytest exits 5 when it collected no test: that is a failure, never a pass.
 test: venv lint

@@ -148,10 +148,10 @@ class RunProgress:
         key = (result.leg, result.run)
         if key not in self.tasks:
             self.tasks[key] = self.progress.add_task(
-                f"{result.leg} #{result.run}", total=total, status=""
+                f"{result.leg} #{result.run}", total=total or None, status=""
             )
         status = "" if result.status in ("running", "complete") else result.status
-        self.progress.update(self.tasks[key], completed=done, total=total, status=status)
+        self.progress.update(self.tasks[key], completed=done, total=total or None, status=status)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -75,7 +75,13 @@ def seed_everything(seed: int, controls: DeterminismConfig) -> list[str]:
 
 def apply_controls(config: Config, device: str, threads: int | None) -> dict[str, Any]:
     """Apply every control in the run's own process; returns what was actually applied."""
-    controls = config.determinism
+    return apply_controls_for(config.determinism, config.seed, threads)
+
+
+def apply_controls_for(
+    controls: DeterminismConfig, seed: int, threads: int | None
+) -> dict[str, Any]:
+    """Apply the controls, seeding every generator from ``seed``; returns what was applied."""
     applied: dict[str, Any] = {"preset": controls.preset}
     if threads is not None:
         torch.set_num_threads(threads)
@@ -98,7 +104,7 @@ def apply_controls(config: Config, device: str, threads: int | None) -> dict[str
     applied["cudnn_deterministic"] = torch.backends.cudnn.deterministic
     applied["pythonhashseed"] = os.environ.get("PYTHONHASHSEED")
     applied["cublas_workspace"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    applied["seeded"] = seed_everything(config.seed, controls)
+    applied["seeded"] = seed_everything(seed, controls)
     applied["dataloader_generator"] = controls.dataloader_generator
     return applied
 

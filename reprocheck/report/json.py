@@ -191,6 +191,7 @@ def build_report(
                         "trace": run.trace,
                         "log": run.log,
                         "error": run.error,
+                        "log_tail": run.log_tail,
                         "seconds": round(run.seconds, 3),
                     }
                     for run in leg.runs

@@ -47,15 +47,18 @@ def header(report: dict[str, Any]) -> list[Text]:
     if threads:
         parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
     config = report["config"]
+    steps = f"{config['steps']} steps" if config["steps"] else "all its steps"
     lines = [
         Text(" · ".join(parts), style=DIM),
         Text.assemble(
             ("config  ", DIM),
             (config["name"], "bold"),
-            f" (seed {config['seed']}, {config['repeats']} runs × {config['steps']} steps, "
+            f" (seed {config['seed']}, {config['repeats']} runs × {steps}, "
             f"preset {config['preset']})",
         ),
     ]
+    if config.get("command"):
+        lines.append(Text.assemble(("command ", DIM), " ".join(config["command"])))
     legs = Text("legs    ", style=DIM)
     for index, leg in enumerate(report["legs"]):
         if index:
@@ -206,6 +209,10 @@ def failure_lines(report: dict[str, Any]) -> list[Text]:
                 Text(f"   ({ended})", style=DIM),
             )
         )
+    tail = next((run.get("log_tail") for _, run in failed if run.get("log_tail")), None)
+    if tail and tail != [""]:
+        for index, line in enumerate(tail[-6:]):
+            lines.append(_line("output" if index == 0 else "", Text(line, style=DIM)))
     if len(failed) > 6:
         lines.append(_line("", f"… and {len(failed) - 6} more", style=DIM))
     return lines
@@ -257,7 +264,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         active = [leg for leg in report["legs"] if leg["status"] == "ok"]
         records = sum(leg["records"] for leg in active)
         runs = sum(len(leg["runs"]) for leg in active)
-        steps = report["config"]["steps"] + 1
+        steps = max((r["steps"] or 0) for leg in active for r in leg["runs"]) + 1
         phases = len(report["config"]["record"])
         title = Text("✔ REPRODUCIBLE", style="bold green")
         title.append(

@@ -38,6 +38,7 @@ class AuditOptions:
     zoom: bool = True  # after a divergence, replay the step at op depth (localize.py)
     attribute: bool = True  # after a divergence, find the control that fixes it (doctor)
     sketch: bool = False  # numeric sketches in every trace (golden traces); else only across legs
+    exec: dict[str, Any] | None = None  # `reprocheck exec`: the command each run executes
 
 
 def make_audit_dir(out: str, name: str) -> Path:
@@ -183,6 +184,7 @@ def run_audit(
         fail_fast=options.fail_fast,
         depth=options.depth,
         progress=progress,
+        extra_spec={"exec": options.exec} if options.exec else None,
     )
     timings: dict[str, float] = {}
     interrupted = False

@@ -44,6 +44,7 @@ class RunResult:
     error: str | None = None
     exit_code: int | None = None
     seconds: float = 0.0
+    log_tail: list[str] = field(default_factory=list)  # a failed run's last output lines
 
     @property
     def last_step(self) -> int | None:
@@ -127,6 +128,7 @@ class Launcher:
         fail_fast: bool = True,
         depth: str = "step",
         progress: Callable[[RunResult, int, int], None] | None = None,
+        extra_spec: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
@@ -135,6 +137,7 @@ class Launcher:
         self.with_sketch = with_sketch
         self.fail_fast = fail_fast
         self.depth = depth
+        self.extra_spec = extra_spec or {}  # e.g. {"exec": ...}: what each run executes
         self.progress = progress
         self._config_dict = config_to_dict(config)
         self._running: list[_Task] = []
@@ -154,6 +157,7 @@ class Launcher:
             "trace": str(trace.resolve()),
             "with_sketch": self.with_sketch,
             "depth": self.depth,
+            **self.extra_spec,
             **extra,
         }
         spec_path = self.out_dir / f"{stem}.spec.json"
@@ -275,6 +279,8 @@ class Launcher:
                 status, error, kind = trace.status, trace.error, trace.meta.get("error_kind")
         except TraceError:
             status, error, kind = "running", None, None
+        if not (status == "complete" and code == 0):
+            result.log_tail = log_tail(result.log, 12).split(" | ")
         if status == "complete" and code == 0:
             result.status = "complete"
         elif kind == "config" or code == 2:

@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..config import ConfigError
 
     try:
+        if "exec" in spec:  # `reprocheck exec` / `audit`: a script or function, unchanged
+            from .bootstrap import run_script
+
+            return run_script(spec)
         return run(spec)
     except ConfigError as exc:  # before the trace exists: the launcher reads our stderr
         print(f"reprocheck: config error: {exc}", file=sys.stderr)

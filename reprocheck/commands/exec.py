@@ -1,0 +1,119 @@
+"""``reprocheck exec -- python train.py ARGS``: audit a training script, unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from ..cli import (
+        RunProgress,
+        UsageError,
+        _emit,
+        _split_list,
+        _terminate_as_interrupt,
+        _threads,
+        user_errors,
+    )
+
+    @app.command(
+        "exec",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )
+    @user_errors
+    def exec_(
+        ctx: typer.Context,
+        repeats: int = typer.Option(2, "-n", "--repeats", min=1, max=1000, help="Runs per leg."),
+        steps: Optional[int] = typer.Option(
+            None, "--steps", min=1, help="Stop each run cleanly after K optimizer steps."
+        ),
+        device: Optional[List[str]] = typer.Option(
+            None, "--device", help="Leg label(s): cpu, cuda."
+        ),
+        threads: Optional[List[str]] = typer.Option(
+            None, "--threads", help="Thread counts, e.g. 1,2."
+        ),
+        preset: str = typer.Option("seeded", "--preset", help="seeded | strict | none."),
+        seed: int = typer.Option(0, "--seed", min=0, help="Seed applied before the script starts."),
+        out: str = typer.Option(
+            "reports", "--out", help="Folder for traces, logs and report.json."
+        ),
+        json_path: Optional[Path] = typer.Option(
+            None, "--json", help="Also write the JSON report."
+        ),
+        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel."),
+        timeout: Optional[float] = typer.Option(
+            None, "--timeout", min=0.1, help="Seconds per run."
+        ),
+        fail_fast: bool = typer.Option(
+            True, "--fail-fast/--no-fail-fast", help="Stop on divergence."
+        ),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no report."),
+    ) -> None:
+        """Run a training script N times, unchanged, and report where the runs first differ.
+
+        Everything after `--` is the command: `reprocheck exec -n 2 -- python train.py --lr 0.1`.
+        Each run starts in a fresh process with the determinism preset applied before the
+        script's first line; step k is the k-th optimizer.step(). The script's output goes
+        to the run's log (its tail is in the report when a run fails).
+        """
+        from ..config import PRESETS, Config, DataConfig, DeterminismConfig, FactoryConfig
+        from ..config import apply_overrides as _overrides
+        from ..runner.audit import AuditOptions, run_audit
+
+        argv = list(ctx.args)
+        if not argv or not os.path.basename(argv[0]).startswith("python"):
+            raise UsageError(
+                "exec runs a Python script: reprocheck exec [OPTIONS] -- python train.py ARGS"
+            )
+        argv = argv[1:]  # the run's own interpreter (this one) replaces `python`
+        if not argv:
+            raise UsageError("no script given: reprocheck exec -- python train.py ARGS")
+        if argv[0] == "-m":
+            if len(argv) < 2:
+                raise UsageError("-m needs a module name: reprocheck exec -- python -m pkg.train")
+            script, name = None, argv[1]
+        else:
+            if argv[0].startswith("-"):
+                raise UsageError(f"python option {argv[0]} is not supported: give the script")
+            script = os.path.abspath(argv[0])
+            if not os.path.isfile(script):
+                raise UsageError(f"no such script: {argv[0]}")
+            argv[0] = script
+            name = Path(script).stem
+        if preset not in PRESETS:
+            raise UsageError(f"--preset takes {', '.join(PRESETS)} (got {preset!r})")
+        sha = hashlib.sha256(Path(script).read_bytes()).hexdigest() if script else None
+        config = Config(
+            name=name,
+            seed=seed,
+            repeats=repeats,
+            steps=steps or 0,
+            determinism=DeterminismConfig(preset=preset, **PRESETS[preset]),
+            model=FactoryConfig(factory="exec"),
+            data=DataConfig(factory="exec"),
+            path=script or name,
+            base_dir=os.getcwd(),
+            sha256=sha,
+        )
+        config = _overrides(config, devices=_split_list(device), threads=_threads(threads))
+        options = AuditOptions(
+            out=out,
+            jobs=jobs,
+            timeout=timeout,
+            fail_fast=fail_fast,
+            measure=False,
+            zoom=False,
+            exec={"argv": argv, "max_steps": steps},
+        )
+        _terminate_as_interrupt()
+        with RunProgress(quiet) as progress:
+            report = run_audit(config, options, progress=progress.update)
+        report["config"]["command"] = ["python", *argv]
+        _emit(report, json_path, quiet)
+        raise typer.Exit(report["exit_code"])
