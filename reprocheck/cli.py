@@ -218,6 +218,12 @@ def run(
         "--zoom/--no-zoom",
         help="After a divergence, replay that step op by op: module, aten op, source line, cause.",
     ),
+    attribute: bool = typer.Option(
+        True,
+        "--attribute/--no-attribute",
+        help="After a divergence, rerun with each control on (seeds, hash seed, deterministic "
+        "algorithms, one thread, ...) to find the one that fixes it.",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no terminal report."),
 ) -> None:
     """Run CONFIG N times per leg and report the first divergent step, phase and tensor.
@@ -241,6 +247,7 @@ def run(
         measure=measure,
         depth=depth,
         zoom=zoom,
+        attribute=attribute,
     )
     _terminate_as_interrupt()
     with RunProgress(quiet or (json_path is not None and str(json_path) == "-")) as progress:

@@ -131,6 +131,8 @@ def build_report(
     folder: Path,
     timings: dict[str, float],
     interrupted: bool = False,
+    findings: Sequence[dict[str, Any]] = (),
+    attribution: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """Assemble the report; ``verdict`` and ``exit_code`` follow DESIGN.md's exit codes."""
     runs = [run for leg in legs for run in leg.runs]
@@ -201,7 +203,8 @@ def build_report(
         ],
         "first_divergence": divergence_dict(first) if first else None,
         "across_legs": [comparison_dict(c) for c in across],
-        "findings": [],
+        "findings": list(findings),
+        "attribution": list(attribution),
         "environment": _environment(legs),
         "out_dir": str(folder),
         "timings": {key: round(value, 3) for key, value in timings.items()},

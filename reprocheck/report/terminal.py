@@ -278,6 +278,16 @@ def render(report: dict[str, Any], console: Console) -> None:
     if table is not None:
         console.print(_line("across legs", ""))
         console.print(table)
+    tried = report.get("attribution") or []
+    if tried:
+        table = Text()
+        for index, item in enumerate(tried):
+            if index:
+                table.append(" · ")
+            fixed = item["verdict"] == "reproducible"
+            table.append(f"{item['control']} ")
+            table.append("✔ reproduces" if fixed else "✘", style=GREEN if fixed else RED)
+        console.print(_line("attribution", table))
     for finding in report.get("findings") or []:
         console.print(_line(finding["code"], Text(finding["message"])))
         if finding.get("fix"):

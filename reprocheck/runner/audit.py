@@ -196,6 +196,7 @@ def run_audit(
 
     divergences = [] if interrupted else [d for d in map(_leg_divergence, active) if d]
     first = min(divergences, key=lambda d: (d.step, d.seq), default=None)
+    leg = None
     if first is not None:
         leg = next(leg for leg in active if leg.name == first.leg)
         reached = [r for r in leg.runs if r.steps > first.step]
@@ -226,6 +227,9 @@ def run_audit(
                     (active[0].name, active[index].name),
                 )
             )
+    findings, attribution = [], []
+    if first is not None and not interrupted:
+        findings, attribution, interrupted = _findings(config, options, leg, first, folder, timings)
     timings["total_s"] = time.monotonic() - started
     return build_report(
         config,
@@ -236,7 +240,47 @@ def run_audit(
         folder=folder,
         timings=timings,
         interrupted=interrupted,
+        findings=findings,
+        attribution=attribution,
     )
+
+
+def _findings(
+    config: Config,
+    options: AuditOptions,
+    leg: Leg,
+    first: Divergence,
+    folder: Path,
+    timings: dict[str, float],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+    """The cause and fix: by attribution (rerunning with each control), else from the zoom."""
+    from ..doctor.attribute import attribute
+    from ..doctor.probe import finding
+
+    if options.attribute and not options.exec:
+        started = time.monotonic()
+        try:
+            found, tried = attribute(
+                config, leg.device, leg.threads, first.step, folder / "attribution", first.zoom
+            )
+        except KeyboardInterrupt:
+            return [], [], True
+        timings["attribution_s"] = time.monotonic() - started
+        return found, tried, False
+    cause, where = first.zoom.get("cause"), first.zoom.get("source")
+    if cause == "unseeded or re-seeded RNG":
+        return (
+            [finding("RC015", f"a generator seeded outside the configured seed draws at {where}")],
+            [],
+            False,
+        )
+    if cause == "nondeterministic op":
+        return (
+            [finding("RC011", f"{first.zoom.get('op')} at {where} is nondeterministic")],
+            [],
+            False,
+        )
+    return [], [], False
 
 
 def _reference_run(leg: Leg) -> RunResult | None:

@@ -1,0 +1,114 @@
+"""``reprocheck doctor CONFIG`` and ``reprocheck explain CODE``: causes and fixes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.text import Text
+
+
+def register(app: typer.Typer) -> None:
+    from ..cli import UsageError, _terminate_as_interrupt, stderr, stdout, user_errors
+
+    @app.command()
+    @user_errors
+    def explain(
+        code: str = typer.Argument(..., metavar="CODE", help="A rule code, e.g. RC004."),
+    ) -> None:
+        """Print one doctor rule in full: what it detects, why it matters, an example, the fix."""
+        from ..doctor.rules import find
+
+        try:
+            rule = find(code)
+        except KeyError as exc:
+            raise UsageError(exc.args[0]) from None
+        stdout.print(rule.explain(), markup=False, highlight=False)
+
+    @app.command()
+    @user_errors
+    def doctor(
+        config_path: Path = typer.Argument(..., metavar="CONFIG", help="The audit's YAML config."),
+        attribute: bool = typer.Option(
+            False,
+            "--attribute",
+            help="Also audit the config and, if it diverges, rerun with each "
+            "control on to find the one that fixes it.",
+        ),
+        steps: int = typer.Option(2, "--steps", min=1, help="Steps each probe runs."),
+        out: str = typer.Option("reports", "--out", help="Folder for the probes' traces."),
+        json_path: Optional[Path] = typer.Option(
+            None, "--json", help="Write the findings as JSON ('-': stdout)."
+        ),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal output."),
+    ) -> None:
+        """Find what can make CONFIG irreproducible: static checks, then probes that run a few
+        steps — the ops that are nondeterministic on CUDA (found on any machine) with their
+        lines, and sensitivity to thread count, PYTHONHASHSEED and DataLoader workers.
+
+        Exit 0 when nothing is found, 1 when there are findings (`reprocheck explain CODE`).
+        """
+        from ..config import load_config
+        from ..doctor.probe import dynamic_findings, static_findings
+        from ..runner.audit import AuditOptions, make_audit_dir, run_audit
+
+        config = load_config(config_path)
+        _terminate_as_interrupt()
+        folder = make_audit_dir(out, f"{config.name}-doctor")
+        findings: list[dict[str, Any]] = static_findings(config)
+        if not quiet:
+            stderr.print(
+                Text(
+                    f"doctor  {config.name}: probing {steps} steps in child processes …",
+                    style="dim",
+                )
+            )
+        findings += dynamic_findings(config, folder, steps)
+        audit: dict[str, Any] | None = None
+        if attribute:
+            audit = run_audit(config, AuditOptions(out=str(folder / "audit"), attribute=True))
+            for item in audit["findings"]:
+                if item not in findings:
+                    findings.append(item)
+        result = {
+            "schema": "reprocheck.doctor/1",
+            "config": {"name": config.name, "path": config.path},
+            "findings": findings,
+            "out_dir": str(folder),
+            "audit": None
+            if audit is None
+            else {
+                "verdict": audit["verdict"],
+                "first_divergence": audit["first_divergence"],
+                "attribution": audit["attribution"],
+            },
+        }
+        if json_path is not None:
+            text = json.dumps(result, indent=2, default=str) + "\n"
+            if str(json_path) == "-":
+                sys.stdout.write(text)
+            else:
+                Path(json_path).write_text(text, encoding="utf-8")
+        if not quiet and not (json_path is not None and str(json_path) == "-"):
+            _render(result)
+        raise typer.Exit(1 if findings else 0)
+
+    def _render(result: dict[str, Any]) -> None:
+        audit = result["audit"]
+        if audit is not None:
+            d = audit["first_divergence"]
+            where = f" at step {d['step']} · {d['phase']} · {d['tensor']}" if d else ""
+            stdout.print(Text(f"audit   {audit['verdict']}{where}"))
+        if not result["findings"]:
+            stdout.print(Text("✔ no findings", style="bold green"))
+        for item in result["findings"]:
+            line = Text(f"{item['code']} ", style="bold red")
+            line.append(f"{item['name']}: ", style="bold")
+            line.append(item["message"])
+            stdout.print(line)
+            stdout.print(Text(f"        fix: {item['fix']}", style="dim"))
+        if result["findings"]:
+            stdout.print(Text("        reprocheck explain CODE for the whole rule", style="dim"))

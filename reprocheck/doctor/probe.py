@@ -1,0 +1,253 @@
+"""The doctor's checks: static ones on the config and environment, dynamic ones that run
+a few steps in child processes (op scan, thread / hash-seed / worker sensitivity)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from ..compare import first_divergence
+from ..config import Config
+from .rules import BY_CODE
+
+# aten ops PyTorch documents as nondeterministic on CUDA (the list under
+# `torch.use_deterministic_algorithms`, torch 2.13): op base name → what runs there.
+CUDA_NONDETERMINISTIC_FROM = "torch 2.13 documentation of torch.use_deterministic_algorithms"
+CUDA_NONDETERMINISTIC: dict[str, str] = {
+    "index_add": "index_add_ accumulates with atomics",
+    "scatter_add": "scatter_add_ accumulates with atomics",
+    "scatter_reduce": "scatter_reduce accumulates with atomics",
+    "index_put": "index_put_(accumulate=True) — the backward of advanced indexing",
+    "_index_put_impl": "index_put_(accumulate=True) — the backward of advanced indexing",
+    "put": "put_(accumulate=True)",
+    "index_copy": "index_copy_",
+    "embedding_dense_backward": "embedding backward accumulates rows",
+    "_embedding_bag_backward": "embedding_bag backward",
+    "_embedding_bag_dense_backward": "embedding_bag backward",
+    "upsample_linear1d_backward": "interpolate(mode='linear') backward",
+    "upsample_bilinear2d_backward": "interpolate(mode='bilinear') backward",
+    "upsample_bicubic2d_backward": "interpolate(mode='bicubic') backward",
+    "upsample_trilinear3d_backward": "interpolate(mode='trilinear') backward",
+    "avg_pool3d_backward": "avg_pool3d backward",
+    "adaptive_avg_pool2d_backward": "adaptive_avg_pool2d backward",
+    "_adaptive_avg_pool2d_backward": "adaptive_avg_pool2d backward",
+    "adaptive_avg_pool3d_backward": "adaptive_avg_pool3d backward",
+    "_adaptive_avg_pool3d_backward": "adaptive_avg_pool3d backward",
+    "adaptive_max_pool2d_backward": "adaptive_max_pool2d backward",
+    "adaptive_max_pool3d_backward": "adaptive_max_pool3d backward",
+    "fractional_max_pool2d_backward": "fractional_max_pool2d backward",
+    "fractional_max_pool3d_backward": "fractional_max_pool3d backward",
+    "max_pool3d_with_indices_backward": "max_pool3d backward",
+    "max_unpool1d": "max_unpool1d",
+    "max_unpool2d": "max_unpool2d",
+    "max_unpool3d": "max_unpool3d",
+    "reflection_pad1d_backward": "reflection padding backward",
+    "reflection_pad2d_backward": "reflection padding backward",
+    "reflection_pad3d_backward": "reflection padding backward",
+    "replication_pad1d_backward": "replication padding backward",
+    "replication_pad2d_backward": "replication padding backward",
+    "replication_pad3d_backward": "replication padding backward",
+    "nll_loss2d_forward": "NLLLoss on 2-d inputs",
+    "_ctc_loss_backward": "CTC loss backward",
+    "grid_sampler_2d_backward": "grid_sample backward",
+    "grid_sampler_3d_backward": "grid_sample backward",
+    "bincount": "bincount with weights",
+    "histc": "histc",
+    "kthvalue": "kthvalue",
+    "median": "median with indices",
+    "cumsum": "cumsum on CUDA (deterministic only with use_deterministic_algorithms)",
+}
+
+
+def finding(code: str, message: str, evidence: Any = None) -> dict[str, Any]:
+    """A finding as reports carry it: code, rule name, message, fix, evidence."""
+    rule = BY_CODE[code]
+    return {
+        "code": code,
+        "name": rule.name,
+        "message": message,
+        "fix": rule.fix.split("\n")[0],
+        "evidence": evidence,
+    }
+
+
+def static_findings(config: Config) -> list[dict[str, Any]]:
+    """What the config and environment alone say."""
+    d = config.determinism
+    found = []
+    if not d.seed_python:
+        found.append(finding("RC001", "Python's `random` is not seeded (determinism.seed_python)"))
+    if not d.seed_numpy:
+        found.append(
+            finding("RC002", "NumPy's global generator is not seeded (determinism.seed_numpy)")
+        )
+    if not d.seed_torch:
+        found.append(finding("RC003", "torch's generators are not seeded (determinism.seed_torch)"))
+    if d.cudnn_benchmark:
+        found.append(
+            finding("RC005", "cudnn.benchmark is on: cuDNN may pick other kernels per run")
+        )
+    cuda = any(device.startswith("cuda") for device in config.devices)
+    if (
+        cuda
+        and d.deterministic_algorithms
+        and not (d.cublas_workspace or os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    ):
+        found.append(
+            finding(
+                "RC007", "deterministic algorithms on a CUDA leg without CUBLAS_WORKSPACE_CONFIG"
+            )
+        )
+    if not d.dataloader_generator and (config.data.shuffle or config.data.num_workers):
+        found.append(
+            finding(
+                "RC008",
+                "the DataLoader shuffles without a seeded generator "
+                "(determinism.dataloader_generator: false)",
+            )
+        )
+    return found
+
+
+def _base(op: str) -> str:
+    name = op.split(".")[1] if op.startswith("aten.") else op.split(".")[0]
+    return name.rstrip("_") if name.rstrip("_") in CUDA_NONDETERMINISTIC else name
+
+
+def gpu_risk_findings(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every captured op on the CUDA-nondeterministic list, once per (op, source line)."""
+    seen: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for op in ops:
+        base = _base(op["op"])
+        if base not in CUDA_NONDETERMINISTIC:
+            continue
+        key = (base, op["source"])
+        if key in seen:
+            continue
+        line = op["source"] or "(no user frame)"
+        kind = "in the backward of the op at" if op.get("forward_line") else "at"
+        seen[key] = finding(
+            "RC006",
+            f"aten.{base} ({CUDA_NONDETERMINISTIC[base]}) {kind} {line} "
+            "is nondeterministic on CUDA",
+            {
+                "op": f"aten.{base}",
+                "stage": op["stage"],
+                "source": op["source"],
+                "code": op.get("code"),
+                "module": op.get("module"),
+                "from": CUDA_NONDETERMINISTIC_FROM,
+            },
+        )
+    return list(seen.values())
+
+
+Auditor = Callable[[Config, str], dict[str, Any]]
+
+
+def sensitivity(
+    audit: Auditor, a: Config, b: Config, label: str
+) -> tuple[bool, dict[str, Any] | None]:
+    """Run one run of each variant and compare them bit for bit: (differ, where)."""
+    reports = [audit(variant, f"{label}-{index}") for index, variant in enumerate((a, b))]
+    traces = []
+    for report in reports:
+        runs = [r for leg in report["legs"] for r in leg["runs"] if r["steps"] is not None]
+        if not runs:
+            return False, None
+        traces.append(runs[0]["trace"])
+    found = first_divergence(traces)
+    if found is None:
+        return False, None
+    return True, {"step": found.step, "phase": found.phase, "tensor": found.tensor}
+
+
+def dynamic_findings(config: Config, folder: Path, steps: int = 2) -> list[dict[str, Any]]:
+    """Run a few steps in child processes: op scan, and sensitivity to threads, hash seed,
+    and worker count."""
+    from ..runner.audit import AuditOptions, run_audit
+    from ..runner.launch import Launcher, plan_legs
+
+    found: list[dict[str, Any]] = []
+    short = dataclasses.replace(
+        config,
+        steps=min(config.steps, steps),
+        repeats=1,
+        devices=("cpu",),
+        threads=(config.threads[0],),
+    )
+
+    # the ops the model runs in one step, forward and backward, with their lines
+    leg = plan_legs(short)[0]
+    launcher = Launcher(short, folder, fail_fast=False)
+    paths = launcher.capture(leg, [0], 1, [], ops=True) if short.steps else {}
+    ops: list[dict[str, Any]] = []
+    if 0 in paths:
+        with open(paths[0] + ".ops.json", encoding="utf-8") as handle:
+            ops = json.load(handle)
+        found += gpu_risk_findings(ops)
+        with open(paths[0] + ".env.json", encoding="utf-8") as handle:
+            if json.load(handle).get("compiled"):
+                found.append(finding("RC017", "the model runs through torch.compile"))
+
+    def audit(variant: Config, label: str) -> dict[str, Any]:
+        options = AuditOptions(
+            out=str(folder / label), measure=False, zoom=False, attribute=False, fail_fast=False
+        )
+        return run_audit(variant, options)
+
+    differ, where = sensitivity(
+        audit,
+        dataclasses.replace(short, threads=(1,)),
+        dataclasses.replace(short, threads=(2,)),
+        "threads",
+    )
+    if differ:
+        found.append(
+            finding(
+                "RC010",
+                f"1 and 2 threads differ from step {where['step']} · "
+                f"{where['phase']} · {where['tensor']}",
+                where,
+            )
+        )
+    differ, where = sensitivity(
+        audit,
+        dataclasses.replace(
+            short, determinism=dataclasses.replace(short.determinism, pythonhashseed=1)
+        ),
+        dataclasses.replace(
+            short, determinism=dataclasses.replace(short.determinism, pythonhashseed=2)
+        ),
+        "hashseed",
+    )
+    if differ:
+        found.append(
+            finding(
+                "RC004",
+                f"PYTHONHASHSEED 1 and 2 differ from step {where['step']} · "
+                f"{where['phase']} · {where['tensor']}",
+                where,
+            )
+        )
+    if config.data.num_workers:
+        differ, where = sensitivity(
+            audit,
+            dataclasses.replace(short, data=dataclasses.replace(short.data, num_workers=0)),
+            short,
+            "workers",
+        )
+        if differ:
+            found.append(
+                finding(
+                    "RC009",
+                    f"num_workers 0 and {config.data.num_workers} differ from "
+                    f"step {where['step']} · {where['phase']} · "
+                    f"{where['tensor']}",
+                    where,
+                )
+            )
+    return found

@@ -1,0 +1,220 @@
+"""The rule catalog: each known source of irreproducibility as data, in ruff's shape.
+
+One list, :data:`RULES`, serves ``reprocheck explain CODE``, the findings in reports and
+``docs/rules.md`` (``python -m reprocheck.doctor.rules`` regenerates it). Every claim
+was checked on torch 2.13 (CPU) before it became a rule; where recent torch already fixed
+a problem (torch seeds ``random``, torch and NumPy in DataLoader workers), the rule says
+so and does not fire for it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rule:
+    code: str
+    name: str
+    what: str  # What it does
+    why: str  # Why is this bad?
+    example: str
+    fix: str  # Use instead
+
+    def explain(self) -> str:
+        """The full text, as `reprocheck explain` prints it."""
+        return (
+            f"{self.code} {self.name}\n\n## What it does\n{self.what}\n\n"
+            f"## Why is this bad?\n{self.why}\n\n## Example\n```python\n{self.example}\n```\n\n"
+            f"## Use instead\n{self.fix}\n"
+        )
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "RC001",
+        "python-random-unseeded",
+        "Flags an audit whose controls leave Python's `random` module unseeded.",
+        "Shuffles and augmentations drawn from `random` differ in every process.",
+        "import random\nrandom.shuffle(files)  # never seeded",
+        "`random.seed(seed)` at start-up (reprocheck's `seeded` preset does it: "
+        "`determinism.seed_python: true`).",
+    ),
+    Rule(
+        "RC002",
+        "numpy-unseeded",
+        "Flags an audit whose controls leave NumPy's global generator unseeded.",
+        "NumPy-based augmentation and sampling differ in every process.",
+        "noise = np.random.randn(*shape)  # global generator, never seeded",
+        "`np.random.seed(seed)`, or a `np.random.default_rng(seed)` passed around "
+        "(`determinism.seed_numpy: true`).",
+    ),
+    Rule(
+        "RC003",
+        "torch-unseeded",
+        "Flags an audit whose controls leave torch's CPU and CUDA generators unseeded.",
+        "Initial weights, dropout masks and `randperm` shuffles differ in every process.",
+        "model = Net()  # init draws from an unseeded generator",
+        "`torch.manual_seed(seed)` (seeds every CUDA device too; "
+        "`torch.cuda.manual_seed_all(seed)` where CUDA is initialised first).",
+    ),
+    Rule(
+        "RC004",
+        "pythonhashseed-unset",
+        "Flags runs whose order of `set`/`dict` iteration over strings changes with "
+        "PYTHONHASHSEED: found by running with two hash seeds, and by attribution.",
+        "String hashes are salted per process: vocabularies, label maps or file lists built by "
+        "iterating a set come out in another order, so token ids and batches differ.",
+        "vocab = {w: i for i, w in enumerate(set(words))}",
+        "Set `PYTHONHASHSEED` in the environment before Python starts (reprocheck does: "
+        "`determinism.pythonhashseed: 0`); setting `os.environ` inside the script is too late. "
+        "Better: `sorted(set(words))`.",
+    ),
+    Rule(
+        "RC005",
+        "cudnn-benchmark",
+        "Flags `torch.backends.cudnn.benchmark = True` in the controls.",
+        "cuDNN times several convolution algorithms per shape and keeps the fastest; the "
+        "choice, and so the numerics, can change between runs.",
+        "torch.backends.cudnn.benchmark = True",
+        "`torch.backends.cudnn.benchmark = False` and `cudnn.deterministic = True` "
+        "(the `strict` preset).",
+    ),
+    Rule(
+        "RC006",
+        "nondeterministic-cuda-op",
+        "Lists every aten op the model runs (forward and backward, captured in one step on "
+        "any device) that PyTorch documents as nondeterministic on CUDA, with the line that "
+        "called it. Works on a CPU-only machine, where these ops run deterministically.",
+        "Atomic adds in these kernels (index_add_, scatter_add_, interpolate backward, "
+        "embedding_bag backward, ...) sum in a different order on every run of a GPU.",
+        "out = F.interpolate(x, scale_factor=2, mode='bilinear')\nacc.index_add_(0, idx, src)",
+        "`torch.use_deterministic_algorithms(True)` (raises where no deterministic kernel "
+        "exists; `warn_only=True` to list them), or an equivalent deterministic formulation "
+        "(e.g. a sort-then-segment reduction).",
+    ),
+    Rule(
+        "RC007",
+        "cublas-workspace-unset",
+        "Flags a CUDA leg with deterministic algorithms on but no CUBLAS_WORKSPACE_CONFIG.",
+        "cuBLAS may split reductions differently per call; with deterministic algorithms on "
+        "and no workspace setting, torch raises in matmuls on CUDA ≥ 10.2.",
+        "torch.use_deterministic_algorithms(True)  # CUBLAS_WORKSPACE_CONFIG unset",
+        "`CUBLAS_WORKSPACE_CONFIG=:4096:8` (or `:16:8`) before CUDA starts "
+        "(`determinism.cublas_workspace`).",
+    ),
+    Rule(
+        "RC008",
+        "dataloader-unseeded",
+        "Flags a reprocheck-built DataLoader without a seeded generator "
+        "(`determinism.dataloader_generator: false`) that shuffles or uses workers.",
+        "The shuffle order comes from torch's global generator at iterator creation; any "
+        "extra draw before it reorders every epoch. (Workers themselves are seeded by torch "
+        "≥ 1.9 from the loader's base seed — `random`, torch and NumPy — checked on 2.13.)",
+        "DataLoader(ds, shuffle=True, num_workers=2)",
+        "`DataLoader(ds, shuffle=True, generator=torch.Generator().manual_seed(seed))`.",
+    ),
+    Rule(
+        "RC009",
+        "num-workers-sensitive",
+        "Runs the config with `num_workers=0` and with its own value and compares them.",
+        "Results that change with the worker count cannot be compared across machines or "
+        "settings even when each setting reproduces.",
+        "DataLoader(ds, num_workers=os.cpu_count())",
+        "Keep `num_workers` fixed between runs that are compared; derive per-sample "
+        "randomness from the sample index, not from the worker.",
+    ),
+    Rule(
+        "RC010",
+        "thread-count-sensitive",
+        "Runs the config with 1 and 2 threads and compares them bit for bit.",
+        "CPU reductions (sum, matmul, conv, index_put accumulation) split work by thread; "
+        "another thread count gives other last bits, which training amplifies.",
+        "torch.set_num_threads(os.cpu_count())",
+        "Fix `torch.set_num_threads(n)` (the config's `threads`), and compare other thread "
+        "counts under a tolerance, never bitwise.",
+    ),
+    Rule(
+        "RC011",
+        "nondeterministic-cpu-accumulation",
+        "Names a CPU op whose result differs between runs with identical inputs (the zoom's "
+        "`nondeterministic op`), e.g. advanced-indexing backward (`table[idx]`) through "
+        "`index_put_(accumulate=True)` with more than one thread.",
+        "The accumulation order over repeated indices depends on thread scheduling: every "
+        "run sums in another order (seen on torch 2.13 CPU with 2 threads).",
+        "vectors = table[idx]  # idx with many repeats; 2 threads",
+        "`torch.use_deterministic_algorithms(True)` (makes this accumulation deterministic "
+        "on CPU) or one thread.",
+    ),
+    Rule(
+        "RC015",
+        "entropy-seeded-generator",
+        "Names a random op whose generator drew different values in runs with identical "
+        "inputs and seeding: a generator seeded from time or OS entropy, or re-seeded.",
+        "No global seed reaches a `torch.Generator()` seeded from `os.urandom`, "
+        "`time.time()` or `uuid4`: every process draws other numbers.",
+        "g = torch.Generator().manual_seed(int(time.time()))",
+        "Derive every generator's seed from the configured one: "
+        "`torch.Generator().manual_seed(seed + offset)`.",
+    ),
+    Rule(
+        "RC017",
+        "torch-compile",
+        "Flags a model that runs through `torch.compile` (TorchDynamo frames seen in a step).",
+        "Compiled kernels may fuse and reorder float operations differently from eager mode "
+        "and between compilations; autotuning makes choices per run.",
+        "model = torch.compile(model, mode='max-autotune')",
+        "Audit eager and compiled separately; for bitwise reproducibility avoid autotuning "
+        "modes and pin the torch version.",
+    ),
+)
+
+BY_CODE = {rule.code: rule for rule in RULES}
+
+
+def find(code: str) -> Rule:
+    """The rule with this code (case-insensitive); KeyError with a suggestion otherwise."""
+    rule = BY_CODE.get(code.strip().upper())
+    if rule is None:
+        close = difflib.get_close_matches(code.strip().upper(), BY_CODE, n=1)
+        hint = f" — did you mean {close[0]}?" if close else f" (codes: {', '.join(BY_CODE)})"
+        raise KeyError(f"unknown rule {code!r}{hint}")
+    return rule
+
+
+def markdown() -> str:
+    """docs/rules.md, generated from :data:`RULES`."""
+    lines = [
+        "# Doctor rules",
+        "",
+        "Generated by `python -m reprocheck.doctor.rules` from `reprocheck/doctor/rules.py`; "
+        "`reprocheck explain CODE` prints one.",
+        "",
+        "| code | name | what it does |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r.code} | {r.name} | {r.what} |" for r in RULES]
+    for rule in RULES:
+        lines += [
+            "",
+            f"## {rule.code} {rule.name}",
+            "",
+            "**What it does.** " + rule.what,
+            "",
+            "**Why is this bad?** " + rule.why,
+            "",
+            "**Example**",
+            "",
+            "```python",
+            rule.example,
+            "```",
+            "",
+            "**Use instead.** " + rule.fix,
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown())
