@@ -28,6 +28,7 @@ def audit_config(
     devices: list[str] | None = None,
     threads: list[int] | None = None,
     zoom: bool = True,
+    attribute: bool = False,
 ) -> dict[str, Any]:
     """Audit a config (each run in its own process) and return the JSON report as a dict."""
     from .config import apply_overrides, load_config
@@ -36,7 +37,7 @@ def audit_config(
     loaded = apply_overrides(
         load_config(config), repeats=repeats, steps=steps, devices=devices, threads=threads
     )
-    return run_audit(loaded, AuditOptions(out=os.fspath(out), zoom=zoom))
+    return run_audit(loaded, AuditOptions(out=os.fspath(out), zoom=zoom, attribute=attribute))
 
 
 def summary(report: dict[str, Any]) -> str:

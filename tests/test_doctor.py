@@ -140,6 +140,7 @@ def test_hash_seed_dependence_is_attributed_to_pythonhashseed(audit, tmp_path):
     assert audit(fixed).code == 0
 
 
+@pytest.mark.slow
 def test_hash_seed_probe_in_doctor(tmp_path):
     result = run_cli(
         "doctor", str(CONFIGS / "doctor-hashseed.yaml"), "--out", str(tmp_path), "--json", "-"

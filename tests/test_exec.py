@@ -39,7 +39,9 @@ def _exec(tmp_path, *command: str, options: tuple[str, ...] = ()) -> tuple[int, 
 @pytest.mark.parametrize(
     ("script", "args", "steps"),
     [
-        ("word_lm.py", ("--epochs", "1", "--sentences", "40"), 10),
+        pytest.param(
+            "word_lm.py", ("--epochs", "1", "--sentences", "40"), 10, marks=pytest.mark.slow
+        ),
         ("cnn_augment.py", ("--epochs", "1", "--n", "96", "--workers", "2"), 3),
         ("regression_scheduler.py", ("--epochs", "1", "--n", "256"), 4),
     ],

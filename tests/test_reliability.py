@@ -33,6 +33,7 @@ def traces(tmp_path_factory) -> dict[str, Path]:
             str(out / config),
             "-q",
             "--no-measure",
+            "--no-attribute",
             "--no-fail-fast",
             "--json",
             str(out / f"{config}.json"),
@@ -204,7 +205,9 @@ def _wait_for_steps(folder: Path, count: int, timeout: float = 120) -> list[Path
     raise AssertionError(f"runs did not reach step {count - 1} in {timeout} s")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)]
+)
 def test_interrupt_stops_every_run_and_writes_a_partial_report(tmp_path, signum):
     report_path = tmp_path / "report.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -340,7 +343,9 @@ model: hostile.py:build
 data: reprocheck.zoo.data:classification
 """,
     )
-    result = run_cli("run", str(config), "--out", str(tmp_path / "out"), "--no-measure")
+    result = run_cli(
+        "run", str(config), "--out", str(tmp_path / "out"), "--no-measure", "--no-attribute"
+    )
     assert result.code == 1, result.stderr
     assert "✘ DIVERGED at step 0 · weights · [bold red]boom[/bold red]<script>" in result.stdout
     assert "[blink]hostile[/blink]" in result.stdout

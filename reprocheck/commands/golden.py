@@ -35,7 +35,9 @@ def register(app: typer.Typer) -> None:
             devices=_split_list(device),
             threads=_threads(threads),
         )
-        options = AuditOptions(out=out, jobs=jobs, timeout=timeout, sketch=True)
+        # no attribution here: a golden check answers "did the numerics change?"; run
+        # `reprocheck run --attribute` or `doctor` to ask why a config does not reproduce
+        options = AuditOptions(out=out, jobs=jobs, timeout=timeout, sketch=True, attribute=False)
         _terminate_as_interrupt()
         with RunProgress(quiet) as progress:
             return config, run_audit(config, options, progress=progress.update)

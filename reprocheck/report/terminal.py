@@ -90,6 +90,9 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
     if report["legs"] and len([leg for leg in report["legs"] if leg["status"] != "skipped"]) > 1:
         title.append(f"   (leg {d['leg']})", style=DIM)
     lines = [title]
+    if d["step"]:
+        steps = "step 0" if d["step"] == 1 else f"steps 0–{d['step'] - 1}"
+        lines.append(_line("before", f"{steps} identical in every recorded phase", style=GREEN))
     total = sum(len(group) for group in d["runs"])
     lines.append(
         _line(
@@ -256,10 +259,6 @@ def render(report: dict[str, Any], console: Console) -> None:
     if report.get("first_divergence"):
         for line in divergence_lines(report):
             console.print(line)
-        identical = report["first_divergence"]["step"]
-        if identical:
-            steps = "step 0" if identical == 1 else f"steps 0–{identical - 1}"
-            console.print(_line("", f"{steps} identical in every recorded phase", style=GREEN))
     elif verdict == "reproducible":
         active = [leg for leg in report["legs"] if leg["status"] == "ok"]
         records = sum(leg["records"] for leg in active)
@@ -298,6 +297,11 @@ def render(report: dict[str, Any], console: Console) -> None:
             "time",
             f"{timings.get('total_s', 0):.1f} s (runs {timings.get('runs_s', 0):.1f} s"
             + (f", replay {timings['measure_s']:.1f} s" if "measure_s" in timings else "")
+            + (
+                f", attribution {timings['attribution_s']:.1f} s"
+                if "attribution_s" in timings
+                else ""
+            )
             + ")",
             style=DIM,
         )
