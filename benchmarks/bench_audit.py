@@ -101,7 +101,7 @@ def step_overhead(repeats: int, folder: str) -> list[dict]:
         for _ in range(repeats):  # interleaved, so drift hits every variant alike
             samples["plain"].append(per_step(plain.step, 10))
             samples["recorded"].append(per_step(recorded.step, 10))
-            samples["op capture"].append(per_step(lambda: _captured(plain), 3))
+            samples["op capture"].append(per_step(lambda loop=plain: _captured(loop), 3))
             debug = _debug_mode(plain, stack=False)
             if debug is not None:
                 samples["DebugMode"].append(debug)

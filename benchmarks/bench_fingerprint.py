@@ -142,7 +142,7 @@ def render(rows: list[dict], tiny: dict[str, float], markdown: bool) -> str:
         g = row["gbps"]
         ours = g["reprocheck"]
 
-        def ratio(name: str) -> str:
+        def ratio(name: str, g: dict = g, ours: float = ours) -> str:
             return f"{ours / g[name]:.2f}×" if name in g else "–"
 
         cells = [f"{g[n]:.2f}" if n in g else "–" for n in names]

@@ -10,6 +10,16 @@ from typing import Any, List, Optional
 import typer
 from rich.text import Text
 
+# The options `record` and `check` share, declared once.
+REPEATS = typer.Option(None, "-n", "--repeats", help="Runs per leg.")
+STEPS = typer.Option(None, "--steps", help="Optimizer steps per run.")
+DEVICE = typer.Option(None, "--device", help="Devices, e.g. cpu.")
+THREADS = typer.Option(None, "--threads", help="Thread counts.")
+OUT = typer.Option("reports", "--out", help="Folder for the audit's traces.")
+JOBS = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel.")
+TIMEOUT = typer.Option(None, "--timeout", min=0.1, help="Seconds per run.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress, no report.")
+
 
 def register(app: typer.Typer) -> None:
     from ..cli import (
@@ -47,16 +57,14 @@ def register(app: typer.Typer) -> None:
     def record(
         config_path: Path = typer.Argument(..., metavar="CONFIG", help="The audit's YAML config."),
         output: Path = typer.Option(..., "-o", "--output", help="Where to write the golden trace."),
-        repeats: Optional[int] = typer.Option(None, "-n", "--repeats", help="Runs per leg."),
-        steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per run."),
-        device: Optional[List[str]] = typer.Option(None, "--device", help="Devices, e.g. cpu."),
-        threads: Optional[List[str]] = typer.Option(None, "--threads", help="Thread counts."),
-        out: str = typer.Option("reports", "--out", help="Folder for the audit's traces."),
-        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel."),
-        timeout: Optional[float] = typer.Option(
-            None, "--timeout", min=0.1, help="Seconds per run."
-        ),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report."),
+        repeats: Optional[int] = REPEATS,
+        steps: Optional[int] = STEPS,
+        device: Optional[List[str]] = DEVICE,
+        threads: Optional[List[str]] = THREADS,
+        out: str = OUT,
+        jobs: Optional[int] = JOBS,
+        timeout: Optional[float] = TIMEOUT,
+        quiet: bool = QUIET,
     ) -> None:
         """Audit CONFIG and, if it reproduces, keep run 0 as a golden trace to check against.
 
@@ -100,16 +108,14 @@ def register(app: typer.Typer) -> None:
             "--any-config",
             help="Allow a golden trace of a differently named config.",
         ),
-        repeats: Optional[int] = typer.Option(None, "-n", "--repeats", help="Runs per leg."),
-        steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per run."),
-        device: Optional[List[str]] = typer.Option(None, "--device", help="Devices, e.g. cpu."),
-        threads: Optional[List[str]] = typer.Option(None, "--threads", help="Thread counts."),
-        out: str = typer.Option("reports", "--out", help="Folder for the audit's traces."),
-        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel."),
-        timeout: Optional[float] = typer.Option(
-            None, "--timeout", min=0.1, help="Seconds per run."
-        ),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, no report."),
+        repeats: Optional[int] = REPEATS,
+        steps: Optional[int] = STEPS,
+        device: Optional[List[str]] = DEVICE,
+        threads: Optional[List[str]] = THREADS,
+        out: str = OUT,
+        jobs: Optional[int] = JOBS,
+        timeout: Optional[float] = TIMEOUT,
+        quiet: bool = QUIET,
     ) -> None:
         """Rerun CONFIG and compare it with a golden trace: exit 0 unchanged, 1 changed.
 

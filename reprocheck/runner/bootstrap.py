@@ -182,7 +182,7 @@ def run_script(spec: dict[str, Any]) -> int:
     """The worker's path for ``reprocheck exec`` / ``audit``: 0 complete, 3 the script failed."""
     from ..determinism import apply_controls_for, environment_snapshot
     from ..fingerprint import hasher_name
-    from .worker import EXIT_FAILED, EXIT_OK, error_line
+    from .worker import EXIT_FAILED, EXIT_OK, error_line, run_meta
 
     target = spec["exec"]
     controls = DeterminismConfig(**spec["config"]["determinism"])
@@ -190,18 +190,12 @@ def run_script(spec: dict[str, Any]) -> int:
     writer = TraceWriter(
         spec["trace"],
         {
-            "config": spec["config"],
-            "config_path": spec.get("config_path"),
-            "leg": spec["leg"],
-            "run": spec["run"],
-            "device": spec["device"],
-            "threads": spec.get("threads"),
+            **run_meta(spec),
             "steps_planned": target.get("max_steps"),
             "phases": list(PHASES),
             "depth": "step",
             "hasher": hasher_name("cpu"),
             "environment": environment_snapshot(applied),
-            "pid": os.getpid(),
             "command": target["argv"],
         },
     )

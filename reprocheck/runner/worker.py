@@ -32,6 +32,19 @@ def display_path(path: str) -> str:
     return path if relative.startswith("..") else relative
 
 
+def run_meta(spec: dict[str, Any]) -> dict[str, Any]:
+    """What every trace says about its run, from the launcher's spec."""
+    return {
+        "config": spec["config"],
+        "config_path": spec.get("config_path"),
+        "leg": spec["leg"],
+        "run": spec["run"],
+        "device": spec["device"],
+        "threads": spec.get("threads"),
+        "pid": os.getpid(),
+    }
+
+
 def run(spec: dict[str, Any]) -> int:
     import torch
 
@@ -50,19 +63,13 @@ def run(spec: dict[str, Any]) -> int:
     writer = TraceWriter(
         spec["trace"],
         {
-            "config": spec["config"],
-            "config_path": spec.get("config_path"),
-            "leg": spec["leg"],
-            "run": spec["run"],
-            "device": spec["device"],
-            "threads": spec.get("threads"),
+            **run_meta(spec),
             "steps_planned": spec["steps"],
             "phases": list(config.record),
             "depth": spec.get("depth", "step"),
             "hasher": hasher_name(device),
             "sketches": bool(spec.get("with_sketch")),
             "environment": environment_snapshot(applied),
-            "pid": os.getpid(),
         },
     )
     capture = spec.get("capture")
