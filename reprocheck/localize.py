@@ -124,13 +124,27 @@ def _caller() -> tuple[str | None, str | None]:
     return None, None
 
 
-def _digests(values: Any) -> list[str]:
-    flat, _ = tree_flatten(values)
-    return [
-        fingerprint(v).hex()
-        for v in flat
-        if isinstance(v, torch.Tensor) and v.layout == torch.strided
-    ]
+def _digests(
+    values: Any, cache: dict[int, tuple[torch.Tensor, int, str]], fresh: bool = False
+) -> list[str]:
+    """Digests of the tensors in ``values``. An input seen before in this step and not
+    modified since (same object, same version counter) is not hashed again: an op's
+    inputs are mostly earlier ops' outputs and the parameters. Outputs are always hashed
+    (``fresh``): an in-place op's version counter is bumped above this mode, after it
+    returns. The cache holds the tensors themselves, so no id is reused while it lives."""
+    out = []
+    for value in tree_flatten(values)[0]:
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+            continue
+        known = cache.get(id(value))
+        version = value._version
+        if not fresh and known is not None and known[1] == version:
+            out.append(known[2])
+            continue
+        digest = fingerprint(value).hex()
+        cache[id(value)] = (value, version, digest)
+        out.append(digest)
+    return out
 
 
 class _Context:
@@ -145,6 +159,7 @@ class _Context:
         self.backward_node: tuple[str | None, str | None, str | None] | None = None
         self.stage = "forward"
         self.ops: list[OpRecord] = []
+        self.digests: dict[int, tuple[torch.Tensor, int, str]] = {}
 
 
 class _Functions(TorchFunctionMode):
@@ -200,7 +215,7 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         context = self.context
-        inputs = _digests((args, kwargs))
+        inputs = _digests((args, kwargs), context.digests)
         out = func(*args, **kwargs)
         forward_line = False
         stage = "backward" if context.backward_node is not None else context.stage
@@ -221,7 +236,7 @@ class _Dispatch(TorchDispatchMode):
         if any(name.startswith(f"aten.{e}.") or name.startswith(f"{e}.") for e in UNINITIALIZED):
             out_digests: list[str] = []  # fresh memory: its bytes are whatever was there
         else:
-            out_digests = _digests(out)
+            out_digests = _digests(out, context.digests, fresh=True)
         generator = any(isinstance(v, torch.Generator) for v in tree_flatten((args, kwargs))[0])
         context.ops.append(
             OpRecord(

@@ -43,7 +43,9 @@ def _exec(tmp_path, *command: str, options: tuple[str, ...] = ()) -> tuple[int, 
             "word_lm.py", ("--epochs", "1", "--sentences", "40"), 10, marks=pytest.mark.slow
         ),
         ("cnn_augment.py", ("--epochs", "1", "--n", "96", "--workers", "2"), 3),
-        ("regression_scheduler.py", ("--epochs", "1", "--n", "256"), 4),
+        pytest.param(
+            "regression_scheduler.py", ("--epochs", "1", "--n", "256"), 4, marks=pytest.mark.slow
+        ),
     ],
 )
 def test_examples_reproduce(tmp_path, script, args, steps):

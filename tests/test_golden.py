@@ -192,6 +192,7 @@ def test_golden_of_another_config_is_refused(golden, tmp_path):
     assert "is the golden trace of config 'demo', not 'planted-forward'" in result.stderr
 
 
+@pytest.mark.slow
 def test_record_refuses_a_divergent_config(tmp_path):
     result = run_cli(
         "record",

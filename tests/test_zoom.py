@@ -77,6 +77,7 @@ def test_real_nondeterministic_index_put_is_named_with_its_forward_line(audit):
     ]
 
 
+@pytest.mark.slow
 def test_no_zoom_leaves_the_op_out(audit):
     result = audit("planted-forward.yaml", "--no-zoom")
     assert result.code == 1
