@@ -55,20 +55,25 @@ def _tensor_table(db: sqlite3.Connection, alias: str) -> list[tuple]:
     ).fetchall()
 
 
-def first_mismatch(path_a: str, path_b: str, last_step: int) -> tuple[int, int] | None:
-    """(step, seq) of the first record, up to ``last_step``, where two traces differ."""
+def first_mismatch(
+    path_a: str, path_b: str, last_step: int, from_step: int = 0
+) -> tuple[int, int] | None:
+    """(step, seq) of the first record, in steps ``from_step..last_step``, where two traces
+    differ."""
     try:
-        return _first_mismatch(path_a, path_b, last_step)
+        return _first_mismatch(path_a, path_b, last_step, from_step)
     except sqlite3.DatabaseError as exc:
         raise TraceError(f"{path_a} or {path_b}: corrupted trace ({exc})") from None
 
 
-def _first_mismatch(path_a: str, path_b: str, last_step: int) -> tuple[int, int] | None:
+def _first_mismatch(
+    path_a: str, path_b: str, last_step: int, from_step: int
+) -> tuple[int, int] | None:
     db = _connect(path_a, path_b)
     try:
-        counts = "SELECT step, records FROM {}.steps WHERE step <= ? ORDER BY step"
-        count_a = db.execute(counts.format("t0"), (last_step,)).fetchall()
-        count_b = db.execute(counts.format("t1"), (last_step,)).fetchall()
+        counts = "SELECT step, records FROM {}.steps WHERE step BETWEEN ? AND ? ORDER BY step"
+        count_a = db.execute(counts.format("t0"), (from_step, last_step)).fetchall()
+        count_b = db.execute(counts.format("t1"), (from_step, last_step)).fetchall()
         # A step where b holds more records than a: the first extra record is a mismatch
         # the a-driven join below cannot see.
         extra = next(
@@ -88,9 +93,9 @@ def _first_mismatch(path_a: str, path_b: str, last_step: int) -> tuple[int, int]
         row = db.execute(
             "SELECT x.step, x.seq FROM t0.records x "
             "LEFT JOIN t1.records y ON y.step = x.step AND y.seq = x.seq "
-            f"{joins} WHERE x.step <= ? AND NOT coalesce({same}, 0) "
+            f"{joins} WHERE x.step BETWEEN ? AND ? AND NOT coalesce({same}, 0) "
             "ORDER BY x.step, x.seq LIMIT 1",
-            (last_step,),
+            (from_step, last_step),
         ).fetchone()
     finally:
         db.close()
@@ -105,12 +110,16 @@ def _record_key(record: Record | None) -> tuple | None:
 
 
 def first_divergence(
-    traces: Sequence[str], run_ids: Sequence[int] | None = None, partial: bool = False
+    traces: Sequence[str],
+    run_ids: Sequence[int] | None = None,
+    partial: bool = False,
+    from_step: int = 0,
 ) -> Divergence | None:
     """The first divergence among a leg's traces, over the steps they all committed.
 
     ``partial``: traces may still be running or not exist yet (fail-fast polling); the
-    unreadable ones are left out instead of raising.
+    unreadable ones are left out instead of raising. ``from_step``: the steps before it
+    are known to agree (fail-fast checks only what is new).
     """
     run_ids = list(run_ids) if run_ids is not None else list(range(len(traces)))
     opened: list[tuple[int, Trace]] = []
@@ -126,7 +135,9 @@ def first_divergence(
             return None
         last_step = min(t.last_step for _, t in opened)
         reference = opened[0][1]
-        mismatches = [first_mismatch(reference.path, t.path, last_step) for _, t in opened[1:]]
+        mismatches = [
+            first_mismatch(reference.path, t.path, last_step, from_step) for _, t in opened[1:]
+        ]
         found = [m for m in mismatches if m is not None]
         if not found:
             return None

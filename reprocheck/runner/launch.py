@@ -141,6 +141,7 @@ class Launcher:
         self.progress = progress
         self._config_dict = config_to_dict(config)
         self._running: list[_Task] = []
+        self._verified: dict[tuple[str, ...], int] = {}  # fail-fast: steps known identical
 
     def _spec(self, leg: Leg, run: int, suffix: str = "", **extra: Any) -> tuple[RunResult, str]:
         stem = f"{leg.name}-r{run}{suffix}"
@@ -326,7 +327,14 @@ class Launcher:
             started = [t for t in leg_tasks if t.result.status not in ("pending", "stopped")]
             if len(started) < 2 or not any(t in self._running or t in queue for t in leg_tasks):
                 continue
-            if first_divergence([t.result.trace for t in started], partial=True) is None:
+            traces = tuple(t.result.trace for t in started)
+            # steps every started run has committed, and those already found identical
+            common = min(committed_steps(path) for path in traces) - 1
+            verified = self._verified.get(traces, -1)
+            if common <= verified:
+                continue
+            if first_divergence(list(traces), partial=True, from_step=verified + 1) is None:
+                self._verified[traces] = common
                 continue
             for task in leg_tasks:
                 if task in self._running:
