@@ -152,7 +152,9 @@ class _Context:
 
     def __init__(self, model: torch.nn.Module | None) -> None:
         self.names = (
-            {id(m): n or type(m).__name__ for n, m in model.named_modules()} if model else {}
+            {id(m): n or type(m).__name__ for n, m in model.named_modules()}
+            if model is not None
+            else {}
         )
         self.modules: list[str] = []
         self.calls: list[tuple[str | None, str | None, str | None]] = []  # (source, code, module)

@@ -134,6 +134,7 @@ class StepRecorder:
         self.records = 0
         self._tensor_ids: dict[tuple, int] = {}
         self.rss: dict[str, float] = {}
+        self.compiled = False  # the model runs through torch.compile (set by the loop)
 
     def begin(self, step: int) -> None:
         self.step = step

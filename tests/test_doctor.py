@@ -12,7 +12,7 @@ import pytest
 
 from reprocheck.config import load_config
 from reprocheck.doctor.probe import static_findings
-from reprocheck.doctor.rules import RULES, markdown
+from reprocheck.doctor.rules import RULES, find, markdown
 from reprocheck.zoo import doctor_fixtures
 
 from .conftest import CONFIGS, ROOT, run_cli
@@ -69,11 +69,13 @@ def test_static_rules_quiet_on_the_default_preset(monkeypatch):
 
 def test_explain_every_rule_and_unknown_codes():
     for rule in RULES:
-        result = run_cli("explain", rule.code.lower())
-        assert result.code == 0
-        assert result.stdout.startswith(f"{rule.code} {rule.name}")
+        text = rule.explain()
+        assert text.startswith(f"{rule.code} {rule.name}\n")
         for part in ("## What it does", "## Why is this bad?", "## Example", "## Use instead"):
-            assert part in result.stdout
+            assert part in text
+    result = run_cli("explain", "rc004")  # the command prints the same text, any case
+    assert result.code == 0
+    assert result.stdout == find("RC004").explain() + "\n"
     unknown = run_cli("explain", "RC04")
     assert unknown.code == 2
     assert unknown.stderr.strip() == "reprocheck: error: unknown rule 'RC04' — did you mean RC004?"
@@ -165,3 +167,18 @@ def test_attribution_of_the_real_nondeterministic_op(audit):
     assert result.code == 1
     codes = _codes(result.report["findings"])
     assert "RC011" in codes and "RC010" in codes  # deterministic algorithms, or one thread
+
+
+@pytest.mark.slow
+def test_torch_compile_is_flagged(tmp_path):
+    result = run_cli(
+        "doctor",
+        str(CONFIGS / "doctor-compile.yaml"),
+        "--out",
+        str(tmp_path),
+        "--json",
+        "-",
+        timeout=1200,
+    )
+    findings = json.loads(result.stdout)["findings"]
+    assert "RC017" in _codes(findings), findings

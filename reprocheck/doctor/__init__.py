@@ -1,1 +1,2 @@
-"""The doctor: rule catalog (rules), checks and probes (probe), attribution by experiment (attribute)."""
+"""The doctor: the rule catalog (rules), checks and probes (probe), and attribution by
+experiment (attribute)."""

@@ -162,7 +162,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "RC017",
         "torch-compile",
-        "Flags a model that runs through `torch.compile` (TorchDynamo frames seen in a step).",
+        "Flags a model that runs through `torch.compile` (an `OptimizedModule` in the model).",
         "Compiled kernels may fuse and reorder float operations differently from eager mode "
         "and between compilations; autotuning makes choices per run.",
         "model = torch.compile(model, mode='max-autotune')",

@@ -126,6 +126,8 @@ def train(
     capture = OpCapture(None) if zoom_step == 0 else None
     with capture.during("forward") if capture else contextlib.nullcontext():
         model = build_model(config, device)
+    # torch.compile'd modules (the doctor's RC017); checked by type name, any torch version
+    recorder.compiled = any(type(m).__name__ == "OptimizedModule" for m in model.modules())
     data = build_data(config)
     optimizer = build_optimizer(config, model)
     loss_fn = resolve_loss(config)

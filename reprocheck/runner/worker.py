@@ -114,10 +114,8 @@ def run(spec: dict[str, Any]) -> int:
 
             with open(capture["out"] + ".ops.json", "w", encoding="utf-8") as handle:
                 json.dump(to_json(ops), handle)
-            dynamo = sys.modules.get("torch._dynamo.utils")
-            compiled = bool(dynamo and dynamo.counters["stats"]["unique_graphs"])
             with open(capture["out"] + ".env.json", "w", encoding="utf-8") as handle:
-                json.dump({"compiled": compiled}, handle)
+                json.dump({"compiled": recorder.compiled}, handle)
     writer.finish("complete", records=recorder.records)
     return EXIT_OK
 

@@ -62,3 +62,10 @@ class GpuRisky(nn.Module):
 
 def gpu_risky(channels: int = 3, classes: int = 4) -> nn.Module:
     return GpuRisky(channels, classes)
+
+
+def compiled_mlp(in_features: int = 32, classes: int = 4) -> nn.Module:
+    """An MLP run through ``torch.compile``: the doctor says so (RC017)."""
+    from .models import mlp
+
+    return torch.compile(mlp(in_features=in_features, classes=classes))
