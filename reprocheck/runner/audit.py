@@ -164,15 +164,12 @@ def run_audit(
     config: Config,
     options: AuditOptions,
     progress: Callable[[RunResult, int, int], None] | None = None,
-    on_folder: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Run the audit and return the report (see :mod:`reprocheck.report.json`)."""
     from ..report.json import build_report
 
     started = time.monotonic()
     folder = make_audit_dir(options.out, config.name)
-    if on_folder:
-        on_folder(folder)
     legs = plan_legs(config)
     active = [leg for leg in legs if leg.status != "skipped"]
     launcher = Launcher(
