@@ -183,6 +183,46 @@ def whole_runs(repeats: int, folder: str) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def zoom_share(folder: str) -> dict[str, float]:
+    """A 200-step audit of a model that goes nondeterministic at step 150: what the replay
+    of that step with op capture (the zoom) costs next to the runs themselves."""
+    config = Path(folder) / "zoom.yaml"
+    config.write_text(
+        (ROOT / "configs" / "planted-forward.yaml")
+        .read_text()
+        .replace("steps: 6", "steps: 200")
+        .replace("{step: 3}", "{step: 150}")
+    )
+    report = Path(folder) / "zoom.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reprocheck",
+            "run",
+            str(config),
+            "-q",
+            "--out",
+            folder,
+            "--no-attribute",
+            "--no-fail-fast",
+            "--json",
+            str(report),
+        ],
+        env=env,
+        capture_output=True,
+    )
+    import json
+
+    timings = json.loads(report.read_text())["timings"]
+    return {
+        "runs_s": timings["runs_s"],
+        "zoom_s": timings["measure_s"],
+        "total_s": timings["total_s"],
+    }
+
+
 def big_traces(folder: str, steps: int = 1000, per_step: int = 1000) -> dict[str, float]:
     """Two identical traces of steps × per_step records: bytes per record, compare time."""
     paths = []
@@ -224,6 +264,7 @@ def main() -> None:
         steps = step_overhead(args.repeats, folder)
         runs = whole_runs(max(3, args.repeats // 2), folder)
         traces = big_traces(folder)
+        zoom = zoom_share(folder)
     bar = "| " if args.markdown else ""
     end = " |" if args.markdown else ""
     sep = " | " if args.markdown else "  "
@@ -257,6 +298,11 @@ def main() -> None:
     print(
         f"traces: {traces['records']:,} records, {traces['bytes_per_record']:.1f} B/record, "
         f"written in {traces['write_s']:.2f} s; comparing two of them: {traces['compare_s']:.2f} s"
+    )
+    share = zoom["zoom_s"] / zoom["total_s"]
+    print(
+        f"zoom: a 200-step audit diverging at step 150: runs {zoom['runs_s']:.1f} s, replay to "
+        f"step 150 with op capture {zoom['zoom_s']:.1f} s → {share:.0%} of the audit"
     )
 
 
