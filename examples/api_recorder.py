@@ -4,6 +4,8 @@ function N times with `reprocheck.audit`.
     python examples/api_recorder.py
 """
 
+from __future__ import annotations
+
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path

@@ -1,14 +1,11 @@
-"""`reprocheck exec` on unchanged training scripts, and the Python API."""
+"""`reprocheck exec` on unchanged training scripts (the Python API: test_api.py)."""
 
 from __future__ import annotations
 
 import inspect
-import os
 
 import pytest
-import torch
 
-import reprocheck
 from reprocheck.trace import Trace
 
 from .conftest import ROOT, run_cli
@@ -54,6 +51,7 @@ def test_examples_reproduce(tmp_path, script, args, steps):
     assert report["verdict"] == "reproducible"
     runs = report["legs"][0]["runs"]
     assert [run["steps"] for run in runs] == [steps, steps]
+    assert [m["prefix"] for m in report["config"]["models"]] == [""]  # the loss is no model
     with Trace(runs[0]["trace"]) as trace:
         phases = {record.phase for record in trace.records(1)}
         assert phases == {"data", "outputs", "loss", "grads", "weights", "optimizer", "rng"}
@@ -176,46 +174,77 @@ def test_exec_usage_errors(command, needle):
     assert needle in result.stderr and result.stderr.count("\n") == 1
 
 
-def _train_for_api() -> None:
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    optimizer = torch.optim.Adam(model.parameters())
-    for _ in range(3):
-        loss = model(torch.randn(8, 4)).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-
-def test_api_audit_runs_a_function_in_child_processes(tmp_path):
-    report = reprocheck.audit(_train_for_api, repeats=2, out=tmp_path)
-    assert report["verdict"] == "reproducible"
-    assert [run["steps"] for run in report["legs"][0]["runs"]] == [3, 3]
-    with pytest.raises(ValueError, match="not importable"):
-        reprocheck.audit(lambda: None)
-
-
-def test_api_recorder_traces_compare(tmp_path):
-    traces = []
-    for name in ("a", "b"):
+def test_several_models_and_optimizers_named_by_creation_order(tmp_path):
+    script = tmp_path / "gan.py"
+    script.write_text(
+        inspect.cleandoc("""
+        import torch
+        from torch import nn
         torch.manual_seed(0)
-        model = torch.nn.Linear(4, 2)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-        with reprocheck.Recorder(model, optimizer, trace=tmp_path / f"{name}.sqlite") as rec:
-            for step in range(1, 5):
-                x = torch.randn(8, 4)
-                if step == 3:
-                    x = x + torch.randn(8, 4, generator=noise)
-                loss = model(x).pow(2).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                rec.step(batch=x, output=None, loss=loss)
-        traces.append(str(tmp_path / f"{name}.sqlite"))
-    result = run_cli("compare", *traces, "--json", "-")
-    assert result.code == 1, result.stderr
-    import json
+        gen = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        disc = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+        opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3)
+        opt_d = torch.optim.SGD(disc.parameters(), lr=1e-2, momentum=0.9)
+        bce = nn.BCEWithLogitsLoss()  # no parameters: not a model
+        for _ in range(2):
+            fake = gen(torch.randn(16, 4))
+            real = torch.randn(16, 2) + 2
+            loss_d = bce(disc(real), torch.ones(16, 1))
+            loss_d = loss_d + bce(disc(fake.detach()), torch.zeros(16, 1))
+            opt_d.zero_grad()
+            loss_d.backward()
+            opt_d.step()  # steps 1, 3: the discriminator is called first, created second
+            loss_g = bce(disc(fake), torch.ones(16, 1))
+            opt_g.zero_grad()
+            loss_g.backward()
+            opt_g.step()
+    """)
+    )
+    code, report = _exec(tmp_path, str(script))
+    assert code == 0, report
+    assert report["config"]["models"] == [
+        {"prefix": "model0.", "type": "Sequential"},
+        {"prefix": "model1.", "type": "Sequential"},
+    ]
+    assert report["config"]["optimizers"] == [
+        {"prefix": "opt0.", "type": "Adam"},
+        {"prefix": "opt1.", "type": "SGD"},
+    ]
+    with Trace(report["legs"][0]["runs"][0]["trace"]) as trace:
+        assert trace.meta["status"] == "complete"
+        names = {step: {(r.phase, r.name) for r in trace.records(step)} for step in (1, 2)}
+    assert ("grads", "model1.0.weight") in names[1] and ("grads", "model0.0.weight") in names[2]
+    assert {n for p, n in names[1] if p == "outputs"} == {
+        "model0.output",
+        "model1.output0",
+        "model1.output1",
+    }
+    assert ("optimizer", "opt1.model1.0.weight.momentum_buffer") in names[1]
+    assert ("optimizer", "opt0.model0.0.weight.exp_avg") in names[2]
+    assert [run["steps"] for run in report["legs"][0]["runs"]] == [4, 4]
 
-    d = json.loads(result.stdout)["first_divergence"]
-    assert (d["step"], d["phase"], d["tensor"]) == (3, "data", "input")
+
+@pytest.mark.slow
+def test_a_hanging_script_times_out_with_its_steps_kept(tmp_path):
+    script = tmp_path / "hangs.py"
+    script.write_text(
+        inspect.cleandoc("""
+        import time
+        import torch
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(1, 100):
+            model(torch.randn(4, 2)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 2:
+                print("waiting for a lock that never comes", flush=True)
+                time.sleep(600)
+    """)
+    )
+    code, report = _exec(tmp_path, str(script), options=("--timeout", "4"))
+    assert code == 3 and report["verdict"] == "failed"
+    for run in report["legs"][0]["runs"]:
+        assert (run["status"], run["steps"]) == ("timeout", 2)  # steps 0-2 kept
+        assert run["error"] == "timed out after 4 s at step 3"
+        assert run["log_tail"][-1] == "waiting for a lock that never comes"

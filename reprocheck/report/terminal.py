@@ -59,6 +59,18 @@ def header(report: dict[str, Any]) -> list[Text]:
     ]
     if config.get("command"):
         lines.append(Text.assemble(("command ", DIM), " ".join(config["command"])))
+    named = config.get("models", []) + config.get("optimizers", [])  # exec: what was hooked
+    if named:
+        numbered = any(item["prefix"] for item in named)
+        lines.append(
+            Text.assemble(
+                ("models  ", DIM),
+                " · ".join(
+                    f"{item['prefix'].rstrip('.')} {item['type']}".strip() for item in named
+                ),
+                ("  (prefixes by creation order)" if numbered else "", DIM),
+            )
+        )
     legs = Text("legs    ", style=DIM)
     for index, leg in enumerate(report["legs"]):
         if index:

@@ -4,24 +4,29 @@ The run's process starts here, not in the script: the determinism preset is appl
 before the script's first line, then global hooks record what the script does —
 
 * every DataLoader batch (``_BaseDataLoaderIter.__next__``)  → ``data``
-* the output of each outermost module call                   → ``outputs``
+* the output of each outermost call of a model (a module with parameters) → ``outputs``
 * the tensor ``backward()`` is called on                      → ``loss``
 * before each ``optimizer.step()``: gradients                 → ``grads``
 * after it: parameters, buffers, optimizer state, RNG state   → ``weights``, ``optimizer``, ``rng``
 
 Step k is the k-th optimizer step; step 0 (weights, optimizer, RNG before any update) is
-taken at the first step's pre-hook. Models and optimizers are named by creation order
-(``model1.fc.weight``, ``opt1.``) when there is more than one.
+taken at the first step's pre-hook. Models and optimizers are numbered by creation order
+(``model0.fc.weight``, ``opt1.``) when there is more than one.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
 import importlib
+import itertools
 import os
 import runpy
 import sys
 import traceback
+import weakref
+from collections import Counter
 from typing import Any
 
 import torch
@@ -36,7 +41,14 @@ class StepLimitReached(SystemExit):
 
 
 class ScriptRecorder:
-    """The global hooks and the trace of one run of a script."""
+    """The global hooks and the trace of one run of a script.
+
+    A *model* is an outermost module call on a module that owns parameters (a parameterless
+    ``nn.CrossEntropyLoss()`` is not one). Models and optimizers are numbered by creation
+    order; the numbering is fixed at the first optimizer step, where the prefixes
+    (``model0.``, ``opt1.``) are given when there is more than one. One first seen later
+    gets the next number, always with its prefix, so names never change within a run.
+    """
 
     def __init__(self, writer: TraceWriter, max_steps: int | None) -> None:
         self.writer = writer
@@ -44,35 +56,47 @@ class ScriptRecorder:
         self.max_steps = max_steps
         self.step = 0
         self.pid = os.getpid()
+        self.created: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._serial = itertools.count()
         self.models: list[torch.nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
+        self.tags: dict[int, str] = {}  # id(model or optimizer) → its prefix, once fixed
         self.batches: list[Any] = []
-        self.outputs: list[Any] = []
+        self.outputs: list[tuple[torch.nn.Module, Any]] = []
         self.losses: list[torch.Tensor] = []
         self.depth = 0  # module calls in progress: only outermost calls are outputs
         self.last_loss: torch.Tensor | None = None
         self.finished = False
-        self._handles: list[Any] = []
 
     # -- hooks ---------------------------------------------------------------------
     def install(self) -> None:
-        hooks = torch.nn.modules.module
-        self._handles += [
-            hooks.register_module_forward_pre_hook(self._enter_module),
-            hooks.register_module_forward_hook(self._leave_module),
-        ]
+        """Install the global hooks; call before the script's first line."""
         optim = importlib.import_module("torch.optim.optimizer")
         if not hasattr(optim, "register_optimizer_step_pre_hook"):
             raise RuntimeError(
                 f"torch {torch.__version__} has no global optimizer hooks (need ≥ 2.0)"
             )
-        self._handles += [
-            optim.register_optimizer_step_pre_hook(self._before_step),
-            optim.register_optimizer_step_post_hook(self._after_step),
-        ]
+        hooks = torch.nn.modules.module
+        hooks.register_module_forward_pre_hook(self._enter_module)
+        # always_call: a forward that raises still leaves, so the depth stays right
+        hooks.register_module_forward_hook(self._leave_module, always_call=True)
+        optim.register_optimizer_step_pre_hook(self._before_step)
+        optim.register_optimizer_step_post_hook(self._after_step)
+        recorder = self
+
+        for cls in (torch.nn.Module, torch.optim.Optimizer):  # creation order, for the names
+            original_init = cls.__init__
+
+            def __init__(obj, *args, _original=original_init, **kwargs):
+                # an unhashable or unweakrefable subclass is left unnumbered
+                with contextlib.suppress(TypeError):
+                    recorder.created.setdefault(obj, next(recorder._serial))
+                _original(obj, *args, **kwargs)
+
+            cls.__init__ = functools.wraps(original_init)(__init__)
+
         loader_iter = torch.utils.data.dataloader._BaseDataLoaderIter
         original_next = loader_iter.__next__
-        recorder = self
 
         def __next__(self_iter):
             batch = original_next(self_iter)
@@ -91,71 +115,96 @@ class ScriptRecorder:
         torch.Tensor.backward = backward
 
     def _enter_module(self, module: torch.nn.Module, inputs: Any) -> None:
-        if self.depth == 0 and not any(module is m for m in self.models):
+        if (
+            self.depth == 0
+            and not _known(module, self.models)
+            and next(module.parameters(), None) is not None
+        ):
             self.models.append(module)
+            if self.step > 0:  # the names are fixed: a newcomer gets the next number
+                self.tags[id(module)] = f"model{len(self.models) - 1}."
         self.depth += 1
 
     def _leave_module(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         self.depth = max(0, self.depth - 1)
-        if self.depth == 0 and module.training:
-            self.outputs.append((self._model_tag(module), output))
+        if (
+            self.depth == 0
+            and module.training
+            and output is not None
+            and _known(module, self.models)
+        ):
+            self.outputs.append((module, output))
 
-    def _model_tag(self, module: torch.nn.Module) -> str:
-        index = next(i for i, m in enumerate(self.models) if m is module)
-        return f"model{index}." if len(self.models) > 1 else ""
+    def _fix_names(self, optimizer: torch.optim.Optimizer) -> None:
+        """At the first step: number the models and optimizers seen so far by creation."""
+        last = float("inf")
+        self.models.sort(key=lambda m: self.created.get(m, last))
+        created = sorted(
+            (o for o in self.created if isinstance(o, torch.optim.Optimizer)),
+            key=lambda o: self.created[o],
+        )
+        self.optimizers = created + ([] if _known(optimizer, created) else [optimizer])
+        for group in (self.models, self.optimizers):
+            label = "model" if group is self.models else "opt"
+            for index, item in enumerate(group):
+                self.tags[id(item)] = f"{label}{index}." if len(group) > 1 else ""
 
-    def _opt_tag(self, optimizer: torch.optim.Optimizer) -> str:
-        if not any(optimizer is o for o in self.optimizers):
+    def _optimizer_seen(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) not in self.tags:  # created after the first step
             self.optimizers.append(optimizer)
-        index = next(i for i, o in enumerate(self.optimizers) if o is optimizer)
-        return f"opt{index}." if len(self.optimizers) > 1 else ""
+            self.tags[id(optimizer)] = f"opt{len(self.optimizers) - 1}."
 
     def _names(self) -> dict[int, str]:
-        names = {}
-        for index, model in enumerate(self.models):
-            tag = f"model{index}." if len(self.models) > 1 else ""
+        names: dict[int, str] = {}
+        for model in self.models:
+            tag = self.tags[id(model)]
             names.update({id(p): tag + name for name, p in model.named_parameters()})
         return names
 
     def _state(self) -> None:
         rec = self.recorder
-        for index, model in enumerate(self.models):
-            tag = f"model{index}." if len(self.models) > 1 else ""
+        for model in self.models:
+            tag = self.tags[id(model)]
             rec.add_all("weights", ((tag + k, v) for k, v in model.state_dict().items()))
         names = self._names()
         for optimizer in self.optimizers:
-            rec.add_all("optimizer", optimizer_tensors(optimizer, names, self._opt_tag(optimizer)))
+            rec.add_all("optimizer", optimizer_tensors(optimizer, names, self.tags[id(optimizer)]))
         rec.add_all("rng", rng_states())
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if os.getpid() != self.pid or self.finished:
             return
-        self._opt_tag(optimizer)
         rec = self.recorder
         if self.step == 0:
+            self._fix_names(optimizer)
             rec.begin(0)
             self._state()
             rec.commit(0, None)
+        self._optimizer_seen(optimizer)
         self.step += 1
         rec.begin(self.step)
         several = len(self.batches) > 1
         for index, batch in enumerate(self.batches):
             prefix = f"batch{index}." if several else ""
             rec.add_all("data", ((prefix + n, t) for n, t in batch_tensors(batch)))
-        for index, (tag, output) in enumerate(self.outputs):
-            name = f"{tag}output" + (f"{index}" if len(self.outputs) > 1 else "")
+        calls = Counter(id(module) for module, _ in self.outputs)
+        seen: Counter[int] = Counter()
+        for module, output in self.outputs:
+            name = self.tags[id(module)] + "output"
+            if calls[id(module)] > 1:  # the model ran more than once in this step
+                name += str(seen[id(module)])
+                seen[id(module)] += 1
             rec.add_all("outputs", flatten(output, name))
         self.last_loss = self.losses[-1] if self.losses else None
         for index, loss in enumerate(self.losses):
             rec.add_all("loss", [("loss" + (f"{index}" if len(self.losses) > 1 else ""), loss)])
         names = self._names()
         grads = [
-            (names.get(id(p), f"param{i}"), p.grad)
-            for i, group in enumerate(optimizer.param_groups)
-            for p in group["params"]
+            (names.get(id(p), f"{self.tags[id(optimizer)]}param{i}"), p.grad)
+            for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])
             if p.grad is not None
         ]
-        rec.add_all("grads", ((self._opt_tag(optimizer) + n, g) for n, g in grads))
+        rec.add_all("grads", grads)
         self.batches, self.outputs, self.losses = [], [], []
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -167,15 +216,26 @@ class ScriptRecorder:
             self.finish("complete")
             raise StepLimitReached(0)
 
+    def naming(self) -> dict[str, list[dict[str, str]]]:
+        """What each prefix stands for: ``{"models": [{"prefix": "model0.", "type": ...}]}``."""
+        return {
+            group: [
+                {"prefix": self.tags.get(id(item), ""), "type": type(item).__name__}
+                for item in items
+            ]
+            for group, items in (("models", self.models), ("optimizers", self.optimizers))
+        }
+
     def finish(self, status: str, error: str | None = None, **meta: Any) -> None:
+        """Write the trace's final status (once, and only from the run's own process)."""
         if self.finished or os.getpid() != self.pid:
             return
         self.finished = True
-        described = {
-            "models": [type(m).__name__ for m in self.models],
-            "optimizers": [type(o).__name__ for o in self.optimizers],
-        }
-        self.writer.finish(status, error, records=self.recorder.records, exec=described, **meta)
+        self.writer.finish(status, error, records=self.recorder.records, exec=self.naming(), **meta)
+
+
+def _known(item: Any, items: list[Any]) -> bool:
+    return any(item is other for other in items)
 
 
 def run_script(spec: dict[str, Any]) -> int:
@@ -238,3 +298,23 @@ def run_script(spec: dict[str, Any]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     return code
+
+
+def describe_names(report: dict[str, Any]) -> None:
+    """State in the report what the recorded names stand for: ``config.models`` and
+    ``config.optimizers``, each ``[{"prefix": "model0.", "type": "Generator"}, ...]`` in
+    creation order, as the first run with a trace recorded them."""
+    from ..trace import Trace, TraceError
+
+    for leg in report["legs"]:
+        for run in leg["runs"]:
+            if not run.get("trace") or not os.path.exists(run["trace"]):
+                continue
+            try:
+                with Trace(run["trace"]) as trace:
+                    names = trace.meta.get("exec")
+            except TraceError:
+                continue
+            if names:
+                report["config"].update(names)
+                return

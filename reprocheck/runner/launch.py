@@ -309,10 +309,13 @@ class Launcher:
         result.status = status
         result.exit_code = task.process.returncode
         # `steps` committed means step `steps` was running (or, past the last, finishing)
-        done = result.steps > self.config.steps
+        # (`exec` without --steps has config.steps 0: the script's own length is unknown)
+        done = bool(self.config.steps) and result.steps > self.config.steps
         result.error = message.format(
             step=f"{self.config.steps} (its last)" if done else result.steps
         )
+        if status == "timeout":  # a hang: the run's last output says where it was
+            result.log_tail = log_tail(result.log, 12).split(" | ")
         if os.path.exists(result.trace):
             mark_ended(result.trace, "failed" if status != "stopped" else "stopped", result.error)
 
