@@ -38,7 +38,7 @@ RULES: tuple[Rule, ...] = (
         "python-random-unseeded",
         "Flags an audit whose controls leave Python's `random` module unseeded.",
         "Shuffles and augmentations drawn from `random` differ in every process.",
-        "import random\nrandom.shuffle(files)  # never seeded",
+        "import random\n\nrandom.shuffle(files)  # never seeded",
         "`random.seed(seed)` at start-up (reprocheck's `seeded` preset does it: "
         "`determinism.seed_python: true`).",
     ),
@@ -90,7 +90,7 @@ RULES: tuple[Rule, ...] = (
         "called it. Works on a CPU-only machine, where these ops run deterministically.",
         "Atomic adds in these kernels (index_add_, scatter_add_, interpolate backward, "
         "embedding_bag backward, ...) sum in a different order on every run of a GPU.",
-        "out = F.interpolate(x, scale_factor=2, mode='bilinear')\nacc.index_add_(0, idx, src)",
+        'out = F.interpolate(x, scale_factor=2, mode="bilinear")\nacc.index_add_(0, idx, src)',
         "`torch.use_deterministic_algorithms(True)` (raises where no deterministic kernel "
         "exists; `warn_only=True` to list them), or an equivalent deterministic formulation "
         "(e.g. a sort-then-segment reduction).",
@@ -165,7 +165,7 @@ RULES: tuple[Rule, ...] = (
         "Flags a model that runs through `torch.compile` (an `OptimizedModule` in the model).",
         "Compiled kernels may fuse and reorder float operations differently from eager mode "
         "and between compilations; autotuning makes choices per run.",
-        "model = torch.compile(model, mode='max-autotune')",
+        'model = torch.compile(model, mode="max-autotune")',
         "Audit eager and compiled separately; for bitwise reproducibility avoid autotuning "
         "modes and pin the torch version.",
     ),
