@@ -215,11 +215,13 @@ def zoom_share(folder: str) -> dict[str, float]:
     )
     import json
 
-    timings = json.loads(report.read_text())["timings"]
+    result = json.loads(report.read_text())
+    timings = result["timings"]
     return {
         "runs_s": timings["runs_s"],
         "zoom_s": timings["measure_s"],
         "total_s": timings["total_s"],
+        "replay_from": (result["first_divergence"] or {}).get("replay_from") or 0,
     }
 
 
@@ -301,8 +303,9 @@ def main() -> None:
     )
     share = zoom["zoom_s"] / zoom["total_s"]
     print(
-        f"zoom: a 200-step audit diverging at step 150: runs {zoom['runs_s']:.1f} s, replay to "
-        f"step 150 with op capture {zoom['zoom_s']:.1f} s → {share:.0%} of the audit"
+        f"zoom: a 200-step audit diverging at step 150: runs {zoom['runs_s']:.1f} s, replay "
+        f"from step {zoom['replay_from']} to step 150 with op capture {zoom['zoom_s']:.1f} s "
+        f"→ {share:.0%} of the audit"
     )
 
 

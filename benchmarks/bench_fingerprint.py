@@ -69,16 +69,40 @@ def baselines(t: torch.Tensor) -> dict[str, Callable[[], object]]:
     return out
 
 
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, the functions timed in turn within each
+    repeat (so drift in the machine's speed hits them all alike)."""
+    calls = {}
+    for name, fn in fns.items():
+        fn()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 0.01:
+            fn()
+            count += 1
+        calls[name] = count
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def throughput(sizes: list[int], dtypes: list[torch.dtype], repeats: int) -> list[dict]:
     rows = []
     for dtype in dtypes:
         for nbytes in sizes:
             t = make(nbytes, dtype)
-            gbps = {}
-            for name, fn in baselines(t).items():
-                if name in ("sha256", "blake2b", "torchmix (CUDA path)") and nbytes > 64 * MiB:
-                    continue  # slow baselines: the ratio is stable by 64 MiB
-                gbps[name] = nbytes / timeit(fn, repeats) / 1e9
+            fns = {
+                name: fn
+                for name, fn in baselines(t).items()
+                # slow baselines: their ratio is stable by 64 MiB
+                if nbytes <= 64 * MiB or name not in ("sha256", "blake2b", "torchmix (CUDA path)")
+            }
+            seconds = interleaved(fns, repeats)
+            gbps = {name: nbytes / s / 1e9 for name, s in seconds.items()}
             rows.append({"dtype": str(dtype)[6:], "bytes": nbytes, "gbps": gbps})
     return rows
 
@@ -170,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="also 256 MiB tensors")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = [4 * 1024, 64 * 1024, MiB, 16 * MiB, 64 * MiB] + ([256 * MiB] if args.full else [])

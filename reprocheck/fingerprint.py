@@ -257,10 +257,48 @@ class StepHasher:
         ] = []  # (slot, lanes, header, nbytes)
         self._sketches: list[Sketch | None] = []
         self._pending_sketches: list[tuple[int, torch.Tensor, int]] = []
+        # id(tensor) → (tensor, data_ptr, shape, dtype, NumPy view, seed) of tensors hashed every
+        # step (weights, optimizer state): skips ~1.5 µs of checks and `.numpy()` per call.
+        # Kept for the tensors seen in this step or the last one only.
+        self._views: dict[int, tuple] = {}
+        self._views_now: dict[int, tuple] = {}
 
-    def add(self, t: torch.Tensor) -> None:
-        """Digest ``t`` now (later in-place updates of ``t`` do not change it)."""
+    def add(self, t: torch.Tensor, persistent: bool = False) -> None:
+        """Digest ``t`` now (later in-place updates of ``t`` do not change it).
+
+        ``persistent``: ``t`` is hashed again at the next step (a parameter, an optimizer
+        state tensor), so its NumPy view is kept; it is reused only while the tensor has
+        the same storage address, shape and dtype and is contiguous."""
+        if persistent and not _FORCE_TORCHMIX:
+            entry = self._views.get(id(t))
+            if (
+                entry is not None
+                and entry[0] is t
+                and entry[1] == t.data_ptr()
+                and entry[2] == t.shape
+                and entry[3] == t.dtype
+                and t.is_contiguous()
+            ):
+                self._views_now[id(t)] = entry
+                self._host.append(xxhash.xxh3_128_digest(entry[4], entry[5]))
+                self._sketches.append(None)
+                if self.with_sketch:
+                    self._pending_sketches.append(
+                        (len(self._host) - 1, _sketch_device(_check(t)), t.numel())
+                    )
+                return
+        original = t
         t = _check(t)
+        if (
+            persistent
+            and t.is_cpu
+            and not _FORCE_TORCHMIX
+            and t.is_contiguous()
+            and not (t.is_conj() or t.is_neg())
+        ):
+            flat = t if t.dtype in _NUMPY_DTYPES else t.reshape(-1).view(torch.uint8)
+            entry = (original, t.data_ptr(), t.shape, t.dtype, flat.numpy(), _seed(t))
+            self._views_now[id(original)] = entry
         slot = len(self._host)
         if t.is_cpu and not _FORCE_TORCHMIX:
             self._host.append(_xxh3(t))
@@ -288,6 +326,7 @@ class StepHasher:
                 self._sketches[slot] = _sketch_from(row, numel)
         digests = [d for d in self._host if d is not None]  # every slot is filled by now
         sketches = self._sketches
+        self._views, self._views_now = self._views_now, {}
         self._host, self._pending, self._sketches, self._pending_sketches = [], [], [], []
         return digests, sketches
 

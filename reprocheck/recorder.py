@@ -8,6 +8,8 @@ state: weights, optimizer and rng before the first update.
 
 from __future__ import annotations
 
+import array
+import ctypes
 import hashlib
 import os
 import random
@@ -23,6 +25,7 @@ from .fingerprint import StepHasher
 from .trace import TraceWriter
 
 _PHASE_INDEX = {phase: index for index, phase in enumerate(TRACE_PHASES)}
+_PERSISTENT = frozenset(("weights", "optimizer"))  # the same tensors every step
 RSS_EVERY = 100  # steps between samples of the run's resident memory
 
 
@@ -71,21 +74,92 @@ def batch_tensors(batch: Any) -> Iterator[tuple[str, torch.Tensor]]:
         yield from flatten(batch, "batch")
 
 
+class _NumpyState:
+    """NumPy's global RandomState, read cheaply: ``np.random.get_state()`` costs ~30 µs
+    (it copies the 624-word key through Python objects), so the Mersenne Twister's raw
+    2,500 bytes are read through its ctypes interface (~0.4 µs) and the full state only
+    when they changed, or when a cached Gaussian could have been used since (legacy
+    ``normal`` draws come in pairs: the second uses the cache without touching the MT
+    state). Both conditions together make the shortcut exact. Where the raw state cannot
+    be read (another bit generator, an old NumPy) every call reads the full state."""
+
+    _RAW_BYTES = 624 * 4 + 4  # mt19937_state: uint32 key[624]; int pos
+
+    def __init__(self) -> None:
+        self._raw_at: tuple[Any, int] | None = None
+        try:
+            generator = np.random.mtrand._rand._bit_generator
+            if type(generator).__name__ == "MT19937":
+                self._raw_at = (generator, int(generator.ctypes.state_address))
+        except (AttributeError, TypeError, ValueError):
+            pass
+        self._raw: bytes | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._has_gauss = True
+
+    def _raw_state(self) -> bytes | None:
+        if self._raw_at is None or np.random.mtrand._rand._bit_generator is not self._raw_at[0]:
+            return None
+        return ctypes.string_at(self._raw_at[1], self._RAW_BYTES)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key words + pos + has_gauss as int64, the cached Gaussian as float64)."""
+        raw = self._raw_state()
+        if raw is not None and raw == self._raw and not self._has_gauss and self._last:
+            return self._last
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        state = np.empty(keys.shape[0] + 2, dtype=np.int64)
+        state[:-2] = keys
+        state[-2:] = (pos, has_gauss)
+        self._last = (torch.from_numpy(state), torch.tensor([float(cached)], dtype=torch.float64))
+        self._raw, self._has_gauss = raw, bool(has_gauss)
+        return self._last
+
+
+_NUMPY_STATE: _NumpyState | None = None
+
+
 def rng_states() -> Iterator[tuple[str, torch.Tensor]]:
     """The state of every generator a training step may draw from."""
+    global _NUMPY_STATE
     yield "torch.cpu", torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
             yield f"torch.cuda:{index}", state
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    yield "numpy", torch.from_numpy(np.append(keys.astype(np.int64), [pos, has_gauss]))
-    yield "numpy.gauss", torch.tensor(float(cached), dtype=torch.float64)
+    if _NUMPY_STATE is None:
+        _NUMPY_STATE = _NumpyState()
+    numpy_state, numpy_gauss = _NUMPY_STATE.read()
+    yield "numpy", numpy_state
+    yield "numpy.gauss", numpy_gauss[0]
     _version, internal, gauss = random.getstate()
-    yield "random", torch.from_numpy(np.array(internal, dtype=np.int64))
-    yield (
-        "random.gauss",
-        torch.tensor(float("nan") if gauss is None else gauss, dtype=torch.float64),
-    )
+    words = np.frombuffer(array.array("I", internal), dtype=np.uint32)  # 625 ints, ~5 µs
+    yield "random", torch.from_numpy(words.astype(np.int64))
+    yield "random.gauss", _float64(float("nan") if gauss is None else gauss)
+
+
+_FLOATS: dict[str, torch.Tensor] = {}
+
+
+def _float64(value: float) -> torch.Tensor:
+    """A 0-d float64 tensor, shared for repeated values (NaN: Python's gauss cache empty)."""
+    key = value.hex()  # tells -0.0 from 0.0, and a NaN from itself
+    tensor = _FLOATS.get(key)
+    if tensor is None:
+        tensor = torch.tensor(value, dtype=torch.float64)
+        if len(_FLOATS) > 64:
+            _FLOATS.clear()
+        _FLOATS[key] = tensor
+    return tensor
+
+
+def state_tensors(state: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A ``state_dict``'s tensors by name; a non-tensor entry (a module's extra state) as
+    the tensors and numbers inside it."""
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor):
+            yield name, value
+        else:
+            yield from flatten(value, name)
 
 
 def parameter_names(model: torch.nn.Module) -> dict[int, str]:
@@ -162,7 +236,7 @@ class StepRecorder:
             )
             self._tensor_ids[key] = tensor_id
         self._ids.append(tensor_id)
-        self._hasher.add(tensor)
+        self._hasher.add(tensor, phase in _PERSISTENT)
 
     def add_ops(self, phase: str, ops: Iterable[Any]) -> None:
         """``--depth op``: one record per aten op, ``op:<index>:<name>``, from the digests of
@@ -207,7 +281,9 @@ class StepRecorder:
         names: Mapping[int, str],
     ) -> None:
         """weights, optimizer and rng: the state after an update (or before training)."""
-        self.add_all("weights", model.state_dict(keep_vars=False).items())
+        # keep_vars: the tensors themselves, not detached copies; a module's extra state
+        # (any picklable value) is recorded as the tensors inside it
+        self.add_all("weights", state_tensors(model.state_dict(keep_vars=True)))
         if "optimizer" in self.phases:
             for index, optimizer in enumerate(optimizers):
                 tag = f"opt{index}." if len(optimizers) > 1 else ""

@@ -192,3 +192,68 @@ def test_cuda_digests_on_the_device_in_one_transfer():
         else fingerprint(t).value
         for t in tensors
     ]
+
+
+def test_persistent_views_follow_every_change_of_the_tensor(hasher):
+    """Weights and optimizer state keep their NumPy view between steps: the digest must
+    still follow in-place updates, `.data` swaps, dtype reinterpretation and transposes."""
+    param = torch.nn.Parameter(torch.randn(4, 4))
+    state = torch.zeros(4, 4)
+    step_hasher = StepHasher()
+
+    def digests() -> list[bytes]:
+        step_hasher.add(param, persistent=True)
+        step_hasher.add(state, persistent=True)
+        return step_hasher.finish()[0]
+
+    changes = [
+        lambda: None,
+        lambda: param.data.add_(1.0),  # in place: same storage
+        lambda: state.add_(2.0),
+        lambda: setattr(param, "data", torch.randn(4, 4)),  # new storage, same object
+        lambda: setattr(state, "data", state.data.view(torch.int32)),  # same bytes, new dtype
+        lambda: state.t_(),  # same storage and shape, transposed: no longer contiguous
+        lambda: state.copy_(torch.arange(16.0).reshape(4, 4)),
+        lambda: setattr(param, "data", param.data.view(torch.float32)[:2]),  # smaller view
+    ]
+    for change in changes:
+        change()
+        assert digests() == [fingerprint(param).value, fingerprint(state).value]
+    assert len(step_hasher._views) <= 2  # nothing kept beyond the tensors of the last step
+
+
+def test_numpy_rng_shortcut_is_exact():
+    """NumPy's state is read through the raw Mersenne Twister bytes and fully only when
+    they changed or a cached Gaussian may have been used: the recorded state must equal
+    `np.random.get_state()` after any sequence of draws, including the second of a pair
+    of normals (which changes only the Gaussian cache)."""
+    import random
+
+    import numpy as np
+
+    from reprocheck.recorder import rng_states
+
+    def full() -> tuple[torch.Tensor, float]:
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        return torch.from_numpy(np.append(keys.astype(np.int64), [pos, has_gauss])), cached
+
+    draws = [
+        lambda: None,
+        lambda: np.random.normal(),  # fills the cache: MT state changes
+        lambda: np.random.normal(),  # uses the cache: MT state unchanged
+        lambda: None,
+        lambda: np.random.rand(3),
+        lambda: np.random.normal(),
+        lambda: np.random.seed(7),  # clears the cache
+        lambda: np.random.set_state(np.random.get_state()),
+        lambda: random.random(),
+    ]
+    np.random.seed(0)
+    for draw in draws:
+        draw()
+        recorded = dict(rng_states())
+        state, cached = full()
+        assert torch.equal(recorded["numpy"], state)
+        assert recorded["numpy.gauss"].item() == cached
+        internal = torch.tensor(random.getstate()[1], dtype=torch.int64)
+        assert torch.equal(recorded["random"], internal)

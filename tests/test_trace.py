@@ -144,3 +144,16 @@ def test_writer_refuses_to_overwrite(tmp_path):
     _write(tmp_path / "t.sqlite", 1)
     with pytest.raises(FileExistsError):
         TraceWriter(tmp_path / "t.sqlite", {})
+
+
+def test_records_beyond_one_insert_statement_keep_their_order(tmp_path):
+    """A step's records go in multi-row INSERTs of at most `_rows_per_insert` rows."""
+    writer = TraceWriter(tmp_path / "t.sqlite", {})
+    writer._rows_per_insert = 7  # 20 records → statements of 7, 7 and 6 rows
+    ids = [writer.tensor_id("grads", f"t{i}", (1,), "float32") for i in range(20)]
+    writer.write_step(1, [(tid, bytes([i]) * 16) for i, tid in enumerate(ids)], None, None, 0.0)
+    writer.finish("complete")
+    with Trace(tmp_path / "t.sqlite") as trace:
+        records = list(trace.records(1))
+    assert [r.name for r in records] == [f"t{i}" for i in range(20)]
+    assert [r.digest[0] for r in records] == list(range(20))

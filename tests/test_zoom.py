@@ -4,6 +4,7 @@ cause — on planted fixtures and on a real nondeterministic CPU op."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from reprocheck.localize import OpCapture, first_divergent_op, localize
 from reprocheck.zoo import indexing, planted
 
-from .conftest import run_cli
+from .conftest import CONFIGS, run_cli, write_config
 
 
 def _source(function, needle: str) -> str:
@@ -33,6 +34,38 @@ def test_forward_noise_names_module_op_and_line(audit):
     assert d["cause"] == "unseeded or re-seeded RNG"
     assert d["source_is_forward_line"] is False
     assert "zoom        module ForwardNoise → op aten.randn (forward)" in _terminal(result)
+    # 6 steps: a checkpoint after every step; the replay of step 3 starts from step 1's,
+    # proven by step 2 and step 3's data, and the audit folder keeps no checkpoint after
+    assert (d["replay_from"], d["replays"], d["replays_diverged"]) == (1, 1, 1)
+    folder = Path(result.report["legs"][0]["runs"][0]["trace"]).parent
+    assert not list(folder.glob("*.ckpt-*"))
+
+
+def test_state_no_checkpoint_holds_falls_back_to_a_replay_from_step_0(audit, tmp_path):
+    """A model whose step counter is hidden from its state_dict: resumed from a checkpoint
+    it would not misbehave at step 4, so the resumed pair agrees and the zoom replays
+    from step 0 — with the same, exact answer."""
+    (tmp_path / "hidden.py").write_text(
+        "from reprocheck.zoo.planted import ForwardNoise\n\n"
+        "class Hidden(ForwardNoise):\n"
+        "    def get_extra_state(self):\n"
+        "        return 0\n\n"
+        "    def set_extra_state(self, state):\n"
+        "        pass\n\n"
+        "def model():\n"
+        "    return Hidden(step=4)\n"
+    )
+    config = write_config(
+        tmp_path,
+        (CONFIGS / "planted-forward.yaml")
+        .read_text()
+        .replace("reprocheck.zoo.planted:forward_noise, kwargs: {step: 3}", "hidden.py:model"),
+    )
+    result = audit(config)
+    assert result.code == 1, result.stderr
+    d = result.report["first_divergence"]
+    assert (d["step"], d["phase"], d["tensor"]) == (4, "outputs", "output")
+    assert (d["op"], d["replay_from"], d["replays"]) == ("aten.randn", 0, 2)
 
 
 def test_backward_noise_names_the_backward_op_and_its_line(audit):

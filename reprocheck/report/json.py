@@ -32,6 +32,7 @@ DIFF_KEYS = (
     "replayed_runs",
     "replays",
     "replays_diverged",
+    "replay_from",
     "sketches",
 )
 ZOOM_KEYS = (

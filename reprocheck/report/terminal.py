@@ -310,6 +310,11 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"{timings.get('total_s', 0):.1f} s (runs {timings.get('runs_s', 0):.1f} s"
             + (f", replay {timings['measure_s']:.1f} s" if "measure_s" in timings else "")
             + (
+                f" from the step-{start} checkpoint"
+                if "measure_s" in timings and (start := _replay_from(report))
+                else ""
+            )
+            + (
                 f", attribution {timings['attribution_s']:.1f} s"
                 if "attribution_s" in timings
                 else ""
@@ -319,3 +324,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         )
     )
     console.print(_line("traces", Text(report["out_dir"] + "/", style=DIM)))
+
+
+def _replay_from(report: dict[str, Any]) -> int:
+    """The checkpoint step the divergent step's replay started from (0: from the start)."""
+    return (report.get("first_divergence") or {}).get("replay_from") or 0

@@ -15,9 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..compare import Divergence, Tolerance, compare_sketches, first_divergence, numeric_diff
+from ..compare import (
+    Divergence,
+    Tolerance,
+    compare_sketches,
+    first_divergence,
+    first_mismatch,
+    numeric_diff,
+)
 from ..config import Config
 from ..trace import Trace, TraceError
+from . import checkpoint
 from .launch import Launcher, Leg, RunResult, plan_legs
 
 MIN_FREE_BYTES = 16 * 2**20
@@ -97,12 +105,14 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
     key = f"{divergence.phase}\t{divergence.tensor}"
     measured: dict[str, Any] = {"replayed_runs": chosen, "replay": "failed"}
     attempts = ZOOM_ATTEMPTS if zoom else 1
+    traces = {r.run: r.trace for r in leg.runs}
     for attempt in range(attempts):
-        paths = launcher.capture(
-            leg, chosen, divergence.step, [(divergence.phase, divergence.tensor)], zoom, attempt
-        )
+        # the first attempt resumes from checkpoints; if its pair shows no divergence the
+        # next ones replay from step 0 (state no checkpoint holds may be what differs)
+        paths = _replay(launcher, leg, chosen, divergence, zoom, attempt, traces, attempt == 0)
         if len(paths) < 2:
             break
+        measured["replay_from"] = min(launcher.resumed.get(run, 0) for run in chosen)
         tensors = [torch.load(paths[run], map_location="cpu").get(key) for run in chosen]
         measured_now = all(t is not None for t in tensors)  # op-depth records keep no tensor
         diff = numeric_diff(*tensors) if measured_now else {}
@@ -130,6 +140,43 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
             break
         measured["replays_diverged"] = 0
     divergence.diff = measured
+
+
+def _replay(
+    launcher: Launcher,
+    leg: Leg,
+    chosen: list[int],
+    divergence: Divergence,
+    zoom: bool,
+    attempt: int,
+    originals: dict[int, str],
+    resume: bool,
+) -> dict[int, str]:
+    """Capture the divergent step, from checkpoints where they prove faithful: a resumed
+    replay must record steps c+1…k−1, and step k up to the divergent record, exactly as
+    its original run did; else from step 0."""
+    step, wanted = divergence.step, [(divergence.phase, divergence.tensor)]
+    paths = launcher.capture(leg, chosen, step, wanted, zoom, attempt, resume=resume)
+    resumed = [run for run in chosen if launcher.resumed.get(run)]
+    if not resumed:
+        return paths
+    faithful = len(paths) == len(chosen)
+    for run in resumed if faithful else ():
+        start = launcher.resumed[run] + 1
+        try:
+            with Trace(launcher.replay_trace(run)) as replay:
+                committed = set(replay.steps)
+            differs = first_mismatch(originals[run], launcher.replay_trace(run), step, start)
+            faithful = set(range(start, step + 1)) <= committed and (
+                differs is None or differs >= (step, divergence.seq)
+            )
+        except TraceError:
+            faithful = False
+        if not faithful:
+            break
+    if faithful:
+        return paths
+    return launcher.capture(leg, chosen, step, wanted, zoom, attempt, resume=False)
 
 
 def variability(traces: list[str], run_ids: list[int], step: int) -> list[dict[str, Any]]:
@@ -182,6 +229,7 @@ def run_audit(
         depth=options.depth,
         progress=progress,
         extra_spec={"exec": options.exec} if options.exec else None,
+        checkpoints=options.measure,  # a replay then starts near the divergent step
     )
     timings: dict[str, float] = {}
     interrupted = False
@@ -207,6 +255,7 @@ def run_audit(
         except KeyboardInterrupt:
             interrupted = True
         timings["measure_s"] = time.monotonic() - measure_started
+    checkpoint.remove_all(str(folder))  # they serve the replays above only
 
     across = []
     if not interrupted and len(active) > 1:

@@ -32,7 +32,14 @@ from typing import Any
 import torch
 
 from ..config import PHASES, DeterminismConfig
-from ..recorder import StepRecorder, batch_tensors, flatten, optimizer_tensors, rng_states
+from ..recorder import (
+    StepRecorder,
+    batch_tensors,
+    flatten,
+    optimizer_tensors,
+    rng_states,
+    state_tensors,
+)
 from ..trace import TraceWriter
 
 
@@ -165,7 +172,8 @@ class ScriptRecorder:
         rec = self.recorder
         for model in self.models:
             tag = self.tags[id(model)]
-            rec.add_all("weights", ((tag + k, v) for k, v in model.state_dict().items()))
+            state = model.state_dict(keep_vars=True)  # the tensors themselves, not detached copies
+            rec.add_all("weights", ((tag + k, v) for k, v in state_tensors(state)))
         names = self._names()
         for optimizer in self.optimizers:
             rec.add_all("optimizer", optimizer_tensors(optimizer, names, self.tags[id(optimizer)]))

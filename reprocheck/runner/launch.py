@@ -23,6 +23,7 @@ from typing import Any, Callable
 from ..config import Config, config_to_dict
 from ..determinism import child_environment
 from ..trace import Trace, TraceError, committed_steps, mark_ended
+from . import checkpoint
 
 POLL_S = 0.05
 FAIL_FAST_EVERY_S = 0.5
@@ -129,8 +130,10 @@ class Launcher:
         depth: str = "step",
         progress: Callable[[RunResult, int, int], None] | None = None,
         extra_spec: dict[str, Any] | None = None,
+        checkpoints: bool = False,
     ) -> None:
         self.config = config
+        self.checkpoints = checkpoints  # save states for replays (not for exec scripts)
         self.out_dir = Path(out_dir)
         self.jobs = jobs or default_jobs(config)
         self.timeout = timeout
@@ -138,6 +141,8 @@ class Launcher:
         self.fail_fast = fail_fast
         self.depth = depth
         self.extra_spec = extra_spec or {}  # e.g. {"exec": ...}: what each run executes
+        self.resumed: dict[int, int] = {}  # run → the step its last capture started from
+        self._replays: dict[int, str] = {}  # run → the trace of its last capture
         self.progress = progress
         self._config_dict = config_to_dict(config)
         self._running: list[_Task] = []
@@ -166,6 +171,13 @@ class Launcher:
         result = RunResult(leg.name, run, str(trace), str(self.out_dir / f"{stem}.log"))
         return result, str(spec_path)
 
+    def _checkpoint_prefix(self, leg: Leg, run: int) -> str:
+        return str((self.out_dir / f"{leg.name}-r{run}.ckpt-").resolve())
+
+    def replay_trace(self, run: int) -> str:
+        """The trace the last :meth:`capture` of ``run`` recorded."""
+        return self._replays[run]
+
     def run(self, legs: Sequence[Leg]) -> list[Leg]:
         """Every run of every leg that is not skipped; Ctrl-C stops them all and re-raises."""
         tasks = []
@@ -174,7 +186,10 @@ class Launcher:
                 continue
             env = child_environment(self.config.determinism, leg.threads)
             for run in range(self.config.repeats):
-                result, spec_path = self._spec(leg, run)
+                saves = None
+                if self.checkpoints and "exec" not in self.extra_spec:
+                    saves = checkpoint.plan(self.config.steps, self._checkpoint_prefix(leg, run))
+                result, spec_path = self._spec(leg, run, checkpoints=saves)
                 leg.runs.append(result)
                 tasks.append(_Task(leg, result, spec_path, env))
         self._execute(tasks, self.config.steps, check_leg=self.fail_fast)
@@ -196,17 +211,28 @@ class Launcher:
         tensors: Sequence[tuple[str, str]],
         ops: bool = False,
         attempt: int = 0,
+        resume: bool = False,
     ) -> dict[int, str]:
         """Replay runs up to ``step`` and keep the named tensors' values: run → .pt path.
 
         ``ops``: also capture every aten op of that step, to ``<path>.ops.json``.
+        ``resume``: start each replay from the run's newest checkpoint at step ≤ ``step``−2
+        (:mod:`.checkpoint`); :attr:`resumed` then says where each started (0: step 0).
+        The caller proves a resume with :meth:`replay_trace` before trusting it.
         """
         env = child_environment(self.config.determinism, leg.threads)
         tasks, outputs = [], {}
+        self.resumed = {}
         for run in runs:
-            tag = f"s{step}" + (f"-{attempt}" if attempt else "")
+            tag = f"s{step}" + (f"-{attempt}" if attempt else "") + ("-c" if resume else "")
             out = str((self.out_dir / f"{leg.name}-r{run}.capture-{tag}.pt").resolve())
             capture = {"step": step, "tensors": [list(t) for t in tensors], "out": out, "ops": ops}
+            prefix = self._checkpoint_prefix(leg, run)
+            found = checkpoint.newest(prefix, step - 2) if resume else None
+            if found:
+                capture["resume"] = found[1]
+            self.resumed[run] = found[0] if found else 0
+            self._replays[run] = str(self.out_dir / f"{leg.name}-r{run}.replay-{tag}.sqlite")
             result, spec_path = self._spec(leg, run, f".replay-{tag}", capture=capture)
             for stale in (result.trace, out, out + ".ops.json"):
                 if os.path.exists(stale):

@@ -18,6 +18,7 @@ from ..config import Config, ConfigError, resolve_callable
 from ..determinism import dataloader_generator, seed_worker
 from ..localize import OpCapture, OpRecord
 from ..recorder import StepRecorder, batch_tensors, flatten, parameter_names
+from . import checkpoint
 
 
 def build_model(config: Config, device: torch.device) -> torch.nn.Module:
@@ -116,12 +117,16 @@ def train(
     steps: int,
     zoom_step: int | None = None,
     depth: str = "step",
+    checkpoints: dict[str, Any] | None = None,
+    resume: str | None = None,
 ) -> list[OpRecord]:
     """Run ``steps`` optimizer steps, recording step 0 and each step.
 
     ``zoom_step``: capture every aten op of that step (0: of building the model) and
     return them; the other steps run untouched. ``depth``: ``module`` also records every
     module's output and grad_output, ``op`` every aten op's output, inside each step.
+    ``checkpoints``: save the state every few steps (:mod:`.checkpoint`); ``resume``: a
+    replay that starts from that checkpoint instead of step 1.
     """
     capture = OpCapture(None) if zoom_step == 0 else None
     with capture.during("forward") if capture else contextlib.nullcontext():
@@ -142,7 +147,15 @@ def train(
 
     model.train()
     stream = batches(data, device)
-    for step in range(1, steps + 1):
+    first = 1
+    if resume:  # the data stream is drawn up to the checkpoint, then the state restored
+        state = checkpoint.load(resume)
+        for _ in range(state["step"]):
+            next(stream)
+        checkpoint.restore(state, model, optimizer)
+        first = state["step"] + 1
+    saver = checkpoint.Checkpointer(**checkpoints) if checkpoints else None
+    for step in range(first, steps + 1):
         recorder.begin(step)
         if step == zoom_step or depth == "op":
             capture = OpCapture(model)
@@ -181,6 +194,8 @@ def train(
                 optimizer.step()
         recorder.state(model, [optimizer], names)
         recorder.commit(step, loss)
+        if saver:
+            saver.after_step(step, steps, model, optimizer)
     return capture.ops if capture and zoom_step is not None else []
 
 

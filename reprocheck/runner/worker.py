@@ -83,7 +83,16 @@ def run(spec: dict[str, Any]) -> int:
     steps = capture["step"] if capture else spec["steps"]
     try:
         zoom_step = capture["step"] if capture and capture.get("ops") else None
-        ops = train(config, device, recorder, steps, zoom_step=zoom_step, depth=depth)
+        ops = train(
+            config,
+            device,
+            recorder,
+            steps,
+            zoom_step=zoom_step,
+            depth=depth,
+            checkpoints=None if capture else spec.get("checkpoints"),
+            resume=capture.get("resume") if capture else None,
+        )
     except ConfigError as exc:
         writer.finish(
             "failed", f"config error: {exc}", error_kind="config", last_step=recorder.step - 1

@@ -44,6 +44,14 @@ class PlantedMLP(nn.Module):
             self.calls += 1
         return torch.relu(self.fc1(x))
 
+    # The call count is state: a checkpoint keeps it, so a replay resumed from one
+    # misbehaves at the same step (it is recorded as ``weights · _extra_state``).
+    def get_extra_state(self) -> int:
+        return self.calls
+
+    def set_extra_state(self, state: int) -> None:
+        self.calls = int(state)
+
     @property
     def misbehaving(self) -> bool:
         return self.training and self.calls >= self.step

@@ -1,0 +1,131 @@
+"""Checkpoints that let a replay start near the divergent step instead of at step 0.
+
+A run of a config saves, every ``every`` steps, the model's and the optimizer's state
+dicts and the state of every generator (torch, CUDA, NumPy, Python) after committing the
+step; it keeps the newest of them, as many as fit in :data:`BUDGET_BYTES`. To zoom into
+step *k*, a replay loads the newest checkpoint *c* ≤ *k* − 2, rebuilds the data stream
+and draws *c* batches from it, restores the generators, and trains steps *c*+1…*k*.
+
+Such a resume is trusted only when it is proven: the parent compares the replay's
+records of steps *c*+1…*k*−1, and of step *k* up to the divergent record, with the
+original run's trace, and replays from step 0 when any differs — or when the resumed
+pair shows no divergence at step *k*. State a checkpoint cannot hold (a sampler shuffled
+from the global generator, a custom step's own counters) shows up there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import random
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINTS_PER_RUN = 16  # checkpoints are spaced steps/16 apart ...
+BUDGET_BYTES = 512 * 2**20  # ... and as many kept per run as fit in this (all, if small)
+MIN_KEEP = 2  # a state too large to keep two of is not checkpointed (replays from step 0)
+
+
+def plan(steps: int, prefix: str) -> dict[str, Any] | None:
+    """The spec entry of a run: every how many steps, how many kept, file prefix."""
+    if steps < 3:  # a resume needs c ≤ k − 2 with c ≥ 1
+        return None
+    every = max(1, -(-steps // CHECKPOINTS_PER_RUN))
+    return {"every": every, "keep": CHECKPOINTS_PER_RUN, "prefix": prefix}
+
+
+def path_for(prefix: str, step: int) -> str:
+    return f"{prefix}{step}.pt"
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "random": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Saves the run's state every ``every`` steps, keeping the newest ``keep`` (fewer if
+    the budget holds fewer; none if it holds less than two)."""
+
+    def __init__(self, every: int, keep: int, prefix: str) -> None:
+        self.every, self.keep, self.prefix = every, keep, prefix
+        self.saved: list[int] = []
+        self.enabled = True
+
+    def after_step(
+        self, step: int, last: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self.enabled or step % self.every or step >= last:
+            return
+        path = path_for(self.prefix, step)
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": _rng_state(),
+        }
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a killed run never leaves half a checkpoint
+        if not self.saved:  # the first one tells the size: keep what fits the budget
+            self.keep = min(self.keep, BUDGET_BYTES // max(1, os.path.getsize(path)))
+            if self.keep < MIN_KEEP:
+                self.enabled = False
+                os.remove(path)
+                return
+        self.saved.append(step)
+        while len(self.saved) > self.keep:
+            old = path_for(self.prefix, self.saved.pop(0))
+            if os.path.exists(old):
+                os.remove(old)
+
+
+def newest(prefix: str, before: int) -> tuple[int, str] | None:
+    """The newest checkpoint of a run at step ≤ ``before``: (step, path)."""
+    found = []
+    for path in glob.glob(glob.escape(prefix) + "*.pt"):
+        match = re.fullmatch(re.escape(prefix) + r"(\d+)\.pt", path)
+        if match and int(match.group(1)) <= before:
+            found.append((int(match.group(1)), path))
+    return max(found) if found else None
+
+
+def load(path: str) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except TypeError:  # torch without weights_only
+        return torch.load(path, map_location="cpu")
+
+
+def restore(
+    state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Model and optimizer state (on the model's device), then the generators: call after
+    the data stream has been advanced, so the generators are what the step will see."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+
+
+def remove_all(folder: str) -> None:
+    """Delete a finished audit's checkpoints (they serve its replays only)."""
+    for path in glob.glob(os.path.join(glob.escape(folder), "*.ckpt-*.pt*")):
+        with contextlib.suppress(OSError):
+            os.remove(path)
