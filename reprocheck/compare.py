@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .trace import Record, Trace, TraceError
+from .trace import Record, Trace, TraceError, split_digests, unpack_ids
 
 
 @dataclass
@@ -71,36 +71,53 @@ def _first_mismatch(
 ) -> tuple[int, int] | None:
     db = _connect(path_a, path_b)
     try:
-        counts = "SELECT step, records FROM {}.steps WHERE step BETWEEN ? AND ? ORDER BY step"
-        count_a = db.execute(counts.format("t0"), (from_step, last_step)).fetchall()
-        count_b = db.execute(counts.format("t1"), (from_step, last_step)).fetchall()
-        # A step where b holds more records than a: the first extra record is a mismatch
-        # the a-driven join below cannot see.
-        extra = next(
-            ((step, n_a) for (step, n_a), (_, n_b) in zip(count_a, count_b) if n_b > n_a), None
+        same_ids = _tensor_table(db, "t0") == _tensor_table(db, "t1")
+        # One join over the steps: equal blobs mean every record of the step is equal.
+        # Where tensor ids were assigned differently, the id blobs differ while the
+        # records may not: then each step is compared by what the ids stand for.
+        same = "y.digests = x.digests AND y.tensors = x.tensors" if same_ids else "0"
+        query = (
+            "SELECT x.step, x.tensors, x.digests, y.tensors, y.digests FROM t0.records x "
+            "LEFT JOIN t1.records y ON y.step = x.step "
+            f"WHERE x.step BETWEEN ? AND ? AND NOT coalesce({same}, 0) ORDER BY x.step"
         )
-        if _tensor_table(db, "t0") == _tensor_table(db, "t1"):
-            same = "y.tensor = x.tensor AND y.digest = x.digest"
-            joins = ""
-        else:  # ids assigned differently: compare what the ids stand for
-            joins = (
-                "JOIN t0.tensors ta ON ta.id = x.tensor LEFT JOIN t1.tensors tb ON tb.id = y.tensor"
-            )
-            same = (
-                "y.digest = x.digest AND tb.phase = ta.phase AND tb.name = ta.name "
-                "AND tb.shape = ta.shape AND tb.dtype = ta.dtype"
-            )
-        row = db.execute(
-            "SELECT x.step, x.seq FROM t0.records x "
-            "LEFT JOIN t1.records y ON y.step = x.step AND y.seq = x.seq "
-            f"{joins} WHERE x.step BETWEEN ? AND ? AND NOT coalesce({same}, 0) "
-            "ORDER BY x.step, x.seq LIMIT 1",
-            (from_step, last_step),
-        ).fetchone()
+        keys = None if same_ids else [_tensor_keys(db, "t0"), _tensor_keys(db, "t1")]
+        for step, ids_a, digests_a, ids_b, digests_b in db.execute(query, (from_step, last_step)):
+            seq = _first_difference(ids_a, digests_a, ids_b, digests_b, keys)
+            if seq is not None:
+                return step, seq
+            if same_ids:
+                raise sqlite3.DatabaseError(f"step {step}: unequal blobs with equal records")
     finally:
         db.close()
-    found = [p for p in (row and tuple(row), extra) if p is not None]
-    return min(found) if found else None
+    return None
+
+
+def _tensor_keys(db: sqlite3.Connection, alias: str) -> dict[int, tuple]:
+    return {row[0]: tuple(row[1:]) for row in _tensor_table(db, alias)}
+
+
+def _first_difference(
+    ids_a: bytes,
+    digests_a: bytes,
+    ids_b: bytes | None,
+    digests_b: bytes | None,
+    keys: list[dict[int, tuple]] | None,
+) -> int | None:
+    """The first record (seq) where two steps differ; None if they are equal."""
+    if ids_b is None or digests_b is None:  # the step is missing in b
+        return 0
+    a, b = unpack_ids(ids_a), unpack_ids(ids_b)
+    da, dbs = split_digests(digests_a), split_digests(digests_b)
+    for seq in range(min(len(a), len(b))):
+        if da[seq] != dbs[seq]:
+            return seq
+        if keys is None:
+            if a[seq] != b[seq]:
+                return seq
+        elif keys[0].get(a[seq]) != keys[1].get(b[seq]):
+            return seq
+    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def _record_key(record: Record | None) -> tuple | None:

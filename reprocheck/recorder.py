@@ -219,24 +219,31 @@ class StepRecorder:
 
     def add(self, phase: str, name: str, tensor: torch.Tensor) -> None:
         """Fingerprint a tensor now (later in-place updates don't change its record)."""
+        self._add(phase, ((name, tensor),))
+
+    def _add(self, phase: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         index = _PHASE_INDEX[phase]
         if index < self._phase_index:
             raise RuntimeError(
                 f"phase {phase!r} recorded after {TRACE_PHASES[self._phase_index]!r}"
             )
         self._phase_index = index
-        if self.step == self.capture_step and (phase, name) in self.capture_names:
-            self.captured[(phase, name)] = tensor.detach().to("cpu", copy=True)
-        # The hot path: a dict hit on objects torch already has, no string building.
-        key = (phase, name, tensor.shape, tensor.dtype)
-        tensor_id = self._tensor_ids.get(key)
-        if tensor_id is None:
-            tensor_id = self.writer.tensor_id(
-                phase, name, tuple(tensor.shape), str(tensor.dtype)[6:]
-            )
-            self._tensor_ids[key] = tensor_id
-        self._ids.append(tensor_id)
-        self._hasher.add(tensor, phase in _PERSISTENT)
+        capturing = self.step == self.capture_step
+        persistent = phase in _PERSISTENT
+        known, ids, hasher = self._tensor_ids, self._ids, self._hasher
+        for name, tensor in named:
+            if capturing and (phase, name) in self.capture_names:
+                self.captured[(phase, name)] = tensor.detach().to("cpu", copy=True)
+            # The hot path: a dict hit on objects torch already has, no string building.
+            key = (phase, name, tensor.shape, tensor.dtype)
+            tensor_id = known.get(key)
+            if tensor_id is None:
+                tensor_id = self.writer.tensor_id(
+                    phase, name, tuple(tensor.shape), str(tensor.dtype)[6:]
+                )
+                known[key] = tensor_id
+            ids.append(tensor_id)
+            hasher.add(tensor, persistent)
 
     def add_ops(self, phase: str, ops: Iterable[Any]) -> None:
         """``--depth op``: one record per aten op, ``op:<index>:<name>``, from the digests of
@@ -249,9 +256,9 @@ class StepRecorder:
             self._hasher.add_digest(digest)
 
     def add_all(self, phase: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fingerprint each (name, tensor) now, if ``phase`` is recorded."""
         if phase in self.phases:
-            for name, tensor in named:
-                self.add(phase, name, tensor)
+            self._add(phase, named)
 
     def commit(self, step: int, loss: torch.Tensor | None) -> None:
         """One transaction per step; the hasher's single device→host copy happens here."""

@@ -1,17 +1,20 @@
 """The trace of one run: a SQLite file written step by step, crash-safe, and read back.
 
-Layout (schema version 1)::
+Layout (schema version 2)::
 
     meta(key PRIMARY KEY, value)                 JSON: schema, config, environment, status ...
     tensors(id PRIMARY KEY, phase, name, shape, dtype)
-    records(step, seq, tensor, digest)           PRIMARY KEY(step, seq), WITHOUT ROWID
+    records(step PRIMARY KEY, tensors, digests)  one row per step: the step's records
     sketches(step, seq, sum, sum_sq, absmax, nonfinite)   only where sketches were taken
     steps(step PRIMARY KEY, records, loss, wall_s)   one row per committed step
 
-``seq`` is the record's position within its step, so ``ORDER BY step, seq`` is record
-order (phases in order, then the order tensors were recorded in). A tensor id stands for
-(phase, name, shape, dtype); runs of one config assign ids in the same order, which lets
-two traces be compared by a join on (step, seq) alone.
+A step's records are two blobs in record order (phases in order, then the order tensors
+were recorded in): ``tensors``, their ids as little-endian uint32, and ``digests``, their
+16-byte digests end to end; record ``seq`` is position ``seq`` in both. A tensor id
+stands for (phase, name, shape, dtype); runs of one config assign ids in the same order,
+so two traces are compared by one join on ``step`` and blob equality, and only the first
+differing step is opened. One row per step, not per record: ~20 bytes per record on disk
+and one INSERT per step (a row per record cost ~1.5 µs each to insert).
 
 WAL mode and one transaction per step: a run killed at step k keeps every step < k, and
 :class:`Trace` reports where it ended instead of failing.
@@ -19,9 +22,11 @@ WAL mode and one transaction per step: a run killed at step k keeps every step <
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,19 +35,41 @@ from typing import Any
 from .config import TRACE_PHASES
 
 SCHEMA = "reprocheck.trace/1"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _DDL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE tensors (id INTEGER PRIMARY KEY, phase TEXT NOT NULL, name TEXT NOT NULL,
                       shape TEXT NOT NULL, dtype TEXT NOT NULL);
-CREATE TABLE records (step INTEGER NOT NULL, seq INTEGER NOT NULL, tensor INTEGER NOT NULL,
-                      digest BLOB NOT NULL, PRIMARY KEY (step, seq)) WITHOUT ROWID;
+CREATE TABLE records (step INTEGER PRIMARY KEY, tensors BLOB NOT NULL, digests BLOB NOT NULL);
 CREATE TABLE sketches (step INTEGER NOT NULL, seq INTEGER NOT NULL, sum REAL, sum_sq REAL,
                        absmax REAL, nonfinite INTEGER, PRIMARY KEY (step, seq)) WITHOUT ROWID;
 CREATE TABLE steps (step INTEGER PRIMARY KEY, records INTEGER NOT NULL, loss REAL,
                     wall_s REAL NOT NULL);
 """
+
+
+DIGEST_BYTES = 16
+
+
+def pack_ids(ids: Sequence[int]) -> bytes:
+    """Tensor ids as the ``records.tensors`` blob: little-endian uint32."""
+    packed = array.array("I", ids)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_ids(blob: bytes) -> list[int]:
+    ids = array.array("I")
+    ids.frombytes(blob)
+    if sys.byteorder != "little":
+        ids.byteswap()
+    return ids.tolist()
+
+
+def split_digests(blob: bytes) -> list[bytes]:
+    return [blob[i : i + DIGEST_BYTES] for i in range(0, len(blob), DIGEST_BYTES)]
 
 
 class TraceError(Exception):
@@ -80,23 +107,9 @@ class TraceWriter:
         self._db.executescript(_DDL)
         self._ids: dict[tuple[str, str, str, str], int] = {}
         self._pending_tensors: list[tuple[int, str, str, str, str]] = []
-        self._inserts: dict[int, str] = {}
-        # bound parameters per statement: SQLite's limit (999 before 3.32) over 4 per row
-        limit = 999
-        if hasattr(self._db, "getlimit"):  # Python ≥ 3.11
-            limit = self._db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        self._rows_per_insert = max(1, min(limit, 4000) // 4)
         base = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "status": "running"}
         base["started"] = time.time()
         self._put_meta({**base, **meta})
-
-    def _insert_sql(self, rows: int) -> str:
-        sql = self._inserts.get(rows)
-        if sql is None:
-            sql = "INSERT INTO records VALUES " + ",".join(["(?,?,?,?)"] * rows)
-            if len(self._inserts) < 64:
-                self._inserts[rows] = sql
-        return sql
 
     def _put_meta(self, items: dict[str, Any]) -> None:
         self._db.execute("BEGIN")
@@ -136,15 +149,10 @@ class TraceWriter:
         if self._pending_tensors:
             db.executemany("INSERT INTO tensors VALUES (?, ?, ?, ?, ?)", self._pending_tensors)
             self._pending_tensors = []
-        # Multi-row INSERTs: one statement per up-to-`_rows_per_insert` records, not one
-        # per record (executemany pays ~1.5 µs of statement stepping per row).
-        per = self._rows_per_insert
-        for start in range(0, len(rows), per):
-            chunk = rows[start : start + per]
-            params: list[Any] = []
-            for seq, (tensor, digest) in enumerate(chunk, start):
-                params += (step, seq, tensor, digest)
-            db.execute(self._insert_sql(len(chunk)), params)
+        db.execute(
+            "INSERT INTO records VALUES (?, ?, ?)",
+            (step, pack_ids([tensor for tensor, _ in rows]), b"".join(d for _, d in rows)),
+        )
         if sketches:
             db.executemany(
                 "INSERT INTO sketches VALUES (?, ?, ?, ?, ?, ?)",
@@ -206,6 +214,7 @@ class Trace:
                 row[0]: row[1:]
                 for row in self.db.execute("SELECT id, phase, name, shape, dtype FROM tensors")
             }
+            self._sketched = self.has_sketches
         except sqlite3.DatabaseError as exc:
             raise TraceError(f"{self.path}: corrupted trace ({exc})") from None
 
@@ -235,38 +244,51 @@ class Trace:
     def has_sketches(self) -> bool:
         return self.db.execute("SELECT 1 FROM sketches LIMIT 1").fetchone() is not None
 
-    def _record(self, row: tuple) -> Record:
-        step, seq, tensor, digest, *sketch = row
-        phase, name, shape, dtype = self._tensors[tensor]
-        dims = tuple(int(d) for d in shape.split(",") if d)
-        sk = tuple(sketch) if sketch and sketch[0] is not None else None
-        return Record(step, seq, phase, name, dims, dtype, bytes(digest), sk)
-
-    _SELECT = (
-        "SELECT r.step, r.seq, r.tensor, r.digest, s.sum, s.sum_sq, s.absmax, s.nonfinite "
-        "FROM records r LEFT JOIN sketches s USING (step, seq) "
-    )
+    def _step_records(self, step: int, tensors: bytes, digests: bytes) -> list[Record]:
+        ids, values = unpack_ids(tensors), split_digests(digests)
+        if len(ids) != len(values):
+            raise TraceError(f"{self.path}: corrupted trace (step {step}: records do not match)")
+        sketches = {}
+        if self._sketched:
+            sketches = {
+                row[0]: tuple(row[1:])
+                for row in self.db.execute(
+                    "SELECT seq, sum, sum_sq, absmax, nonfinite FROM sketches WHERE step = ?",
+                    (step,),
+                )
+            }
+        out = []
+        for seq, (tensor, digest) in enumerate(zip(ids, values)):
+            key = self._tensors.get(tensor)
+            if key is None:
+                raise TraceError(f"{self.path}: corrupted trace (unknown tensor id {tensor})")
+            phase, name, shape, dtype = key
+            dims = tuple(int(d) for d in shape.split(",") if d)
+            sketch = sketches.get(seq)
+            out.append(Record(step, seq, phase, name, dims, dtype, bytes(digest), sketch))
+        return out
 
     def records(self, step: int | None = None) -> Iterator[Record]:
         """Records in record order, of one step or of all."""
         try:
             if step is None:
-                cursor = self.db.execute(self._SELECT + "ORDER BY r.step, r.seq")
+                cursor = self.db.execute(
+                    "SELECT step, tensors, digests FROM records ORDER BY step"
+                ).fetchall()
             else:
-                cursor = self.db.execute(self._SELECT + "WHERE r.step = ? ORDER BY r.seq", (step,))
+                cursor = self.db.execute(
+                    "SELECT step, tensors, digests FROM records WHERE step = ?", (step,)
+                ).fetchall()
             for row in cursor:
-                yield self._record(row)
+                yield from self._step_records(*row)
         except sqlite3.DatabaseError as exc:
             raise TraceError(f"{self.path}: corrupted trace ({exc})") from None
 
     def record(self, step: int, seq: int) -> Record | None:
-        try:
-            row = self.db.execute(
-                self._SELECT + "WHERE r.step = ? AND r.seq = ?", (step, seq)
-            ).fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise TraceError(f"{self.path}: corrupted trace ({exc})") from None
-        return None if row is None else self._record(row)
+        if seq < 0:
+            return None
+        found = list(self.records(step))
+        return found[seq] if seq < len(found) else None
 
     def find(self, step: int, phase: str, name: str) -> Record | None:
         """The record of a named tensor at a step."""
@@ -279,7 +301,8 @@ class Trace:
         return dict(self.db.execute("SELECT step, loss FROM steps ORDER BY step"))
 
     def record_count(self) -> int:
-        return self.db.execute("SELECT count(*) FROM records").fetchone()[0]
+        total = self.db.execute("SELECT sum(length(digests)) FROM records").fetchone()[0]
+        return (total or 0) // DIGEST_BYTES
 
 
 def committed_steps(path: str | os.PathLike) -> int:

@@ -146,14 +146,37 @@ def test_writer_refuses_to_overwrite(tmp_path):
         TraceWriter(tmp_path / "t.sqlite", {})
 
 
-def test_records_beyond_one_insert_statement_keep_their_order(tmp_path):
-    """A step's records go in multi-row INSERTs of at most `_rows_per_insert` rows."""
+def test_a_step_is_one_row_and_reads_back_in_order(tmp_path):
+    """A step's records are two blobs (ids, digests) in one row; reading them back gives
+    each record its place, and a step without records is allowed."""
     writer = TraceWriter(tmp_path / "t.sqlite", {})
-    writer._rows_per_insert = 7  # 20 records → statements of 7, 7 and 6 rows
-    ids = [writer.tensor_id("grads", f"t{i}", (1,), "float32") for i in range(20)]
-    writer.write_step(1, [(tid, bytes([i]) * 16) for i, tid in enumerate(ids)], None, None, 0.0)
+    ids = [writer.tensor_id("grads", f"t{i}", (1,), "float32") for i in range(300)]
+    writer.write_step(1, [(tid, bytes([i % 256]) * 16) for i, tid in enumerate(ids)], None, None, 0)
+    writer.write_step(2, [], None, None, 0.0)
     writer.finish("complete")
     with Trace(tmp_path / "t.sqlite") as trace:
         records = list(trace.records(1))
-    assert [r.name for r in records] == [f"t{i}" for i in range(20)]
-    assert [r.digest[0] for r in records] == list(range(20))
+        assert [r.name for r in records] == [f"t{i}" for i in range(300)]
+        assert [r.digest[0] for r in records] == [i % 256 for i in range(300)]
+        assert trace.record(1, 299).name == "t299" and trace.record(1, 300) is None
+        assert list(trace.records(2)) == [] and trace.record_count() == 300
+        (row,) = trace.db.execute(
+            "SELECT length(tensors), length(digests) FROM records WHERE step = 1"
+        )
+    assert row == (300 * 4, 300 * 16)
+
+
+def test_traces_with_ids_assigned_differently_compare_by_meaning(tmp_path):
+    """Two traces whose tensor ids differ (registered in another order) still compare
+    record by record on what the ids stand for."""
+    paths = []
+    for name, order in (("a", ["x", "y"]), ("b", ["y", "x"])):
+        writer = TraceWriter(tmp_path / f"{name}.sqlite", {})
+        ids = {n: writer.tensor_id("weights", n, (2,), "float32") for n in order}
+        for step in range(3):
+            digest_y = bytes([9 if (name == "b" and step == 2) else 1]) * 16
+            writer.write_step(step, [(ids["x"], bytes(16)), (ids["y"], digest_y)], None, None, 0)
+        writer.finish("complete")
+        paths.append(str(tmp_path / f"{name}.sqlite"))
+    found = first_divergence(paths)
+    assert (found.step, found.phase, found.tensor) == (2, "weights", "y")

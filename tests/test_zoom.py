@@ -189,3 +189,40 @@ def test_depth_records_inside_the_step(audit, depth):
         assert d["tensor"] == "module:fc2"
     else:
         assert d["tensor"].startswith("op:") and "aten.randn" in d["tensor"]
+
+
+def _ops(function, *args) -> list:
+    capture = OpCapture(None)
+    with capture.during("forward"):
+        function(*args)
+    return capture.ops
+
+
+def test_view_ops_are_digested_from_their_inputs_and_in_place_ops_from_content():
+    """A view op's output digest comes from its inputs' digests and arguments (no copy of
+    a strided view); an in-place op on a view is hashed from what it wrote."""
+
+    def step(x: torch.Tensor, bump: torch.Tensor) -> torch.Tensor:
+        view = x.t()  # aten.t: a view
+        view.add_(bump)  # in place, through the view
+        return (view @ x).sum()
+
+    x = torch.arange(16.0).reshape(4, 4)
+    same = [_ops(step, x.clone(), torch.tensor(1.0)) for _ in range(2)]
+    assert [op.op for op in same[0]] == [
+        "aten.t.default",
+        "aten.add_.Tensor",
+        "aten.mm.default",
+        "aten.sum.default",
+    ]
+    assert first_divergent_op(*same) is None
+
+    bumped = _ops(step, x.clone(), torch.tensor(2.0))
+    index = first_divergent_op(same[0], bumped)
+    assert bumped[index].op == "aten.add_.Tensor"
+    assert same[0][index].outputs != bumped[index].outputs
+
+    other = x.clone()
+    other[3, 0] += 1  # another input: the view op is the first to differ
+    index = first_divergent_op(same[0], _ops(step, other, torch.tensor(1.0)))
+    assert same[0][index].op == "aten.t.default"
