@@ -99,13 +99,15 @@ def step_overhead(repeats: int, folder: str) -> list[dict]:
             "DebugMode+stack": [],
         }
         for _ in range(repeats):  # interleaved, so drift hits every variant alike
-            samples["plain"].append(per_step(plain.step, 10))
-            samples["recorded"].append(per_step(recorded.step, 10))
-            samples["op capture"].append(per_step(lambda loop=plain: _captured(loop), 3))
-            debug = _debug_mode(plain, stack=False)
-            if debug is not None:
-                samples["DebugMode"].append(debug)
-                samples["DebugMode+stack"].append(_debug_mode(plain, stack=True))
+            for _ in range(40):  # single steps, alternating: the median of many pairs
+                samples["plain"].append(per_step(plain.step, 1))
+                samples["recorded"].append(per_step(recorded.step, 1))
+            for _ in range(8):
+                samples["op capture"].append(per_step(lambda loop=plain: _captured(loop), 1))
+                debug = _debug_mode(plain, stack=False)
+                if debug is not None:
+                    samples["DebugMode"].append(debug)
+                    samples["DebugMode+stack"].append(_debug_mode(plain, stack=True))
         med = {k: statistics.median(v) for k, v in samples.items() if v}
         rows.append(
             {
@@ -140,7 +142,7 @@ def _debug_mode(loop: Loop, stack: bool) -> float | None:
         with DebugMode(record_stack_trace=stack):
             loop.step()
 
-    return per_step(step, 3)
+    return per_step(step, 1)
 
 
 def whole_runs(repeats: int, folder: str) -> dict[str, float]:

@@ -135,14 +135,16 @@ def _leaves(values: Any, out: list[Any]) -> list[Any]:
     """The leaves of an op's arguments or results (tensors, generators, numbers):
     lists, tuples (named ones too) and dicts are walked; a plain walk, ~10× cheaper
     than torch's pytree for the shapes aten ops take."""
-    if isinstance(values, (list, tuple)):
-        for value in values:
-            _leaves(value, out)
-    elif isinstance(values, dict):
-        for value in values.values():
-            _leaves(value, out)
-    else:
+    if isinstance(values, dict):
+        values = values.values()
+    elif not isinstance(values, (list, tuple)):
         out.append(values)
+        return out
+    for value in values:
+        if isinstance(value, (list, tuple, dict)):
+            _leaves(value, out)
+        else:
+            out.append(value)
     return out
 
 
@@ -177,7 +179,7 @@ def _digests(
     (``fresh``): an in-place op's version counter is bumped above this mode, after it
     returns. The cache holds the tensors themselves, so no id is reused while it lives."""
     out = []
-    for value in _leaves(values, []):
+    for value in values if isinstance(values, list) else _leaves(values, []):
         if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
             continue
         known = cache.get(id(value))
@@ -265,7 +267,8 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         context = self.context
-        inputs = _digests((args, kwargs), context.digests)
+        leaves = _leaves((args, kwargs), [])
+        inputs = _digests(leaves, context.digests)
         out = func(*args, **kwargs)
         forward_line = False
         stage = "backward" if context.backward_node is not None else context.stage
@@ -282,34 +285,55 @@ class _Dispatch(TorchDispatchMode):
         else:
             source, code = _caller()
             module = context.modules[-1] if context.modules else None
-        name = str(func)
-        if any(name.startswith(f"aten.{e}.") or name.startswith(f"{e}.") for e in UNINITIALIZED):
+        name, uninitialized, random_op, view_op = _op_info(func)
+        if uninitialized:
             out_digests: list[str] = []  # fresh memory: its bytes are whatever was there
         else:
             view_of = None
-            if getattr(func, "is_view", False) and "as_strided" not in name:
+            if view_op:
                 # a view op (transpose, expand, view ...): its output is a function of its
                 # inputs' content and its arguments — digested from those, not copied and
                 # hashed (a strided view costs a gather); equal iff they are equal
-                others = [v for v in _leaves((args, kwargs), []) if not isinstance(v, torch.Tensor)]
+                others = [v for v in leaves if not isinstance(v, torch.Tensor)]
                 view_of = f"{name}|{','.join(inputs)}|{others!r}"
             out_digests = _digests(out, context.digests, fresh=True, view_of=view_of)
-        generator = any(isinstance(v, torch.Generator) for v in _leaves((args, kwargs), []))
         context.ops.append(
             OpRecord(
                 index=len(context.ops),
-                op=name if name.startswith("aten.") else f"aten.{name}",
+                op=name,
                 stage=stage,
                 module=module,
                 source=source,
                 code=code,
                 inputs=inputs,
                 outputs=out_digests,
-                generator=generator or any(r in name for r in RANDOM_OPS),
+                generator=random_op or any(isinstance(v, torch.Generator) for v in leaves),
                 forward_line=forward_line,
             )
         )
         return out
+
+
+_OP_INFO: dict[Any, tuple[str, bool, bool, bool]] = {}
+
+
+def _op_info(func: Any) -> tuple[str, bool, bool, bool]:
+    """(name, writes uninitialized memory, draws random numbers, is a view op), per op."""
+    info = _OP_INFO.get(func)
+    if info is None:
+        name = str(func)
+        uninitialized = any(
+            name.startswith(f"aten.{e}.") or name.startswith(f"{e}.") for e in UNINITIALIZED
+        )
+        view_op = bool(getattr(func, "is_view", False)) and "as_strided" not in name
+        info = (
+            name if name.startswith("aten.") else f"aten.{name}",
+            uninitialized,
+            any(r in name for r in RANDOM_OPS),
+            view_op,
+        )
+        _OP_INFO[func] = info
+    return info
 
 
 class OpCapture:
