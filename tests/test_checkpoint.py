@@ -70,3 +70,10 @@ def test_plan_spaces_sixteen_per_run():
     assert checkpoint.plan(2, "p") is None  # too short for a resume
     assert checkpoint.plan(6, "p")["every"] == 1
     assert checkpoint.plan(200, "p")["every"] == 13
+
+
+def test_a_checkpoint_that_cannot_be_written_turns_checkpoints_off(tmp_path):
+    model, optimizer = _setup()
+    saver = checkpoint.Checkpointer(every=1, keep=16, prefix=str(tmp_path / "gone" / "r0.ckpt-"))
+    saver.after_step(1, 10, model, optimizer)  # its folder does not exist: cannot be written
+    assert not saver.enabled and saver.saved == []

@@ -82,8 +82,15 @@ class Checkpointer:
             "optimizer": optimizer.state_dict(),
             "rng": _rng_state(),
         }
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # a killed run never leaves half a checkpoint
+        try:
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)  # a killed run never leaves half a checkpoint
+        except (OSError, RuntimeError):  # a full disk: the audit goes on, replays start at 0
+            self.enabled = False
+            for leftover in (path + ".tmp", path):
+                with contextlib.suppress(OSError):
+                    os.remove(leftover)
+            return
         if not self.saved:  # the first one tells the size: keep what fits the budget
             self.keep = min(self.keep, BUDGET_BYTES // max(1, os.path.getsize(path)))
             if self.keep < MIN_KEEP:
