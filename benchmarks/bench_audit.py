@@ -8,6 +8,7 @@ medians of repeats, torch on one thread.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import subprocess
@@ -76,6 +77,7 @@ class Loop:
 
 
 def per_step(fn, steps: int) -> float:
+    gc.collect()  # untimed: no variant pays for the garbage another left behind
     start = time.perf_counter()
     for _ in range(steps):
         fn()

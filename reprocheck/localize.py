@@ -112,12 +112,27 @@ def user_frame(stack: Sequence[traceback.FrameSummary]) -> traceback.FrameSummar
 _LINES: dict[tuple[str, int], tuple[str, str | None]] = {}
 
 
-def _caller() -> tuple[str | None, str | None]:
+_AUTOGRAD_DIR = os.path.join(_TORCH_DIR, "autograd")
+_ENGINE_ENTRIES = frozenset(("_engine_run_backward", "backward", "grad"))
+
+
+def _caller(inside_backward: bool = False) -> tuple[str | None, str | None]:
     """(file:line, code) of the innermost user frame now running. Walks the frames
-    directly: far cheaper than formatting a traceback for every op."""
+    directly: far cheaper than formatting a traceback for every op.
+
+    ``inside_backward``: only frames the autograd engine called (a custom Function's
+    backward); the walk stops at the engine's entry (``torch.autograd.backward``), so
+    the line that called ``loss.backward()`` is never taken for a backward op's."""
     frame = sys._getframe(1)
     while frame is not None:
-        filename = frame.f_code.co_filename
+        code_object = frame.f_code
+        filename = code_object.co_filename
+        if (
+            inside_backward
+            and code_object.co_name in _ENGINE_ENTRIES
+            and filename.startswith(_AUTOGRAD_DIR)
+        ):
+            return None, None
         if is_user_file(filename):
             key = (filename, frame.f_lineno)
             found = _LINES.get(key)
@@ -208,10 +223,20 @@ class _Context:
         )
         self.modules: list[str] = []
         self.calls: list[tuple[str | None, str | None, str | None]] = []  # (source, code, module)
-        self.backward_node: tuple[str | None, str | None, str | None] | None = None
+        # the forward call (source, code, module) behind each autograd node made in the step
+        self.node_where: dict[Any, tuple[str | None, str | None, str | None]] = {}
+        self.backward_node: tuple[str | None, str | None, str | None] | None = None  # hooks
         self.stage = "forward"
         self.ops: list[OpRecord] = []
+        self.raw: list[tuple] = []  # OpRecord fields, in order; made OpRecords when read
         self.digests: dict[int, tuple[torch.Tensor, int, str]] = {}
+
+    def backward_where(self) -> tuple[str | None, str | None, str | None] | None:
+        """In a node's backward: the forward call that made the node; else None."""
+        if _CURRENT_NODE is None:  # torch without it: set by the node hooks
+            return self.backward_node
+        node = _CURRENT_NODE()
+        return None if node is None else self.node_where.get(node)
 
 
 class _Functions(TorchFunctionMode):
@@ -222,9 +247,10 @@ class _Functions(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         context = self.context
-        source, code = _caller()
-        if context.backward_node is not None:  # python code in a custom backward
-            where = (source, code, context.backward_node[2]) if source else context.backward_node
+        backward = context.backward_where()
+        source, code = _caller(inside_backward=backward is not None)
+        if backward is not None:  # python code in a custom backward
+            where = (source, code, backward[2]) if source else backward
         else:
             where = (source, code, context.modules[-1] if context.modules else None)
         context.calls.append(where)
@@ -232,12 +258,20 @@ class _Functions(TorchFunctionMode):
             result = func(*args, **kwargs)
         finally:
             context.calls.pop()
-        if context.backward_node is None:
+        if backward is None:
+            known = context.node_where
             for out in _leaves(result, []):
                 node = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
-                if node is not None and not hasattr(node, "_reprocheck_hooked"):
-                    _hook_node(node, where, context)
+                if node is not None and node not in known:
+                    known[node] = where  # holds the node: its identity stays its own
+                    if _CURRENT_NODE is None:
+                        _hook_node(node, where, context)
         return result
+
+
+# The autograd node running now (None outside backward): ties each backward op to the
+# forward call that made its node, with no hook on any node. Hooks where torch lacks it.
+_CURRENT_NODE = getattr(torch._C, "_current_autograd_node", None)
 
 
 def _hook_node(node: Any, where: tuple, context: _Context) -> None:
@@ -254,7 +288,6 @@ def _hook_node(node: Any, where: tuple, context: _Context) -> None:
     try:
         node.register_prehook(before)
         node.register_hook(after)
-        node._reprocheck_hooked = True
     except (AttributeError, RuntimeError):
         pass  # a node that takes no hooks: its ops keep the innermost frame instead
 
@@ -271,16 +304,17 @@ class _Dispatch(TorchDispatchMode):
         inputs = _digests(leaves, context.digests)
         out = func(*args, **kwargs)
         forward_line = False
-        stage = "backward" if context.backward_node is not None else context.stage
+        backward = context.backward_where()
+        stage = "backward" if backward is not None else context.stage
         if context.calls:  # a torch call in progress
             source, code, module = context.calls[-1]
         elif stage == "backward":
             # python code of a custom Function's backward has a user frame; autograd's own
             # kernels have none: they get the forward line that created their node.
-            source, code = _caller()
-            module = context.backward_node[2] if context.backward_node else None
-            if source is None and context.backward_node is not None:
-                source, code, module = context.backward_node
+            source, code = _caller(inside_backward=True)
+            module = backward[2] if backward else None
+            if source is None and backward is not None:
+                source, code, module = backward
                 forward_line = True
         else:
             source, code = _caller()
@@ -297,18 +331,19 @@ class _Dispatch(TorchDispatchMode):
                 others = [v for v in leaves if not isinstance(v, torch.Tensor)]
                 view_of = f"{name}|{','.join(inputs)}|{others!r}"
             out_digests = _digests(out, context.digests, fresh=True, view_of=view_of)
-        context.ops.append(
-            OpRecord(
-                index=len(context.ops),
-                op=name,
-                stage=stage,
-                module=module,
-                source=source,
-                code=code,
-                inputs=inputs,
-                outputs=out_digests,
-                generator=random_op or any(isinstance(v, torch.Generator) for v in leaves),
-                forward_line=forward_line,
+        # a tuple now, an OpRecord when read (OpCapture.ops): ~1 µs less per op
+        context.raw.append(
+            (
+                len(context.raw),
+                name,
+                stage,
+                module,
+                source,
+                code,
+                inputs,
+                out_digests,
+                random_op or any(isinstance(v, torch.Generator) for v in leaves),
+                forward_line,
             )
         )
         return out
@@ -355,7 +390,10 @@ class OpCapture:
 
     @property
     def ops(self) -> list[OpRecord]:
-        return self.context.ops
+        context = self.context
+        for fields in context.raw[len(context.ops) :]:
+            context.ops.append(OpRecord(*fields))
+        return context.ops
 
     @contextlib.contextmanager
     def during(self, stage: str) -> Iterator[OpCapture]:

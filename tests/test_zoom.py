@@ -132,9 +132,15 @@ def _terminal(result) -> str:
     return buffer.getvalue()
 
 
-def test_capture_in_process_finds_the_nondeterministic_op():
+@pytest.mark.parametrize("node_lookup", [True, False], ids=["current-node", "node-hooks"])
+def test_capture_in_process_finds_the_nondeterministic_op(node_lookup, monkeypatch):
     """OpCapture itself, in this process: two backward passes of the same lookup with 2
-    threads disagree at index_put, with identical inputs."""
+    threads disagree at index_put, with identical inputs; the backward op gets its forward
+    line both through torch's current-node query and through node hooks (older torch)."""
+    import reprocheck.localize as localize_module
+
+    if not node_lookup:
+        monkeypatch.setattr(localize_module, "_CURRENT_NODE", None)
     torch.manual_seed(0)
     model = indexing.table_lookup(vocab=8, dim=16, seq_len=512)
     idx = torch.randint(0, 8, (32, 512))
@@ -157,6 +163,9 @@ def test_capture_in_process_finds_the_nondeterministic_op():
     assert found, "index_put accumulation agreed in 8 backward passes on 2 threads"
     assert all(loc["op"].startswith("aten.index_put") for loc in found)
     assert all(loc["cause"] == "nondeterministic op" for loc in found)
+    line = _source(indexing.TableLookup.forward, "self.table[idx]")
+    assert [loc["source"] for loc in found] == [line] * len(found)
+    assert [loc["source_is_forward_line"] for loc in found] == [True] * len(found)
     assert first_divergent_op(captures[0], captures[0]) is None
 
 
