@@ -279,55 +279,52 @@ def _compare_sketches(
     with Trace(path_a) as a, Trace(path_b) as b:
         same_hasher = a.meta.get("hasher") == b.meta.get("hasher")
         last_step = min(a.last_step if a.steps else -1, b.last_step if b.steps else -1)
-    db = _connect(path_a, path_b)
-    try:
-        rows = db.execute(
-            "SELECT x.step, ta.phase, ta.name, ta.dtype, x.digest = y.digest, "
-            "sa.sum, sa.sum_sq, sa.absmax, sa.nonfinite, "
-            "sb.sum, sb.sum_sq, sb.absmax, sb.nonfinite "
-            "FROM t0.records x JOIN t0.tensors ta ON ta.id = x.tensor "
-            "JOIN t1.records y ON y.step = x.step AND y.seq = x.seq "
-            "JOIN t1.tensors tb ON tb.id = y.tensor "
-            "AND tb.phase = ta.phase AND tb.name = ta.name AND tb.shape = ta.shape "
-            "LEFT JOIN t0.sketches sa ON sa.step = x.step AND sa.seq = x.seq "
-            "LEFT JOIN t1.sketches sb ON sb.step = y.step AND sb.seq = y.seq "
-            "WHERE x.step <= ? ORDER BY x.step, x.seq",
-            (last_step,),
+        shared = sorted(set(a.steps) & set(b.steps))
+        # record by record (same place, same phase, name and shape), step by step
+        rows = [
+            (x.step, x.phase, x.name, x.dtype, x.digest == y.digest, *_sides(x, y))
+            for step in shared
+            if step <= last_step
+            for x, y in zip(a.records(step), b.records(step))
+            if (x.phase, x.name, x.shape) == (y.phase, y.name, y.shape)
+        ]
+    growth: dict[int, float] = {}
+    for step, phase, name, dtype, equal, *values in rows:
+        result.compared += 1
+        bitwise = bool(equal) and same_hasher
+        result.identical += bitwise
+        side_a, side_b = values[:4], values[4:]
+        if bitwise:
+            excess = rel = 0.0
+        elif side_a[0] is None or side_b[0] is None:
+            excess = rel = math.inf  # differs, and no sketch to measure by how much
+            result.unmeasured += 1
+        else:
+            excess, rel = _sketch_distance(side_a, side_b, tolerance, dtype)
+        growth[step] = max(growth.get(step, 0.0), rel)
+        where = {
+            "step": step,
+            "phase": phase,
+            "tensor": name,
+            "max_rel_diff": rel,
+        }
+        if excess > 1.0 and result.first_outside is None:
+            result.within_tolerance = False
+            result.first_outside = where
+        if rel > 0 and (result.worst is None or rel > result.worst["max_rel_diff"]):
+            result.worst = where
+    result.growth = sorted(growth.items())
+    if result.unmeasured:
+        result.note = (
+            f"{result.unmeasured} records differ and lack numeric sketches: "
+            "counted as outside the tolerance"
         )
-        growth: dict[int, float] = {}
-        for step, phase, name, dtype, equal, *values in rows:
-            result.compared += 1
-            bitwise = bool(equal) and same_hasher
-            result.identical += bitwise
-            side_a, side_b = values[:4], values[4:]
-            if bitwise:
-                excess = rel = 0.0
-            elif side_a[0] is None or side_b[0] is None:
-                excess = rel = math.inf  # differs, and no sketch to measure by how much
-                result.unmeasured += 1
-            else:
-                excess, rel = _sketch_distance(side_a, side_b, tolerance, dtype)
-            growth[step] = max(growth.get(step, 0.0), rel)
-            where = {
-                "step": step,
-                "phase": phase,
-                "tensor": name,
-                "max_rel_diff": rel,
-            }
-            if excess > 1.0 and result.first_outside is None:
-                result.within_tolerance = False
-                result.first_outside = where
-            if rel > 0 and (result.worst is None or rel > result.worst["max_rel_diff"]):
-                result.worst = where
-        result.growth = sorted(growth.items())
-        if result.unmeasured:
-            result.note = (
-                f"{result.unmeasured} records differ and lack numeric sketches: "
-                "counted as outside the tolerance"
-            )
-    finally:
-        db.close()
     return result
+
+
+def _sides(x: Record, y: Record) -> tuple[Any, ...]:
+    """The two records' sketches, side by side: 4 values each, None where not taken."""
+    return (*(x.sketch or (None,) * 4), *(y.sketch or (None,) * 4))
 
 
 def _sketch_distance(
