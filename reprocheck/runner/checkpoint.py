@@ -20,6 +20,7 @@ import glob
 import os
 import random
 import re
+import shutil
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 
 CHECKPOINTS_PER_RUN = 16  # checkpoints are spaced steps/16 apart ...
 BUDGET_BYTES = 512 * 2**20  # ... and as many kept per run as fit in this (all, if small)
+# and in an eighth of the disk's free space
 MIN_KEEP = 2  # a state too large to keep two of is not checkpointed (replays from step 0)
 
 
@@ -91,8 +93,10 @@ class Checkpointer:
                 with contextlib.suppress(OSError):
                     os.remove(leftover)
             return
-        if not self.saved:  # the first one tells the size: keep what fits the budget
-            self.keep = min(self.keep, BUDGET_BYTES // max(1, os.path.getsize(path)))
+        if not self.saved:  # the first one tells the size: keep what fits the budget,
+            size = max(1, os.path.getsize(path))  # and never more than 1/8 of the free disk
+            free = shutil.disk_usage(os.path.dirname(path) or ".").free
+            self.keep = min(self.keep, BUDGET_BYTES // size, free // (8 * size))
             if self.keep < MIN_KEEP:
                 self.enabled = False
                 os.remove(path)
