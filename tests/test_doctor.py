@@ -182,3 +182,23 @@ def test_torch_compile_is_flagged(tmp_path):
     )
     findings = json.loads(result.stdout)["findings"]
     assert "RC017" in _codes(findings), findings
+
+
+@pytest.mark.parametrize(
+    ("crash_step", "steps", "probe"),
+    [(1, "2", "op scan"), (3, "4", "threads")],
+)
+def test_a_probe_whose_run_fails_is_an_error_not_a_clean_bill(tmp_path, crash_step, steps, probe):
+    """A probe that ran nothing found nothing: doctor says which probe failed, why and
+    where its log is, in one line, and exits 3 — never '✔ no findings'."""
+    config = tmp_path / "crash.yaml"
+    config.write_text(
+        (CONFIGS / "planted-crash.yaml").read_text().replace("{step: 3}", f"{{step: {crash_step}}}")
+    )
+    result = run_cli("doctor", str(config), "--out", str(tmp_path / "out"), "--steps", steps)
+    assert result.code == 3, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("reprocheck:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith(f"reprocheck: error: probe '{probe}': ")
+    assert f"RuntimeError: planted crash at step {crash_step}" in lines[0]
+    assert "(log: " in lines[0] and "no findings" not in result.stdout

@@ -12,7 +12,7 @@ from rich.text import Text
 
 
 def register(app: typer.Typer) -> None:
-    from ..cli import UsageError, _terminate_as_interrupt, stderr, stdout, user_errors
+    from ..cli import UsageError, _terminate_as_interrupt, fail, stderr, stdout, user_errors
 
     @app.command()
     @user_errors
@@ -49,10 +49,12 @@ def register(app: typer.Typer) -> None:
         steps — the ops that are nondeterministic on CUDA (found on any machine) with their
         lines, and sensitivity to thread count, PYTHONHASHSEED and DataLoader workers.
 
-        Exit 0 when nothing is found, 1 when there are findings (`reprocheck explain CODE`).
+        Exit 0 when nothing is found, 1 when there are findings (`reprocheck explain CODE`),
+        3 when a probe's run fails (its error and log are named).
         """
         from ..config import load_config
-        from ..doctor.probe import dynamic_findings, static_findings
+        from ..doctor.probe import ProbeError, dynamic_findings, static_findings
+        from ..report.json import EXIT_FAILED
         from ..runner.audit import AuditOptions, make_audit_dir, run_audit
 
         config = load_config(config_path)
@@ -66,7 +68,10 @@ def register(app: typer.Typer) -> None:
                     style="dim",
                 )
             )
-        findings += dynamic_findings(config, folder, steps)
+        try:
+            findings += dynamic_findings(config, folder, steps)
+        except ProbeError as exc:  # a probe that ran nothing found nothing: say so, exit 3
+            raise fail(str(exc), EXIT_FAILED) from None
         audit: dict[str, Any] | None = None
         if attribute:
             audit = run_audit(config, AuditOptions(out=str(folder / "audit"), attribute=True))

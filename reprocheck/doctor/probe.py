@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from ..compare import first_divergence
 from ..config import Config
+from ..trace import Trace, TraceError
 from .rules import BY_CODE
 
 # aten ops PyTorch documents as nondeterministic on CUDA (the list under
@@ -148,21 +149,45 @@ def gpu_risk_findings(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
 Auditor = Callable[[Config, str], dict[str, Any]]
 
 
+class ProbeError(Exception):
+    """A probe's run of the config failed: no finding can be drawn from it (exit 3)."""
+
+
+def _run_failure(label: str, run: dict[str, Any]) -> ProbeError:
+    where = f" (log: {run['log']})" if run.get("log") else ""
+    error = run.get("error") or run["status"]
+    return ProbeError(f"probe '{label}': the run failed — {error}{where}")
+
+
 def sensitivity(
     audit: Auditor, a: Config, b: Config, label: str
 ) -> tuple[bool, dict[str, Any] | None]:
-    """Run one run of each variant and compare them bit for bit: (differ, where)."""
+    """Run one run of each variant and compare them bit for bit: (differ, where). A run
+    that fails raises :class:`ProbeError`: a probe that ran nothing has found nothing."""
     reports = [audit(variant, f"{label}-{index}") for index, variant in enumerate((a, b))]
     traces = []
     for report in reports:
-        runs = [r for leg in report["legs"] for r in leg["runs"] if r["steps"] is not None]
+        runs = [r for leg in report["legs"] for r in leg["runs"]]
         if not runs:
-            return False, None
+            raise ProbeError(f"probe '{label}': no run started")
+        if runs[0]["status"] != "complete":
+            raise _run_failure(label, runs[0])
         traces.append(runs[0]["trace"])
     found = first_divergence(traces)
     if found is None:
         return False, None
     return True, {"step": found.step, "phase": found.phase, "tensor": found.tensor}
+
+
+def _capture_failure(trace: str) -> str:
+    """Why an op-scan run produced nothing, from its trace (or its log)."""
+    log = os.path.splitext(trace)[0] + ".log"
+    try:
+        with Trace(trace) as opened:
+            error = opened.error or f"the run ended {opened.status}"
+    except TraceError:
+        error = "the run did not start"
+    return f"{error} (log: {log})"
 
 
 def dynamic_findings(config: Config, folder: Path, steps: int = 2) -> list[dict[str, Any]]:
@@ -185,6 +210,8 @@ def dynamic_findings(config: Config, folder: Path, steps: int = 2) -> list[dict[
     launcher = Launcher(short, folder, fail_fast=False)
     paths = launcher.capture(leg, [0], 1, [], ops=True) if short.steps else {}
     ops: list[dict[str, Any]] = []
+    if short.steps and 0 not in paths:
+        raise ProbeError(f"probe 'op scan': {_capture_failure(launcher.replay_trace(0))}")
     if 0 in paths:
         with open(paths[0] + ".ops.json", encoding="utf-8") as handle:
             ops = json.load(handle)
