@@ -77,3 +77,18 @@ def test_a_checkpoint_that_cannot_be_written_turns_checkpoints_off(tmp_path):
     saver = checkpoint.Checkpointer(every=1, keep=16, prefix=str(tmp_path / "gone" / "r0.ckpt-"))
     saver.after_step(1, 10, model, optimizer)  # its folder does not exist: cannot be written
     assert not saver.enabled and saver.saved == []
+
+
+def test_the_runs_of_an_audit_share_an_eighth_of_the_free_disk(tmp_path, monkeypatch):
+    import collections
+
+    model, optimizer = _setup()
+    probe = checkpoint.Checkpointer(every=1, keep=16, prefix=str(tmp_path / "p.ckpt-"))
+    probe.after_step(1, 10, model, optimizer)
+    size = (tmp_path / "p.ckpt-1.pt").stat().st_size
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage(0, 0, 8 * 4 * 5 * size))
+    saver = checkpoint.Checkpointer(**checkpoint.plan(100, str(tmp_path / "r.ckpt-"), runs=4))
+    for step in range(7, 70, 7):
+        saver.after_step(step, 100, model, optimizer)
+    assert saver.keep == 5 and len(list(tmp_path.glob("r.ckpt-*"))) == 5

@@ -32,12 +32,13 @@ BUDGET_BYTES = 512 * 2**20  # ... and as many kept per run as fit in this (all, 
 MIN_KEEP = 2  # a state too large to keep two of is not checkpointed (replays from step 0)
 
 
-def plan(steps: int, prefix: str) -> dict[str, Any] | None:
-    """The spec entry of a run: every how many steps, how many kept, file prefix."""
+def plan(steps: int, prefix: str, runs: int = 1) -> dict[str, Any] | None:
+    """The spec entry of a run: every how many steps, how many kept, file prefix, and how
+    many runs of the audit share the disk (each keeps to its part of the free space)."""
     if steps < 3:  # a resume needs c ≤ k − 2 with c ≥ 1
         return None
     every = max(1, -(-steps // CHECKPOINTS_PER_RUN))
-    return {"every": every, "keep": CHECKPOINTS_PER_RUN, "prefix": prefix}
+    return {"every": every, "keep": CHECKPOINTS_PER_RUN, "prefix": prefix, "runs": runs}
 
 
 def path_for(prefix: str, step: int) -> str:
@@ -67,8 +68,9 @@ class Checkpointer:
     """Saves the run's state every ``every`` steps, keeping the newest ``keep`` (fewer if
     the budget holds fewer; none if it holds less than two)."""
 
-    def __init__(self, every: int, keep: int, prefix: str) -> None:
+    def __init__(self, every: int, keep: int, prefix: str, runs: int = 1) -> None:
         self.every, self.keep, self.prefix = every, keep, prefix
+        self.runs = max(1, runs)  # the audit's runs: together they keep to 1/8 of the disk
         self.saved: list[int] = []
         self.enabled = True
 
@@ -94,9 +96,9 @@ class Checkpointer:
                     os.remove(leftover)
             return
         if not self.saved:  # the first one tells the size: keep what fits the budget,
-            size = max(1, os.path.getsize(path))  # and never more than 1/8 of the free disk
+            size = max(1, os.path.getsize(path))  # and the run's share of 1/8 of the disk
             free = shutil.disk_usage(os.path.dirname(path) or ".").free
-            self.keep = min(self.keep, BUDGET_BYTES // size, free // (8 * size))
+            self.keep = min(self.keep, BUDGET_BYTES // size, free // (8 * self.runs * size))
             if self.keep < MIN_KEEP:
                 self.enabled = False
                 os.remove(path)

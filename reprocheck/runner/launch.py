@@ -181,6 +181,7 @@ class Launcher:
     def run(self, legs: Sequence[Leg]) -> list[Leg]:
         """Every run of every leg that is not skipped; Ctrl-C stops them all and re-raises."""
         tasks = []
+        total_runs = self.config.repeats * sum(leg.status != "skipped" for leg in legs)
         for leg in legs:
             if leg.status == "skipped":
                 continue
@@ -188,7 +189,9 @@ class Launcher:
             for run in range(self.config.repeats):
                 saves = None
                 if self.checkpoints and "exec" not in self.extra_spec:
-                    saves = checkpoint.plan(self.config.steps, self._checkpoint_prefix(leg, run))
+                    saves = checkpoint.plan(
+                        self.config.steps, self._checkpoint_prefix(leg, run), total_runs
+                    )
                 result, spec_path = self._spec(leg, run, checkpoints=saves)
                 leg.runs.append(result)
                 tasks.append(_Task(leg, result, spec_path, env))
