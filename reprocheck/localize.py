@@ -203,7 +203,11 @@ def _digests(
             out.append(known[2])
             continue
         if view_of is not None:  # a view op's output: its inputs and arguments decide it
-            meta = f"{view_of}|{value.dtype}|{tuple(value.shape)}|{value.stride()}"
+            # (with its place among the outputs: unbind's views differ by offset alone)
+            meta = (
+                f"{view_of}|{len(out)}|{value.dtype}|{tuple(value.shape)}|{value.stride()}"
+                f"|{value.storage_offset()}"
+            )
             digest = hashlib.blake2b(meta.encode(), digest_size=16).hexdigest()
         else:  # an input that is a view of a base hashed before: from the base's digest
             digest = (None if fresh else _view_digest(value, cache)) or fingerprint(value).hex()
