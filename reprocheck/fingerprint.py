@@ -245,6 +245,16 @@ def sketch(t: torch.Tensor) -> Sketch:
     return _sketch_from(_sketch_device(t).cpu().tolist(), t.numel())
 
 
+def _view_entry(original: torch.Tensor) -> tuple | None:
+    """What :class:`StepHasher` keeps of a persistent CPU tensor: (tensor, data_ptr, shape,
+    dtype, NumPy view of its bytes, seed); None for a tensor hashed through a copy."""
+    t = _check(original)
+    if not t.is_cpu or not t.is_contiguous() or t.is_conj() or t.is_neg():
+        return None
+    flat = t if t.dtype in _NUMPY_DTYPES else t.reshape(-1).view(torch.uint8)
+    return (original, t.data_ptr(), t.shape, t.dtype, flat.numpy(), _seed(t))
+
+
 class StepHasher:
     """Collects the digests (and optionally sketches) of one step's tensors; on CUDA computes them
     on the device and copies all results to the host in ONE transfer at :meth:`finish`."""
@@ -271,7 +281,7 @@ class StepHasher:
         the same storage address, shape and dtype and is contiguous."""
         if persistent and not _FORCE_TORCHMIX:
             entry = self._views.get(id(t))
-            if (
+            if not (
                 entry is not None
                 and entry[0] is t
                 and entry[1] == t.data_ptr()
@@ -279,6 +289,8 @@ class StepHasher:
                 and entry[3] == t.dtype
                 and t.is_contiguous()
             ):
+                entry = _view_entry(t)
+            if entry is not None:  # hashed from its kept view: the same bytes as `_xxh3`
                 self._views_now[id(t)] = entry
                 self._host.append(xxhash.xxh3_128_digest(entry[4], entry[5]))
                 self._sketches.append(None)
@@ -287,18 +299,7 @@ class StepHasher:
                         (len(self._host) - 1, _sketch_device(_check(t)), t.numel())
                     )
                 return
-        original = t
         t = _check(t)
-        if (
-            persistent
-            and t.is_cpu
-            and not _FORCE_TORCHMIX
-            and t.is_contiguous()
-            and not (t.is_conj() or t.is_neg())
-        ):
-            flat = t if t.dtype in _NUMPY_DTYPES else t.reshape(-1).view(torch.uint8)
-            entry = (original, t.data_ptr(), t.shape, t.dtype, flat.numpy(), _seed(t))
-            self._views_now[id(original)] = entry
         slot = len(self._host)
         if t.is_cpu and not _FORCE_TORCHMIX:
             self._host.append(_xxh3(t))

@@ -160,21 +160,18 @@ def _replay(
     resumed = [run for run in chosen if launcher.resumed.get(run)]
     if not resumed:
         return paths
-    faithful = len(paths) == len(chosen)
-    for run in resumed if faithful else ():
-        start = launcher.resumed[run] + 1
+
+    def proven(run: int) -> bool:
+        # the capture exists, so the replay reached step k; a step it lacks is a mismatch
         try:
-            with Trace(launcher.replay_trace(run)) as replay:
-                committed = set(replay.steps)
-            differs = first_mismatch(originals[run], launcher.replay_trace(run), step, start)
-            faithful = set(range(start, step + 1)) <= committed and (
-                differs is None or differs >= (step, divergence.seq)
+            differs = first_mismatch(
+                originals[run], launcher.replay_trace(run), step, launcher.resumed[run] + 1
             )
         except TraceError:
-            faithful = False
-        if not faithful:
-            break
-    if faithful:
+            return False
+        return differs is None or differs >= (step, divergence.seq)
+
+    if len(paths) == len(chosen) and all(proven(run) for run in resumed):
         return paths
     return launcher.capture(leg, chosen, step, wanted, zoom, attempt, resume=False)
 
