@@ -53,27 +53,66 @@ class Loop:
             path = os.path.join(folder, f"t{time.monotonic_ns()}.sqlite")
             self.recorder = StepRecorder(TraceWriter(path, {}), PHASES)
         self.step_number = 0
+        # seconds spent in each recorder call, per step (set to a dict to measure them)
+        self.parts: dict[str, list[float]] | None = None
 
     def step(self, capture: object = None) -> None:
         x, y = self.batch
         rec = self.recorder
         self.step_number += 1
+        clock, parts = time.perf_counter, self.parts
         if rec:
+            started = clock()
             rec.begin(self.step_number)
             rec.add_all("data", batch_tensors(self.batch))
+            if parts is not None:
+                parts["data"].append(clock() - started)
         out = self.model(x)
         loss = torch.nn.functional.cross_entropy(out, y)
         if rec:
+            started = clock()
             rec.add_all("outputs", flatten(out, "output"))
             rec.add_all("loss", [("loss", loss)])
+            if parts is not None:
+                parts["outputs, loss"].append(clock() - started)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if rec:
+            started = clock()
             rec.grads(self.model)
+            if parts is not None:
+                parts["grads"].append(clock() - started)
         self.optimizer.step()
         if rec:
+            started = clock()
             rec.state(self.model, [self.optimizer], self.names)
+            if parts is not None:
+                parts["weights, optimizer, rng"].append(clock() - started)
+                started = clock()
             rec.commit(self.step_number, loss)
+            if parts is not None:
+                parts["commit"].append(clock() - started)
+
+
+PARTS = ["data", "outputs, loss", "grads", "weights, optimizer, rng", "commit"]
+
+
+def recorder_parts(steps: int = 300) -> list[dict]:
+    """Where a recorded step's added time goes: the recorder's calls timed inside the
+    training loop (where the step has evicted them from the CPU caches), medians in µs."""
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name, (model, batch) in workloads().items():
+            loop = Loop(model, batch, folder, recorded=True)
+            for _ in range(5):
+                loop.step()
+            loop.parts = {part: [] for part in PARTS}
+            for _ in range(steps):
+                loop.step()
+            records = loop.recorder.records / loop.step_number
+            us = {part: statistics.median(v) * 1e6 for part, v in loop.parts.items()}
+            rows.append({"workload": name, "records": records, "us": us})
+    return rows
 
 
 def per_step(fn, steps: int) -> float:
@@ -268,6 +307,7 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         steps = step_overhead(args.repeats, folder)
+        parts = recorder_parts()
         runs = whole_runs(max(3, args.repeats // 2), folder)
         traces = big_traces(folder)
         zoom = zoom_share(folder)
@@ -294,6 +334,19 @@ def main() -> None:
             f"{ratio['op capture']:.2f}×",
             f"{ratio['DebugMode']:.2f}×" if "DebugMode" in ratio else "–",
         ]
+        print(bar + sep.join(cells) + end)
+    print()
+    print(
+        bar
+        + sep.join(["recorder call, µs per step (in the loop)"] + PARTS + ["sum", "records"])
+        + end
+    )
+    if args.markdown:
+        print("|---" * (len(PARTS) + 3) + "|")
+    for row in parts:
+        us = row["us"]
+        cells = [row["workload"]] + [f"{us[p]:.0f}" for p in PARTS]
+        cells += [f"{sum(us.values()):.0f}", f"{row['records']:.0f}"]
         print(bar + sep.join(cells) + end)
     print()
     ratio = runs["run -n 2"] / runs["one plain run"]

@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -207,8 +209,32 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# Tensor types whose ``.numpy()`` is the tensor's own memory (subclasses may differ).
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+def _fast_path(t: torch.Tensor) -> bool:
+    """Worth hashing straight from ``t.numpy()``: a plain CPU tensor of a NumPy dtype."""
+    return (
+        type(t) in _PLAIN
+        and not _FORCE_TORCHMIX
+        and t.dtype in _NUMPY_DTYPES
+        and t.is_cpu
+        and not t.requires_grad
+    )
+
+
 def fingerprint(t: torch.Tensor) -> Digest:
     """The exact digest of a tensor (dtype, shape and every bit of its data)."""
+    if _fast_path(t):
+        # The common case in one call: `.numpy()` refuses — and xxh3 refuses a
+        # non-contiguous view — exactly the tensors `_xxh3` would treat otherwise (other
+        # devices, conjugate/negative bits, dtypes NumPy lacks, strided memory); the cases
+        # known beforehand are not tried (a refusal from torch costs ~10 µs).
+        try:
+            return Digest(xxhash.xxh3_128_digest(t.numpy(), _seed(t)))
+        except (TypeError, ValueError, RuntimeError):
+            pass
     t = _check(t)
     if t.is_cpu and not _FORCE_TORCHMIX:
         return Digest(_xxh3(t))
@@ -245,6 +271,21 @@ def sketch(t: torch.Tensor) -> Sketch:
     return _sketch_from(_sketch_device(t).cpu().tolist(), t.numel())
 
 
+def _view_holds(entry: Sequence[Any] | None, t: torch.Tensor) -> bool:
+    """A kept view (see :func:`_view_entry`) still shows ``t``'s bytes: the same object at
+    the same storage address, with the same shape and dtype, still contiguous (a
+    transpose in place keeps address and shape of a square matrix). The view keeps the old
+    storage alive, so no other tensor can take its address."""
+    return (
+        entry is not None
+        and entry[0] is t
+        and entry[1] == t.data_ptr()
+        and entry[2] == t.shape
+        and entry[3] == t.dtype
+        and t.is_contiguous()
+    )
+
+
 def _view_entry(original: torch.Tensor) -> tuple | None:
     """What :class:`StepHasher` keeps of a persistent CPU tensor: (tensor, data_ptr, shape,
     dtype, NumPy view of its bytes, seed); None for a tensor hashed through a copy."""
@@ -261,11 +302,14 @@ class StepHasher:
 
     def __init__(self, with_sketch: bool = False) -> None:
         self.with_sketch = with_sketch
-        self._host: list[bytes | None] = []
+        # The step's digests in record order (None: computed on the device, filled in at
+        # :meth:`finish`). Without sketches, a caller that hashed a tensor itself exactly as
+        # :func:`fingerprint` does may append its digest here (the recorder's fast path).
+        self.host: list[bytes | None] = []
         self._pending: list[
             tuple[int, torch.Tensor, bytes, int]
         ] = []  # (slot, lanes, header, nbytes)
-        self._sketches: list[Sketch | None] = []
+        self._sketches: list[Sketch | None] = []  # in step with `host` with sketches on
         self._pending_sketches: list[tuple[int, torch.Tensor, int]] = []
         # id(tensor) → (tensor, data_ptr, shape, dtype, NumPy view, seed) of tensors hashed every
         # step (weights, optimizer state): skips ~1.5 µs of checks and `.numpy()` per call.
@@ -281,54 +325,48 @@ class StepHasher:
         the same storage address, shape and dtype and is contiguous."""
         if persistent and not _FORCE_TORCHMIX:
             entry = self._views.get(id(t))
-            if not (
-                entry is not None
-                and entry[0] is t
-                and entry[1] == t.data_ptr()
-                and entry[2] == t.shape
-                and entry[3] == t.dtype
-                and t.is_contiguous()
-            ):
+            if not _view_holds(entry, t):
                 entry = _view_entry(t)
             if entry is not None:  # hashed from its kept view: the same bytes as `_xxh3`
                 self._views_now[id(t)] = entry
-                self._host.append(xxhash.xxh3_128_digest(entry[4], entry[5]))
-                self._sketches.append(None)
+                self.host.append(xxhash.xxh3_128_digest(entry[4], entry[5]))
                 if self.with_sketch:
+                    self._sketches.append(None)
                     self._pending_sketches.append(
-                        (len(self._host) - 1, _sketch_device(_check(t)), t.numel())
+                        (len(self.host) - 1, _sketch_device(_check(t)), t.numel())
                     )
                 return
         t = _check(t)
-        slot = len(self._host)
+        slot = len(self.host)
         if t.is_cpu and not _FORCE_TORCHMIX:
-            self._host.append(_xxh3(t))
+            self.host.append(_xxh3(t))
         else:
-            self._host.append(None)
+            self.host.append(None)
             self._pending.append((slot, _torchmix_device(t), _header(t), _nbytes(t)))
-        self._sketches.append(None)
         if self.with_sketch:
+            self._sketches.append(None)
             self._pending_sketches.append((slot, _sketch_device(t), t.numel()))
 
     def add_digest(self, digest: bytes) -> None:
         """A record whose digest was computed elsewhere (op depth); it has no sketch."""
-        self._host.append(digest)
-        self._sketches.append(None)
+        self.host.append(digest)
+        if self.with_sketch:
+            self._sketches.append(None)
 
     def finish(self) -> tuple[list[bytes], list[Sketch | None]]:
         """The step's digests and sketches in :meth:`add` order; then reset."""
         if self._pending:
             lanes = _gather([p[1] for p in self._pending])
             for (slot, _, header, nbytes), pair in zip(self._pending, lanes):
-                self._host[slot] = _torchmix_finish((pair[0], pair[1]), header, nbytes)
+                self.host[slot] = _torchmix_finish((pair[0], pair[1]), header, nbytes)
         if self._pending_sketches:
             stats = _gather([s[1] for s in self._pending_sketches])
             for (slot, _, numel), row in zip(self._pending_sketches, stats):
                 self._sketches[slot] = _sketch_from(row, numel)
-        digests = [d for d in self._host if d is not None]  # every slot is filled by now
-        sketches = self._sketches
+        digests: list[bytes] = self.host  # type: ignore[assignment] - every slot is filled now
+        sketches = self._sketches if self.with_sketch else [None] * len(digests)
         self._views, self._views_now = self._views_now, {}
-        self._host, self._pending, self._sketches, self._pending_sketches = [], [], [], []
+        self.host, self._pending, self._sketches, self._pending_sketches = [], [], [], []
         return digests, sketches
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from .compare import Tolerance, compare_sketches, first_divergence
 from .config import Config
 from .report.json import comparison_dict, divergence_dict
-from .trace import Trace, TraceError
+from .trace import Trace, TraceError, recover
 
 # What must agree for a bitwise comparison to be fair.
 ENVIRONMENT_KEYS = ("torch", "cpu_capability", "threads", "cuda", "cudnn", "device", "hasher")
@@ -55,6 +55,7 @@ def write_golden(trace_path: str, golden_path: str | os.PathLike, config: Config
     temporary = f"{golden}.tmp{os.getpid()}"
     if os.path.exists(temporary):
         os.remove(temporary)
+    recover(trace_path)  # a stopped run's last logged steps
     source = sqlite3.connect(trace_path)
     try:
         source.execute("VACUUM INTO ?", (temporary,))

@@ -13,6 +13,8 @@ import ctypes
 import hashlib
 import os
 import random
+import struct
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import fingerprint as _fp
 from .config import TRACE_PHASES
 from .fingerprint import StepHasher
 from .trace import TraceWriter
@@ -74,10 +77,17 @@ def batch_tensors(batch: Any) -> Iterator[tuple[str, torch.Tensor]]:
         yield from flatten(batch, "batch")
 
 
+def _memory(address: int, size: int) -> memoryview:
+    """A view of ``size`` bytes at ``address`` (a generator's state, kept alive by its
+    owner): ``tobytes()`` on it costs ~0.3 µs where ``ctypes.string_at`` costs ~2 µs warm,
+    ~18 µs right after a training step."""
+    return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+
+
 class _NumpyState:
     """NumPy's global RandomState, read cheaply: ``np.random.get_state()`` costs ~30 µs
     (it copies the 624-word key through Python objects), so the Mersenne Twister's raw
-    2,500 bytes are read through its ctypes interface (~0.4 µs) and the full state only
+    2,500 bytes are read through a view of its ctypes interface (~0.4 µs) and the full state only
     when they changed, or when a cached Gaussian could have been used since (legacy
     ``normal`` draws come in pairs: the second uses the cache without touching the MT
     state). Both conditions together make the shortcut exact. Where the raw state cannot
@@ -86,11 +96,11 @@ class _NumpyState:
     _RAW_BYTES = 624 * 4 + 4  # mt19937_state: uint32 key[624]; int pos
 
     def __init__(self) -> None:
-        self._raw_at: tuple[Any, int] | None = None
+        self._raw_at: tuple[Any, memoryview] | None = None
         try:
             generator = np.random.mtrand._rand._bit_generator
             if type(generator).__name__ == "MT19937":
-                self._raw_at = (generator, int(generator.ctypes.state_address))
+                self._raw_at = (generator, _memory(generator.ctypes.state_address, self._RAW_BYTES))
         except (AttributeError, TypeError, ValueError):
             pass
         self._raw: bytes | None = None
@@ -100,7 +110,7 @@ class _NumpyState:
     def _raw_state(self) -> bytes | None:
         if self._raw_at is None or np.random.mtrand._rand._bit_generator is not self._raw_at[0]:
             return None
-        return ctypes.string_at(self._raw_at[1], self._RAW_BYTES)
+        return self._raw_at[1].tobytes()
 
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(key words + pos + has_gauss as int64, the cached Gaussian as float64)."""
@@ -116,24 +126,65 @@ class _NumpyState:
         return self._last
 
 
+class _RandomState:
+    """Python's ``random`` module state, read cheaply: ``random.getstate()`` builds a tuple
+    of 625 ints (~10 µs, ~20 µs right after a training step), so the Mersenne Twister's
+    raw words are read from the generator object (CPython's ``RandomObject``: ``int
+    index; uint32_t state[624]`` after the object header) and the recorded tensor is
+    rebuilt only when they changed. The layout is checked against ``getstate()`` once; where
+    it does not match (another Python), every call goes through ``getstate()``."""
+
+    _RAW_BYTES = 4 + 624 * 4
+
+    def __init__(self) -> None:
+        self._memory: memoryview | None = None
+        self._raw: bytes | None = None
+        self._words: torch.Tensor | None = None
+        generator = random._inst  # type: ignore[attr-defined]
+        try:
+            memory = _memory(id(generator) + object.__basicsize__, self._RAW_BYTES)
+            index, *words = struct.unpack(f"={1 + 624}I", memory.tobytes())
+            internal = generator.getstate()[1]
+            if list(internal) == [*words, index]:
+                self._generator, self._memory = generator, memory
+        except (AttributeError, TypeError, ValueError, struct.error):
+            pass
+
+    def read(self) -> torch.Tensor:
+        """The 624 state words and the index, as int64 (``getstate()``'s order)."""
+        if self._memory is not None and random._inst is self._generator:  # type: ignore[attr-defined]
+            raw = self._memory.tobytes()
+            if raw == self._raw and self._words is not None:
+                return self._words
+            state = np.empty(625, dtype=np.int64)
+            state[:624] = np.frombuffer(raw, dtype=np.uint32, offset=4)
+            state[624] = int.from_bytes(raw[:4], sys.byteorder, signed=True)
+            self._raw, self._words = raw, torch.from_numpy(state)
+            return self._words
+        _version, internal, _gauss = random.getstate()
+        words = np.frombuffer(array.array("I", internal), dtype=np.uint32)  # 625 ints, ~5 µs
+        return torch.from_numpy(words.astype(np.int64))
+
+
 _NUMPY_STATE: _NumpyState | None = None
+_RANDOM_STATE: _RandomState | None = None
 
 
 def rng_states() -> Iterator[tuple[str, torch.Tensor]]:
-    """The state of every generator a training step may draw from."""
-    global _NUMPY_STATE
+    """The state of every generator a training step may draw from. An unchanged NumPy or
+    ``random`` state comes back as the same tensor object as the last time."""
+    global _NUMPY_STATE, _RANDOM_STATE
     yield "torch.cpu", torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized() and torch.cuda.is_available():  # the cheap test first
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
             yield f"torch.cuda:{index}", state
     if _NUMPY_STATE is None:
-        _NUMPY_STATE = _NumpyState()
+        _NUMPY_STATE, _RANDOM_STATE = _NumpyState(), _RandomState()
     numpy_state, numpy_gauss = _NUMPY_STATE.read()
     yield "numpy", numpy_state
     yield "numpy.gauss", numpy_gauss[0]
-    _version, internal, gauss = random.getstate()
-    words = np.frombuffer(array.array("I", internal), dtype=np.uint32)  # 625 ints, ~5 µs
-    yield "random", torch.from_numpy(words.astype(np.int64))
+    yield "random", _RANDOM_STATE.read()  # type: ignore[union-attr]
+    gauss = random._inst.gauss_next  # type: ignore[attr-defined]
     yield "random.gauss", _float64(float("nan") if gauss is None else gauss)
 
 
@@ -152,16 +203,6 @@ def _float64(value: float) -> torch.Tensor:
     return tensor
 
 
-def state_tensors(state: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    """A ``state_dict``'s tensors by name; a non-tensor entry (a module's extra state) as
-    the tensors and numbers inside it."""
-    for name, value in state.items():
-        if isinstance(value, torch.Tensor):
-            yield name, value
-        else:
-            yield from flatten(value, name)
-
-
 def parameter_names(model: torch.nn.Module) -> dict[int, str]:
     """id(parameter) → its name in ``state_dict``, to name optimizer state."""
     return {id(p): name for name, p in model.named_parameters()}
@@ -171,20 +212,40 @@ def optimizer_tensors(
     optimizer: torch.optim.Optimizer, names: Mapping[int, str], tag: str = ""
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Optimizer state as ``fc1.weight.exp_avg``, in parameter-group order."""
+    # by id: a lookup keyed by the tensor itself runs `Tensor.__hash__` in Python each time
+    states = {id(param): state for param, state in optimizer.state.items()}
     position = 0
     for group in optimizer.param_groups:
         for param in group["params"]:
-            base = names.get(id(param), f"param{position}")
+            base = names.get(id(param))
+            if base is None:
+                base = f"param{position}"
             position += 1
-            state = optimizer.state.get(param)
+            state = states.get(id(param))
             if not state:
                 continue
             for key in sorted(state):
-                yield from flatten(state[key], f"{tag}{base}.{key}")
+                value = state[key]
+                if isinstance(value, torch.Tensor):
+                    yield f"{tag}{base}.{key}", value
+                else:
+                    yield from flatten(value, f"{tag}{base}.{key}")
 
 
 class StepRecorder:
-    """Fingerprints the selected phases of each step and commits them to the trace."""
+    """Fingerprints the selected phases of each step and commits them to the trace.
+
+    The hot path. A recorded step runs right after the training step has evicted the
+    recorder from the CPU's caches, where each Python operation costs several times what
+    it costs warm; so a record is a dict lookup and one ``xxh3`` call wherever that is
+    exact: a tensor of the persistent phases (weights, optimizer state, generator states)
+    seen at the last step under the same name, with the same storage address, shape, dtype
+    and contiguous layout, is hashed from the NumPy view kept of it; any other plain CPU
+    tensor is hashed straight from ``.numpy()`` — which refuses, and so sends the tensor the
+    careful way of :class:`~reprocheck.fingerprint.StepHasher`, whatever that view would get
+    wrong (a tensor that requires grad, a conjugate or negative bit, non-contiguous memory,
+    a dtype NumPy lacks). Both give the digest :func:`~reprocheck.fingerprint.fingerprint`
+    gives; with sketches, or torchmix, every record takes the careful way."""
 
     def __init__(
         self,
@@ -202,11 +263,17 @@ class StepRecorder:
         self.phases = frozenset(phases)
         self.with_sketch = with_sketch
         self._hasher = StepHasher(with_sketch=with_sketch)
-        self._ids: list[int] = []
+        self._fast = not with_sketch and _fp.hasher_name("cpu") == "xxh3-128"
+        self._ids = array.array("I")
         self._phase_index = 0
         self._started = time.perf_counter()
         self.records = 0
-        self._tensor_ids: dict[tuple, int] = {}
+        # (phase, name, shape, dtype) → (tensor id, xxh3 seed)
+        self._tensor_ids: dict[tuple, tuple[int, int]] = {}
+        # persistent phases: phase → name → [tensor, data_ptr, shape, dtype, NumPy view,
+        # seed, id] of the tensors recorded at the last step, and those of this step
+        self._kept: dict[str, dict[str, list]] = {}
+        self._kept_now: dict[str, dict[str, list]] = {}
         self.rss: dict[str, float] = {}
         self.compiled = False  # the model runs through torch.compile (set by the loop)
 
@@ -221,29 +288,74 @@ class StepRecorder:
         """Fingerprint a tensor now (later in-place updates don't change its record)."""
         self._add(phase, ((name, tensor),))
 
-    def _add(self, phase: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def _enter(self, phase: str) -> None:
         index = _PHASE_INDEX[phase]
         if index < self._phase_index:
             raise RuntimeError(
                 f"phase {phase!r} recorded after {TRACE_PHASES[self._phase_index]!r}"
             )
         self._phase_index = index
+
+    def _tensor_id(self, phase: str, name: str, tensor: torch.Tensor) -> tuple[int, int]:
+        key = (phase, name, tensor.shape, tensor.dtype)
+        found = self._tensor_ids.get(key)
+        if found is None:
+            tensor_id = self.writer.tensor_id(
+                phase, name, tuple(tensor.shape), str(tensor.dtype)[6:]
+            )
+            seed = _fp._seed(tensor) if self._fast else 0
+            found = self._tensor_ids[key] = (tensor_id, seed)
+        return found
+
+    def _add(self, phase: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._enter(phase)
         capturing = self.step == self.capture_step
         persistent = phase in _PERSISTENT
-        known, ids, hasher = self._tensor_ids, self._ids, self._hasher
+        known, ids, hasher, fast = self._tensor_ids, self._ids, self._hasher, self._fast
+        digests, xxh3 = hasher.host, _fp.xxhash.xxh3_128_digest if fast else None
+        fast_path = _fp._fast_path if fast else _never
         for name, tensor in named:
             if capturing and (phase, name) in self.capture_names:
                 self.captured[(phase, name)] = tensor.detach().to("cpu", copy=True)
             # The hot path: a dict hit on objects torch already has, no string building.
-            key = (phase, name, tensor.shape, tensor.dtype)
-            tensor_id = known.get(key)
-            if tensor_id is None:
-                tensor_id = self.writer.tensor_id(
-                    phase, name, tuple(tensor.shape), str(tensor.dtype)[6:]
-                )
-                known[key] = tensor_id
-            ids.append(tensor_id)
+            found = known.get((phase, name, tensor.shape, tensor.dtype))
+            if found is None:
+                found = self._tensor_id(phase, name, tensor)
+            ids.append(found[0])
+            if not persistent and fast_path(tensor):
+                try:  # refused by .numpy() or xxh3 unless it is exactly `_xxh3`'s case
+                    digests.append(xxh3(tensor.numpy(), found[1]))
+                    continue
+                except (TypeError, ValueError, RuntimeError):
+                    pass
             hasher.add(tensor, persistent)
+
+    def _add_kept(self, phase: str, named: Iterable[tuple[str, Any]]) -> None:
+        """A persistent phase: (name, value) pairs, values tensors or the numbers and
+        containers a ``state_dict`` may hold (recorded as the tensors in them)."""
+        if not self._fast or self.step == self.capture_step:
+            self._add(phase, _tensors(named))
+            return
+        self._enter(phase)
+        kept, now, ids = self._kept.get(phase, {}), self._kept_now.setdefault(phase, {}), self._ids
+        digests, xxh3, holds = self._hasher.host, _fp.xxhash.xxh3_128_digest, _fp._view_holds
+        for name, tensor in named:
+            entry = kept.get(name)
+            if holds(entry, tensor):
+                now[name] = entry
+                ids.append(entry[6])
+                digests.append(xxh3(entry[4], entry[5]))
+            elif not isinstance(tensor, torch.Tensor):
+                self._add(phase, flatten(tensor, name))
+            else:
+                tensor_id, seed = self._tensor_id(phase, name, tensor)
+                view = _fp._view_entry(tensor)
+                ids.append(tensor_id)
+                if view is None:  # not a contiguous CPU tensor: the careful way, each step
+                    self._hasher.add(tensor)
+                else:
+                    now[name] = [*view, tensor_id]
+                    digests.append(xxh3(view[4], seed))
 
     def add_ops(self, phase: str, ops: Iterable[Any]) -> None:
         """``--depth op``: one record per aten op, ``op:<index>:<name>``, from the digests of
@@ -260,19 +372,42 @@ class StepRecorder:
         if phase in self.phases:
             self._add(phase, named)
 
+    def add_state(self, phase: str, named: Iterable[tuple[str, Any]]) -> None:
+        """Like :meth:`add_all` for the tensors a run keeps from step to step (weights,
+        optimizer state, generator states): values may also be the numbers and containers
+        a ``state_dict`` holds, recorded as the tensors in them."""
+        if phase in self.phases:
+            self._add_kept(phase, named)
+
     def commit(self, step: int, loss: torch.Tensor | None) -> None:
-        """One transaction per step; the hasher's single device→host copy happens here."""
+        """One logged write per step; the hasher's single device→host copy happens here."""
         digests, sketches = self._hasher.finish()
-        loss_value = float(loss.detach().float().mean()) if loss is not None else None
-        rows = list(zip(self._ids, digests))
+        loss_value = None
+        if loss is not None:
+            loss_value = (
+                loss.item()
+                if loss.dtype in (torch.float32, torch.float64) and loss.numel() == 1
+                else float(loss.detach().float().mean())
+            )
+        ids = self._ids
+        if sys.byteorder != "little":
+            ids.byteswap()
         stored = (
-            [None if s is None else s.to_tuple()[:4] for s in sketches]
+            [(step, seq, *s.to_tuple()[:4]) for seq, s in enumerate(sketches) if s is not None]
             if self.with_sketch
-            else None
+            else []
         )
-        self.writer.write_step(step, rows, stored, loss_value, time.perf_counter() - self._started)
-        self.records += len(rows)
-        self._ids = []
+        self.writer.log_step(
+            step,
+            ids.tobytes(),
+            b"".join(digests),
+            stored,
+            loss_value,
+            time.perf_counter() - self._started,
+        )
+        self.records += len(digests)
+        self._ids = array.array("I")
+        self._kept, self._kept_now = self._kept_now, {}
         self._phase_index = 0
         if step % RSS_EVERY == 0:
             rss = rss_mib()
@@ -288,16 +423,29 @@ class StepRecorder:
         names: Mapping[int, str],
     ) -> None:
         """weights, optimizer and rng: the state after an update (or before training)."""
-        # keep_vars: the tensors themselves, not detached copies; a module's extra state
-        # (any picklable value) is recorded as the tensors inside it
-        self.add_all("weights", state_tensors(model.state_dict(keep_vars=True)))
+        if "weights" in self.phases:
+            # keep_vars: the tensors themselves, not detached copies; a module's extra state
+            # (any picklable value) is recorded as the tensors inside it
+            self._add_kept("weights", model.state_dict(keep_vars=True).items())
         if "optimizer" in self.phases:
             for index, optimizer in enumerate(optimizers):
                 tag = f"opt{index}." if len(optimizers) > 1 else ""
-                self.add_all("optimizer", optimizer_tensors(optimizer, names, tag))
-        self.add_all("rng", rng_states())
+                self._add_kept("optimizer", optimizer_tensors(optimizer, names, tag))
+        self.add_state("rng", rng_states())
 
     def grads(self, model: torch.nn.Module) -> None:
         self.add_all(
             "grads", ((name, p.grad) for name, p in model.named_parameters() if p.grad is not None)
         )
+
+
+def _never(tensor: torch.Tensor) -> bool:
+    return False
+
+
+def _tensors(named: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, value in named:
+        if isinstance(value, torch.Tensor):
+            yield name, value
+        else:
+            yield from flatten(value, name)

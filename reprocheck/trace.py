@@ -16,23 +16,42 @@ so two traces are compared by one join on ``step`` and blob equality, and only t
 differing step is opened. One row per step, not per record: ~20 bytes per record on disk
 and one INSERT per step (a row per record cost ~1.5 µs each to insert).
 
-WAL mode and one transaction per step: a run killed at step k keeps every step < k, and
-:class:`Trace` reports where it ended instead of failing.
+Writing a step costs one ``write()``: the writer appends the step as one checksummed
+frame to the *step log* beside the trace (``<trace>-steps``) and folds the logged steps
+into SQLite in one transaction every :data:`FOLD_SECONDS` (a SQLite transaction costs
+~100 µs right after a training step has evicted SQLite from the CPU caches; an append
+costs ~15 µs) — at a step's write when one is due, else from a small thread, so a long
+step or a hang does not hold back what readers see for more than ~2 intervals. A run
+killed at step k keeps every step < k: the log is in the OS's page cache as soon as
+``write()`` returns, and the first reader after the writer died (the audit, or
+:class:`Trace`) folds it in — the writer holds a ``flock`` on the log while it lives, so
+readers of a running trace see the folded steps only. Folding is idempotent
+(``INSERT OR IGNORE``), so a crash between a fold's commit and the log's truncation loses
+nothing and doubles nothing.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import sqlite3
+import struct
 import sys
+import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import TRACE_PHASES
+
+try:
+    import fcntl
+except ImportError:  # Windows: no step-log locks; a log is folded by its own writer only
+    fcntl = None  # type: ignore[assignment]
 
 SCHEMA = "reprocheck.trace/1"
 SCHEMA_VERSION = 2
@@ -50,6 +69,32 @@ CREATE TABLE steps (step INTEGER PRIMARY KEY, records INTEGER NOT NULL, loss REA
 
 
 DIGEST_BYTES = 16
+FOLD_SECONDS = 0.25  # the step log is folded into SQLite at least this often ...
+FOLD_STEPS = 256  # ... or every this many steps
+_FRAME = struct.Struct("<II")  # payload bytes, crc32 of the payload
+_HEAD = struct.Struct("<qddBII")  # step, loss, wall_s, has loss, id bytes, extra bytes
+_STEP_LOG = "-steps"
+
+
+def step_log_path(path: str | os.PathLike) -> str:
+    """The step log beside a trace: steps written but not yet folded into SQLite."""
+    return os.fspath(path) + _STEP_LOG
+
+
+# Open step logs of this process: a forked child (a DataLoader worker) closes its copies,
+# so the log's lock goes away with the writer, not with the last worker.
+_OPEN_LOGS: set[int] = set()
+
+
+def _close_logs_in_child() -> None:
+    for fd in list(_OPEN_LOGS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _OPEN_LOGS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_logs_in_child)
 
 
 def pack_ids(ids: Sequence[int]) -> bytes:
@@ -95,13 +140,16 @@ class Record:
 
 
 class TraceWriter:
-    """Writes one run's trace. Each :meth:`write_step` is one committed transaction."""
+    """Writes one run's trace. Each :meth:`write_step` is durable when it returns (see the
+    module's notes on the step log); :meth:`finish` folds everything into SQLite."""
 
     def __init__(self, path: str | os.PathLike, meta: dict[str, Any]) -> None:
         self.path = os.fspath(path)
         if os.path.exists(self.path):
             raise FileExistsError(f"trace already exists: {self.path}")
-        self._db = sqlite3.connect(self.path, isolation_level=None)
+        # one connection, used under `_lock` by the run's thread and the folding thread
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
         self._db.executescript(_DDL)
@@ -110,14 +158,27 @@ class TraceWriter:
         base = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "status": "running"}
         base["started"] = time.time()
         self._put_meta({**base, **meta})
+        # Locked before it appears under its name: a reader never finds a live writer's log
+        # unlocked (and so never folds and removes it).
+        fresh = f"{step_log_path(self.path)}.{os.getpid()}"
+        self._log = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        _OPEN_LOGS.add(self._log)
+        if fcntl is not None:
+            fcntl.flock(self._log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(fresh, step_log_path(self.path))
+        self._unfolded: list[_LoggedStep] = []
+        self._folded_at = time.monotonic()
+        self._closed = threading.Event()
+        self._folder: threading.Thread | None = None
 
     def _put_meta(self, items: dict[str, Any]) -> None:
-        self._db.execute("BEGIN")
-        self._db.executemany(
-            "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-            [(key, json.dumps(value)) for key, value in items.items()],
-        )
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [(key, json.dumps(value)) for key, value in items.items()],
+            )
+            self._db.execute("COMMIT")
 
     def set_meta(self, **items: Any) -> None:
         """Store (or replace) meta entries, committed at once."""
@@ -143,29 +204,203 @@ class TraceWriter:
         loss: float | None,
         wall_s: float,
     ) -> None:
-        """Commit one step: its (tensor id, digest) rows in record order, optional sketches."""
-        db = self._db
-        db.execute("BEGIN")
-        if self._pending_tensors:
-            db.executemany("INSERT INTO tensors VALUES (?, ?, ?, ?, ?)", self._pending_tensors)
-            self._pending_tensors = []
-        db.execute(
-            "INSERT INTO records VALUES (?, ?, ?)",
-            (step, pack_ids([tensor for tensor, _ in rows]), b"".join(d for _, d in rows)),
+        """Write one step: its (tensor id, digest) rows in record order, optional sketches."""
+        self.log_step(
+            step,
+            pack_ids([tensor for tensor, _ in rows]),
+            b"".join(d for _, d in rows),
+            [(step, seq, *s[:4]) for seq, s in enumerate(sketches) if s is not None]
+            if sketches
+            else [],
+            loss,
+            wall_s,
         )
-        if sketches:
-            db.executemany(
-                "INSERT INTO sketches VALUES (?, ?, ?, ?, ?, ?)",
-                [(step, seq, *s[:4]) for seq, s in enumerate(sketches) if s is not None],
+
+    def log_step(
+        self,
+        step: int,
+        ids: bytes,
+        digests: bytes,
+        sketches: list[tuple],
+        loss: float | None,
+        wall_s: float,
+    ) -> None:
+        """Log one step with one ``write()`` and fold the log into SQLite when it is due.
+        ``ids`` as :func:`pack_ids` packs them, ``digests`` end to end, ``sketches`` as rows
+        ``(step, seq, sum, sum_sq, absmax, nonfinite)``."""
+        logged = _LoggedStep(step, ids, digests, loss, wall_s, self._pending_tensors, sketches)
+        self._pending_tensors = []
+        frame = logged.frame()
+        with self._lock:
+            if os.write(self._log, frame) != len(frame):
+                raise OSError(f"{step_log_path(self.path)}: short write (is the disk full?)")
+            self._unfolded.append(logged)
+            if (
+                len(self._unfolded) >= FOLD_STEPS
+                or time.monotonic() - self._folded_at >= FOLD_SECONDS
+            ):
+                self._fold()
+        if self._folder is None:  # folds what a long step or a hang would leave unfolded
+            self._folder = threading.Thread(
+                target=self._fold_while_idle, name="reprocheck-trace-fold", daemon=True
             )
-        db.execute("INSERT INTO steps VALUES (?, ?, ?, ?)", (step, len(rows), loss, wall_s))
-        db.execute("COMMIT")
+            self._folder.start()
+
+    def _fold_while_idle(self) -> None:
+        while not self._closed.wait(FOLD_SECONDS / 2):
+            with self._lock:
+                if self._closed.is_set():
+                    return
+                if time.monotonic() - self._folded_at < FOLD_SECONDS:
+                    continue
+                try:
+                    self._fold()
+                except (OSError, sqlite3.Error):
+                    return  # the run's own next fold meets the error and raises it
+
+    def fold(self) -> None:
+        """Commit the logged steps to SQLite in one transaction, then empty the log."""
+        with self._lock:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self._unfolded:
+            _insert(self._db, self._unfolded, "INSERT")
+            os.ftruncate(self._log, 0)
+            self._unfolded = []
+        self._folded_at = time.monotonic()
 
     def finish(self, status: str, error: str | None = None, **meta: Any) -> None:
         """Mark the run complete or failed (with its error line) and close the file."""
+        self._closed.set()
+        if self._folder is not None and self._folder is not threading.current_thread():
+            self._folder.join(timeout=5)
+        self.fold()
         self._put_meta({"status": status, "error": error, "finished": time.time(), **meta})
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._db.close()
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()
+        _OPEN_LOGS.discard(self._log)
+        os.close(self._log)  # releases the lock
+        with contextlib.suppress(OSError):
+            os.unlink(step_log_path(self.path))
+
+
+class _LoggedStep(NamedTuple):
+    """One step as the writer logs it and folds it."""
+
+    step: int
+    ids: bytes
+    digests: bytes
+    loss: float | None
+    wall_s: float
+    tensors: list[tuple[int, str, str, str, str]]  # tensor ids first used in this step
+    sketches: list[tuple]  # (step, seq, sum, sum_sq, absmax, nonfinite)
+
+    def frame(self) -> bytes:
+        extra = (
+            json.dumps([self.tensors, self.sketches]).encode()
+            if self.tensors or self.sketches
+            else b""
+        )
+        has_loss = self.loss is not None
+        head = _HEAD.pack(
+            self.step,
+            self.loss if has_loss else 0.0,
+            self.wall_s,
+            has_loss,
+            len(self.ids),
+            len(extra),
+        )
+        payload = b"".join((head, self.ids, self.digests, extra))
+        return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+    @staticmethod
+    def parse(data: bytes) -> list[_LoggedStep]:
+        """The whole frames of a step log; a torn or corrupt tail is where it ends."""
+        out, at = [], 0
+        while at + _FRAME.size <= len(data):
+            size, crc = _FRAME.unpack_from(data, at)
+            payload = data[at + _FRAME.size : at + _FRAME.size + size]
+            if len(payload) != size or size < _HEAD.size or zlib.crc32(payload) != crc:
+                break
+            step, loss, wall_s, has_loss, id_bytes, extra_bytes = _HEAD.unpack_from(payload)
+            digest_bytes = id_bytes // 4 * DIGEST_BYTES
+            if _HEAD.size + id_bytes + digest_bytes + extra_bytes != size:
+                break
+            body = payload[_HEAD.size :]
+            tensors, sketches = (
+                json.loads(body[id_bytes + digest_bytes :]) if extra_bytes else ([], [])
+            )
+            out.append(
+                _LoggedStep(
+                    step,
+                    body[:id_bytes],
+                    body[id_bytes : id_bytes + digest_bytes],
+                    loss if has_loss else None,
+                    wall_s,
+                    [tuple(t) for t in tensors],
+                    [tuple(s) for s in sketches],
+                )
+            )
+            at += _FRAME.size + size
+        return out
+
+
+def _insert(db: sqlite3.Connection, steps: Sequence[_LoggedStep], verb: str) -> None:
+    """Logged steps into the trace's tables, in one transaction."""
+    db.execute("BEGIN")
+    try:
+        db.executemany(
+            f"{verb} INTO tensors VALUES (?, ?, ?, ?, ?)", [t for s in steps for t in s.tensors]
+        )
+        db.executemany(
+            f"{verb} INTO records VALUES (?, ?, ?)", [(s.step, s.ids, s.digests) for s in steps]
+        )
+        db.executemany(
+            f"{verb} INTO sketches VALUES (?, ?, ?, ?, ?, ?)",
+            [k for s in steps for k in s.sketches],
+        )
+        db.executemany(
+            f"{verb} INTO steps VALUES (?, ?, ?, ?)",
+            [(s.step, len(s.ids) // 4, s.loss, s.wall_s) for s in steps],
+        )
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def recover(path: str | os.PathLike) -> int:
+    """Fold the step log of a trace whose writer is gone (killed) into the trace; returns
+    how many logged steps it held. A live writer's log (locked), a missing one, or one that
+    cannot be folded (a read-only folder) is left as it is."""
+    log_path = step_log_path(path)
+    if fcntl is None or not os.path.exists(log_path):
+        return 0
+    try:
+        fd = os.open(log_path, os.O_RDWR)
+    except OSError:
+        return 0
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return 0  # its writer is alive
+        with os.fdopen(os.dup(fd), "rb") as log:
+            steps = _LoggedStep.parse(log.read())
+        if steps:
+            db = sqlite3.connect(os.fspath(path), timeout=5, isolation_level=None)
+            try:
+                _insert(db, steps, "INSERT OR IGNORE")
+            finally:
+                db.close()
+        os.unlink(log_path)
+        return len(steps)
+    except (OSError, sqlite3.Error, ValueError, struct.error):
+        return 0  # left for a reader that can fold it; the trace reads as it stands
+    finally:
+        os.close(fd)
 
 
 class Trace:
@@ -181,6 +416,7 @@ class Trace:
             magic = head.read(16)
         if magic != b"SQLite format 3\x00":
             raise TraceError(f"{self.path}: not a reprocheck trace (not a SQLite file)")
+        recover(self.path)  # a killed run's logged steps
         try:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
             rows = self.db.execute("SELECT key, value FROM meta").fetchall()
@@ -306,7 +542,9 @@ class Trace:
 
 
 def committed_steps(path: str | os.PathLike) -> int:
-    """How many steps a (possibly running) trace has committed; 0 if unreadable yet."""
+    """How many steps a (possibly running) trace has committed; 0 if unreadable yet. The
+    steps of a running writer's log count once folded; a dead writer's log is folded now."""
+    recover(path)
     try:
         db = sqlite3.connect(f"file:{os.fspath(path)}?mode=ro", uri=True, timeout=0.5)
         try:
@@ -319,6 +557,7 @@ def committed_steps(path: str | os.PathLike) -> int:
 
 def mark_ended(path: str | os.PathLike, status: str, error: str) -> None:
     """Record, from outside, how a run that could not say it itself ended (killed, timed out)."""
+    recover(path)
     db = sqlite3.connect(os.fspath(path), timeout=5)
     try:
         with db:

@@ -38,7 +38,6 @@ from ..recorder import (
     flatten,
     optimizer_tensors,
     rng_states,
-    state_tensors,
 )
 from ..trace import TraceWriter
 
@@ -173,11 +172,12 @@ class ScriptRecorder:
         for model in self.models:
             tag = self.tags[id(model)]
             state = model.state_dict(keep_vars=True)  # the tensors themselves, not detached copies
-            rec.add_all("weights", ((tag + k, v) for k, v in state_tensors(state)))
+            rec.add_state("weights", ((tag + k, v) for k, v in state.items()))
         names = self._names()
         for optimizer in self.optimizers:
-            rec.add_all("optimizer", optimizer_tensors(optimizer, names, self.tags[id(optimizer)]))
-        rec.add_all("rng", rng_states())
+            tag = self.tags[id(optimizer)]
+            rec.add_state("optimizer", optimizer_tensors(optimizer, names, tag))
+        rec.add_state("rng", rng_states())
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if os.getpid() != self.pid or self.finished:
