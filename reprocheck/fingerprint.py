@@ -287,8 +287,9 @@ def _view_holds(entry: Sequence[Any] | None, t: torch.Tensor) -> bool:
 
 
 def _view_entry(original: torch.Tensor) -> tuple | None:
-    """What :class:`StepHasher` keeps of a persistent CPU tensor: (tensor, data_ptr, shape,
-    dtype, NumPy view of its bytes, seed); None for a tensor hashed through a copy."""
+    """What the recorder keeps of a tensor it hashes every step (a weight, an optimizer
+    state): (tensor, data_ptr, shape, dtype, NumPy view of its bytes, seed); None for a
+    tensor hashed through a copy. xxh3 over the view gives :func:`fingerprint`'s digest."""
     t = _check(original)
     if not t.is_cpu or not t.is_contiguous() or t.is_conj() or t.is_neg():
         return None
@@ -311,31 +312,9 @@ class StepHasher:
         ] = []  # (slot, lanes, header, nbytes)
         self._sketches: list[Sketch | None] = []  # in step with `host` with sketches on
         self._pending_sketches: list[tuple[int, torch.Tensor, int]] = []
-        # id(tensor) → (tensor, data_ptr, shape, dtype, NumPy view, seed) of tensors hashed every
-        # step (weights, optimizer state): skips ~1.5 µs of checks and `.numpy()` per call.
-        # Kept for the tensors seen in this step or the last one only.
-        self._views: dict[int, tuple] = {}
-        self._views_now: dict[int, tuple] = {}
 
-    def add(self, t: torch.Tensor, persistent: bool = False) -> None:
-        """Digest ``t`` now (later in-place updates of ``t`` do not change it).
-
-        ``persistent``: ``t`` is hashed again at the next step (a parameter, an optimizer
-        state tensor), so its NumPy view is kept; it is reused only while the tensor has
-        the same storage address, shape and dtype and is contiguous."""
-        if persistent and not _FORCE_TORCHMIX:
-            entry = self._views.get(id(t))
-            if not _view_holds(entry, t):
-                entry = _view_entry(t)
-            if entry is not None:  # hashed from its kept view: the same bytes as `_xxh3`
-                self._views_now[id(t)] = entry
-                self.host.append(xxhash.xxh3_128_digest(entry[4], entry[5]))
-                if self.with_sketch:
-                    self._sketches.append(None)
-                    self._pending_sketches.append(
-                        (len(self.host) - 1, _sketch_device(_check(t)), t.numel())
-                    )
-                return
+    def add(self, t: torch.Tensor) -> None:
+        """Digest ``t`` now (later in-place updates of ``t`` do not change it)."""
         t = _check(t)
         slot = len(self.host)
         if t.is_cpu and not _FORCE_TORCHMIX:
@@ -365,7 +344,6 @@ class StepHasher:
                 self._sketches[slot] = _sketch_from(row, numel)
         digests: list[bytes] = self.host  # type: ignore[assignment] - every slot is filled now
         sketches = self._sketches if self.with_sketch else [None] * len(digests)
-        self._views, self._views_now = self._views_now, {}
         self.host, self._pending, self._sketches, self._pending_sketches = [], [], [], []
         return digests, sketches
 

@@ -25,10 +25,9 @@ import torch
 from . import fingerprint as _fp
 from .config import TRACE_PHASES
 from .fingerprint import StepHasher
-from .trace import TraceWriter
+from .trace import TraceWriter, pack_ids
 
 _PHASE_INDEX = {phase: index for index, phase in enumerate(TRACE_PHASES)}
-_PERSISTENT = frozenset(("weights", "optimizer"))  # the same tensors every step
 RSS_EVERY = 100  # steps between samples of the run's resident memory
 
 
@@ -310,7 +309,6 @@ class StepRecorder:
     def _add(self, phase: str, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._enter(phase)
         capturing = self.step == self.capture_step
-        persistent = phase in _PERSISTENT
         known, ids, hasher, fast = self._tensor_ids, self._ids, self._hasher, self._fast
         digests, xxh3 = hasher.host, _fp.xxhash.xxh3_128_digest if fast else None
         fast_path = _fp._fast_path if fast else _never
@@ -322,13 +320,13 @@ class StepRecorder:
             if found is None:
                 found = self._tensor_id(phase, name, tensor)
             ids.append(found[0])
-            if not persistent and fast_path(tensor):
+            if fast_path(tensor):
                 try:  # refused by .numpy() or xxh3 unless it is exactly `_xxh3`'s case
                     digests.append(xxh3(tensor.numpy(), found[1]))
                     continue
                 except (TypeError, ValueError, RuntimeError):
                     pass
-            hasher.add(tensor, persistent)
+            hasher.add(tensor)
 
     def _add_kept(self, phase: str, named: Iterable[tuple[str, Any]]) -> None:
         """A persistent phase: (name, value) pairs, values tensors or the numbers and
@@ -389,9 +387,6 @@ class StepRecorder:
                 if loss.dtype in (torch.float32, torch.float64) and loss.numel() == 1
                 else float(loss.detach().float().mean())
             )
-        ids = self._ids
-        if sys.byteorder != "little":
-            ids.byteswap()
         stored = (
             [(step, seq, *s.to_tuple()[:4]) for seq, s in enumerate(sketches) if s is not None]
             if self.with_sketch
@@ -399,7 +394,7 @@ class StepRecorder:
         )
         self.writer.log_step(
             step,
-            ids.tobytes(),
+            pack_ids(self._ids),
             b"".join(digests),
             stored,
             loss_value,
@@ -445,7 +440,4 @@ def _never(tensor: torch.Tensor) -> bool:
 
 def _tensors(named: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, torch.Tensor]]:
     for name, value in named:
-        if isinstance(value, torch.Tensor):
-            yield name, value
-        else:
-            yield from flatten(value, name)
+        yield from flatten(value, name)

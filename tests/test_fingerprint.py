@@ -194,17 +194,28 @@ def test_cuda_digests_on_the_device_in_one_transfer():
     ]
 
 
-def test_persistent_views_follow_every_change_of_the_tensor(hasher):
-    """Weights and optimizer state keep their NumPy view between steps: the digest must
-    still follow in-place updates, `.data` swaps, dtype reinterpretation and transposes."""
+def test_persistent_views_follow_every_change_of_the_tensor(hasher, tmp_path):
+    """Weights and optimizer state keep their NumPy view between steps (in the recorder):
+    the digest must still follow in-place updates, `.data` swaps, dtype reinterpretation
+    and transposes."""
+    from reprocheck.recorder import StepRecorder
+    from reprocheck.trace import Trace, TraceWriter
+
     param = torch.nn.Parameter(torch.randn(4, 4))
     state = torch.zeros(4, 4)
-    step_hasher = StepHasher()
+    writer = TraceWriter(tmp_path / "t.sqlite", {})
+    recorder = StepRecorder(writer, ["weights"])
+    step = 0
 
     def digests() -> list[bytes]:
-        step_hasher.add(param, persistent=True)
-        step_hasher.add(state, persistent=True)
-        return step_hasher.finish()[0]
+        nonlocal step
+        step += 1
+        recorder.begin(step)
+        recorder.add_state("weights", [("param", param), ("state", state)])
+        recorder.commit(step, None)
+        writer.fold()
+        with Trace(writer.path) as trace:
+            return [r.digest for r in trace.records(step)]
 
     changes = [
         lambda: None,
@@ -219,7 +230,9 @@ def test_persistent_views_follow_every_change_of_the_tensor(hasher):
     for change in changes:
         change()
         assert digests() == [fingerprint(param).value, fingerprint(state).value]
-    assert len(step_hasher._views) <= 2  # nothing kept beyond the tensors of the last step
+    # nothing kept beyond the tensors of the last step
+    assert sum(len(kept) for kept in recorder._kept.values()) <= 2
+    writer.finish("complete")
 
 
 def test_numpy_rng_shortcut_is_exact():
