@@ -19,8 +19,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import __version__
-from .report.json import EXIT_DIVERGED, EXIT_REPRODUCIBLE, EXIT_USAGE
+from . import __version__, jsonout
+from .report.json import EXIT_DIVERGED, EXIT_FAILED, EXIT_REPRODUCIBLE, EXIT_USAGE
 
 app = typer.Typer(
     name="reprocheck",
@@ -171,11 +171,26 @@ def _emit(report: dict[str, Any], json_path: Optional[Path], quiet: bool) -> Non
     write_report(report, Path(report["out_dir"]) / "report.json")
     if json_path is not None:
         if str(json_path) == "-":
-            sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+            sys.stdout.write(jsonout.dumps(report, indent=2, default=str) + "\n")
             return
         write_report(report, json_path)
     if not quiet:
         render(report, stdout)
+    elif report["verdict"] == "failed":  # a CI log still says why, in one line
+        print(f"reprocheck: {_failure_line(report)}", file=sys.stderr)
+
+
+def _failure_line(report: dict[str, Any]) -> str:
+    """Why a failed audit failed: its reason, else the first failed run's error."""
+    if report.get("interrupted"):
+        return "interrupted: every run stopped, the partial report is in " + report["out_dir"]
+    if report.get("reason"):
+        return report["reason"]
+    for leg in report["legs"]:
+        for run in leg["runs"]:
+            if run["status"] not in ("complete", "stopped"):
+                return f"{leg['name']} run #{run['run']} {run['status']}: {run['error']}"
+    return "the audit failed"
 
 
 @app.command()
@@ -316,12 +331,15 @@ def compare(
         from .report.json import write_report
 
         if str(json_path) == "-":
-            sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+            sys.stdout.write(jsonout.dumps(result, indent=2, default=str) + "\n")
         else:
             write_report(result, json_path)
     if json_path is None or str(json_path) != "-":
         _render_compare(result)
-    raise typer.Exit(EXIT_REPRODUCIBLE if agree else EXIT_DIVERGED)
+    # not comparable (no sketches to measure a difference by) is no pass: exit 3
+    raise typer.Exit(
+        EXIT_REPRODUCIBLE if agree else EXIT_DIVERGED if agree is False else EXIT_FAILED
+    )
 
 
 def _config_identity(config: Any) -> tuple:
@@ -352,6 +370,10 @@ def _render_compare(result: dict[str, Any]) -> None:
         stdout.print(Text(f"  digests  A {d['digests'][0]}   B {d['digests'][-1]}", style="dim"))
         return
     c = result["comparison"]
+    if c["within_tolerance"] is None:
+        stdout.print(Text(f"✘ NOT COMPARABLE ({c['tolerance']})", style="bold red"))
+        stdout.print(Text(f"  {c['note']}"))
+        return
     if c["within_tolerance"]:
         stdout.print(
             Text(

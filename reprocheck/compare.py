@@ -36,6 +36,9 @@ class Divergence:
     sides: list[Record | None]  # one record per group (None: the group has no record there)
     kind: str = "value"  # value: digests differ · structure: names/shapes/counts differ
     leg: str | None = None
+    process: str = "main"  # which of each run's processes (``main``, ``mp1``, ``rank0`` …)
+    # a generator whose state differed at or before this step: the likely cause
+    generator: dict[str, Any] | None = None
     diff: dict[str, Any] = field(default_factory=dict)  # numeric diff, from the real tensors
     zoom: dict[str, Any] = field(default_factory=dict)  # module, op, source, cause (zoom)
     variability: list[dict[str, Any]] = field(default_factory=list)  # distinct digests per tensor
@@ -56,36 +59,38 @@ def _tensor_table(db: sqlite3.Connection, alias: str) -> list[tuple]:
 
 
 def first_mismatch(
-    path_a: str, path_b: str, last_step: int, from_step: int = 0
+    path_a: str, path_b: str, last_step: int, from_step: int = 0, latent: bool = False
 ) -> tuple[int, int] | None:
     """(step, seq) of the first record, in steps ``from_step..last_step``, where two traces
-    differ."""
+    differ: among the observable records, or with ``latent`` among the generator states."""
     try:
-        return _first_mismatch(path_a, path_b, last_step, from_step)
+        return _first_mismatch(path_a, path_b, last_step, from_step, latent)
     except sqlite3.DatabaseError as exc:
         raise TraceError(f"{path_a} or {path_b}: corrupted trace ({exc})") from None
 
 
 def _first_mismatch(
-    path_a: str, path_b: str, last_step: int, from_step: int
+    path_a: str, path_b: str, last_step: int, from_step: int, latent: bool
 ) -> tuple[int, int] | None:
     db = _connect(path_a, path_b)
+    ids, digests = ("latent_tensors", "latent_digests") if latent else ("tensors", "digests")
     try:
         same_ids = _tensor_table(db, "t0") == _tensor_table(db, "t1")
         # One join over the steps: equal blobs mean every record of the step is equal.
         # Where tensor ids were assigned differently, the id blobs differ while the
         # records may not: then each step is compared by what the ids stand for.
-        same = "y.digests = x.digests AND y.tensors = x.tensors" if same_ids else "0"
+        same = f"y.{digests} = x.{digests} AND y.{ids} = x.{ids}" if same_ids else "0"
         query = (
-            "SELECT x.step, x.tensors, x.digests, y.tensors, y.digests FROM t0.records x "
-            "LEFT JOIN t1.records y ON y.step = x.step "
+            f"SELECT x.step, x.{ids}, x.{digests}, y.{ids}, y.{digests}, length(x.tensors) "
+            "FROM t0.records x LEFT JOIN t1.records y ON y.step = x.step "
             f"WHERE x.step BETWEEN ? AND ? AND NOT coalesce({same}, 0) ORDER BY x.step"
         )
         keys = None if same_ids else [_tensor_keys(db, "t0"), _tensor_keys(db, "t1")]
-        for step, ids_a, digests_a, ids_b, digests_b in db.execute(query, (from_step, last_step)):
+        rows = db.execute(query, (from_step, last_step))
+        for step, ids_a, digests_a, ids_b, digests_b, observed_bytes in rows:
             seq = _first_difference(ids_a, digests_a, ids_b, digests_b, keys)
-            if seq is not None:
-                return step, seq
+            if seq is not None:  # latent records are numbered after the observable ones
+                return step, seq + (observed_bytes // 4 if latent else 0)
             if same_ids:
                 raise sqlite3.DatabaseError(f"step {step}: unequal blobs with equal records")
     finally:
@@ -131,12 +136,16 @@ def first_divergence(
     run_ids: Sequence[int] | None = None,
     partial: bool = False,
     from_step: int = 0,
+    latent: bool = False,
+    last_step: int | None = None,
 ) -> Divergence | None:
     """The first divergence among a leg's traces, over the steps they all committed.
 
-    ``partial``: traces may still be running or not exist yet (fail-fast polling); the
-    unreadable ones are left out instead of raising. ``from_step``: the steps before it
-    are known to agree (fail-fast checks only what is new).
+    Only observable records count; with ``latent``, the first generator state that differs
+    instead (evidence for a cause, or a latent finding). ``partial``: traces may still be
+    running or not exist yet (fail-fast polling); the unreadable ones are left out instead
+    of raising. ``from_step``: the steps before it are known to agree (fail-fast checks only
+    what is new). ``last_step``: look no further than this step.
     """
     run_ids = list(run_ids) if run_ids is not None else list(range(len(traces)))
     opened: list[tuple[int, Trace]] = []
@@ -150,10 +159,11 @@ def first_divergence(
         opened = [(run, t) for run, t in opened if t.steps]
         if len(opened) < 2:
             return None
-        last_step = min(t.last_step for _, t in opened)
+        last = min(t.last_step for _, t in opened)
+        last = last if last_step is None else min(last, last_step)
         reference = opened[0][1]
         mismatches = [
-            first_mismatch(reference.path, t.path, last_step, from_step) for _, t in opened[1:]
+            first_mismatch(reference.path, t.path, last, from_step, latent) for _, t in opened[1:]
         ]
         found = [m for m in mismatches if m is not None]
         if not found:
@@ -255,7 +265,9 @@ class LegComparison:
     compared: int = 0
     identical: int = 0  # bitwise-identical records (same hasher on both sides)
     unmeasured: int = 0  # records that differ but have no sketch on one side
-    within_tolerance: bool = True
+    # True / False; None: some records differ and cannot be measured (no sketches), so
+    # whether the traces are within the tolerance is unknown — "not comparable"
+    within_tolerance: bool | None = True
     first_outside: dict[str, Any] | None = None
     worst: dict[str, Any] | None = None
     growth: list[tuple[int, float]] = field(default_factory=list)  # (step, max rel diff)
@@ -286,7 +298,7 @@ def _compare_sketches(
             for step in shared
             if step <= last_step
             for x, y in zip(a.records(step), b.records(step))
-            if (x.phase, x.name, x.shape) == (y.phase, y.name, y.shape)
+            if (x.phase, x.name, x.shape) == (y.phase, y.name, y.shape) and not x.latent
         ]
     growth: dict[int, float] = {}
     for step, phase, name, dtype, equal, *values in rows:
@@ -297,8 +309,8 @@ def _compare_sketches(
         if bitwise:
             excess = rel = 0.0
         elif side_a[0] is None or side_b[0] is None:
-            excess = rel = math.inf  # differs, and no sketch to measure by how much
-            result.unmeasured += 1
+            result.unmeasured += 1  # differs, and no sketch to measure by how much
+            continue
         else:
             excess, rel = _sketch_distance(side_a, side_b, tolerance, dtype)
         growth[step] = max(growth.get(step, 0.0), rel)
@@ -315,9 +327,12 @@ def _compare_sketches(
             result.worst = where
     result.growth = sorted(growth.items())
     if result.unmeasured:
+        if result.within_tolerance:
+            result.within_tolerance = None
         result.note = (
-            f"{result.unmeasured} records differ and lack numeric sketches: "
-            "counted as outside the tolerance"
+            f"not comparable: {result.unmeasured} records differ bitwise and lack the "
+            "numeric sketches a tolerance is checked on (traces recorded without sketches; "
+            "record them with `reprocheck record`, or audit with more than one leg)"
         )
     return result
 

@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import os
 import re
+import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -328,6 +329,18 @@ def _parse_yaml(text: str, where: str) -> tuple[Any, _Located]:
     return data, located
 
 
+def _is_python_script(path: str) -> bool:
+    """A ``.py`` file, or one whose first line is a ``#!`` naming python: never a config."""
+    if path.lower().endswith((".py", ".pyw")):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline(200)
+    except OSError:
+        return False
+    return first.startswith(b"#!") and b"python" in first
+
+
 def load_config(path: str | os.PathLike) -> Config:
     """Read and validate a config file."""
     where = os.fspath(path)
@@ -335,6 +348,11 @@ def load_config(path: str | os.PathLike) -> Config:
         raise ConfigError(f"{where}: no such config file")
     if os.path.isdir(where):
         raise ConfigError(f"{where}: is a folder — give the YAML config file")
+    if _is_python_script(where):
+        raise ConfigError(
+            f"{where} is a Python script, not a config: audit it with "
+            f"`reprocheck exec -- python {shlex.quote(where)}`"
+        )
     try:
         with open(where, "rb") as handle:
             raw = handle.read()

@@ -15,13 +15,13 @@ the environment, no tensors — small enough to commit.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import jsonout
 from .compare import Tolerance, compare_sketches, first_divergence
 from .config import Config
 from .report.json import comparison_dict, divergence_dict
@@ -68,7 +68,7 @@ def write_golden(trace_path: str, golden_path: str | os.PathLike, config: Config
             [
                 (
                     "golden",
-                    json.dumps(
+                    jsonout.dumps(
                         {
                             "recorded": time.time(),
                             "config_sha256": config.sha256,

@@ -25,7 +25,7 @@ import torch
 from . import fingerprint as _fp
 from .config import TRACE_PHASES
 from .fingerprint import StepHasher
-from .trace import TraceWriter, pack_ids
+from .trace import LATENT_PHASES, TraceWriter, pack_ids
 
 _PHASE_INDEX = {phase: index for index, phase in enumerate(TRACE_PHASES)}
 RSS_EVERY = 100  # steps between samples of the run's resident memory
@@ -265,6 +265,7 @@ class StepRecorder:
         self._fast = not with_sketch and _fp.hasher_name("cpu") == "xxh3-128"
         self._ids = array.array("I")
         self._phase_index = 0
+        self._observed: int | None = None  # records before the first latent one
         self._started = time.perf_counter()
         self.records = 0
         # (phase, name, shape, dtype) → (tensor id, xxh3 seed)
@@ -294,6 +295,8 @@ class StepRecorder:
                 f"phase {phase!r} recorded after {TRACE_PHASES[self._phase_index]!r}"
             )
         self._phase_index = index
+        if self._observed is None and phase in LATENT_PHASES:
+            self._observed = len(self._ids)  # the step's latent records start here
 
     def _tensor_id(self, phase: str, name: str, tensor: torch.Tensor) -> tuple[int, int]:
         key = (phase, name, tensor.shape, tensor.dtype)
@@ -399,9 +402,11 @@ class StepRecorder:
             stored,
             loss_value,
             time.perf_counter() - self._started,
+            len(self._ids) if self._observed is None else self._observed,
         )
         self.records += len(digests)
         self._ids = array.array("I")
+        self._observed = None
         self._kept, self._kept_now = self._kept_now, {}
         self._phase_index = 0
         if step % RSS_EVERY == 0:

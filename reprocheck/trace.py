@@ -1,16 +1,22 @@
 """The trace of one run: a SQLite file written step by step, crash-safe, and read back.
 
-Layout (schema version 2)::
+Layout (schema version 3)::
 
     meta(key PRIMARY KEY, value)                 JSON: schema, config, environment, status ...
     tensors(id PRIMARY KEY, phase, name, shape, dtype)
-    records(step PRIMARY KEY, tensors, digests)  one row per step: the step's records
+    records(step PRIMARY KEY, tensors, digests, latent_tensors, latent_digests)
+                                                 one row per step: the step's records
     sketches(step, seq, sum, sum_sq, absmax, nonfinite)   only where sketches were taken
     steps(step PRIMARY KEY, records, loss, wall_s)   one row per committed step
 
 A step's records are two blobs in record order (phases in order, then the order tensors
 were recorded in): ``tensors``, their ids as little-endian uint32, and ``digests``, their
-16-byte digests end to end; record ``seq`` is position ``seq`` in both. A tensor id
+16-byte digests end to end; record ``seq`` is position ``seq`` in both. The step's
+generator states (phase ``rng``, always last) are kept apart in ``latent_tensors`` and
+``latent_digests``: what training *observes* (data, outputs, loss, grads, weights,
+optimizer state) decides a verdict, and a generator whose state differs while nothing
+drawn from it differs is only latent (see DESIGN.md, "The verdict"); the latent records
+continue the step's ``seq`` numbering after the observable ones. A tensor id
 stands for (phase, name, shape, dtype); runs of one config assign ids in the same order,
 so two traces are compared by one join on ``step`` and blob equality, and only the first
 differing step is opened. One row per step, not per record: ~20 bytes per record on disk
@@ -46,6 +52,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from . import jsonout
 from .config import TRACE_PHASES
 
 try:
@@ -54,13 +61,15 @@ except ImportError:  # Windows: no step-log locks; a log is folded by its own wr
     fcntl = None  # type: ignore[assignment]
 
 SCHEMA = "reprocheck.trace/1"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+LATENT_PHASES = frozenset({"rng"})  # recorded apart: evidence of a cause, not a verdict
 
 _DDL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE tensors (id INTEGER PRIMARY KEY, phase TEXT NOT NULL, name TEXT NOT NULL,
                       shape TEXT NOT NULL, dtype TEXT NOT NULL);
-CREATE TABLE records (step INTEGER PRIMARY KEY, tensors BLOB NOT NULL, digests BLOB NOT NULL);
+CREATE TABLE records (step INTEGER PRIMARY KEY, tensors BLOB NOT NULL, digests BLOB NOT NULL,
+                      latent_tensors BLOB NOT NULL, latent_digests BLOB NOT NULL);
 CREATE TABLE sketches (step INTEGER NOT NULL, seq INTEGER NOT NULL, sum REAL, sum_sq REAL,
                        absmax REAL, nonfinite INTEGER, PRIMARY KEY (step, seq)) WITHOUT ROWID;
 CREATE TABLE steps (step INTEGER PRIMARY KEY, records INTEGER NOT NULL, loss REAL,
@@ -72,7 +81,7 @@ DIGEST_BYTES = 16
 FOLD_SECONDS = 0.25  # the step log is folded into SQLite at least this often ...
 FOLD_STEPS = 256  # ... or every this many steps
 _FRAME = struct.Struct("<II")  # payload bytes, crc32 of the payload
-_HEAD = struct.Struct("<qddBII")  # step, loss, wall_s, has loss, id bytes, extra bytes
+_HEAD = struct.Struct("<qddBIII")  # step, loss, wall_s, has loss, id bytes, observed, extra
 _STEP_LOG = "-steps"
 
 
@@ -117,6 +126,9 @@ def split_digests(blob: bytes) -> list[bytes]:
     return [blob[i : i + DIGEST_BYTES] for i in range(0, len(blob), DIGEST_BYTES)]
 
 
+_ALL_RECORDS = "tensors, digests, latent_tensors, latent_digests"
+
+
 class TraceError(Exception):
     """A trace that cannot be read: missing, not SQLite, not ours, or another schema."""
 
@@ -133,6 +145,11 @@ class Record:
     dtype: str
     digest: bytes
     sketch: tuple[float, float, float, int] | None = None
+
+    @property
+    def latent(self) -> bool:
+        """A generator state: evidence of a cause, never a verdict by itself."""
+        return self.phase in LATENT_PHASES
 
     @property
     def shape_text(self) -> str:
@@ -176,7 +193,7 @@ class TraceWriter:
             self._db.execute("BEGIN")
             self._db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                [(key, json.dumps(value)) for key, value in items.items()],
+                [(key, jsonout.dumps(value)) for key, value in items.items()],
             )
             self._db.execute("COMMIT")
 
@@ -203,8 +220,10 @@ class TraceWriter:
         sketches: Sequence[tuple[float, float, float, int] | None] | None,
         loss: float | None,
         wall_s: float,
+        observed: int | None = None,
     ) -> None:
-        """Write one step: its (tensor id, digest) rows in record order, optional sketches."""
+        """Write one step: its (tensor id, digest) rows in record order, optional sketches;
+        the rows from ``observed`` on are latent (generator states; all observable if None)."""
         self.log_step(
             step,
             pack_ids([tensor for tensor, _ in rows]),
@@ -214,6 +233,7 @@ class TraceWriter:
             else [],
             loss,
             wall_s,
+            len(rows) if observed is None else observed,
         )
 
     def log_step(
@@ -224,11 +244,15 @@ class TraceWriter:
         sketches: list[tuple],
         loss: float | None,
         wall_s: float,
+        observed: int,
     ) -> None:
         """Log one step with one ``write()`` and fold the log into SQLite when it is due.
         ``ids`` as :func:`pack_ids` packs them, ``digests`` end to end, ``sketches`` as rows
-        ``(step, seq, sum, sum_sq, absmax, nonfinite)``."""
-        logged = _LoggedStep(step, ids, digests, loss, wall_s, self._pending_tensors, sketches)
+        ``(step, seq, sum, sum_sq, absmax, nonfinite)``; the first ``observed`` records are
+        observable, the rest latent (generator states)."""
+        logged = _LoggedStep(
+            step, ids, digests, loss, wall_s, self._pending_tensors, sketches, observed
+        )
         self._pending_tensors = []
         frame = logged.frame()
         with self._lock:
@@ -279,6 +303,10 @@ class TraceWriter:
         self._put_meta({"status": status, "error": error, "finished": time.time(), **meta})
         with self._lock:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # a finished trace leaves WAL mode: a read-only reader of a WAL database makes
+            # -wal and -shm files it cannot remove (empty ones left in the report folder)
+            with contextlib.suppress(sqlite3.OperationalError):
+                self._db.execute("PRAGMA journal_mode=DELETE")
             self._db.close()
         _OPEN_LOGS.discard(self._log)
         os.close(self._log)  # releases the lock
@@ -296,6 +324,18 @@ class _LoggedStep(NamedTuple):
     wall_s: float
     tensors: list[tuple[int, str, str, str, str]]  # tensor ids first used in this step
     sketches: list[tuple]  # (step, seq, sum, sum_sq, absmax, nonfinite)
+    observed: int  # records before the latent ones (generator states)
+
+    def row(self) -> tuple[int, bytes, bytes, bytes, bytes]:
+        """The ``records`` row: observable ids and digests, then the latent ones."""
+        ids, digests = self.observed * 4, self.observed * DIGEST_BYTES
+        return (
+            self.step,
+            self.ids[:ids],
+            self.digests[:digests],
+            self.ids[ids:],
+            self.digests[digests:],
+        )
 
     def frame(self) -> bytes:
         extra = (
@@ -310,6 +350,7 @@ class _LoggedStep(NamedTuple):
             self.wall_s,
             has_loss,
             len(self.ids),
+            self.observed,
             len(extra),
         )
         payload = b"".join((head, self.ids, self.digests, extra))
@@ -324,7 +365,9 @@ class _LoggedStep(NamedTuple):
             payload = data[at + _FRAME.size : at + _FRAME.size + size]
             if len(payload) != size or size < _HEAD.size or zlib.crc32(payload) != crc:
                 break
-            step, loss, wall_s, has_loss, id_bytes, extra_bytes = _HEAD.unpack_from(payload)
+            step, loss, wall_s, has_loss, id_bytes, observed, extra_bytes = _HEAD.unpack_from(
+                payload
+            )
             digest_bytes = id_bytes // 4 * DIGEST_BYTES
             if _HEAD.size + id_bytes + digest_bytes + extra_bytes != size:
                 break
@@ -341,6 +384,7 @@ class _LoggedStep(NamedTuple):
                     wall_s,
                     [tuple(t) for t in tensors],
                     [tuple(s) for s in sketches],
+                    observed,
                 )
             )
             at += _FRAME.size + size
@@ -354,9 +398,7 @@ def _insert(db: sqlite3.Connection, steps: Sequence[_LoggedStep], verb: str) -> 
         db.executemany(
             f"{verb} INTO tensors VALUES (?, ?, ?, ?, ?)", [t for s in steps for t in s.tensors]
         )
-        db.executemany(
-            f"{verb} INTO records VALUES (?, ?, ?)", [(s.step, s.ids, s.digests) for s in steps]
-        )
+        db.executemany(f"{verb} INTO records VALUES (?, ?, ?, ?, ?)", [s.row() for s in steps])
         db.executemany(
             f"{verb} INTO sketches VALUES (?, ?, ?, ?, ?, ?)",
             [k for s in steps for k in s.sketches],
@@ -509,14 +551,15 @@ class Trace:
         try:
             if step is None:
                 cursor = self.db.execute(
-                    "SELECT step, tensors, digests FROM records ORDER BY step"
+                    f"SELECT step, {_ALL_RECORDS} FROM records ORDER BY step"
                 ).fetchall()
             else:
                 cursor = self.db.execute(
-                    "SELECT step, tensors, digests FROM records WHERE step = ?", (step,)
+                    f"SELECT step, {_ALL_RECORDS} FROM records WHERE step = ?", (step,)
                 ).fetchall()
-            for row in cursor:
-                yield from self._step_records(*row)
+            for step_, ids, digests, latent_ids, latent_digests in cursor:
+                # every record of the step: the observable ones, then the latent ones
+                yield from self._step_records(step_, ids + latent_ids, digests + latent_digests)
         except sqlite3.DatabaseError as exc:
             raise TraceError(f"{self.path}: corrupted trace ({exc})") from None
 
@@ -533,11 +576,17 @@ class Trace:
                 return rec
         return None
 
+    def phases(self) -> set[str]:
+        """The phases this trace holds records of."""
+        return {phase for phase, *_ in self._tensors.values()}
+
     def losses(self) -> dict[int, float | None]:
         return dict(self.db.execute("SELECT step, loss FROM steps ORDER BY step"))
 
     def record_count(self) -> int:
-        total = self.db.execute("SELECT sum(length(digests)) FROM records").fetchone()[0]
+        total = self.db.execute(
+            "SELECT sum(length(digests) + length(latent_digests)) FROM records"
+        ).fetchone()[0]
         return (total or 0) // DIGEST_BYTES
 
 
@@ -569,6 +618,7 @@ def mark_ended(path: str | os.PathLike, status: str, error: str) -> None:
                     ("finished", json.dumps(time.time())),
                 ],
             )
+        db.execute("PRAGMA journal_mode=DELETE")  # out of WAL mode, as finish() leaves it
     except sqlite3.Error:
         pass  # a trace too broken to annotate: the report still says what happened
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from .strict_json import load_strict
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -50,7 +51,7 @@ def run_cli(
         if not path.is_absolute():
             path = (cwd or ROOT) / path
         if str(path) != "-" and path.exists():
-            report = json.loads(path.read_text())
+            report = load_strict(path)
     return CliResult(proc.returncode, proc.stdout, proc.stderr, report)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import reprocheck
 from reprocheck.trace import Trace
 
 from .conftest import ROOT, run_cli
+from .strict_json import load_strict
 
 
 def _loop(trace, steps: int = 4, noisy_step: int | None = None, fail_at: int | None = None):
@@ -69,7 +69,7 @@ def test_two_recorded_loops_compare_to_the_noisy_step(tmp_path):
         "compare", str(tmp_path / "a.sqlite"), str(tmp_path / "b.sqlite"), "--json", "-"
     )
     assert result.code == 1, result.stderr
-    d = json.loads(result.stdout)["first_divergence"]
+    d = load_strict(result.stdout)["first_divergence"]
     assert (d["step"], d["phase"], d["tensor"]) == (3, "data", "input")
 
 

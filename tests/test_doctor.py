@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from reprocheck.doctor.rules import RULES, find, markdown
 from reprocheck.zoo import doctor_fixtures
 
 from .conftest import CONFIGS, ROOT, run_cli
+from .strict_json import load_strict
 
 
 def _line(function, needle: str) -> str:
@@ -91,7 +91,7 @@ def test_gpu_risk_prescan_names_each_op_with_its_line(tmp_path):
         "doctor", str(CONFIGS / "doctor-gpu-risk.yaml"), "--out", str(tmp_path), "--json", "-"
     )
     assert result.code == 1, result.stderr
-    findings = json.loads(result.stdout)["findings"]
+    findings = load_strict(result.stdout)["findings"]
     risky = {f["evidence"]["op"]: f["evidence"]["source"] for f in findings if f["code"] == "RC006"}
     forward = doctor_fixtures.GpuRisky.forward
     assert risky == {
@@ -111,7 +111,7 @@ def test_workers_with_numpy_augmentation_reproduce_without_false_findings(audit,
     doctor = run_cli(
         "doctor", str(CONFIGS / "doctor-workers.yaml"), "--out", str(tmp_path), "--json", "-"
     )
-    codes = _codes(json.loads(doctor.stdout)["findings"])
+    codes = _codes(load_strict(doctor.stdout)["findings"])
     # workers are seeded by torch: no RC008/RC002; no thread or hash-seed sensitivity
     assert not {"RC002", "RC004", "RC008", "RC010"} & set(codes)
     # the noise does change with the worker count (0 workers draw in the main process)
@@ -147,7 +147,7 @@ def test_hash_seed_probe_in_doctor(tmp_path):
     result = run_cli(
         "doctor", str(CONFIGS / "doctor-hashseed.yaml"), "--out", str(tmp_path), "--json", "-"
     )
-    findings = json.loads(result.stdout)["findings"]
+    findings = load_strict(result.stdout)["findings"]
     hashed = [f for f in findings if f["code"] == "RC004"]
     assert len(hashed) == 1
     assert hashed[0]["evidence"] == {"step": 1, "phase": "data", "tensor": "input"}
@@ -180,7 +180,7 @@ def test_torch_compile_is_flagged(tmp_path):
         "-",
         timeout=1200,
     )
-    findings = json.loads(result.stdout)["findings"]
+    findings = load_strict(result.stdout)["findings"]
     assert "RC017" in _codes(findings), findings
 
 

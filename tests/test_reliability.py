@@ -3,7 +3,6 @@ audits, hostile names. Each ends in a clear answer and a documented exit code.""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,6 +17,7 @@ import pytest
 from reprocheck.trace import Trace
 
 from .conftest import CONFIGS, ROOT, run_cli, write_config
+from .strict_json import load_strict
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def test_interrupt_stops_every_run_and_writes_a_partial_report(tmp_path, signum)
     parent.send_signal(signum)
     parent.communicate(timeout=60)
     assert parent.returncode == 130
-    report = json.loads(report_path.read_text())
+    report = load_strict(report_path)
     assert report["verdict"] == "failed" and report["interrupted"] is True
     for run in report["legs"][0]["runs"]:
         assert run["status"] == "interrupted"
@@ -286,12 +286,12 @@ def test_two_audits_into_one_out_never_clobber(tmp_path):
     for proc in procs:
         proc.communicate(timeout=300)
         assert proc.returncode == 0
-    reports = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(2)]
+    reports = [load_strict(tmp_path / f"r{i}.json") for i in range(2)]
     folders = {report["out_dir"] for report in reports}
     assert len(folders) == 2
     for folder in folders:
         assert len(list(Path(folder).glob("*.sqlite"))) == 2
-        assert json.loads((Path(folder) / "report.json").read_text())["verdict"] == "reproducible"
+        assert load_strict(Path(folder) / "report.json")["verdict"] == "reproducible"
 
 
 @pytest.mark.parametrize(
@@ -413,7 +413,7 @@ def step(model, batch, optimizer):
             parent_rss.append(int(line.split()[1]) / 1024)
         time.sleep(1)
     assert parent.returncode == 0, parent.stderr.read()
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = load_strict(tmp_path / "r.json")
     with Trace(report["legs"][0]["runs"][0]["trace"]) as trace:
         rss = trace.meta["rss_mib"]
     settled = parent_rss[len(parent_rss) // 4 :]

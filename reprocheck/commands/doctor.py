@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.text import Text
+
+from .. import jsonout
 
 
 def register(app: typer.Typer) -> None:
@@ -92,7 +93,7 @@ def register(app: typer.Typer) -> None:
             },
         }
         if json_path is not None:
-            text = json.dumps(result, indent=2, default=str) + "\n"
+            text = jsonout.dumps(result, indent=2, default=str) + "\n"
             if str(json_path) == "-":
                 sys.stdout.write(text)
             else:

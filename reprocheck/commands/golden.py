@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 from rich.text import Text
+
+from .. import jsonout
 
 # The options `record` and `check` share, declared once.
 REPEATS = typer.Option(None, "-n", "--repeats", help="Runs per leg.")
@@ -33,11 +34,10 @@ def register(app: typer.Typer) -> None:
         user_errors,
     )
 
-    def _audit(config_path: Path, repeats, steps, device, threads, out, jobs, timeout, quiet):
-        from ..config import apply_overrides, load_config
+    def _audit(config, repeats, steps, device, threads, out, jobs, timeout, quiet):
+        from ..config import apply_overrides
         from ..runner.audit import AuditOptions, run_audit
 
-        config = load_config(config_path)
         config = apply_overrides(
             config,
             repeats=repeats,
@@ -71,10 +71,11 @@ def register(app: typer.Typer) -> None:
         The golden holds digests, numeric sketches and the environment (no tensors): commit
         it, then run `reprocheck check CONFIG --against golden.sqlite` on every change.
         """
+        from ..config import load_config
         from ..golden import reference_trace, write_golden
 
         config, report = _audit(
-            config_path, repeats, steps, device, threads, out, jobs, timeout, quiet
+            load_config(config_path), repeats, steps, device, threads, out, jobs, timeout, quiet
         )
         _emit(report, None, quiet)
         if report["verdict"] != "reproducible":
@@ -123,12 +124,14 @@ def register(app: typer.Typer) -> None:
         Another environment: the differences are listed and the runs compared under the
         config's tolerance, naming the first step and tensor that leave it.
         """
+        from ..config import load_config
         from ..golden import GoldenError, check_against, reference_trace
         from ..report.json import EXIT_DIVERGED, EXIT_REPRODUCIBLE
         from ..trace import Trace
 
         if output_format not in ("text", "github", "json"):
             raise UsageError(f"--format takes text, github or json (got {output_format!r})")
+        config = load_config(config_path)  # a bad config is said before the golden is read
         with Trace(against) as golden:  # a bad golden is said before any run starts
             if "golden" not in golden.meta:
                 raise UsageError(
@@ -137,7 +140,7 @@ def register(app: typer.Typer) -> None:
                 )
         machine = output_format != "text"
         config, report = _audit(
-            config_path, repeats, steps, device, threads, out, jobs, timeout, quiet or machine
+            config, repeats, steps, device, threads, out, jobs, timeout, quiet or machine
         )
         current = reference_trace(report)
         if current is not None and report["exit_code"] in (EXIT_REPRODUCIBLE, EXIT_DIVERGED):
@@ -158,7 +161,7 @@ def register(app: typer.Typer) -> None:
 
             sys.stdout.write("\n".join(annotations(report)) + "\n")
         elif output_format == "json":
-            sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+            sys.stdout.write(jsonout.dumps(report, indent=2, default=str) + "\n")
         elif not quiet and report.get("golden"):
             _render_golden(report["golden"])
         raise typer.Exit(report["exit_code"])

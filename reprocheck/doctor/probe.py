@@ -69,6 +69,7 @@ def finding(code: str, message: str, evidence: Any = None) -> dict[str, Any]:
     return {
         "code": code,
         "name": rule.name,
+        "severity": rule.severity,
         "message": message,
         "fix": rule.fix.split("\n")[0],
         "evidence": evidence,

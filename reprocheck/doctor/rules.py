@@ -22,6 +22,7 @@ class Rule:
     why: str  # Why is this bad?
     example: str
     fix: str  # Use instead
+    severity: str = "error"  # error | warning (a warning never changes an exit code)
 
     def explain(self) -> str:
         """The full text, as `reprocheck explain` prints it."""
@@ -169,6 +170,23 @@ RULES: tuple[Rule, ...] = (
         "Audit eager and compiled separately; for bitwise reproducibility avoid autotuning "
         "modes and pin the torch version.",
     ),
+    Rule(
+        "RC018",
+        "generator-differs-latent",
+        "Names a generator (torch's CPU or CUDA generator, NumPy's global one, Python's "
+        "`random`) whose state differs between runs while every observable record — data, "
+        "outputs, loss, gradients, weights, optimizer state — is identical. A warning: the "
+        "runs reproduce today, and the verdict does not change.",
+        "Nothing draws from the generator yet, so nothing differs; the first `np.random` "
+        "augmentation, `random.shuffle` or dropout added to the script will differ in "
+        "every run. When an observable divergence follows, this generator is its cause.",
+        "torch.manual_seed(1337)  # the script seeds torch only\n"
+        "# NumPy's and random's global generators start from OS entropy in every process",
+        "Seed every generator the script or its libraries may draw from: "
+        "`random.seed(seed)`, `np.random.seed(seed)`, `torch.manual_seed(seed)` (or run "
+        "under reprocheck's `seeded` preset).",
+        severity="warning",
+    ),
 )
 
 BY_CODE = {rule.code: rule for rule in RULES}
@@ -213,6 +231,8 @@ def markdown() -> str:
             "",
             "**Use instead.** " + rule.fix,
         ]
+        if rule.severity != "error":
+            lines += ["", f"**Severity.** {rule.severity}: reported, never an exit code."]
     return "\n".join(lines) + "\n"
 
 

@@ -3,15 +3,14 @@ so what a person reads and what a machine reads never disagree."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, jsonout
 from ..compare import Divergence, LegComparison
-from ..config import Config
+from ..config import TRACE_PHASES, Config
 from ..runner.launch import Leg
 from ..trace import Trace, TraceError
 
@@ -56,6 +55,7 @@ def divergence_dict(divergence: Divergence) -> dict[str, Any]:
     diff = divergence.diff
     out: dict[str, Any] = {
         "leg": divergence.leg,
+        "process": divergence.process,
         "runs": divergence.runs,
         "step": divergence.step,
         "phase": divergence.phase,
@@ -81,6 +81,14 @@ def divergence_dict(divergence: Divergence) -> dict[str, Any]:
     for key in ZOOM_KEYS:
         out[key] = divergence.zoom.get(key)
     out["variability"] = divergence.variability
+    out["generator"] = divergence.generator
+    if divergence.generator and not out["cause"]:  # no zoom said otherwise
+        g = divergence.generator
+        out["cause"] = "unseeded or re-seeded RNG"
+        groups = " ≠ ".join(",".join(f"#{run}" for run in group) for group in g["runs"])
+        out["cause_detail"] = (
+            f"generator {g['name']} differed between runs from step {g['step']} ({groups})"
+        )
     return out
 
 
@@ -111,15 +119,50 @@ def _environment(legs: Sequence[Leg]) -> dict[str, Any]:
     return {}
 
 
-def _leg_records(leg: Leg) -> int:
-    total = 0
+def _leg_records(leg: Leg) -> tuple[int, list[str]]:
+    """The records the leg's runs committed (every process), and the phases among them."""
+    total, phases = 0, set()
     for run in leg.runs:
-        try:
-            with Trace(run.trace) as trace:
-                total += trace.record_count()
-        except TraceError:
-            continue
-    return total
+        for path in run.processes.values():
+            try:
+                with Trace(path) as trace:
+                    total += trace.record_count()
+                    phases |= trace.phases()
+            except TraceError:
+                continue
+    return total, [p for p in TRACE_PHASES if p in phases]
+
+
+def _process(name: str, path: str, planned: int) -> dict[str, Any]:
+    """One process of a run: its role, rank or creation index, trace and steps."""
+    role, number = "script", None
+    kinds = (
+        ("rank", "rank"),
+        ("spawn", "spawn"),
+        ("mp", "multiprocessing"),
+        ("sub", "subprocess"),
+    )
+    for prefix, kind in kinds:
+        tail = name.rsplit(".", 1)[-1]
+        if tail.startswith(prefix) and tail[len(prefix) :].split("-")[-1].isdigit():
+            role, number = kind, int(tail[len(prefix) :].split("-")[-1])
+    out: dict[str, Any] = {"name": name, "role": role, "trace": path, "steps": None}
+    out["rank" if role in ("rank", "spawn") else "index"] = number
+    try:
+        with Trace(path) as trace:
+            out["steps"], out["status"] = trace.last_step, trace.status
+    except TraceError as exc:
+        out["status"], out["error"] = "unreadable", str(exc)
+    out["note"] = _short(out["steps"], planned)
+    return out
+
+
+def _short(last_step: int | None, planned: int) -> str | None:
+    """A run (or process) that ended before the requested steps says so."""
+    if planned and (last_step or 0) < planned:
+        done = last_step or 0
+        return f"ended after {done} of {planned} steps"
+    return None
 
 
 def build_report(
@@ -134,30 +177,42 @@ def build_report(
     interrupted: bool = False,
     findings: Sequence[dict[str, Any]] = (),
     attribution: Sequence[dict[str, Any]] = (),
+    untrained: str | None = None,
 ) -> dict[str, Any]:
-    """Assemble the report; ``verdict`` and ``exit_code`` follow DESIGN.md's exit codes."""
+    """Assemble the report; ``verdict`` and ``exit_code`` follow DESIGN.md's exit codes.
+
+    ``untrained``: why the audit saw no training step — it fails (exit 3), never passes.
+    """
     runs = [run for leg in legs for run in leg.runs]
     failed = [run for run in runs if run.status in FAILED_RUN]
     config_errors = [run for run in runs if run.status == "config_error"]
-    outside = [c for c in across if not c.within_tolerance]
+    outside = [c for c in across if c.within_tolerance is False]
+    unknown = [c for c in across if c.within_tolerance is None]
+    reason = None
     if interrupted:
         verdict, code = "failed", EXIT_INTERRUPTED
     elif config_errors:
         verdict, code = "failed", EXIT_USAGE
     elif failed:
         verdict, code = "failed", EXIT_FAILED
+    elif untrained:
+        verdict, code, reason = "failed", EXIT_FAILED, untrained
     elif first is not None or outside:
         verdict, code = "diverged", EXIT_DIVERGED
+    elif unknown:
+        verdict, code, reason = "failed", EXIT_FAILED, unknown[0].note
     elif not runs:
         verdict, code = "failed", EXIT_USAGE
     else:
         verdict, code = "reproducible", EXIT_REPRODUCIBLE
     by_leg = {d.leg: d for d in divergences}
+    recorded = {leg.name: _leg_records(leg) if leg.status != "skipped" else (0, []) for leg in legs}
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "reprocheck": __version__,
         "verdict": verdict,
         "exit_code": code,
+        "reason": reason,
         "interrupted": interrupted,
         "config": {
             "name": config.name,
@@ -176,7 +231,8 @@ def build_report(
                 "threads": leg.threads,
                 "status": leg.status,
                 "reason": leg.reason,
-                "records": _leg_records(leg) if leg.status != "skipped" else 0,
+                "records": recorded[leg.name][0],
+                "phases": recorded[leg.name][1],
                 "first_divergence": (
                     {
                         "step": by_leg[leg.name].step,
@@ -196,6 +252,13 @@ def build_report(
                         "error": run.error,
                         "log_tail": run.log_tail,
                         "seconds": round(run.seconds, 3),
+                        "note": _short(run.last_step, config.steps)
+                        if run.status == "complete"
+                        else None,
+                        "processes": [
+                            _process(name, path, config.steps)
+                            for name, path in run.processes.items()
+                        ],
                     }
                     for run in leg.runs
                 ],
@@ -218,6 +281,6 @@ def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     path = os.fspath(path)
     temporary = f"{path}.tmp{os.getpid()}"
     with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2, default=str)
+        jsonout.dump(report, handle, indent=2, default=str)
         handle.write("\n")
     os.replace(temporary, path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -32,12 +33,41 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _threads(report: dict[str, Any]) -> str | None:
+    """``1 thread``, ``2 threads``, or ``threads 1,2`` when the legs ran with different
+    counts (a leg that left torch's default ran with the environment's count)."""
+    env_threads = (report.get("environment") or {}).get("threads")
+    counts: list[int] = []
+    for leg in report.get("legs") or []:
+        if leg.get("status") == "skipped":
+            continue
+        count = leg.get("threads") or env_threads
+        if count and count not in counts:
+            counts.append(count)
+    if len(counts) > 1:
+        return "threads " + ",".join(str(count) for count in counts)
+    count = counts[0] if counts else env_threads
+    if not count:
+        return None
+    return f"{count} thread{'s' if count != 1 else ''}"
+
+
+def _seeding(report: dict[str, Any]) -> str:
+    """``seed 0``, or ``unseeded`` when no generator was seeded (``--preset none``)."""
+    config = report["config"]
+    controls = (report.get("environment") or {}).get("controls") or {}
+    seeded = controls.get("seeded")
+    if seeded is None:  # no trace says what was applied: go by the preset
+        seeded = config.get("preset") != "none"
+    return f"seed {config['seed']}" if seeded else "unseeded"
+
+
 def header(report: dict[str, Any]) -> list[Text]:
     env = report.get("environment") or {}
     cpu = env.get("cpu") or "unknown CPU"
     if env.get("cpu_capability"):
         cpu += f" ({env['cpu_capability']})"
-    threads = env.get("threads")
+    threads = _threads(report)
     parts = [f"reprocheck {__version__}"]
     if env.get("torch"):
         parts.append(f"torch {env['torch']}")
@@ -45,7 +75,7 @@ def header(report: dict[str, Any]) -> list[Text]:
         parts.append(f"python {env['python']}")
     parts.append(cpu)
     if threads:
-        parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
+        parts.append(threads)
     config = report["config"]
     steps = f"{config['steps']} steps" if config["steps"] else "all its steps"
     lines = [
@@ -53,8 +83,7 @@ def header(report: dict[str, Any]) -> list[Text]:
         Text.assemble(
             ("config  ", DIM),
             (config["name"], "bold"),
-            f" (seed {config['seed']}, {config['repeats']} runs × {steps}, "
-            f"preset {config['preset']})",
+            f" ({_seeding(report)}, {config['repeats']} runs × {steps}, preset {config['preset']})",
         ),
     ]
     if config.get("command"):
@@ -87,6 +116,26 @@ def header(report: dict[str, Any]) -> list[Text]:
             if "stopped" in statuses:
                 legs.append(f" ({statuses.count('stopped')} stopped early: fail-fast)", style=DIM)
     lines.append(legs)
+    children = next(
+        (
+            run["processes"]
+            for leg in report["legs"]
+            for run in leg["runs"]
+            if len(run.get("processes") or ()) > 1
+        ),
+        None,
+    )
+    if children:  # the run's own process and the Python processes it started
+        lines.append(
+            Text.assemble(
+                ("process ", DIM),
+                " · ".join(
+                    p["name"] + (f" ({p['role']})" if p["role"] != "script" else "")
+                    for p in children
+                ),
+                (f"   {len(children)} traces per run", DIM),
+            )
+        )
     return lines
 
 
@@ -97,14 +146,25 @@ def _runs_text(groups: list[list[int]]) -> str:
 def divergence_lines(report: dict[str, Any]) -> list[Text]:
     d = report["first_divergence"]
     title = Text("✘ DIVERGED", style=RED)
+    process = d.get("process") or "main"
+    if d["phase"] == "process":  # one run started a training process another did not
+        title.append(" · process ", style="bold")
+        title.append(d["tensor"], style=RED)
+        title.append(" trained in runs " + _runs_text(d["runs"][:1]) + " only", style="bold")
+        return [title]
     title.append(f" at step {d['step']} · {d['phase']} · ", style="bold")
     title.append(d["tensor"], style=RED)
+    where = []
     if report["legs"] and len([leg for leg in report["legs"] if leg["status"] != "skipped"]) > 1:
-        title.append(f"   (leg {d['leg']})", style=DIM)
+        where.append(f"leg {d['leg']}")
+    if process != "main":
+        where.append(f"process {process}")
+    if where:
+        title.append(f"   ({', '.join(where)})", style=DIM)
     lines = [title]
     if d["step"]:
         steps = "step 0" if d["step"] == 1 else f"steps 0–{d['step'] - 1}"
-        lines.append(_line("before", f"{steps} identical in every recorded phase", style=GREEN))
+        lines.append(_line("before", f"{steps} identical in every observable phase", style=GREEN))
     total = sum(len(group) for group in d["runs"])
     lines.append(
         _line(
@@ -177,6 +237,15 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
         if d.get("cause_detail"):
             cause.append(f" — {d['cause_detail']}")
         lines.append(_line("cause", cause))
+    g = d.get("generator")
+    if g and g["name"] not in (d.get("cause_detail") or ""):
+        lines.append(
+            _line(
+                "generator",
+                f"{g['name']} differed between runs from step {g['step']} "
+                f"({_runs_text(g['runs'])})",
+            )
+        )
     if d.get("replays_diverged") == 0:
         lines.append(
             _line(
@@ -208,6 +277,8 @@ def failure_lines(report: dict[str, Any]) -> list[Text]:
         if run["status"] not in ("complete", "stopped")
     ]
     title = "✘ INTERRUPTED" if report.get("interrupted") else "✘ FAILED"
+    if report.get("reason") and not failed:  # the runs ended, but what they saw is no audit
+        return [Text(f"{title}  {report['reason']}", style=RED)]
     lines.append(
         Text(
             f"{title}  {len(failed)} run{'s' if len(failed) != 1 else ''} did not finish", style=RED
@@ -233,28 +304,121 @@ def failure_lines(report: dict[str, Any]) -> list[Text]:
     return lines
 
 
-def across_table(report: dict[str, Any]) -> Table | None:
+INDENT = 2  # the across-legs table sits under the report's other lines
+_GAP = 2  # between two columns of the table
+
+
+def _tolerances(report: dict[str, Any]) -> list[str]:
+    return list(dict.fromkeys(c["tolerance"] for c in report["across_legs"]))
+
+
+def across_table(report: dict[str, Any], width: int = 100) -> Table | None:
+    """One row per pair of legs, at most ``width - INDENT`` columns wide: every cell on
+    one line, the two free-text columns (worst, first outside) cut with … where they do
+    not fit. One tolerance for every pair is said on the label line, not in a column."""
     if not report["across_legs"]:
         return None
-    table = Table(title=None, box=None, pad_edge=False, show_edge=False)
-    for column in ("legs", "tolerance", "verdict", "identical", "worst rel Δ", "first outside"):
-        table.add_column(column, style=DIM if column == "legs" else "")
+    with_tolerance = len(_tolerances(report)) > 1
+    headers = ["legs", "tolerance", "verdict", "identical", "worst rel Δ", "outside from"]
+    rows = []
     for c in report["across_legs"]:
         worst = c["worst"]
         outside = c["first_outside"]
-        table.add_row(
-            " vs ".join(c["pair"]),
-            c["tolerance"],
-            Text("within", style=GREEN) if c["within_tolerance"] else Text("outside", style=RED),
-            f"{c['identical']:,}/{c['compared']:,}",
-            Text(f"{_fmt(worst['max_rel_diff'])} at step {worst['step']} {worst['tensor']}")
-            if worst
-            else Text("0"),
-            Text(f"step {outside['step']} · {outside['phase']} · {outside['tensor']}")
-            if outside
-            else Text("–"),
+        rows.append(
+            [
+                Text(" vs ".join(c["pair"]), style=DIM),
+                Text(c["tolerance"]),
+                Text("within", style=GREEN)
+                if c["within_tolerance"]
+                else Text("outside", style=RED),
+                Text(f"{c['identical']:,}/{c['compared']:,}"),
+                Text(f"{_fmt(worst['max_rel_diff'])} · step {worst['step']} · {worst['tensor']}")
+                if worst
+                else Text("0"),
+                Text(f"step {outside['step']} · {outside['phase']} · {outside['tensor']}")
+                if outside
+                else Text("–"),
+            ]
         )
+    if not with_tolerance:
+        del headers[1]
+        for row in rows:
+            del row[1]
+    natural = [
+        max([len(name)] + [row[index].cell_len for row in rows])
+        for index, name in enumerate(headers)
+    ]
+    # the short columns keep their width; the two free-text ones share what is left
+    fixed = len(headers) - 2
+    room = max(width - INDENT - _GAP * (len(headers) - 1) - sum(natural[:fixed]), 2 * 12)
+    free = natural[fixed:]
+    if sum(free) > room:
+        first = max(min(free[0], room // 2), room - free[1])
+        free = [first, room - first]
+    table = Table(box=None, pad_edge=False, show_edge=False, padding=(0, _GAP // 2))
+    for index, name in enumerate(headers):
+        table.add_column(
+            name,
+            no_wrap=True,
+            overflow="ellipsis",
+            max_width=free[index - fixed] if index >= fixed else None,
+        )
+    for row in rows:
+        table.add_row(*row)
     return table
+
+
+def _committed_steps(legs: list[dict[str, Any]]) -> str:
+    """How many steps the runs committed (step 0 counts): ``21``, or ``20–21`` when the
+    runs committed different numbers; ``0`` when none committed any."""
+    counts = sorted(
+        {(p["steps"] + 1) if p["steps"] is not None else 0 for p in _trained_processes(legs)}
+    )
+    if not counts:
+        return "0"
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+
+def _trained_processes(legs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run's processes that committed a step (a run without any: the run itself)."""
+    out = []
+    for leg in legs:
+        for run in leg["runs"]:
+            trained = [p for p in run.get("processes") or () if p["steps"] is not None]
+            out.extend(trained or [run])
+    return out
+
+
+def _processes_per_run(legs: list[dict[str, Any]]) -> int:
+    runs = [run for leg in legs for run in leg["runs"]]
+    trained = _trained_processes(legs)
+    return max(1, len(trained) // max(1, len(runs)))
+
+
+def _recorded_phases(report: dict[str, Any], legs: list[dict[str, Any]]) -> int:
+    """The phases the runs recorded (``legs[].phases``), else the ones the config asked for."""
+    if any(leg.get("phases") is not None for leg in legs):
+        return len({phase for leg in legs for phase in leg.get("phases") or ()})
+    return len(report["config"]["record"])
+
+
+def reproducible_line(report: dict[str, Any]) -> Text:
+    """``✔ REPRODUCIBLE  2 runs × 21 steps × 7 phases · 1,102 digests bitwise identical``:
+    what the runs committed, never what was asked for."""
+    active = [leg for leg in report["legs"] if leg["status"] == "ok"]
+    records = sum(leg["records"] for leg in active)
+    runs = sum(len(leg["runs"]) for leg in active)
+    steps = _committed_steps(active)
+    phases = _recorded_phases(report, active)
+    processes = _processes_per_run(active)
+    title = Text("✔ REPRODUCIBLE", style="bold green")
+    title.append(
+        f"  {runs} run{'s' if runs != 1 else ''} × "
+        + (f"{processes} processes × " if processes > 1 else "")
+        + f"{steps} step{'s' if steps != '1' else ''} × "
+        f"{phases} phase{'s' if phases != 1 else ''} · {records:,} digests bitwise identical"
+    )
+    return title
 
 
 def render(report: dict[str, Any], console: Console) -> None:
@@ -272,23 +436,16 @@ def render(report: dict[str, Any], console: Console) -> None:
         for line in divergence_lines(report):
             console.print(line)
     elif verdict == "reproducible":
-        active = [leg for leg in report["legs"] if leg["status"] == "ok"]
-        records = sum(leg["records"] for leg in active)
-        runs = sum(len(leg["runs"]) for leg in active)
-        steps = max((r["steps"] or 0) for leg in active for r in leg["runs"]) + 1
-        phases = len(report["config"]["record"])
-        title = Text("✔ REPRODUCIBLE", style="bold green")
-        title.append(
-            f"  {runs} runs × {steps} steps × {phases} phases · {records:,} digests bitwise "
-            "identical"
-        )
-        console.print(title)
+        console.print(reproducible_line(report))
     elif verdict == "diverged":
         console.print(Text("✘ DIVERGED across legs: outside the tolerance", style=RED))
-    table = across_table(report)
+    table = across_table(report, console.width)
     if table is not None:
-        console.print(_line("across legs", ""))
-        console.print(table)
+        tolerances = _tolerances(report)
+        console.print(
+            _line("across legs", f"under {tolerances[0]}" if len(tolerances) == 1 else "")
+        )
+        console.print(Padding(table, (0, 0, 0, INDENT), expand=False))
     tried = report.get("attribution") or []
     if tried:
         table = Text()

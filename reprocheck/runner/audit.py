@@ -24,7 +24,7 @@ from ..compare import (
     numeric_diff,
 )
 from ..config import Config
-from ..trace import Trace, TraceError
+from ..trace import Trace, TraceError, committed_steps
 from . import checkpoint
 from .launch import Launcher, Leg, RunResult, plan_legs
 
@@ -75,14 +75,86 @@ def make_audit_dir(out: str, name: str) -> Path:
     raise OutputError(f"could not find a free folder name in {out}")
 
 
+def _process_runs(leg: Leg) -> dict[str, list[RunResult]]:
+    """Each process name → the leg's runs that have its trace, in run order."""
+    names: dict[str, list[RunResult]] = {}
+    for run in leg.runs:
+        for name in run.processes:
+            names.setdefault(name, []).append(run)
+    return names
+
+
+def _traces(runs: list[RunResult], process: str) -> tuple[list[str], list[int]]:
+    chosen = [r for r in runs if os.path.exists(r.processes.get(process, ""))]
+    return [r.processes[process] for r in chosen], [r.run for r in chosen]
+
+
 def _leg_divergence(leg: Leg) -> Divergence | None:
-    runs = [r for r in leg.runs if r.steps > 0 and os.path.exists(r.trace)]
-    if len(runs) < 2:
+    """The first observable divergence among the leg's runs, process by process (rank r of
+    one run against rank r of the others); a process one run has and another lacks is a
+    divergence of structure at its first step."""
+    found: list[Divergence] = []
+    for process, runs in _process_runs(leg).items():
+        traces, ids = _traces(runs, process)
+        if len(traces) >= 2:
+            divergence = first_divergence(traces, ids, partial=True)
+            if divergence is not None:
+                divergence.leg, divergence.process = leg.name, process
+                found.append(divergence)
+        ended = [r for r in leg.runs if r.status in ("complete", "stopped")]
+        if process != "main" and len(runs) < len(ended):
+            found.append(_missing_process(leg, process, runs, ended))
+    return min(found, key=lambda d: (d.step, d.seq), default=None)
+
+
+def _missing_process(
+    leg: Leg, process: str, having: list[RunResult], ended: list[RunResult]
+) -> Divergence:
+    have = [r.run for r in having]
+    lack = [r.run for r in ended if r.run not in have]
+    return Divergence(
+        step=0,
+        seq=0,
+        phase="process",
+        tensor=process,
+        shape=(),
+        dtype="",
+        runs=[have, lack],
+        sides=[None, None],
+        kind="structure",
+        leg=leg.name,
+        process=process,
+    )
+
+
+def _leg_latent(leg: Leg, process: str, last_step: int | None) -> Divergence | None:
+    """The first generator state that differs between the leg's runs (of one process),
+    at or before ``last_step``."""
+    traces, ids = _traces(_process_runs(leg).get(process, []), process)
+    if len(traces) < 2:
         return None
-    found = first_divergence([r.trace for r in runs], [r.run for r in runs], partial=True)
+    found = first_divergence(traces, ids, partial=True, latent=True, last_step=last_step)
     if found is not None:
-        found.leg = leg.name
+        found.leg, found.process = leg.name, process
     return found
+
+
+def _generator(latent: Divergence) -> dict[str, Any]:
+    return {
+        "name": latent.tensor,
+        "step": latent.step,
+        "runs": latent.runs,
+        "process": latent.process,
+    }
+
+
+def _trained(leg: Leg) -> bool:
+    """Some process of some run committed a training step (step 1 or later)."""
+    for run in leg.runs:
+        for path in run.processes.values():
+            if committed_steps(path) > 1:
+                return True
+    return False
 
 
 ZOOM_ATTEMPTS = 3  # replays of a divergent step before calling it intermittent
@@ -239,12 +311,32 @@ def run_audit(
     divergences = [] if interrupted else [d for d in map(_leg_divergence, active) if d]
     first = min(divergences, key=lambda d: (d.step, d.seq), default=None)
     leg = None
+    latent: list[Divergence] = []
     if first is not None:
         leg = next(leg for leg in active if leg.name == first.leg)
-        reached = [r for r in leg.runs if r.steps > first.step]
+        traces, ids = _traces(leg.runs, first.process)
+        reached = [(t, i) for t, i in zip(traces, ids) if committed_steps(t) > first.step]
         first.variability = variability(
-            [r.trace for r in reached], [r.run for r in reached], first.step
+            [t for t, _ in reached], [i for _, i in reached], first.step
         )
+        cause = _leg_latent(leg, first.process, first.step)
+        if cause is not None:
+            first.generator = _generator(cause)
+    elif not interrupted:  # generators that differ while nothing observable does
+        for each in active:
+            for process in _process_runs(each):
+                found = _leg_latent(each, process, None)
+                if found is not None:
+                    traces, ids = _traces(each.runs, process)
+                    found.variability = [
+                        item
+                        for item in variability(traces, ids, found.step)
+                        if item["phase"] == "rng"
+                    ]
+                    latent.append(found)
+    untrained = None
+    if not interrupted and active and not any(_trained(each) for each in active):
+        untrained = _untrained_reason(config, options, active)
     if first is not None and first.kind == "value" and options.measure:
         measure_started = time.monotonic()
         try:
@@ -273,6 +365,7 @@ def run_audit(
     findings, attribution = [], []
     if first is not None and not interrupted:
         findings, attribution, interrupted = _findings(config, options, leg, first, folder, timings)
+    findings = [*findings, *map(_latent_finding, latent)]
     timings["total_s"] = time.monotonic() - started
     return build_report(
         config,
@@ -285,7 +378,44 @@ def run_audit(
         interrupted=interrupted,
         findings=findings,
         attribution=attribution,
+        untrained=untrained,
     )
+
+
+def _untrained_reason(config: Config, options: AuditOptions, legs: list[Leg]) -> str:
+    """Why an audit that saw no training step cannot pass, and what to do."""
+    processes = sorted({name for leg in legs for run in leg.runs for name in run.processes})
+    where = f" in {len(processes)} processes" if len(processes) > 1 else ""
+    if options.exec:
+        return (
+            f"no training step recorded{where}: reprocheck looked for optimizer.step() calls "
+            "and for updates of the parameters backward() gave gradients to; the script "
+            "ran without either (does it train in a process that is not Python, or only "
+            "evaluate?). See docs/exec.md, 'How a step is found'"
+        )
+    return (
+        f"no training step recorded{where}: the data factory yielded no batch, or the "
+        f"step function never stepped the optimizer (config {config.path})"
+    )
+
+
+def _latent_finding(latent: Divergence) -> dict[str, Any]:
+    from ..doctor.probe import finding
+
+    where = "" if latent.process == "main" else f" in process {latent.process}"
+    names = [item["tensor"] for item in latent.variability] or [latent.tensor]
+    generators = ("generators " if len(names) > 1 else "generator ") + ", ".join(names)
+    return finding(
+        "RC018",
+        f"{generators} {'differ' if len(names) > 1 else 'differs'} between runs "
+        f"{_runs(latent.runs)} from step {latent.step}{where}, while nothing drawn from "
+        f"{'them' if len(names) > 1 else 'it'} differs",
+        evidence={**_generator(latent), "generators": names},
+    )
+
+
+def _runs(groups: list[list[int]]) -> str:
+    return " ≠ ".join(",".join(f"#{run}" for run in group) for group in groups)
 
 
 def _findings(
@@ -311,6 +441,20 @@ def _findings(
         timings["attribution_s"] = time.monotonic() - started
         return found, tried, False
     cause, where = first.zoom.get("cause"), first.zoom.get("source")
+    if not cause and first.generator:
+        g = first.generator
+        return (
+            [
+                finding(
+                    "RC015",
+                    f"generator {g['name']} differed between runs {_runs(g['runs'])} from step "
+                    f"{g['step']}: what is drawn from it differs from step {first.step} on",
+                    evidence=g,
+                )
+            ],
+            [],
+            False,
+        )
     if cause == "unseeded or re-seeded RNG":
         return (
             [finding("RC015", f"a generator seeded outside the configured seed draws at {where}")],

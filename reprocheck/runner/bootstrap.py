@@ -3,15 +3,40 @@
 The run's process starts here, not in the script: the determinism preset is applied
 before the script's first line, then global hooks record what the script does —
 
-* every DataLoader batch (``_BaseDataLoaderIter.__next__``)  → ``data``
-* the output of each outermost call of a model (a module with parameters) → ``outputs``
-* the tensor ``backward()`` is called on                      → ``loss``
-* before each ``optimizer.step()``: gradients                 → ``grads``
-* after it: parameters, buffers, optimizer state, RNG state   → ``weights``, ``optimizer``, ``rng``
+* every DataLoader batch (``_BaseDataLoaderIter.__next__``)   → ``data``
+* the output of each outermost call of a model in training mode → ``outputs``
+* the scalar ``backward()`` is called on                       → ``loss``
+* the gradients of the trained parameters                      → ``grads``
+* after the update: parameters, buffers, optimizer state       → ``weights``, ``optimizer``
+* the generators' states (kept apart: latent, not observable)  → ``rng``
 
-Step k is the k-th optimizer step; step 0 (weights, optimizer, RNG before any update) is
-taken at the first step's pre-hook. Models and optimizers are numbered by creation order
-(``model0.fc.weight``, ``opt1.``) when there is more than one.
+**Steps.** Step k is the k-th optimizer step (``optimizer.step()``, any optimizer). A
+closure optimizer (``opt.step(closure)``, LBFGS) evaluates the closure inside its step:
+those evaluations' outputs, losses and gradients are recorded in the step that made them.
+A script that updates its parameters by hand (``p.data.add_(...)``, or ``p.add_`` under
+``no_grad``) makes a step each time the trained parameters — the leaves ``backward()``
+accumulated gradients into, held by no optimizer — change between one ``backward()`` and
+the next outermost model call or ``backward()``. ``.data`` updates leave the parameters'
+version counters unchanged, so the change is found from the parameters' digests taken
+when ``backward()`` returns. Gradient accumulation (several backward calls per update)
+keeps one step per update. Step 0 (the state before the first update) is taken at the
+first step's pre-hook, or, for hand-written updates, when the first ``backward()`` returns.
+
+**Models** are the outermost modules that own trained parameters (parameters in an
+optimizer, or leaves that received gradients): a loss module, a frozen copy loaded for
+evaluation, or a teacher in ``eval()`` is not one. With more than one, models and
+optimizers are numbered by creation order (``model0.fc.weight``, ``opt1.``); the numbering
+is fixed at step 0, and a model or optimizer first seen later gets the next number.
+
+**Processes.** Every Python process the script starts that trains writes a trace of its
+own beside the run's (``<run>-<process>.sqlite``): forked children inherit these hooks;
+spawned ones (``torch.multiprocessing.spawn``, ``multiprocessing`` with ``spawn`` or
+``forkserver``, ``subprocess`` running Python, ``torchrun`` ranks) install them at start-up
+through the ``sitecustomize`` of :mod:`reprocheck.runner.child`. A process is named by
+its rank (``rank0``: ``RANK`` in its environment), its index in
+``torch.multiprocessing.spawn`` (``spawn0``), its ``multiprocessing`` identity (``mp1``,
+``mp1-2``) or its creation order among the ``subprocess`` children of its parent
+(``sub1``). DataLoader workers never train and write none.
 """
 
 from __future__ import annotations
@@ -23,6 +48,7 @@ import importlib
 import itertools
 import os
 import runpy
+import subprocess
 import sys
 import traceback
 import weakref
@@ -32,6 +58,7 @@ from typing import Any
 import torch
 
 from ..config import PHASES, DeterminismConfig
+from ..fingerprint import fingerprint
 from ..recorder import (
     StepRecorder,
     batch_tensors,
@@ -41,40 +68,115 @@ from ..recorder import (
 )
 from ..trace import TraceWriter
 
+PROCESS_ENV = "REPROCHECK_PROCESS"  # a subprocess child's name, given by its parent
+MAX_PENDING_OUTPUTS = 256  # outputs kept for a step that has not come yet (a bound on memory)
+
 
 class StepLimitReached(SystemExit):
     """Raised after the last requested step: ends the script like ``sys.exit(0)``."""
 
 
-class ScriptRecorder:
-    """The global hooks and the trace of one run of a script.
+def process_key() -> str:
+    """This process's name among the run's processes (see the module's notes)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return f"rank{env['RANK']}"
+    import multiprocessing
 
-    A *model* is an outermost module call on a module that owns parameters (a parameterless
-    ``nn.CrossEntropyLoss()`` is not one). Models and optimizers are numbered by creation
-    order; the numbering is fixed at the first optimizer step, where the prefixes
-    (``model0.``, ``opt1.``) are given when there is more than one. One first seen later
-    gets the next number, always with its prefix, so names never change within a run.
-    """
+    process = multiprocessing.current_process()
+    target, args = getattr(process, "_target", None), getattr(process, "_args", ())
+    if (
+        getattr(target, "__module__", "") == "torch.multiprocessing.spawn"
+        and len(args) > 1
+        and isinstance(args[1], int)
+    ):
+        return f"spawn{args[1]}"  # torch.multiprocessing.spawn's process index (its rank)
+    if process._identity:
+        return "mp" + "-".join(map(str, process._identity))
+    return env.get(PROCESS_ENV) or f"pid{os.getpid()}"
 
-    def __init__(self, writer: TraceWriter, max_steps: int | None) -> None:
-        self.writer = writer
-        self.recorder = StepRecorder(writer, PHASES)
-        self.max_steps = max_steps
-        self.step = 0
-        self.pid = os.getpid()
+
+def _in_dataloader_worker() -> bool:
+    return torch.utils.data.get_worker_info() is not None
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The module a wrapper trains: ``torch.compile``'s ``_orig_mod``, DDP's ``module``."""
+    while True:
+        inner = getattr(module, "_orig_mod", None)
+        if inner is None and type(module).__name__ in (
+            "DistributedDataParallel",
+            "DataParallel",
+            "FullyShardedDataParallel",
+        ):
+            inner = getattr(module, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return module
+        module = inner
+
+
+def _trained_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors a ``backward()`` from ``tensor`` accumulates gradients into, in
+    graph order (first reached first)."""
+    leaves, seen, stack = [], set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node
+        if isinstance(variable, torch.Tensor):
+            leaves.append(variable)
+            continue
+        stack.extend(reversed([next_node for next_node, _ in node.next_functions]))
+    return leaves
+
+
+class Session:
+    """What every recording process of one run shares: where traces go, the controls,
+    the step limit. The script's own process creates it from the launcher's spec; a child
+    process from the settings its parent left in the environment (:mod:`.child`)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.trace_base = settings["trace"][: -len(".sqlite")]
+        self.max_steps = settings.get("max_steps")
+        self.with_sketch = bool(settings.get("with_sketch"))
+        self.recorders: dict[int, ProcessRecorder | None] = {}  # pid → its recorder
+        self.subprocesses = itertools.count(1)
         self.created: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        self._serial = itertools.count()
-        self.models: list[torch.nn.Module] = []
-        self.optimizers: list[torch.optim.Optimizer] = []
-        self.tags: dict[int, str] = {}  # id(model or optimizer) → its prefix, once fixed
-        self.batches: list[Any] = []
-        self.outputs: list[tuple[torch.nn.Module, Any]] = []
-        self.losses: list[torch.Tensor] = []
-        self.depth = 0  # module calls in progress: only outermost calls are outputs
-        self.last_loss: torch.Tensor | None = None
-        self.finished = False
+        self.serial = itertools.count()
 
-    # -- hooks ---------------------------------------------------------------------
+    def recorder(self) -> ProcessRecorder | None:
+        """This process's recorder; a child that trains gets one (and a trace) now."""
+        pid = os.getpid()
+        found = self.recorders.get(pid, False)
+        if found is False:
+            found = None if _in_dataloader_worker() else ProcessRecorder(self, process_key())
+            self.recorders[pid] = found
+        return found
+
+    def trace_meta(self, key: str) -> dict[str, Any]:
+        from ..determinism import environment_snapshot
+        from ..fingerprint import hasher_name
+
+        env = os.environ
+        return {
+            **self.settings["meta"],
+            "pid": os.getpid(),
+            "process": key,
+            "rank": int(env["RANK"]) if "RANK" in env else None,
+            "local_rank": int(env["LOCAL_RANK"]) if "LOCAL_RANK" in env else None,
+            "world_size": int(env["WORLD_SIZE"]) if "WORLD_SIZE" in env else None,
+            "steps_planned": self.max_steps,
+            "phases": list(PHASES),
+            "depth": "step",
+            "hasher": hasher_name("cpu"),
+            "sketches": self.with_sketch,
+            "environment": environment_snapshot(self.settings.get("applied")),
+        }
+
+    # -- hooks: installed once per interpreter, each asks for this process's recorder ----
     def install(self) -> None:
         """Install the global hooks; call before the script's first line."""
         optim = importlib.import_module("torch.optim.optimizer")
@@ -82,13 +184,34 @@ class ScriptRecorder:
             raise RuntimeError(
                 f"torch {torch.__version__} has no global optimizer hooks (need ≥ 2.0)"
             )
+        session = self
+
+        def enter(module: torch.nn.Module, inputs: Any) -> None:
+            rec = session.recorder()
+            if rec is not None:
+                rec.enter_module(module)
+
+        def leave(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            rec = session.recorder()
+            if rec is not None:
+                rec.leave_module(module, output)
+
+        def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            rec = session.recorder()
+            if rec is not None:
+                rec.before_step(optimizer, args, kwargs)
+
+        def after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            rec = session.recorder()
+            if rec is not None:
+                rec.after_step(optimizer)
+
         hooks = torch.nn.modules.module
-        hooks.register_module_forward_pre_hook(self._enter_module)
+        hooks.register_module_forward_pre_hook(enter)
         # always_call: a forward that raises still leaves, so the depth stays right
-        hooks.register_module_forward_hook(self._leave_module, always_call=True)
-        optim.register_optimizer_step_pre_hook(self._before_step)
-        optim.register_optimizer_step_post_hook(self._after_step)
-        recorder = self
+        hooks.register_module_forward_hook(leave, always_call=True)
+        optim.register_optimizer_step_pre_hook(before_step)
+        optim.register_optimizer_step_post_hook(after_step)
 
         for cls in (torch.nn.Module, torch.optim.Optimizer):  # creation order, for the names
             original_init = cls.__init__
@@ -96,7 +219,7 @@ class ScriptRecorder:
             def __init__(obj, *args, _original=original_init, **kwargs):
                 # an unhashable or unweakrefable subclass is left unnumbered
                 with contextlib.suppress(TypeError):
-                    recorder.created.setdefault(obj, next(recorder._serial))
+                    session.created.setdefault(obj, next(session.serial))
                 _original(obj, *args, **kwargs)
 
             cls.__init__ = functools.wraps(original_init)(__init__)
@@ -106,98 +229,203 @@ class ScriptRecorder:
 
         def __next__(self_iter):
             batch = original_next(self_iter)
-            if os.getpid() == recorder.pid:
-                recorder.batches.append(batch)
+            rec = session.recorder()
+            if rec is not None:
+                rec.batches.append(batch)
             return batch
 
         loader_iter.__next__ = __next__
         original_backward = torch.Tensor.backward
 
         def backward(tensor, *args, **kwargs):
-            if os.getpid() == recorder.pid and tensor.numel() == 1:
-                recorder.losses.append(tensor.detach())
-            return original_backward(tensor, *args, **kwargs)
+            rec = session.recorder()
+            if rec is None:
+                return original_backward(tensor, *args, **kwargs)
+            rec.before_backward(tensor)
+            result = original_backward(tensor, *args, **kwargs)
+            rec.after_backward()
+            return result
 
         torch.Tensor.backward = backward
+        self._name_subprocesses()
 
-    def _enter_module(self, module: torch.nn.Module, inputs: Any) -> None:
-        if (
-            self.depth == 0
-            and not _known(module, self.models)
-            and next(module.parameters(), None) is not None
-        ):
-            self.models.append(module)
-            if self.step > 0:  # the names are fixed: a newcomer gets the next number
-                self.tags[id(module)] = f"model{len(self.models) - 1}."
+    def _name_subprocesses(self) -> None:
+        """Each ``subprocess`` child gets its name (``sub1``, ``sub2`` … per parent) in its
+        environment, so a Python child that trains writes a trace named by it."""
+        original_init = subprocess.Popen.__init__
+        session = self
+
+        @functools.wraps(original_init)
+        def __init__(popen, args, *rest, **kwargs):
+            parent = session.recorders.get(os.getpid())
+            prefix = f"{parent.key}." if parent is not None and parent.key != "main" else ""
+            env = dict(os.environ if kwargs.get("env") is None else kwargs["env"])
+            env[PROCESS_ENV] = f"{prefix}sub{next(session.subprocesses)}"
+            kwargs["env"] = env
+            original_init(popen, args, *rest, **kwargs)
+
+        subprocess.Popen.__init__ = __init__
+
+    def finish_all(self, status: str) -> None:
+        rec = self.recorders.get(os.getpid())
+        if rec is not None:
+            rec.finish(status)
+
+
+class ProcessRecorder:
+    """The steps of one training process: what the hooks saw, and its trace.
+
+    The script's own process writes its trace from the start (it holds the run's status);
+    a child's trace is created at its first step, so a child that never trains (a
+    DataLoader worker, a tool run through ``subprocess``) leaves none.
+    """
+
+    def __init__(self, session: Session, key: str, writer: TraceWriter | None = None) -> None:
+        self.session = session
+        self.key = key
+        self.writer = writer
+        self.recorder: StepRecorder | None = None
+        self.step = 0
+        self.started = False  # step 0 committed
+        self.optimizer_seen = False  # steps are optimizer steps (else: hand-written updates)
+        self.models: list[torch.nn.Module] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.tags: dict[int, str] = {}  # id(model or optimizer) → its prefix, once fixed
+        self.loose: dict[int, tuple[str, torch.Tensor]] = {}  # trained tensors no model owns
+        self.trained: dict[int, torch.Tensor] = {}  # leaves backward() accumulated into
+        self.batches: list[Any] = []
+        self.outputs: list[tuple[torch.nn.Module, Any]] = []
+        self.losses: list[torch.Tensor] = []
+        self.depth = 0  # module calls in progress: only outermost calls are outputs
+        self.closure_step = False  # this step's closure evaluations are recorded after it
+        self.last_loss: torch.Tensor | None = None
+        self.snapshot: tuple[list[bytes], list[tuple[str, torch.Tensor]]] | None = None
+        self.finished = False
+        if key != "main":
+            # a forked child ends through os._exit (no atexit): multiprocessing's
+            # finalizers still run; a spawned child or subprocess ends through atexit
+            import multiprocessing.util
+
+            multiprocessing.util.Finalize(None, self.finish, args=("complete",), exitpriority=0)
+            atexit.register(self.finish, "complete")
+
+    # -- the trace -----------------------------------------------------------------------
+    def _rec(self) -> StepRecorder:
+        if self.recorder is None:
+            if self.writer is None:
+                path = f"{self.session.trace_base}-{self.key}.sqlite"
+                self.writer = TraceWriter(path, self.session.trace_meta(self.key))
+            self.recorder = StepRecorder(self.writer, PHASES, with_sketch=self.session.with_sketch)
+        return self.recorder
+
+    # -- what the hooks report -------------------------------------------------------------
+    def enter_module(self, module: torch.nn.Module) -> None:
+        if self.depth == 0 and self.snapshot is not None:
+            self._hand_update_step()
         self.depth += 1
 
-    def _leave_module(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+    def leave_module(self, module: torch.nn.Module, output: Any) -> None:
         self.depth = max(0, self.depth - 1)
         if (
             self.depth == 0
             and module.training
+            and torch.is_grad_enabled()  # a forward under no_grad evaluates, it trains nothing
             and output is not None
-            and _known(module, self.models)
+            and not self.finished
+            and next(module.parameters(), None) is not None
         ):
             self.outputs.append((module, output))
+            if len(self.outputs) > MAX_PENDING_OUTPUTS:
+                del self.outputs[0]
 
-    def _fix_names(self, optimizer: torch.optim.Optimizer) -> None:
-        """At the first step: number the models and optimizers seen so far by creation."""
-        last = float("inf")
-        self.models.sort(key=lambda m: self.created.get(m, last))
-        created = sorted(
-            (o for o in self.created if isinstance(o, torch.optim.Optimizer)),
-            key=lambda o: self.created[o],
-        )
-        self.optimizers = created + ([] if _known(optimizer, created) else [optimizer])
-        for group in (self.models, self.optimizers):
-            label = "model" if group is self.models else "opt"
-            for index, item in enumerate(group):
-                self.tags[id(item)] = f"{label}{index}." if len(group) > 1 else ""
-
-    def _optimizer_seen(self, optimizer: torch.optim.Optimizer) -> None:
-        if id(optimizer) not in self.tags:  # created after the first step
-            self.optimizers.append(optimizer)
-            self.tags[id(optimizer)] = f"opt{len(self.optimizers) - 1}."
-
-    def _names(self) -> dict[int, str]:
-        names: dict[int, str] = {}
-        for model in self.models:
-            tag = self.tags[id(model)]
-            names.update({id(p): tag + name for name, p in model.named_parameters()})
-        return names
-
-    def _state(self) -> None:
-        rec = self.recorder
-        for model in self.models:
-            tag = self.tags[id(model)]
-            state = model.state_dict(keep_vars=True)  # the tensors themselves, not detached copies
-            rec.add_state("weights", ((tag + k, v) for k, v in state.items()))
-        names = self._names()
-        for optimizer in self.optimizers:
-            tag = self.tags[id(optimizer)]
-            rec.add_state("optimizer", optimizer_tensors(optimizer, names, tag))
-        rec.add_state("rng", rng_states())
-
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if os.getpid() != self.pid or self.finished:
+    def before_backward(self, tensor: torch.Tensor) -> None:
+        if self.finished:
             return
-        rec = self.recorder
-        if self.step == 0:
+        if self.snapshot is not None:
+            self._hand_update_step()
+        if tensor.numel() == 1:
+            self.losses.append(tensor.detach())
+        if not self.optimizer_seen and tensor.grad_fn is not None:
+            for leaf in _trained_leaves(tensor):
+                self.trained.setdefault(id(leaf), leaf)
+
+    def after_backward(self) -> None:
+        """With no optimizer holding the trained parameters, note their digests and
+        gradients: a change before the next model call or backward() is a step."""
+        if self.finished or self.optimizer_seen or not self.trained:
+            return
+        trained = list(self.trained.values())
+        held = {
+            id(p) for o in self._optimizers_created() for g in o.param_groups for p in g["params"]
+        }
+        if any(id(p) in held for p in trained):
+            return  # an optimizer will make the steps
+        if not self.started:
+            self._fix_names(None)
+            self._begin_step0()
+        names = self._names()
+        order = {ident: index for index, ident in enumerate(names)}  # the models' order
+        grads = [
+            (names.get(id(p), f"param{i}"), p.grad.detach().clone())
+            for i, p in sorted(enumerate(trained), key=lambda e: order.get(id(e[1]), e[0]))
+            if p.grad is not None
+        ]
+        self.snapshot = ([fingerprint(p.detach()).value for p in trained], grads)
+
+    def before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.finished:
+            return
+        self.optimizer_seen, self.snapshot = True, None
+        if not self.started:
             self._fix_names(optimizer)
-            rec.begin(0)
-            self._state()
-            rec.commit(0, None)
+            self._begin_step0()
         self._optimizer_seen(optimizer)
         self.step += 1
-        rec.begin(self.step)
+        self._rec().begin(self.step)
+        closure = args[0] if args else kwargs.get("closure")
+        self.closure_step = closure is not None
+        if not self.closure_step:
+            self._observed(self._optimizer_grads(optimizer))
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.finished or not self.started:
+            return
+        if self.closure_step:  # the closure's evaluations ran inside the step
+            self._observed(self._optimizer_grads(optimizer))
+        self._commit_state()
+
+    # -- steps ---------------------------------------------------------------------------
+    def _begin_step0(self) -> None:
+        rec = self._rec()
+        rec.begin(0)
+        self._state()
+        rec.commit(0, None)
+        self.started = True
+
+    def _hand_update_step(self) -> None:
+        """A step if the trained parameters changed since backward() returned."""
+        digests, grads = self.snapshot  # type: ignore[misc]
+        trained = list(self.trained.values())
+        if [fingerprint(p.detach()).value for p in trained] == digests:
+            return  # not updated yet (the next micro-batch of an accumulation)
+        self.snapshot = None
+        self.step += 1
+        self._rec().begin(self.step)
+        self._observed(grads)
+        self._commit_state()
+
+    def _observed(self, grads: list[tuple[str, torch.Tensor]]) -> None:
+        """The step's data, outputs, losses and gradients, in phase order."""
+        rec = self._rec()
         several = len(self.batches) > 1
         for index, batch in enumerate(self.batches):
             prefix = f"batch{index}." if several else ""
             rec.add_all("data", ((prefix + n, t) for n, t in batch_tensors(batch)))
-        calls = Counter(id(module) for module, _ in self.outputs)
+        self._add_models(m for m, _ in self.outputs)
+        outputs = [(m, out) for m, out in self.outputs if id(m) in self.tags]
+        calls = Counter(id(module) for module, _ in outputs)
         seen: Counter[int] = Counter()
-        for module, output in self.outputs:
+        for module, output in outputs:
             name = self.tags[id(module)] + "output"
             if calls[id(module)] > 1:  # the model ran more than once in this step
                 name += str(seen[id(module)])
@@ -206,70 +434,183 @@ class ScriptRecorder:
         self.last_loss = self.losses[-1] if self.losses else None
         for index, loss in enumerate(self.losses):
             rec.add_all("loss", [("loss" + (f"{index}" if len(self.losses) > 1 else ""), loss)])
+        rec.add_all("grads", grads)
+        self.batches, self.outputs, self.losses = [], [], []
+
+    def _commit_state(self) -> None:
+        self._state()
+        self._rec().commit(self.step, self.last_loss)
+        limit = self.session.max_steps
+        if limit is not None and self.step >= limit:
+            self.finish("complete")
+            raise StepLimitReached(0)
+
+    def _state(self) -> None:
+        rec = self._rec()
+        for model in self.models:
+            tag = self.tags[id(model)]
+            # the tensors themselves (keep_vars), not detached copies
+            state = _unwrapped(model).state_dict(keep_vars=True)
+            rec.add_state("weights", ((tag + k, v) for k, v in state.items()))
+        rec.add_state("weights", self.loose.values())
         names = self._names()
-        grads = [
+        for optimizer in self.optimizers:
+            tag = self.tags[id(optimizer)]
+            rec.add_state("optimizer", optimizer_tensors(optimizer, names, tag))
+        rec.add_state("rng", rng_states())
+
+    def _optimizer_grads(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, Any]]:
+        names = self._names()
+        return [
             (names.get(id(p), f"{self.tags[id(optimizer)]}param{i}"), p.grad)
             for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])
             if p.grad is not None
         ]
-        rec.add_all("grads", grads)
-        self.batches, self.outputs, self.losses = [], [], []
 
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if os.getpid() != self.pid or self.finished:
+    # -- models and names ----------------------------------------------------------------
+    def _optimizers_created(self) -> list[torch.optim.Optimizer]:
+        created = self.session.created
+        return sorted(
+            (o for o in list(created) if isinstance(o, torch.optim.Optimizer)),
+            key=lambda o: created.get(o, -1),
+        )
+
+    def _owners(self, wanted: set[int]) -> list[torch.nn.Module]:
+        """The outermost modules (by creation order) that own any of these parameters."""
+        created = self.session.created
+        modules = [m for m in list(created) if isinstance(m, torch.nn.Module)]
+        inner = {id(child) for m in modules for child in m._modules.values() if child is not None}
+        roots = [m for m in modules if id(m) not in inner]
+        owners = [m for m in roots if any(id(p) in wanted for p in m.parameters())]
+        return sorted(owners, key=lambda m: created.get(m, -1))
+
+    def _fix_names(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """At step 0: the models, optimizers and their prefixes."""
+        optimizers = self._optimizers_created()
+        if optimizer is not None and not _known(optimizer, optimizers):
+            optimizers.append(optimizer)
+        self.optimizers = optimizers if optimizer is not None else []
+        wanted = {id(p) for o in self.optimizers for g in o.param_groups for p in g["params"]}
+        wanted |= set(self.trained)
+        self.models = self._owners(wanted)
+        for group in (self.models, self.optimizers):
+            label = "model" if group is self.models else "opt"
+            for index, item in enumerate(group):
+                self.tags[id(item)] = f"{label}{index}." if len(group) > 1 else ""
+        self._name_loose(wanted)
+
+    def _add_models(self, modules: Any) -> None:
+        """A model first called after step 0 that trains: the next number, prefixed."""
+        for module in modules:
+            if id(module) in self.tags or not self.started:
+                continue
+            named = self._names()
+            if any(id(p) in named for p in module.parameters()) and not _known(module, self.models):
+                continue  # a part of a model, called on its own: its model's records say it
+            wanted = set(self.trained)
+            for o in self.optimizers:
+                wanted |= {id(p) for g in o.param_groups for p in g["params"]}
+            if any(id(p) in wanted for p in module.parameters()):
+                self.models.append(module)
+                self.tags[id(module)] = f"model{len(self.models) - 1}."
+            else:
+                self.tags.setdefault(-id(module), "")  # not trained: never asked again
+
+    def _optimizer_seen(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) in self.tags:
             return
-        self._state()
-        self.recorder.commit(self.step, self.last_loss)
-        if self.max_steps is not None and self.step >= self.max_steps:
-            self.finish("complete")
-            raise StepLimitReached(0)
+        self.optimizers.append(optimizer)  # created after step 0
+        self.tags[id(optimizer)] = f"opt{len(self.optimizers) - 1}."
+        wanted = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for module in self._owners(wanted):
+            if not _known(module, self.models):
+                self.models.append(module)
+                self.tags[id(module)] = f"model{len(self.models) - 1}."
+        self._name_loose(wanted)
+
+    def _name_loose(self, wanted: set[int]) -> None:
+        """Trained tensors no model owns (``W = torch.randn(..., requires_grad=True)``):
+        named after the script's global that holds them, else ``param<i>``."""
+        owned = {id(p) for m in self.models for p in m.parameters()}
+        tensors = {id(p): p for o in self.optimizers for g in o.param_groups for p in g["params"]}
+        tensors.update(self.trained)
+        main = vars(sys.modules["__main__"]) if "__main__" in sys.modules else {}
+        globals_by_id = {id(v): k for k, v in main.items() if isinstance(v, torch.Tensor)}
+        for ident in wanted:
+            if ident in owned or ident in self.loose or ident not in tensors:
+                continue
+            name = globals_by_id.get(ident) or f"param{len(self.loose)}"
+            self.loose[ident] = (name, tensors[ident])
+
+    def _names(self) -> dict[int, str]:
+        names = {ident: name for ident, (name, _) in self.loose.items()}
+        for model in self.models:
+            tag = self.tags[id(model)]
+            names.update({id(p): tag + n for n, p in _unwrapped(model).named_parameters()})
+        return names
 
     def naming(self) -> dict[str, list[dict[str, str]]]:
         """What each prefix stands for: ``{"models": [{"prefix": "model0.", "type": ...}]}``."""
         return {
             group: [
-                {"prefix": self.tags.get(id(item), ""), "type": type(item).__name__}
+                {"prefix": self.tags.get(id(item), ""), "type": type(_unwrapped(item)).__name__}
+                if isinstance(item, torch.nn.Module)
+                else {"prefix": self.tags.get(id(item), ""), "type": type(item).__name__}
                 for item in items
             ]
             for group, items in (("models", self.models), ("optimizers", self.optimizers))
         }
 
     def finish(self, status: str, error: str | None = None, **meta: Any) -> None:
-        """Write the trace's final status (once, and only from the run's own process)."""
-        if self.finished or os.getpid() != self.pid:
+        """Write the trace's final status (once, and only from this recorder's process)."""
+        if self.finished or self.session.recorders.get(os.getpid()) is not self:
             return
+        if status == "complete" and self.snapshot is not None:
+            with contextlib.suppress(StepLimitReached):
+                self._hand_update_step()  # the last hand-written update, before the end
         self.finished = True
-        self.writer.finish(status, error, records=self.recorder.records, exec=self.naming(), **meta)
+        if self.writer is None:
+            return  # a child that never trained: no trace
+        records = self.recorder.records if self.recorder else 0
+        self.writer.finish(status, error, records=records, exec=self.naming(), **meta)
 
 
 def _known(item: Any, items: list[Any]) -> bool:
     return any(item is other for other in items)
 
 
+def _child_settings(spec: dict[str, Any], applied: dict[str, Any]) -> dict[str, Any]:
+    from .worker import run_meta
+
+    return {
+        "trace": spec["trace"],
+        "max_steps": spec["exec"].get("max_steps"),
+        "with_sketch": bool(spec.get("with_sketch")),
+        "meta": {**run_meta(spec), "command": spec["exec"]["argv"]},
+        "applied": applied,
+        "controls": spec["config"]["determinism"],
+        "seed": spec["config"]["seed"],
+        "threads": spec.get("threads"),
+    }
+
+
 def run_script(spec: dict[str, Any]) -> int:
     """The worker's path for ``reprocheck exec`` / ``audit``: 0 complete, 3 the script failed."""
-    from ..determinism import apply_controls_for, environment_snapshot
-    from ..fingerprint import hasher_name
-    from .worker import EXIT_FAILED, EXIT_OK, error_line, run_meta
+    from ..determinism import apply_controls_for
+    from . import child
+    from .worker import EXIT_FAILED, EXIT_OK, error_line
 
     target = spec["exec"]
     controls = DeterminismConfig(**spec["config"]["determinism"])
     applied = apply_controls_for(controls, spec["config"]["seed"], spec.get("threads"))
-    writer = TraceWriter(
-        spec["trace"],
-        {
-            **run_meta(spec),
-            "steps_planned": target.get("max_steps"),
-            "phases": list(PHASES),
-            "depth": "step",
-            "hasher": hasher_name("cpu"),
-            "environment": environment_snapshot(applied),
-            "command": target["argv"],
-        },
-    )
-    recorder = ScriptRecorder(writer, target.get("max_steps"))
-    recorder.install()
-    atexit.register(lambda: recorder.finish("complete"))  # a script that calls os-level exit paths
+    settings = _child_settings(spec, applied)
+    session = Session(settings)
+    writer = TraceWriter(spec["trace"], session.trace_meta("main"))
+    recorder = ProcessRecorder(session, "main", writer)
+    session.recorders[os.getpid()] = recorder
+    session.install()
+    child.export(settings)  # every Python process the script starts records itself too
+    atexit.register(recorder.finish, "complete")  # a script that calls os-level exit paths
     argv = list(target["argv"])
     code = EXIT_OK
     try:
@@ -308,21 +649,37 @@ def run_script(spec: dict[str, Any]) -> int:
     return code
 
 
+def start_child(settings: dict[str, Any]) -> None:
+    """In a Python process the script started (spawned, not forked): apply the controls
+    and install the hooks; it records itself once it trains."""
+    from ..determinism import apply_controls_for
+
+    controls = DeterminismConfig(**settings["controls"])
+    applied = apply_controls_for(controls, settings["seed"], settings.get("threads"))
+    settings = {**settings, "applied": applied}
+    session = Session(settings)
+    session.install()
+    atexit.register(session.finish_all, "complete")
+
+
 def describe_names(report: dict[str, Any]) -> None:
     """State in the report what the recorded names stand for: ``config.models`` and
     ``config.optimizers``, each ``[{"prefix": "model0.", "type": "Generator"}, ...]`` in
-    creation order, as the first run with a trace recorded them."""
+    creation order, as the first trace that trained recorded them."""
     from ..trace import Trace, TraceError
 
     for leg in report["legs"]:
         for run in leg["runs"]:
-            if not run.get("trace") or not os.path.exists(run["trace"]):
-                continue
-            try:
-                with Trace(run["trace"]) as trace:
-                    names = trace.meta.get("exec")
-            except TraceError:
-                continue
-            if names:
-                report["config"].update(names)
-                return
+            for process in run.get("processes") or [{"trace": run.get("trace")}]:
+                path = process.get("trace")
+                if not path or not os.path.exists(path):
+                    continue
+                try:
+                    with Trace(path) as trace:
+                        names = trace.meta.get("exec")
+                        trained = bool(trace.steps)
+                except TraceError:
+                    continue
+                if names and trained:
+                    report["config"].update(names)
+                    return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,10 +47,36 @@ class RunResult:
     exit_code: int | None = None
     seconds: float = 0.0
     log_tail: list[str] = field(default_factory=list)  # a failed run's last output lines
+    # the traces of the Python processes the run started that trained: name → trace
+    children: dict[str, str] = field(default_factory=dict)
 
     @property
     def last_step(self) -> int | None:
         return self.steps - 1 if self.steps else None
+
+    @property
+    def processes(self) -> dict[str, str]:
+        """Every trace of the run by process name: ``main`` (the run's own), then its
+        children in name order (``mp1``, ``rank0``, ``sub1``)."""
+        return {"main": self.trace, **self.children}
+
+
+def child_traces(trace: str) -> dict[str, str]:
+    """The traces a run's child processes wrote beside its own: ``<run>-<name>.sqlite``."""
+    stem = trace[: -len(".sqlite")] + "-"
+    folder = os.path.dirname(trace) or "."
+    found = {}
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.listdir(folder), key=_natural):
+            path = os.path.join(folder, entry)
+            if path.startswith(stem) and entry.endswith(".sqlite"):
+                found[path[len(stem) : -len(".sqlite")]] = path
+    return found
+
+
+def _natural(text: str) -> tuple:
+    """``mp2`` before ``mp10``."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
 
 @dataclass
@@ -303,6 +330,7 @@ class Launcher:
 
     def _settle(self, result: RunResult, code: int) -> None:
         """Read how the run ended from its trace (or its log, if it never wrote one)."""
+        result.children = child_traces(result.trace)
         try:
             with Trace(result.trace) as trace:
                 result.steps = len(trace.steps)
@@ -335,6 +363,7 @@ class Launcher:
             self._running.remove(task)
         result = task.result
         result.steps = committed_steps(result.trace)
+        result.children = child_traces(result.trace)
         result.status = status
         result.exit_code = task.process.returncode
         # `steps` committed means step `steps` was running (or, past the last, finishing)

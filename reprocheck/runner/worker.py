@@ -119,12 +119,13 @@ def run(spec: dict[str, Any]) -> int:
             capture["out"],
         )
         if capture.get("ops"):
+            from .. import jsonout
             from ..localize import to_json
 
             with open(capture["out"] + ".ops.json", "w", encoding="utf-8") as handle:
-                json.dump(to_json(ops), handle)
+                jsonout.dump(to_json(ops), handle)
             with open(capture["out"] + ".env.json", "w", encoding="utf-8") as handle:
-                json.dump({"compiled": recorder.compiled}, handle)
+                jsonout.dump({"compiled": recorder.compiled}, handle)
     writer.finish("complete", records=recorder.records)
     return EXIT_OK
 
