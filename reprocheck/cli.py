@@ -7,6 +7,7 @@ Exit codes: 0 reproducible · 1 diverged · 2 usage or config error · 3 a run f
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, jsonout
-from .report.json import EXIT_DIVERGED, EXIT_FAILED, EXIT_REPRODUCIBLE, EXIT_USAGE
+from .verdict import EXIT_DIVERGED, EXIT_FAILED, EXIT_REPRODUCIBLE, EXIT_USAGE
 
 app = typer.Typer(
     name="reprocheck",
@@ -291,8 +292,13 @@ def compare(
     Exit 0 when they agree (bitwise, or within the tolerance), 1 when they do not, 2 when
     a file is not a readable trace or the traces come from different configs.
     """
-    from .compare import compare_sketches, first_divergence, parse_tolerance
-    from .report.json import comparison_dict, divergence_dict
+    from .compare import (
+        compare_sketches,
+        comparison_dict,
+        divergence_dict,
+        first_divergence,
+        parse_tolerance,
+    )
     from .trace import Trace
 
     parsed = parse_tolerance(tolerance)
@@ -403,6 +409,25 @@ def _register_feature_commands() -> None:
     from .commands import register_all
 
     register_all(app)
+    for command in app.registered_commands:  # help as paragraphs, whatever the width
+        if command.help is None and command.callback is not None:
+            command.help = paragraphs(inspect.getdoc(command.callback) or "")
+
+
+def paragraphs(text: str) -> str:
+    """A docstring as help text: the lines of each paragraph joined, so the terminal wraps
+    them at its own width (rich keeps a docstring's line breaks as they are); a list item
+    (``- ``) or an indented line keeps its own line."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines: list[str] = []
+        for line in block.splitlines():
+            if lines and not line.startswith(("- ", "  ")) and not lines[-1].startswith("  "):
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line)
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 _register_feature_commands()

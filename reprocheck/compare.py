@@ -416,3 +416,91 @@ def numeric_diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     else:
         out["max_ulp"] = int(gap.max()) if bool(finite.all()) else None
     return out
+
+
+# ---------------------------------------------------------------- as report values
+
+# first_divergence fields from the replay's numeric diff, and from the zoom.
+DIFF_KEYS = (
+    "max_abs_diff",
+    "max_rel_diff",
+    "max_ulp",
+    "elements_differing",
+    "elements",
+    "fraction_differing",
+    "first_index",
+    "replay",
+    "replayed_runs",
+    "replays",
+    "replays_diverged",
+    "replay_from",
+    "sketches",
+)
+ZOOM_KEYS = (
+    "module",
+    "op",
+    "source",
+    "code",
+    "stage",
+    "source_is_forward_line",
+    "cause",
+    "cause_detail",
+    "op_index",
+    "ops_captured",
+)
+
+
+def divergence_dict(divergence: Divergence) -> dict[str, Any]:
+    """``first_divergence`` as the JSON report has it."""
+    diff = divergence.diff
+    out: dict[str, Any] = {
+        "leg": divergence.leg,
+        "process": divergence.process,
+        "runs": divergence.runs,
+        "step": divergence.step,
+        "phase": divergence.phase,
+        "tensor": divergence.tensor,
+        "shape": list(divergence.shape),
+        "dtype": divergence.dtype,
+        "kind": divergence.kind,
+        "digests": [side.digest.hex() if side else None for side in divergence.sides],
+        "recorded": [
+            None
+            if side is None
+            else {
+                "phase": side.phase,
+                "tensor": side.name,
+                "shape": list(side.shape),
+                "dtype": side.dtype,
+            }
+            for side in divergence.sides
+        ],
+    }
+    for key in DIFF_KEYS:
+        out[key] = diff.get(key)
+    for key in ZOOM_KEYS:
+        out[key] = divergence.zoom.get(key)
+    out["variability"] = divergence.variability
+    out["generator"] = divergence.generator
+    if divergence.generator and not out["cause"]:  # no zoom said otherwise
+        g = divergence.generator
+        out["cause"] = "unseeded or re-seeded RNG"
+        groups = " ≠ ".join(",".join(f"#{run}" for run in group) for group in g["runs"])
+        out["cause_detail"] = (
+            f"generator {g['name']} differed between runs from step {g['step']} ({groups})"
+        )
+    return out
+
+
+def comparison_dict(comparison: LegComparison) -> dict[str, Any]:
+    return {
+        "pair": list(comparison.pair),
+        "tolerance": comparison.tolerance,
+        "within_tolerance": comparison.within_tolerance,
+        "compared": comparison.compared,
+        "identical": comparison.identical,
+        "first_outside": comparison.first_outside,
+        "worst": comparison.worst,
+        "growth": [[step, rel] for step, rel in comparison.growth],
+        "note": comparison.note,
+    }

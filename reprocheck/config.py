@@ -566,6 +566,25 @@ def _determinism(ctx: _Context, value: Any) -> DeterminismConfig:
     return DeterminismConfig(**values)
 
 
+def _optimizer_keywords(cls: type) -> set[str] | None:
+    """The keyword arguments an optimizer class takes besides its parameters; None where
+    its signature cannot be read or takes ``**kwargs``."""
+    import inspect
+
+    try:
+        signature = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return None
+    parameters = list(signature.parameters.values())[2:]  # self, params
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+
+
 def _optimizer(ctx: _Context, value: Any) -> OptimizerConfig:
     path = ("optimizer",)
     if value is None:
@@ -590,9 +609,16 @@ def _optimizer(ctx: _Context, value: Any) -> OptimizerConfig:
             f"unknown optimizer {name!r}{_suggest(name, classes)} (a class in torch.optim)",
         )
     kwargs = {k: v for k, v in value.items() if k != "name"}
+    accepted = _optimizer_keywords(getattr(torch.optim, name))
     for key in kwargs:
         if not isinstance(key, str) or not re.fullmatch(_IDENT, key):
             raise ctx.error(path + (key,), f"{key!r} is not a keyword argument name")
+        if accepted is not None and key not in accepted:  # caught here, before any run
+            raise ctx.error(
+                path + (key,),
+                f"torch.optim.{name} takes no argument {key!r}{_suggest(key, accepted)} "
+                f"(it takes {', '.join(sorted(accepted))})",
+            )
     if "lr" in kwargs:
         _float(ctx, path + ("lr",), kwargs["lr"])
     return OptimizerConfig(name=name, kwargs=MappingProxyType(kwargs))

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import jsonout
-from .compare import Tolerance, compare_sketches, first_divergence
+from .compare import Tolerance, compare_sketches, comparison_dict, divergence_dict, first_divergence
 from .config import Config
-from .report.json import comparison_dict, divergence_dict
 from .trace import Trace, TraceError, recover
 
 # What must agree for a bitwise comparison to be fair.

@@ -23,6 +23,8 @@ from reprocheck.config import (
     resolve_callable,
 )
 
+from .conftest import CONFIGS, run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_TAIL = "model: reprocheck.zoo.models:mlp\ndata: reprocheck.zoo.data:classification\n"
 
@@ -178,6 +180,16 @@ BAD = {
         "name: x\noptimiser: {name: SGD}\n" + GOOD_TAIL,
         2,
         "unknown key 'optimiser' — did you mean 'optimizer'?",
+    ),
+    "optimizer-kwarg-typo": (
+        "name: x\noptimizer: {name: SGD, lr: 0.1, momentun: 0.9}\n" + GOOD_TAIL,
+        2,
+        "torch.optim.SGD takes no argument 'momentun' — did you mean 'momentum'?",
+    ),
+    "optimizer-kwarg-of-another-optimizer": (
+        "name: x\noptimizer: {name: Adam, momentum: 0.9}\n" + GOOD_TAIL,
+        2,
+        "torch.optim.Adam takes no argument 'momentum'",
     ),
     "unknown-determinism": (
         "name: x\ndeterminism: {seed_pyton: true}\n" + GOOD_TAIL,
@@ -503,3 +515,18 @@ def test_fuzz_structures_never_crash(tmp_path, data):
 
 def test_readme_reference_is_generated_from_the_dataclasses():
     assert config_reference_markdown() in (ROOT / "README.md").read_text()
+
+
+def test_an_optimizer_kwarg_typo_stops_the_cli_before_any_run(tmp_path):
+    config = _write(
+        tmp_path,
+        (CONFIGS / "demo.yaml").read_text().replace("momentum: 0.9", "momentun: 0.9"),
+        "typo.yaml",
+    )
+    out = tmp_path / "out"
+    result = run_cli("run", str(config), "--quiet", "--out", str(out))
+    assert result.code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "optimizer.momentun" in line and "did you mean 'momentum'?" in line
+    assert result.stdout == ""
+    assert not out.exists()  # refused before any run started

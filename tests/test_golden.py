@@ -93,6 +93,17 @@ def test_changed_learning_rate_names_step_1_and_the_first_weight(golden, tmp_pat
     assert (d["step"], d["phase"], d["tensor"]) == (1, "weights", "layers.0.weight")
     assert d["sketch_rel_diff"] > 0
     assert "✘ CHANGED against golden at step 1 · weights · layers.0.weight" in result.stdout
+    # the change against the golden is what decides the verdict: the report's divergence
+    top = result.report["first_divergence"]
+    assert (top["compared"], top["step"], top["phase"], top["tensor"]) == (
+        "golden",
+        1,
+        "weights",
+        "layers.0.weight",
+    )
+    assert result.report["verdict"] == "diverged" and result.report["exit_code"] == 1
+    assert "across legs" not in result.stdout
+    assert result.stdout.count("CHANGED against golden") == 1
 
     root = ET.parse(junit).getroot()
     assert root.tag == "testsuites"

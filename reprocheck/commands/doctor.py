@@ -55,8 +55,8 @@ def register(app: typer.Typer) -> None:
         """
         from ..config import load_config
         from ..doctor.probe import ProbeError, dynamic_findings, static_findings
-        from ..report.json import EXIT_FAILED
-        from ..runner.audit import AuditOptions, make_audit_dir, run_audit
+        from ..runner.audit import AuditOptions, Auditor, make_audit_dir, run_audit
+        from ..verdict import EXIT_FAILED
 
         config = load_config(config_path)
         _terminate_as_interrupt()
@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
                 )
             )
         try:
-            findings += dynamic_findings(config, folder, steps)
+            findings += dynamic_findings(Auditor(), config, folder, steps)
         except ProbeError as exc:  # a probe that ran nothing found nothing: say so, exit 3
             raise fail(str(exc), EXIT_FAILED) from None
         audit: dict[str, Any] | None = None

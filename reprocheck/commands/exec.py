@@ -59,8 +59,12 @@ def register(app: typer.Typer) -> None:
 
         Everything after `--` is the command: `reprocheck exec -n 2 -- python train.py --lr 0.1`.
         Each run starts in a fresh process with the determinism preset applied before the
-        script's first line; step k is the k-th optimizer.step(). The script's output goes
-        to the run's log (its tail is in the report when a run fails).
+        script's first line. Step k is the k-th optimizer.step() — or, where the script
+        updates its parameters by hand, the k-th update of the parameters backward() gave
+        gradients to. Every Python process the script starts that trains (mp.spawn workers,
+        multiprocessing, subprocesses) is recorded and compared too. An audit that sees no
+        training step fails (exit 3). The script's output goes to the run's log (its tail
+        is in the report when a run fails). See docs/exec.md.
         """
         from ..config import PRESETS, Config, DataConfig, DeterminismConfig, FactoryConfig
         from ..config import apply_overrides as _overrides

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import typer
 from rich.text import Text
@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         user_errors,
     )
 
-    def _audit(config, repeats, steps, device, threads, out, jobs, timeout, quiet):
+    def _audit(config, repeats, steps, device, threads, out, jobs, timeout, quiet, **golden):
         from ..config import apply_overrides
         from ..runner.audit import AuditOptions, run_audit
 
@@ -47,7 +47,9 @@ def register(app: typer.Typer) -> None:
         )
         # no attribution here: a golden check answers "did the numerics change?"; run
         # `reprocheck run --attribute` or `doctor` to ask why a config does not reproduce
-        options = AuditOptions(out=out, jobs=jobs, timeout=timeout, sketch=True, attribute=False)
+        options = AuditOptions(
+            out=out, jobs=jobs, timeout=timeout, sketch=True, attribute=False, **golden
+        )
         _terminate_as_interrupt()
         with RunProgress(quiet) as progress:
             return config, run_audit(config, options, progress=progress.update)
@@ -125,8 +127,7 @@ def register(app: typer.Typer) -> None:
         config's tolerance, naming the first step and tensor that leave it.
         """
         from ..config import load_config
-        from ..golden import GoldenError, check_against, reference_trace
-        from ..report.json import EXIT_DIVERGED, EXIT_REPRODUCIBLE
+        from ..golden import GoldenError
         from ..trace import Trace
 
         if output_format not in ("text", "github", "json"):
@@ -139,18 +140,22 @@ def register(app: typer.Typer) -> None:
                     "with `reprocheck record CONFIG -o golden.sqlite`"
                 )
         machine = output_format != "text"
-        config, report = _audit(
-            config, repeats, steps, device, threads, out, jobs, timeout, quiet or machine
-        )
-        current = reference_trace(report)
-        if current is not None and report["exit_code"] in (EXIT_REPRODUCIBLE, EXIT_DIVERGED):
-            try:
-                result = check_against(str(against), current, config, any_config)
-            except GoldenError as exc:
-                raise UsageError(str(exc)) from None
-            report["golden"] = result.to_dict()
-            if not result.matches:
-                report["verdict"], report["exit_code"] = "diverged", EXIT_DIVERGED
+        try:
+            config, report = _audit(
+                config,
+                repeats,
+                steps,
+                device,
+                threads,
+                out,
+                jobs,
+                timeout,
+                quiet or machine,
+                golden=str(against),
+                any_config=any_config,
+            )
+        except GoldenError as exc:
+            raise UsageError(str(exc)) from None
         _emit(report, json_path, quiet or machine)
         if junit is not None:
             from ..report.junit import write_junit
@@ -162,65 +167,4 @@ def register(app: typer.Typer) -> None:
             sys.stdout.write("\n".join(annotations(report)) + "\n")
         elif output_format == "json":
             sys.stdout.write(jsonout.dumps(report, indent=2, default=str) + "\n")
-        elif not quiet and report.get("golden"):
-            _render_golden(report["golden"])
         raise typer.Exit(report["exit_code"])
-
-    def _render_golden(golden: dict[str, Any]) -> None:
-        stdout.print(
-            Text.assemble(
-                ("golden      ", "dim"), golden["golden"], (f"  ({golden['mode']})", "dim")
-            )
-        )
-        if golden.get("note"):
-            stdout.print(Text(f"  note        {golden['note']}", style="yellow"))
-        comparison = golden.get("comparison") or {}
-        d = golden.get("first_divergence")
-        identical = (
-            f"{comparison.get('identical', 0):,} of {comparison.get('compared', 0):,} "
-            "records bitwise identical"
-        )
-        if golden["matches"] and golden["mode"] == "bitwise":
-            stdout.print(Text(f"✔ MATCHES GOLDEN  {identical}", style="bold green"))
-        elif golden["matches"]:
-            stdout.print(
-                Text(
-                    f"✔ WITHIN TOLERANCE of golden ({comparison.get('tolerance')})  {identical}",
-                    style="bold green",
-                )
-            )
-        elif d is not None:
-            line = Text("✘ CHANGED against golden", style="bold red")
-            line.append(f" at step {d['step']} · {d['phase']} · ")
-            line.append(d["tensor"], style="bold red")
-            if d.get("sketch_rel_diff") is not None:
-                line.append(f"   (sketch rel Δ {d['sketch_rel_diff']:.3g})", style="dim")
-            stdout.print(line)
-        else:
-            o = comparison.get("first_outside") or {}
-            stdout.print(
-                Text(
-                    f"✘ OUTSIDE TOLERANCE against golden from step {o.get('step')} · "
-                    f"{o.get('phase')} · {o.get('tensor')}",
-                    style="bold red",
-                )
-            )
-        worst = comparison.get("worst")
-        if worst:
-            stdout.print(
-                Text(
-                    f"  worst       rel Δ {worst['max_rel_diff']:.3g} at step "
-                    f"{worst['step']} · {worst['tensor']}",
-                    style="dim",
-                )
-            )
-        growth = [(s, r) for s, r in comparison.get("growth") or [] if r > 0]
-        if growth:
-            shown = ", ".join(f"{s}: {r:.2g}" for s, r in growth[:8])
-            stdout.print(
-                Text(
-                    f"  growth      max rel Δ per step — {shown}"
-                    + (" …" if len(growth) > 8 else ""),
-                    style="dim",
-                )
-            )

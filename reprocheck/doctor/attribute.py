@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import Config
-from .probe import finding
+from .probe import Auditor, finding
 
 Change = Callable[[Config], Config]
 
@@ -49,6 +49,7 @@ CANDIDATES: tuple[tuple[str, str, Change], ...] = (
 
 
 def attribute(
+    auditor: Auditor,
     config: Config,
     leg_device: str,
     leg_threads: int | None,
@@ -56,8 +57,8 @@ def attribute(
     folder: Path,
     zoom: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(findings, the table of every control tried with its verdict)."""
-    from ..runner.audit import AuditOptions, run_audit
+    """(findings, the table of every control tried with its verdict), each control's
+    variant audited through ``auditor``."""
 
     base = dataclasses.replace(
         config, steps=max(step, 1), repeats=2, devices=(leg_device,), threads=(leg_threads,)
@@ -66,10 +67,7 @@ def attribute(
     tried: list[dict[str, Any]] = []
 
     def verdict(variant: Config, label: str) -> str:
-        options = AuditOptions(
-            out=str(folder / label), measure=False, zoom=False, attribute=False, fail_fast=True
-        )
-        return run_audit(variant, options)["verdict"]
+        return auditor.audit(variant, folder / label)["verdict"]
 
     changes = []
     for label, code, change in CANDIDATES:

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from ..compare import first_divergence
 from ..config import Config
@@ -147,7 +147,20 @@ def gpu_risk_findings(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-Auditor = Callable[[Config, str], dict[str, Any]]
+class Auditor(Protocol):
+    """What probes and attribution rerun (``reprocheck.runner.audit.Auditor``): given to
+    them by their caller, so the doctor imports no runner."""
+
+    def audit(self, config: Config, out: str | os.PathLike, fail_fast: bool = True) -> dict:
+        """The report of an audit of ``config`` into ``out``."""
+        ...
+
+    def capture_ops(self, config: Config, folder: str | os.PathLike) -> tuple[str | None, str]:
+        """Step 1's op capture of run 0: (its path or None, the replay's trace)."""
+        ...
+
+
+Variant = Callable[[Config, str], dict[str, Any]]
 
 
 class ProbeError(Exception):
@@ -161,7 +174,7 @@ def _run_failure(label: str, run: dict[str, Any]) -> ProbeError:
 
 
 def sensitivity(
-    audit: Auditor, a: Config, b: Config, label: str
+    audit: Variant, a: Config, b: Config, label: str
 ) -> tuple[bool, dict[str, Any] | None]:
     """Run one run of each variant and compare them bit for bit: (differ, where). A run
     that fails raises :class:`ProbeError`: a probe that ran nothing has found nothing."""
@@ -191,11 +204,11 @@ def _capture_failure(trace: str) -> str:
     return f"{error} (log: {log})"
 
 
-def dynamic_findings(config: Config, folder: Path, steps: int = 2) -> list[dict[str, Any]]:
-    """Run a few steps in child processes: op scan, and sensitivity to threads, hash seed,
-    and worker count."""
-    from ..runner.audit import AuditOptions, run_audit
-    from ..runner.launch import Launcher, plan_legs
+def dynamic_findings(
+    auditor: Auditor, config: Config, folder: Path, steps: int = 2
+) -> list[dict[str, Any]]:
+    """Run a few steps in child processes through ``auditor``: op scan, and sensitivity to
+    threads, hash seed, and worker count."""
 
     found: list[dict[str, Any]] = []
     short = dataclasses.replace(
@@ -207,25 +220,20 @@ def dynamic_findings(config: Config, folder: Path, steps: int = 2) -> list[dict[
     )
 
     # the ops the model runs in one step, forward and backward, with their lines
-    leg = plan_legs(short)[0]
-    launcher = Launcher(short, folder, fail_fast=False)
-    paths = launcher.capture(leg, [0], 1, [], ops=True) if short.steps else {}
+    captured, replay = auditor.capture_ops(short, folder) if short.steps else (None, "")
     ops: list[dict[str, Any]] = []
-    if short.steps and 0 not in paths:
-        raise ProbeError(f"probe 'op scan': {_capture_failure(launcher.replay_trace(0))}")
-    if 0 in paths:
-        with open(paths[0] + ".ops.json", encoding="utf-8") as handle:
+    if short.steps and captured is None:
+        raise ProbeError(f"probe 'op scan': {_capture_failure(replay)}")
+    if captured is not None:
+        with open(captured + ".ops.json", encoding="utf-8") as handle:
             ops = json.load(handle)
         found += gpu_risk_findings(ops)
-        with open(paths[0] + ".env.json", encoding="utf-8") as handle:
+        with open(captured + ".env.json", encoding="utf-8") as handle:
             if json.load(handle).get("compiled"):
                 found.append(finding("RC017", "the model runs through torch.compile"))
 
     def audit(variant: Config, label: str) -> dict[str, Any]:
-        options = AuditOptions(
-            out=str(folder / label), measure=False, zoom=False, attribute=False, fail_fast=False
-        )
-        return run_audit(variant, options)
+        return auditor.audit(variant, folder / label, fail_fast=False)
 
     differ, where = sensitivity(
         audit,

@@ -143,8 +143,79 @@ def _runs_text(groups: list[list[int]]) -> str:
     return " ≠ ".join(",".join(f"#{run}" for run in group) for group in groups)
 
 
+def golden_lines(report: dict[str, Any]) -> tuple[list[Text], list[Text]]:
+    """A golden check (``reprocheck check``): what was compared and, when nothing changed,
+    the match (said before the answer); how far apart, per step (after it). A change is
+    the report's first divergence, rendered by :func:`divergence_lines`."""
+    golden = report.get("golden")
+    if not golden:
+        return [], []
+    lines = [_line("golden", Text(golden["golden"]), Text(f"  ({golden['mode']})", style=DIM))]
+    if golden.get("note"):
+        lines.append(_line("note", Text(golden["note"]), style=YELLOW))
+    comparison = golden.get("comparison") or {}
+    identical = (
+        f"{comparison.get('identical', 0):,} of {comparison.get('compared', 0):,} "
+        "records bitwise identical"
+    )
+    if golden["matches"] and golden["mode"] == "bitwise":
+        lines.append(Text(f"✔ MATCHES GOLDEN  {identical}", style="bold green"))
+    elif golden["matches"]:
+        lines.append(
+            Text(
+                f"✔ WITHIN TOLERANCE of golden ({comparison.get('tolerance')})  {identical}",
+                style="bold green",
+            )
+        )
+    head, lines = lines, []
+    worst = comparison.get("worst")
+    if worst:
+        lines.append(
+            _line(
+                "worst",
+                f"rel Δ {_fmt(worst['max_rel_diff'])} at step {worst['step']} · {worst['tensor']}",
+                style=DIM,
+            )
+        )
+    growth = [(s, r) for s, r in comparison.get("growth") or [] if r and r > 0]
+    if growth:
+        shown = ", ".join(f"{s}: {r:.2g}" for s, r in growth[:8])
+        more = " …" if len(growth) > 8 else ""
+        lines.append(_line("growth", f"max rel Δ per step — {shown}{more}", style=DIM))
+    return head, lines
+
+
+def _golden_change(d: dict[str, Any]) -> list[Text]:
+    """A change against the golden trace: where, and by how much."""
+    title = Text("✘ CHANGED against golden", style=RED)
+    title.append(f" at step {d['step']} · {d['phase']} · ", style="bold")
+    title.append(str(d["tensor"]), style=RED)
+    lines = [title]
+    if d.get("kind") == "tolerance":
+        lines.append(
+            _line(
+                "difference",
+                f"rel Δ {_fmt(d.get('max_rel_diff'))}: outside {d.get('tolerance')} "
+                "(the first record outside it)",
+            )
+        )
+        return lines
+    if d.get("sketch_rel_diff") is not None:
+        lines.append(_line("difference", f"sketch rel Δ {_fmt(d['sketch_rel_diff'])}"))
+    digests = d.get("digests") or []
+    if len(digests) == 2:
+        short = [f"{x[:4]}…{x[-4:]}" if x else "(no record)" for x in digests]
+        lines.append(_line("digest", f"golden {short[0]}   this run {short[1]}"))
+    if d["step"]:
+        steps = "step 0" if d["step"] == 1 else f"steps 0–{d['step'] - 1}"
+        lines.append(_line("before", f"{steps} identical to the golden", style=GREEN))
+    return lines
+
+
 def divergence_lines(report: dict[str, Any]) -> list[Text]:
     d = report["first_divergence"]
+    if d.get("compared") == "golden":
+        return _golden_change(d)
     title = Text("✘ DIVERGED", style=RED)
     process = d.get("process") or "main"
     if d["phase"] == "process":  # one run started a training process another did not
@@ -427,6 +498,9 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print(line)
     console.print()
     verdict = report["verdict"]
+    golden_head, golden_tail = golden_lines(report)
+    for line in golden_head:
+        console.print(line)
     if verdict == "failed":
         for line in failure_lines(report):
             console.print(line)
@@ -437,8 +511,10 @@ def render(report: dict[str, Any], console: Console) -> None:
             console.print(line)
     elif verdict == "reproducible":
         console.print(reproducible_line(report))
-    elif verdict == "diverged":
+    elif verdict == "diverged" and report["across_legs"]:
         console.print(Text("✘ DIVERGED across legs: outside the tolerance", style=RED))
+    for line in golden_tail:
+        console.print(line)
     table = across_table(report, console.width)
     if table is not None:
         tolerances = _tolerances(report)

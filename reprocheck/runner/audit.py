@@ -47,6 +47,28 @@ class AuditOptions:
     attribute: bool = True  # after a divergence, find the control that fixes it (doctor)
     sketch: bool = False  # numeric sketches in every trace (golden traces); else only across legs
     exec: dict[str, Any] | None = None  # `reprocheck exec`: the command each run executes
+    golden: str | None = None  # `reprocheck check`: compare run 0 with this golden trace
+    any_config: bool = False  # ... even when it is another config's
+
+
+class Auditor:
+    """What the doctor's probes and attribution rerun, handed to them (they import no
+    runner): a whole audit of a config variant, or one step's op capture."""
+
+    def audit(self, config: Config, out: str | os.PathLike, fail_fast: bool = True) -> dict:
+        """The report of an audit of ``config`` into ``out``: no replay, no attribution."""
+        options = AuditOptions(
+            out=str(out), measure=False, zoom=False, attribute=False, fail_fast=fail_fast
+        )
+        return run_audit(config, options)
+
+    def capture_ops(self, config: Config, folder: str | os.PathLike) -> tuple[str | None, str]:
+        """Run 0 of the config's first leg, with every aten op of step 1 captured: (the
+        capture's path, or None if the run failed; the replay's trace)."""
+        leg = plan_legs(config)[0]
+        launcher = Launcher(config, folder, fail_fast=False)
+        paths = launcher.capture(leg, [0], 1, [], ops=True)
+        return paths.get(0), launcher.replay_trace(0)
 
 
 def make_audit_dir(out: str, name: str) -> Path:
@@ -282,7 +304,7 @@ def run_audit(
     progress: Callable[[RunResult, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the audit and return the report (see :mod:`reprocheck.report.json`)."""
-    from ..report.json import build_report
+    from .values import build_report
 
     started = time.monotonic()
     folder = make_audit_dir(options.out, config.name)
@@ -362,6 +384,12 @@ def run_audit(
                     (active[0].name, active[index].name),
                 )
             )
+    golden = None
+    reference = _golden_reference(active)
+    if options.golden and not interrupted and reference is not None:
+        from ..golden import check_against
+
+        golden = check_against(options.golden, reference, config, options.any_config)
     findings, attribution = [], []
     if first is not None and not interrupted:
         findings, attribution, interrupted = _findings(config, options, leg, first, folder, timings)
@@ -379,7 +407,17 @@ def run_audit(
         findings=findings,
         attribution=attribution,
         untrained=untrained,
+        golden=golden,
     )
+
+
+def _golden_reference(legs: list[Leg]) -> str | None:
+    """The trace a golden check compares: run 0 of the first leg, if every run ended."""
+    runs = [run for leg in legs for run in leg.runs]
+    if not runs or any(run.status not in ("complete", "stopped") for run in runs):
+        return None
+    first = legs[0].runs[0]
+    return first.trace if first.steps else None
 
 
 def _untrained_reason(config: Config, options: AuditOptions, legs: list[Leg]) -> str:
@@ -434,7 +472,13 @@ def _findings(
         started = time.monotonic()
         try:
             found, tried = attribute(
-                config, leg.device, leg.threads, first.step, folder / "attribution", first.zoom
+                Auditor(),
+                config,
+                leg.device,
+                leg.threads,
+                first.step,
+                folder / "attribution",
+                first.zoom,
             )
         except KeyboardInterrupt:
             return [], [], True

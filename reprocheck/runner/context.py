@@ -1,0 +1,166 @@
+"""One run, in its process: the context every driver shares.
+
+A *driver* says where a run's steps begin and end — the config loop
+(:mod:`reprocheck.runner.loop`), the script hooks (:mod:`reprocheck.runner.bootstrap`),
+the Python API (:class:`reprocheck.Recorder`). The context owns the rest, once: the trace
+(its meta, its status, how it finishes), the step recorder with its capture window, and
+what an error becomes — a failed trace with its error line and exit status 3, a config
+error with exit 2, a script's ``sys.exit(n)`` with the status it gave.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Iterable
+from typing import Any, Callable
+
+from ..config import ConfigError
+from ..fingerprint import hasher_name
+from ..recorder import StepRecorder
+from ..trace import TraceWriter
+from ..verdict import EXIT_FAILED, EXIT_USAGE
+
+EXIT_OK = 0
+
+
+class StepLimitReached(SystemExit):
+    """Raised after the last requested step: ends the run like ``sys.exit(0)``."""
+
+
+def error_line(exc: BaseException) -> str:
+    """``RuntimeError: planted crash at step 3 (reprocheck/zoo/planted.py:61 in forward)``."""
+    from ..localize import user_frame
+
+    frame = user_frame(traceback.extract_tb(exc.__traceback__))
+    where = f" ({display_path(frame.filename)}:{frame.lineno} in {frame.name})" if frame else ""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
+
+
+def display_path(path: str) -> str:
+    """A path relative to the working folder when it is below it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def run_meta(spec: dict[str, Any]) -> dict[str, Any]:
+    """What every trace says about its run, from the launcher's spec."""
+    return {
+        "config": spec["config"],
+        "config_path": spec.get("config_path"),
+        "leg": spec["leg"],
+        "run": spec["run"],
+        "device": spec["device"],
+        "threads": spec.get("threads"),
+        "steps_planned": spec.get("steps"),
+    }
+
+
+class RunContext:
+    """The trace and step recorder of one run (or one process of a run).
+
+    ``meta`` is what the driver knows of the run (see :func:`run_meta`); the context adds
+    the phases, the depth, whether sketches are taken and, at :meth:`finish`, the records
+    written and the hasher each device's tensors went through (``hashers``).
+    """
+
+    def __init__(
+        self,
+        trace: str | os.PathLike,
+        meta: dict[str, Any],
+        phases: Iterable[str],
+        *,
+        with_sketch: bool = False,
+        depth: str = "step",
+        capture: tuple[int, Iterable[tuple[str, str]]] | None = None,
+        extra_phases: Iterable[str] = (),
+    ) -> None:
+        phases = tuple(phases)
+        self.writer = TraceWriter(
+            trace,
+            {
+                **meta,
+                "pid": os.getpid(),
+                "phases": list(phases),
+                "depth": depth,
+                "sketches": with_sketch,
+                "hasher": meta.get("hasher") or hasher_name(meta.get("device") or "cpu"),
+            },
+        )
+        self.recorder = StepRecorder(
+            self.writer, phases + tuple(extra_phases), with_sketch=with_sketch, capture=capture
+        )
+        self.finished = False
+
+    @property
+    def step_in_progress(self) -> int:
+        """The step a failure happened in: the one after the last committed."""
+        last = self.recorder.last_committed
+        return 0 if last is None else last + 1
+
+    def finish(self, status: str = "complete", error: str | None = None, **meta: Any) -> None:
+        """Write the trace's final status, once."""
+        if self.finished:
+            return
+        self.finished = True
+        devices = sorted(self.recorder.devices) or ["cpu"]
+        hashers = {device: hasher_name(device) for device in devices}
+        self.writer.finish(
+            status,
+            error,
+            records=self.recorder.records,
+            hashers=hashers,
+            **meta,
+        )
+
+    def fail(self, exc: BaseException, **meta: Any) -> int:
+        """The run raised: its traceback to the log, its error line to the trace; exit 3
+        (2 for a config error the run met: a factory that returned the wrong thing)."""
+        if isinstance(exc, ConfigError):
+            self.finish("failed", f"config error: {exc}", error_kind="config", **meta)
+            print(f"reprocheck: config error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        traceback.print_exc()
+        kind = "interrupted" if isinstance(exc, KeyboardInterrupt) else "exception"
+        self.finish(
+            "failed",
+            error_line(exc),
+            error_kind=kind,
+            failed_step=self.step_in_progress,
+            traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[
+                -8000:
+            ],
+            **meta,
+        )
+        return EXIT_FAILED
+
+    def run(self, body: Callable[[], Any], **meta: Callable[[], Any]) -> int:
+        """Run the driver's ``body``; the trace then says how it ended, and the result is
+        the process's exit status. ``meta``: values (as functions, read at the end) to
+        store in the trace's meta whatever happens — what the driver learnt meanwhile."""
+        try:
+            body()
+        except SystemExit as exc:  # the script's own sys.exit, or the step limit
+            status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if status and not isinstance(exc, StepLimitReached):
+                self.finish(
+                    "failed",
+                    f"the script exited with status {exc.code}",
+                    error_kind="exit",
+                    failed_step=self.step_in_progress,
+                    **_read(meta),
+                )
+                return EXIT_FAILED
+        except BaseException as exc:
+            return self.fail(exc, **_read(meta))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        self.finish("complete", **_read(meta))
+        return EXIT_OK
+
+
+def _read(meta: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    return {key: value() for key, value in meta.items()}

@@ -1,0 +1,211 @@
+"""The report values stage: the audit's stage results → the ``reprocheck.report/1`` dict.
+
+The last stage in the parent (runs → first divergence → measurement → zoom → attribution
+→ **report values** → renderers). It reads what the runs left in their traces (record
+counts, phases, processes, the environment) and the values of the stages before it, and
+decides the verdict; renderers (:mod:`reprocheck.report`) only render the dict it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..compare import Divergence, LegComparison, comparison_dict, divergence_dict
+from ..config import TRACE_PHASES, Config
+from ..golden import GoldenCheck
+from ..trace import Trace, TraceError
+from ..verdict import FAILED_RUN, decide
+from .launch import Leg
+
+SCHEMA = "reprocheck.report/1"
+
+
+def _environment(legs: Sequence[Leg]) -> dict[str, Any]:
+    for leg in legs:
+        for run in leg.runs:
+            try:
+                with Trace(run.trace) as trace:
+                    env = dict(trace.meta.get("environment") or {})
+                    env["hasher"] = trace.meta.get("hasher")
+                    return env
+            except TraceError:
+                continue
+    return {}
+
+
+def _leg_records(leg: Leg) -> tuple[int, list[str]]:
+    """The records the leg's runs committed (every process), and the phases among them."""
+    total, phases = 0, set()
+    for run in leg.runs:
+        for path in run.processes.values():
+            try:
+                with Trace(path) as trace:
+                    total += trace.record_count()
+                    phases |= trace.phases()
+            except TraceError:
+                continue
+    return total, [p for p in TRACE_PHASES if p in phases]
+
+
+def _process(name: str, path: str, planned: int) -> dict[str, Any]:
+    """One process of a run: its role, rank or creation index, trace and steps."""
+    role, number = "script", None
+    kinds = (
+        ("rank", "rank"),
+        ("spawn", "spawn"),
+        ("mp", "multiprocessing"),
+        ("sub", "subprocess"),
+    )
+    for prefix, kind in kinds:
+        tail = name.rsplit(".", 1)[-1]
+        if tail.startswith(prefix) and tail[len(prefix) :].split("-")[-1].isdigit():
+            role, number = kind, int(tail[len(prefix) :].split("-")[-1])
+    out: dict[str, Any] = {"name": name, "role": role, "trace": path, "steps": None}
+    out["rank" if role in ("rank", "spawn") else "index"] = number
+    try:
+        with Trace(path) as trace:
+            out["steps"], out["status"] = trace.last_step, trace.status
+    except TraceError as exc:
+        out["status"], out["error"] = "unreadable", str(exc)
+    out["note"] = _short(out["steps"], planned)
+    return out
+
+
+def _short(last_step: int | None, planned: int) -> str | None:
+    """A run (or process) that ended before the requested steps says so."""
+    if planned and (last_step or 0) < planned:
+        done = last_step or 0
+        return f"ended after {done} of {planned} steps"
+    return None
+
+
+def build_report(
+    config: Config,
+    legs: Sequence[Leg],
+    first: Divergence | None,
+    divergences: Sequence[Divergence],
+    across: Sequence[LegComparison],
+    *,
+    folder: Path,
+    timings: dict[str, float],
+    interrupted: bool = False,
+    findings: Sequence[dict[str, Any]] = (),
+    attribution: Sequence[dict[str, Any]] = (),
+    untrained: str | None = None,
+    golden: GoldenCheck | None = None,
+) -> dict[str, Any]:
+    """Assemble the report; ``verdict`` and ``exit_code`` follow DESIGN.md's exit codes.
+
+    ``untrained``: why the audit saw no training step — it fails (exit 3), never passes.
+    ``golden``: the check against a golden trace (``reprocheck check``): a change there
+    is the report's ``first_divergence`` when the runs agree among themselves.
+    """
+    runs = [run for leg in legs for run in leg.runs]
+    failed = [run for run in runs if run.status in FAILED_RUN]
+    config_errors = [run for run in runs if run.status == "config_error"]
+    outside = [c for c in across if c.within_tolerance is False]
+    unknown = [c for c in across if c.within_tolerance is None]
+    changed = golden is not None and golden.matches is False
+    unknown_golden = (
+        (golden.comparison or {}).get("note") if golden and golden.matches is None else None
+    )
+    verdict, code, reason = decide(
+        runs=len(runs),
+        interrupted=interrupted,
+        config_error=bool(config_errors),
+        failed=bool(failed),
+        untrained=untrained,
+        diverged=first is not None or bool(outside) or changed,
+        not_comparable=unknown_golden or (unknown[0].note if unknown else None),
+    )
+    by_leg = {d.leg: d for d in divergences}
+    recorded = {leg.name: _leg_records(leg) if leg.status != "skipped" else (0, []) for leg in legs}
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "reprocheck": __version__,
+        "verdict": verdict,
+        "exit_code": code,
+        "reason": reason,
+        "interrupted": interrupted,
+        "config": {
+            "name": config.name,
+            "path": config.path,
+            "sha256": config.sha256,
+            "seed": config.seed,
+            "repeats": config.repeats,
+            "steps": config.steps,
+            "preset": config.determinism.preset,
+            "record": list(config.record),
+        },
+        "legs": [
+            {
+                "name": leg.name,
+                "device": leg.device,
+                "threads": leg.threads,
+                "status": leg.status,
+                "reason": leg.reason,
+                "records": recorded[leg.name][0],
+                "phases": recorded[leg.name][1],
+                "first_divergence": (
+                    {
+                        "step": by_leg[leg.name].step,
+                        "phase": by_leg[leg.name].phase,
+                        "tensor": by_leg[leg.name].tensor,
+                    }
+                    if leg.name in by_leg
+                    else None
+                ),
+                "runs": [
+                    {
+                        "run": run.run,
+                        "status": run.status,
+                        "steps": run.last_step,
+                        "trace": run.trace,
+                        "log": run.log,
+                        "error": run.error,
+                        "log_tail": run.log_tail,
+                        "seconds": round(run.seconds, 3),
+                        "note": _short(run.last_step, config.steps)
+                        if run.status == "complete"
+                        else None,
+                        "processes": [
+                            _process(name, path, config.steps)
+                            for name, path in run.processes.items()
+                        ],
+                    }
+                    for run in leg.runs
+                ],
+            }
+            for leg in legs
+        ],
+        "first_divergence": _first_divergence(first, golden),
+        "across_legs": [comparison_dict(c) for c in across],
+        "findings": list(findings),
+        "attribution": list(attribution),
+        "environment": _environment(legs),
+        "golden": golden.to_dict() if golden is not None else None,
+        "out_dir": str(folder),
+        "timings": {key: round(value, 3) for key, value in timings.items()},
+    }
+    return report
+
+
+def _first_divergence(first: Divergence | None, golden: GoldenCheck | None) -> dict | None:
+    """The first difference that decides the verdict: between the runs, else against the
+    golden trace (``compared`` says which)."""
+    if first is not None:
+        return {"compared": "runs", **divergence_dict(first)}
+    if golden is None or golden.matches is not False:
+        return None
+    if golden.first_divergence is not None:  # bitwise: the first record that changed
+        return {"compared": "golden", **golden.first_divergence}
+    outside = (golden.comparison or {}).get("first_outside") or {}
+    return {  # under the tolerance (another environment): the first record outside it
+        "compared": "golden",
+        "kind": "tolerance",
+        "tolerance": (golden.comparison or {}).get("tolerance"),
+        **outside,
+    }

@@ -1,0 +1,111 @@
+"""The architecture holds: one direction between the parent's stages, renderers that only
+render, and docs/architecture.md's module table generated from the code.
+
+    python -m tests.test_architecture   # prints the generated table for the doc
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+from .conftest import ROOT, run_cli
+
+PACKAGE = ROOT / "reprocheck"
+DOC = ROOT / "docs" / "architecture.md"
+BEGIN, END = "<!-- modules: begin -->", "<!-- modules: end -->"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Each module of the package → the package modules it imports (at any depth of the
+    file: imports inside functions count, they are still dependencies)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                if not target.startswith("reprocheck"):
+                    continue
+                for alias in node.names:  # `from . import jsonout` names a module
+                    candidate = f"{target}.{alias.name}"
+                    found.add(candidate if _exists(candidate) else target)
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("reprocheck")}
+        graph[name] = {module for module in found if module != name}
+    return graph
+
+
+def _exists(module: str) -> bool:
+    path = ROOT.joinpath(*module.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def _area(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "reprocheck"
+
+
+def test_runner_doctor_and_report_import_in_one_direction():
+    edges = {
+        (_area(a), _area(b))
+        for a, targets in package_imports().items()
+        for b in targets
+        if _area(a) != _area(b)
+    }
+    areas = {"runner", "doctor", "report"}
+    among = {(a, b) for a, b in edges if a in areas and b in areas}
+    assert among == {("runner", "doctor")}, among  # the runner hands the doctor its auditor
+    assert not any(a == "doctor" and b == "runner" for a, b in edges)
+
+
+def test_renderers_read_no_traces_and_no_runner():
+    allowed = {"reprocheck", "reprocheck.jsonout"}
+    for module, targets in package_imports().items():
+        if _area(module) != "report":
+            continue
+        outside = {t for t in targets if _area(t) != "report" and t not in allowed}
+        assert not outside, f"{module} imports {sorted(outside)}"
+
+
+def module_table() -> str:
+    """One row per module: its name and its docstring's first sentence."""
+    rows = ["| module | what it is |", "|---|---|"]
+    for path in sorted(PACKAGE.rglob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        first = " ".join(doc.split("\n\n")[0].split())
+        rows.append(f"| `{path.relative_to(ROOT)}` | {first} |")
+    return "\n".join(rows)
+
+
+def test_the_module_table_in_docs_is_generated():
+    text = DOC.read_text()
+    table = text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
+    assert table == module_table(), "regenerate it: python -m tests.test_architecture"
+
+
+def test_help_text_wraps_paragraphs_at_the_terminal_width():
+    result = run_cli("exec", "--help", env={"COLUMNS": "240", "TERM": "dumb"})
+    assert result.code == 0
+    text = " ".join(result.stdout.split())  # the box drawing of the options aside
+    assert "report where the runs first differ." in text
+    sentence = "Each run starts in a fresh process with the determinism preset applied before"
+    line = next(line for line in result.stdout.splitlines() if "Each run starts" in line)
+    assert sentence in line  # one line at 240 columns: no break mid-sentence
+
+
+if __name__ == "__main__":
+    sys.stdout.write(module_table() + "\n")
