@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,21 +32,33 @@ class CliResult:
 
 
 def run_cli(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    fresh: bool = False,
 ) -> CliResult:
-    """``python -m reprocheck ARGS``; if ``--json PATH`` was given, the parsed report."""
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), full_env.get("PYTHONPATH")) if p
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "reprocheck", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd or ROOT,
-        env=full_env,
-        timeout=timeout,
-    )
+    """``reprocheck ARGS``; if ``--json PATH`` was given, the parsed report.
+
+    In this process (typer's runner: the same parsing, rendering and exit codes, without a
+    new interpreter importing torch), unless ``fresh``: then ``python -m reprocheck`` in a
+    child process (what a test of start-up, signals or the terminal's width needs)."""
+    if fresh:
+        full_env = {**os.environ, **(env or {})}
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), full_env.get("PYTHONPATH")) if p
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "reprocheck", *args],
+            capture_output=True,
+            text=True,
+            cwd=cwd or ROOT,
+            env=full_env,
+            timeout=timeout,
+        )
+        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    else:
+        code, stdout, stderr = _run_in_process(list(args), cwd or ROOT, env or {})
     report = None
     if "--json" in args:
         path = Path(args[args.index("--json") + 1])
@@ -52,7 +66,39 @@ def run_cli(
             path = (cwd or ROOT) / path
         if str(path) != "-" and path.exists():
             report = load_strict(path)
-    return CliResult(proc.returncode, proc.stdout, proc.stderr, report)
+    return CliResult(code, stdout, stderr, report)
+
+
+def _run_in_process(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:
+    from typer.testing import CliRunner
+
+    from reprocheck import cli
+
+    before = os.getcwd()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(cli.app, args)
+    finally:
+        os.chdir(before)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        cli._state["debug"] = False
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # what a child process would have printed: the traceback the CLI must never show
+        error = result.exception
+        stderr += "Traceback (most recent call last):\n" + "".join(
+            traceback.format_exception(type(error), error, error.__traceback__)
+        )
+    return result.exit_code, result.stdout, stderr
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def test_the_module_table_in_docs_is_generated():
 
 
 def test_help_text_wraps_paragraphs_at_the_terminal_width():
-    result = run_cli("exec", "--help", env={"COLUMNS": "240", "TERM": "dumb"})
+    result = run_cli("exec", "--help", env={"COLUMNS": "240", "TERM": "dumb"}, fresh=True)
     assert result.code == 0
     text = " ".join(result.stdout.split())  # the box drawing of the options aside
     assert "report where the runs first differ." in text
