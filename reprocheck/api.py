@@ -25,7 +25,6 @@ import torch
 
 from .config import PHASES
 from .recorder import StepRecorder, batch_tensors, flatten, parameter_names
-from .trace import TraceWriter
 
 
 class Recorder:
@@ -53,24 +52,21 @@ class Recorder:
 
     def __enter__(self) -> Recorder:
         from .determinism import environment_snapshot
-        from .fingerprint import hasher_name
+        from .runner.context import RunContext
 
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        writer = TraceWriter(
+        self._context = RunContext(
             self.trace,
             {
                 "config": {"name": os.path.basename(sys.argv[0]) or "python"},
                 "leg": device.type,
                 "run": 0,
                 "device": str(device),
-                "phases": list(self.phases),
-                "depth": "step",
-                "hasher": hasher_name(device),
                 "environment": environment_snapshot(),
-                "pid": os.getpid(),
             },
+            self.phases,
         )
-        self._recorder = StepRecorder(writer, self.phases)
+        self._recorder = self._context.recorder
         self._names = parameter_names(self.model)
         self._recorder.begin(0)
         self._recorder.state(self.model, self._optimizers(), self._names)
@@ -102,12 +98,15 @@ class Recorder:
         if self._recorder is None:
             return
         if error is None:
-            self._recorder.writer.finish("complete", records=self._recorder.records)
-        else:
-            from .runner.worker import error_line
+            self._context.finish("complete")
+        else:  # the exception goes on to the caller; the trace says where it happened
+            from .runner.context import error_line
 
-            self._recorder.writer.finish(
-                "failed", error_line(error), error_kind="exception", failed_step=self.steps + 1
+            self._context.finish(
+                "failed",
+                error_line(error),
+                error_kind="exception",
+                failed_step=self._context.step_in_progress,
             )
         self._recorder = None
 

@@ -276,6 +276,8 @@ class StepRecorder:
         self._kept_now: dict[str, dict[str, list]] = {}
         self.rss: dict[str, float] = {}
         self.compiled = False  # the model runs through torch.compile (set by the loop)
+        self.last_committed: int | None = None
+        self.devices = {"cpu"}  # the devices whose tensors were hashed (generators: cpu)
 
     def begin(self, step: int) -> None:
         self.step = step
@@ -329,6 +331,7 @@ class StepRecorder:
                     continue
                 except (TypeError, ValueError, RuntimeError):
                     pass
+            self.devices.add(tensor.device.type)
             hasher.add(tensor)
 
     def _add_kept(self, phase: str, named: Iterable[tuple[str, Any]]) -> None:
@@ -353,6 +356,7 @@ class StepRecorder:
                 view = _fp._view_entry(tensor)
                 ids.append(tensor_id)
                 if view is None:  # not a contiguous CPU tensor: the careful way, each step
+                    self.devices.add(tensor.device.type)
                     self._hasher.add(tensor)
                 else:
                     now[name] = [*view, tensor_id]
@@ -405,6 +409,7 @@ class StepRecorder:
             len(self._ids) if self._observed is None else self._observed,
         )
         self.records += len(digests)
+        self.last_committed = step
         self._ids = array.array("I")
         self._observed = None
         self._kept, self._kept_now = self._kept_now, {}

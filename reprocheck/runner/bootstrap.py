@@ -50,7 +50,6 @@ import os
 import runpy
 import subprocess
 import sys
-import traceback
 import weakref
 from collections import Counter
 from typing import Any
@@ -66,14 +65,10 @@ from ..recorder import (
     optimizer_tensors,
     rng_states,
 )
-from ..trace import TraceWriter
+from .context import RunContext, StepLimitReached
 
 PROCESS_ENV = "REPROCHECK_PROCESS"  # a subprocess child's name, given by its parent
 MAX_PENDING_OUTPUTS = 256  # outputs kept for a step that has not come yet (a bound on memory)
-
-
-class StepLimitReached(SystemExit):
-    """Raised after the last requested step: ends the script like ``sys.exit(0)``."""
 
 
 def process_key() -> str:
@@ -156,25 +151,22 @@ class Session:
             self.recorders[pid] = found
         return found
 
-    def trace_meta(self, key: str) -> dict[str, Any]:
+    def context(self, key: str, path: str | None = None) -> RunContext:
+        """The run context (trace and step recorder) of this process, named ``key``."""
         from ..determinism import environment_snapshot
-        from ..fingerprint import hasher_name
 
         env = os.environ
-        return {
+        meta = {
             **self.settings["meta"],
-            "pid": os.getpid(),
             "process": key,
             "rank": int(env["RANK"]) if "RANK" in env else None,
             "local_rank": int(env["LOCAL_RANK"]) if "LOCAL_RANK" in env else None,
             "world_size": int(env["WORLD_SIZE"]) if "WORLD_SIZE" in env else None,
             "steps_planned": self.max_steps,
-            "phases": list(PHASES),
-            "depth": "step",
-            "hasher": hasher_name("cpu"),
-            "sketches": self.with_sketch,
             "environment": environment_snapshot(self.settings.get("applied")),
         }
+        path = path or f"{self.trace_base}-{key}.sqlite"
+        return RunContext(path, meta, PHASES, with_sketch=self.with_sketch)
 
     # -- hooks: installed once per interpreter, each asks for this process's recorder ----
     def install(self) -> None:
@@ -280,11 +272,12 @@ class ProcessRecorder:
     DataLoader worker, a tool run through ``subprocess``) leaves none.
     """
 
-    def __init__(self, session: Session, key: str, writer: TraceWriter | None = None) -> None:
+    def __init__(self, session: Session, key: str, context: RunContext | None = None) -> None:
         self.session = session
         self.key = key
-        self.writer = writer
-        self.recorder: StepRecorder | None = None
+        self.context: RunContext | None = None
+        if context is not None:
+            self._attach(context)
         self.step = 0
         self.started = False  # step 0 committed
         self.optimizer_seen = False  # steps are optimizer steps (else: hand-written updates)
@@ -310,13 +303,22 @@ class ProcessRecorder:
             atexit.register(self.finish, "complete")
 
     # -- the trace -----------------------------------------------------------------------
+    def _attach(self, context: RunContext) -> None:
+        self.context = context
+        context.on_finish = self._closing
+
     def _rec(self) -> StepRecorder:
-        if self.recorder is None:
-            if self.writer is None:
-                path = f"{self.session.trace_base}-{self.key}.sqlite"
-                self.writer = TraceWriter(path, self.session.trace_meta(self.key))
-            self.recorder = StepRecorder(self.writer, PHASES, with_sketch=self.session.with_sketch)
-        return self.recorder
+        if self.context is None:  # a child's first step: its trace begins
+            self._attach(self.session.context(self.key))
+        return self.context.recorder  # type: ignore[union-attr]
+
+    def _closing(self, status: str) -> dict[str, Any]:
+        """Before the trace closes: the last hand-written update, and the names."""
+        if status == "complete" and self.snapshot is not None:
+            with contextlib.suppress(StepLimitReached):
+                self._hand_update_step()  # the last hand-written update, before the end
+        self.finished = True
+        return {"exec": self.naming()}
 
     # -- what the hooks report -------------------------------------------------------------
     def enter_module(self, module: torch.nn.Module) -> None:
@@ -561,18 +563,15 @@ class ProcessRecorder:
             for group, items in (("models", self.models), ("optimizers", self.optimizers))
         }
 
-    def finish(self, status: str, error: str | None = None, **meta: Any) -> None:
-        """Write the trace's final status (once, and only from this recorder's process)."""
+    def finish(self, status: str) -> None:
+        """Close the trace with this status (once, and only from this recorder's process;
+        a child that never trained has none)."""
         if self.finished or self.session.recorders.get(os.getpid()) is not self:
             return
-        if status == "complete" and self.snapshot is not None:
-            with contextlib.suppress(StepLimitReached):
-                self._hand_update_step()  # the last hand-written update, before the end
-        self.finished = True
-        if self.writer is None:
-            return  # a child that never trained: no trace
-        records = self.recorder.records if self.recorder else 0
-        self.writer.finish(status, error, records=records, exec=self.naming(), **meta)
+        if self.context is None:
+            self.finished = True
+            return
+        self.context.finish(status)
 
 
 def _known(item: Any, items: list[Any]) -> bool:
@@ -580,7 +579,7 @@ def _known(item: Any, items: list[Any]) -> bool:
 
 
 def _child_settings(spec: dict[str, Any], applied: dict[str, Any]) -> dict[str, Any]:
-    from .worker import run_meta
+    from .context import run_meta
 
     return {
         "trace": spec["trace"],
@@ -598,22 +597,21 @@ def run_script(spec: dict[str, Any]) -> int:
     """The worker's path for ``reprocheck exec`` / ``audit``: 0 complete, 3 the script failed."""
     from ..determinism import apply_controls_for
     from . import child
-    from .worker import EXIT_FAILED, EXIT_OK, error_line
 
     target = spec["exec"]
     controls = DeterminismConfig(**spec["config"]["determinism"])
     applied = apply_controls_for(controls, spec["config"]["seed"], spec.get("threads"))
     settings = _child_settings(spec, applied)
     session = Session(settings)
-    writer = TraceWriter(spec["trace"], session.trace_meta("main"))
-    recorder = ProcessRecorder(session, "main", writer)
+    context = session.context("main", spec["trace"])
+    recorder = ProcessRecorder(session, "main", context)
     session.recorders[os.getpid()] = recorder
     session.install()
     child.export(settings)  # every Python process the script starts records itself too
     atexit.register(recorder.finish, "complete")  # a script that calls os-level exit paths
     argv = list(target["argv"])
-    code = EXIT_OK
-    try:
+
+    def body() -> None:
         if target.get("function"):
             from ..config import resolve_callable
 
@@ -625,28 +623,8 @@ def run_script(spec: dict[str, Any]) -> int:
             sys.argv = argv
             sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
             runpy.run_path(argv[0], run_name="__main__")
-        recorder.finish("complete")
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if status == 0 or isinstance(exc, StepLimitReached):
-            recorder.finish("complete")
-        else:
-            recorder.finish(
-                "failed",
-                f"the script exited with status {exc.code}",
-                error_kind="exit",
-                failed_step=recorder.step + 1,
-            )
-            code = EXIT_FAILED
-    except BaseException as exc:  # the script raised: record it, show its traceback
-        traceback.print_exc()
-        recorder.finish(
-            "failed", error_line(exc), error_kind="exception", failed_step=recorder.step + 1
-        )
-        code = EXIT_FAILED
-    sys.stdout.flush()
-    sys.stderr.flush()
-    return code
+
+    return context.run(body)
 
 
 def start_child(settings: dict[str, Any]) -> None:

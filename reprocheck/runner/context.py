@@ -93,6 +93,9 @@ class RunContext:
             self.writer, phases + tuple(extra_phases), with_sketch=with_sketch, capture=capture
         )
         self.finished = False
+        # the driver's last word before the trace closes: given the status, it may record
+        # what is still pending and returns meta to store (a script's models, say)
+        self.on_finish: Callable[[str], dict[str, Any]] | None = None
 
     @property
     def step_in_progress(self) -> int:
@@ -104,22 +107,21 @@ class RunContext:
         """Write the trace's final status, once."""
         if self.finished:
             return
+        if self.on_finish is not None:
+            meta = {**self.on_finish(status), **meta}
         self.finished = True
-        devices = sorted(self.recorder.devices) or ["cpu"]
+        devices = sorted(self.recorder.devices)
         hashers = {device: hasher_name(device) for device in devices}
-        self.writer.finish(
-            status,
-            error,
-            records=self.recorder.records,
-            hashers=hashers,
-            **meta,
-        )
+        accelerator = next((d for d in devices if d != "cpu"), None)
+        if accelerator is not None:  # the hasher the model's tensors went through
+            meta.setdefault("hasher", hashers[accelerator])
+        self.writer.finish(status, error, records=self.recorder.records, hashers=hashers, **meta)
 
-    def fail(self, exc: BaseException, **meta: Any) -> int:
+    def fail(self, exc: BaseException) -> int:
         """The run raised: its traceback to the log, its error line to the trace; exit 3
         (2 for a config error the run met: a factory that returned the wrong thing)."""
         if isinstance(exc, ConfigError):
-            self.finish("failed", f"config error: {exc}", error_kind="config", **meta)
+            self.finish("failed", f"config error: {exc}", error_kind="config")
             print(f"reprocheck: config error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         traceback.print_exc()
@@ -132,14 +134,12 @@ class RunContext:
             traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[
                 -8000:
             ],
-            **meta,
         )
         return EXIT_FAILED
 
-    def run(self, body: Callable[[], Any], **meta: Callable[[], Any]) -> int:
+    def run(self, body: Callable[[], Any]) -> int:
         """Run the driver's ``body``; the trace then says how it ended, and the result is
-        the process's exit status. ``meta``: values (as functions, read at the end) to
-        store in the trace's meta whatever happens — what the driver learnt meanwhile."""
+        the process's exit status."""
         try:
             body()
         except SystemExit as exc:  # the script's own sys.exit, or the step limit
@@ -150,17 +150,12 @@ class RunContext:
                     f"the script exited with status {exc.code}",
                     error_kind="exit",
                     failed_step=self.step_in_progress,
-                    **_read(meta),
                 )
                 return EXIT_FAILED
         except BaseException as exc:
-            return self.fail(exc, **_read(meta))
+            return self.fail(exc)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
-        self.finish("complete", **_read(meta))
+        self.finish("complete")
         return EXIT_OK
-
-
-def _read(meta: dict[str, Callable[[], Any]]) -> dict[str, Any]:
-    return {key: value() for key, value in meta.items()}

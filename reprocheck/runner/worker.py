@@ -2,57 +2,28 @@
 
 The spec (written by :mod:`reprocheck.runner.launch`) names the config, the leg (device,
 threads), the run index and the trace path. Exit status: 0 complete, 2 config error,
-3 the training raised. Whatever happens, the trace says so in ``meta.status``.
+3 the training raised. Whatever happens, the trace says so in ``meta.status``
+(:class:`reprocheck.runner.context.RunContext` owns that); this module picks the driver —
+the config loop, or an unchanged script — and saves what a replay captured.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-import traceback
 from typing import Any
 
-EXIT_OK, EXIT_CONFIG, EXIT_FAILED = 0, 2, 3
-
-
-def error_line(exc: BaseException) -> str:
-    """``RuntimeError: planted crash at step 3 (reprocheck/zoo/planted.py:61 in forward)``."""
-    from ..localize import user_frame
-
-    frame = user_frame(traceback.extract_tb(exc.__traceback__))
-    where = f" ({display_path(frame.filename)}:{frame.lineno} in {frame.name})" if frame else ""
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
-
-
-def display_path(path: str) -> str:
-    """A path relative to the working folder when it is below it."""
-    relative = os.path.relpath(path)
-    return path if relative.startswith("..") else relative
-
-
-def run_meta(spec: dict[str, Any]) -> dict[str, Any]:
-    """What every trace says about its run, from the launcher's spec."""
-    return {
-        "config": spec["config"],
-        "config_path": spec.get("config_path"),
-        "leg": spec["leg"],
-        "run": spec["run"],
-        "device": spec["device"],
-        "threads": spec.get("threads"),
-        "pid": os.getpid(),
-    }
+from ..verdict import EXIT_USAGE as EXIT_CONFIG
 
 
 def run(spec: dict[str, Any]) -> int:
+    """A config's run: the training recipe of :mod:`reprocheck.runner.loop`."""
     import torch
 
-    from ..config import ConfigError, config_from_dict
+    from ..config import config_from_dict
     from ..determinism import apply_controls, environment_snapshot
     from ..fingerprint import hasher_name
-    from ..recorder import StepRecorder
-    from ..trace import TraceWriter
+    from .context import RunContext, run_meta
     from .loop import train
 
     config = config_from_dict(
@@ -60,74 +31,56 @@ def run(spec: dict[str, Any]) -> int:
     )
     device = torch.device(spec["device"])
     applied = apply_controls(config, spec["device"], spec.get("threads"))
-    writer = TraceWriter(
+    capture = spec.get("capture")
+    depth = spec.get("depth", "step")
+    context = RunContext(
         spec["trace"],
         {
             **run_meta(spec),
-            "steps_planned": spec["steps"],
-            "phases": list(config.record),
-            "depth": spec.get("depth", "step"),
             "hasher": hasher_name(device),
-            "sketches": bool(spec.get("with_sketch")),
             "environment": environment_snapshot(applied),
         },
-    )
-    capture = spec.get("capture")
-    depth = spec.get("depth", "step")
-    recorder = StepRecorder(
-        writer,
-        config.record + (("forward", "backward") if depth != "step" else ()),
+        config.record,
         with_sketch=bool(spec.get("with_sketch")),
+        depth=depth,
         capture=(capture["step"], capture["tensors"]) if capture else None,
+        extra_phases=("forward", "backward") if depth != "step" else (),
     )
-    steps = capture["step"] if capture else spec["steps"]
-    try:
-        zoom_step = capture["step"] if capture and capture.get("ops") else None
+
+    def body() -> None:
         ops = train(
             config,
             device,
-            recorder,
-            steps,
-            zoom_step=zoom_step,
+            context.recorder,
+            capture["step"] if capture else spec["steps"],
+            zoom_step=capture["step"] if capture and capture.get("ops") else None,
             depth=depth,
             checkpoints=None if capture else spec.get("checkpoints"),
             resume=capture.get("resume") if capture else None,
         )
-    except ConfigError as exc:
-        writer.finish(
-            "failed", f"config error: {exc}", error_kind="config", last_step=recorder.step - 1
-        )
-        print(f"reprocheck: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except BaseException as exc:  # the user's training raised: record it, then report it
-        traceback.print_exc()
-        line = error_line(exc)
-        kind = "interrupted" if isinstance(exc, KeyboardInterrupt) else "exception"
-        writer.finish(
-            "failed",
-            line,
-            error_kind=kind,
-            failed_step=recorder.step,
-            traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[
-                -8000:
-            ],
-        )
-        return EXIT_FAILED
-    if capture:
-        torch.save(
-            {f"{phase}\t{name}": tensor for (phase, name), tensor in recorder.captured.items()},
-            capture["out"],
-        )
-        if capture.get("ops"):
-            from .. import jsonout
-            from ..localize import to_json
+        if capture:
+            save_capture(capture, context.recorder, ops)
 
-            with open(capture["out"] + ".ops.json", "w", encoding="utf-8") as handle:
-                jsonout.dump(to_json(ops), handle)
-            with open(capture["out"] + ".env.json", "w", encoding="utf-8") as handle:
-                jsonout.dump({"compiled": recorder.compiled}, handle)
-    writer.finish("complete", records=recorder.records)
-    return EXIT_OK
+    return context.run(body)
+
+
+def save_capture(capture: dict[str, Any], recorder: Any, ops: list[Any]) -> None:
+    """A replay's capture: the kept tensors (``.pt``) and, for a zoom, every op of the
+    step (``.ops.json``) and what ran it (``.env.json``)."""
+    import torch
+
+    from .. import jsonout
+    from ..localize import to_json
+
+    torch.save(
+        {f"{phase}\t{name}": tensor for (phase, name), tensor in recorder.captured.items()},
+        capture["out"],
+    )
+    if capture.get("ops"):
+        with open(capture["out"] + ".ops.json", "w", encoding="utf-8") as handle:
+            jsonout.dump(to_json(ops), handle)
+        with open(capture["out"] + ".env.json", "w", encoding="utf-8") as handle:
+            jsonout.dump({"compiled": recorder.compiled}, handle)
 
 
 def main(argv: list[str] | None = None) -> int:
