@@ -190,7 +190,7 @@ def whole_runs(repeats: int, folder: str) -> dict[str, float]:
     """`reprocheck run -n 2` against one plain run of the same training, as processes."""
     plain = (
         "import torch; torch.set_num_threads(1)\n"
-        "from reprocheck.config import load_config\n"
+        "from reprocheck.configfile import load_config\n"
         "from reprocheck.runner import loop\n"
         f"c = load_config({str(ROOT / 'configs' / 'demo.yaml')!r})\n"
         "torch.manual_seed(0); m = loop.build_model(c, torch.device('cpu'))\n"

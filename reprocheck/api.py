@@ -130,7 +130,6 @@ def audit(
     """
     from .config import PRESETS, Config, DataConfig, DeterminismConfig, FactoryConfig
     from .runner.audit import AuditOptions, run_audit
-    from .runner.bootstrap import describe_names
 
     module = sys.modules.get(train_fn.__module__)
     if "<locals>" in train_fn.__qualname__ or module is None:
@@ -160,6 +159,4 @@ def audit(
         zoom=False,
         exec={"argv": [], "function": target, "max_steps": steps},
     )
-    report = run_audit(config, options)
-    describe_names(report)
-    return report
+    return run_audit(config, options)

@@ -246,7 +246,7 @@ def run(
 
     Example: reprocheck run configs/demo.yaml -n 3 --threads 1,2
     """
-    from .config import apply_overrides, load_config
+    from .configfile import apply_overrides, load_config
     from .runner.audit import AuditOptions, run_audit
 
     config = load_config(config_path)

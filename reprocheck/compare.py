@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,10 @@ import torch
 from .trace import Record, Trace, TraceError, split_digests, unpack_ids
 
 
-@dataclass
+@dataclass(frozen=True)
 class Divergence:
-    """Where the runs of a leg first disagree, and how they group there."""
+    """Where the runs of a leg first disagree, and how they group there. A stage result:
+    later stages (measurement, zoom, attribution) add values of their own beside it."""
 
     step: int
     seq: int
@@ -37,11 +38,6 @@ class Divergence:
     kind: str = "value"  # value: digests differ · structure: names/shapes/counts differ
     leg: str | None = None
     process: str = "main"  # which of each run's processes (``main``, ``mp1``, ``rank0`` …)
-    # a generator whose state differed at or before this step: the likely cause
-    generator: dict[str, Any] | None = None
-    diff: dict[str, Any] = field(default_factory=dict)  # numeric diff, from the real tensors
-    zoom: dict[str, Any] = field(default_factory=dict)  # module, op, source, cause (zoom)
-    variability: list[dict[str, Any]] = field(default_factory=list)  # distinct digests per tensor
 
 
 def _connect(*paths: str) -> sqlite3.Connection:
@@ -450,9 +446,18 @@ ZOOM_KEYS = (
 )
 
 
-def divergence_dict(divergence: Divergence) -> dict[str, Any]:
-    """``first_divergence`` as the JSON report has it."""
-    diff = divergence.diff
+def divergence_dict(
+    divergence: Divergence,
+    *,
+    diff: Mapping[str, Any] | None = None,
+    zoom: Mapping[str, Any] | None = None,
+    variability: Sequence[Mapping[str, Any]] = (),
+    generator: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``first_divergence`` as the JSON report has it, with what the later stages found:
+    the replay's numeric ``diff``, the ``zoom``'s op, the ``variability`` at the step and
+    the ``generator`` whose state differed before it."""
+    diff, zoom = diff or {}, zoom or {}
     out: dict[str, Any] = {
         "leg": divergence.leg,
         "process": divergence.process,
@@ -479,11 +484,11 @@ def divergence_dict(divergence: Divergence) -> dict[str, Any]:
     for key in DIFF_KEYS:
         out[key] = diff.get(key)
     for key in ZOOM_KEYS:
-        out[key] = divergence.zoom.get(key)
-    out["variability"] = divergence.variability
-    out["generator"] = divergence.generator
-    if divergence.generator and not out["cause"]:  # no zoom said otherwise
-        g = divergence.generator
+        out[key] = zoom.get(key)
+    out["variability"] = [dict(item) for item in variability]
+    out["generator"] = dict(generator) if generator else None
+    if generator and not out["cause"]:  # no zoom said otherwise
+        g = generator
         out["cause"] = "unseeded or re-seeded RNG"
         groups = " ≠ ".join(",".join(f"#{run}" for run in group) for group in g["runs"])
         out["cause_detail"] = (

@@ -1,29 +1,19 @@
-"""The audit config: YAML → frozen dataclasses, with every error naming file:line and key.
+"""The audit config's schema: frozen dataclasses, the single source of truth for keys,
+types, defaults, ranges and their documentation; the presets derived from them.
 
-The dataclasses below are the single source of truth for keys, types, defaults and their
-documentation (``config_reference_markdown`` renders the README's reference from them).
-Parsing is safe: a YAML tag that would construct a Python object is an error, never
-executed; duplicate keys and alias bombs are refused.
+``config_reference_markdown`` renders the README's reference from the fields. Reading a
+config file and validating it is :mod:`reprocheck.configfile`; importing user code named
+in a config is :mod:`reprocheck.usercode`.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import hashlib
-import importlib
-import importlib.util
-import os
-import re
-import shlex
-import sys
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable
-
-import yaml
+from typing import Any
 
 PHASES: tuple[str, ...] = ("data", "outputs", "loss", "grads", "weights", "optimizer", "rng")
 # Every phase a trace can hold, in record order: `forward` and `backward` hold what
@@ -39,45 +29,6 @@ TRACE_PHASES: tuple[str, ...] = (
     "optimizer",
     "rng",
 )
-
-PRESETS: dict[str, dict[str, object]] = {
-    "seeded": {
-        "seed_python": True,
-        "seed_numpy": True,
-        "seed_torch": True,
-        "pythonhashseed": 0,
-        "dataloader_generator": True,
-        "deterministic_algorithms": False,
-        "cudnn_benchmark": None,
-        "cudnn_deterministic": None,
-        "cublas_workspace": None,
-        "fill_uninitialized_memory": None,
-    },
-    "strict": {
-        "seed_python": True,
-        "seed_numpy": True,
-        "seed_torch": True,
-        "pythonhashseed": 0,
-        "dataloader_generator": True,
-        "deterministic_algorithms": True,
-        "cudnn_benchmark": False,
-        "cudnn_deterministic": True,
-        "cublas_workspace": ":4096:8",
-        "fill_uninitialized_memory": True,
-    },
-    "none": {
-        "seed_python": False,
-        "seed_numpy": False,
-        "seed_torch": False,
-        "pythonhashseed": None,
-        "dataloader_generator": False,
-        "deterministic_algorithms": False,
-        "cudnn_benchmark": None,
-        "cudnn_deterministic": None,
-        "cublas_workspace": None,
-        "fill_uninitialized_memory": None,
-    },
-}
 
 LOSSES = (
     "cross_entropy",
@@ -108,8 +59,22 @@ class ConfigError(Exception):
     """A config mistake: one line, ``file:line: key: what is wrong — what to do``."""
 
 
-def _doc(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"doc": text}, **kwargs)
+def _doc(
+    text: str,
+    *,
+    range: tuple[float, float] | None = None,
+    presets: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A config field with its doc (the README's table, ``--help``), the range a number
+    must lie in, and — for a control — its value under the presets other than
+    ``seeded`` (whose values are the defaults)."""
+    metadata: dict[str, Any] = {"doc": text}
+    if range is not None:
+        metadata["range"] = range
+    if presets is not None:
+        metadata["presets"] = dict(presets)
+    return field(metadata=metadata, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -121,36 +86,63 @@ class DeterminismConfig:
         "algorithms, cuDNN and cuBLAS controls · `none`: nothing",
         default="seeded",
     )
-    seed_python: bool = _doc("`random.seed(seed)`", default=True)
-    seed_numpy: bool = _doc("`np.random.seed(seed)`", default=True)
+    seed_python: bool = _doc("`random.seed(seed)`", default=True, presets={"none": False})
+    seed_numpy: bool = _doc("`np.random.seed(seed)`", default=True, presets={"none": False})
     seed_torch: bool = _doc(
-        "`torch.manual_seed(seed)` and `torch.cuda.manual_seed_all(seed)`", default=True
+        "`torch.manual_seed(seed)` and `torch.cuda.manual_seed_all(seed)`",
+        default=True,
+        presets={"none": False},
     )
     pythonhashseed: int | None = _doc(
         "PYTHONHASHSEED set in each run's environment before its "
         "interpreter starts; null: leave the environment's",
         default=0,
+        range=(0, 4294967295),
+        presets={"none": None},
     )
     dataloader_generator: bool = _doc(
         "a DataLoader built by reprocheck gets a seeded generator "
         "and a worker_init_fn seeding NumPy and random",
         default=True,
+        presets={"none": False},
     )
     deterministic_algorithms: bool | str = _doc(
-        "`torch.use_deterministic_algorithms`: true, false or `warn`", default=False
+        "`torch.use_deterministic_algorithms`: true, false or `warn`",
+        default=False,
+        presets={"strict": True},
     )
     cudnn_benchmark: bool | None = _doc(
-        "`torch.backends.cudnn.benchmark`; null: as torch has it", default=None
+        "`torch.backends.cudnn.benchmark`; null: as torch has it",
+        default=None,
+        presets={"strict": False},
     )
     cudnn_deterministic: bool | None = _doc(
-        "`torch.backends.cudnn.deterministic`; null: as torch has it", default=None
+        "`torch.backends.cudnn.deterministic`; null: as torch has it",
+        default=None,
+        presets={"strict": True},
     )
     cublas_workspace: str | None = _doc(
-        "CUBLAS_WORKSPACE_CONFIG for each run, e.g. `:4096:8`", default=None
+        "CUBLAS_WORKSPACE_CONFIG for each run, e.g. `:4096:8`",
+        default=None,
+        presets={"strict": ":4096:8"},
     )
     fill_uninitialized_memory: bool | None = _doc(
-        "`torch.utils.deterministic.fill_uninitialized_memory`", default=None
+        "`torch.utils.deterministic.fill_uninitialized_memory`",
+        default=None,
+        presets={"strict": True},
     )
+
+
+def _presets() -> dict[str, dict[str, Any]]:
+    """Each preset's value of every control, from the fields: ``seeded`` is the defaults."""
+    controls = [f for f in dataclasses.fields(DeterminismConfig) if f.name != "preset"]
+    return {
+        preset: {f.name: f.metadata.get("presets", {}).get(preset, f.default) for f in controls}
+        for preset in ("seeded", "strict", "none")
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = _presets()
 
 
 @dataclass(frozen=True)
@@ -178,9 +170,9 @@ class DataConfig:
     kwargs: Mapping[str, Any] = _doc(
         "keyword arguments for the factory", default_factory=lambda: MappingProxyType({})
     )
-    batch_size: int = _doc("DataLoader batch size", default=32)
+    batch_size: int = _doc("DataLoader batch size", default=32, range=(1, 10**9))
     shuffle: bool = _doc("DataLoader shuffle (with the seeded generator)", default=True)
-    num_workers: int = _doc("DataLoader worker processes", default=0)
+    num_workers: int = _doc("DataLoader worker processes", default=0, range=(0, 1024))
     drop_last: bool = _doc("DataLoader drop_last", default=False)
 
 
@@ -200,8 +192,8 @@ class ToleranceConfig:
     """How far legs (devices, thread counts) may be apart: |a−b| ≤ atol + rtol·max(|a|,|b|)
     on each numeric sketch value. Runs within a leg are always compared bitwise."""
 
-    rtol: float = _doc("relative tolerance across legs", default=1e-5)
-    atol: float = _doc("absolute tolerance across legs", default=1e-6)
+    rtol: float = _doc("relative tolerance across legs", default=1e-5, range=(0.0, math.inf))
+    atol: float = _doc("absolute tolerance across legs", default=1e-6, range=(0.0, math.inf))
 
 
 @dataclass(frozen=True)
@@ -209,9 +201,9 @@ class Config:
     """One audit."""
 
     name: str = _doc("the audit's name: report title and output folder prefix")
-    seed: int = _doc("the seed every generator is seeded from", default=0)
-    repeats: int = _doc("runs per leg (`-n`)", default=2)
-    steps: int = _doc("optimizer steps per run (`--steps`)", default=20)
+    seed: int = _doc("the seed every generator is seeded from", default=0, range=(0, 2**63 - 1))
+    repeats: int = _doc("runs per leg (`-n`)", default=2, range=(1, 1000))
+    steps: int = _doc("optimizer steps per run (`--steps`)", default=20, range=(0, 10**7))
     devices: tuple[str, ...] = _doc(
         "`cpu`, `cuda`, `cuda:N`, `mps`; a leg whose device is absent is skipped with the reason",
         default=("cpu",),
@@ -242,532 +234,6 @@ class Config:
     sha256: str | None = field(default=None, metadata={"internal": True})
 
 
-# ------------------------------------------------------------------------- YAML loading
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and unknown tags, and counts nodes."""
-
-
-def _unknown_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
-    raise yaml.constructor.ConstructorError(
-        None, None, f"tag {node.tag!r} is not allowed (plain YAML only)", node.start_mark
-    )
-
-
-_Loader.add_multi_constructor("!", _unknown_tag)
-_Loader.add_multi_constructor("tag:", _unknown_tag)
-
-
-class _Located:
-    """Line numbers of keys and values: key path (tuple) → 1-based line."""
-
-    def __init__(self) -> None:
-        self.lines: dict[tuple, int] = {}
-
-
-def _walk(node: yaml.Node, path: tuple, located: _Located, budget: list[int]) -> None:
-    budget[0] += 1
-    if budget[0] > MAX_YAML_NODES:
-        raise ConfigError(
-            f"line {node.start_mark.line + 1}: more than {MAX_YAML_NODES:,} YAML "
-            "nodes (an alias bomb?) — write the config out plainly"
-        )
-    located.lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise ConfigError(
-                    f"line {line}: {'.'.join(map(str, path + (key,)))}: duplicate key "
-                    f"{key!r} (first at line {seen[key]}) — keep one"
-                )
-            seen[key] = line
-            located.lines[path + (key,)] = line
-            _walk(value_node, path + (key,), located, budget)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _walk(item, path + (index,), located, budget)
-
-
-def _parse_yaml(text: str, where: str) -> tuple[Any, _Located]:
-    located = _Located()
-    if "\t" in text:
-        for number, line in enumerate(text.splitlines(), 1):
-            if "\t" in line[: len(line) - len(line.lstrip())]:
-                raise ConfigError(
-                    f"{where}:{number}: tab used for indentation — indent with spaces"
-                )
-    try:
-        loader = _Loader(text)
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None, located
-            try:
-                _walk(node, (), located, [0])
-            except ConfigError as exc:
-                raise ConfigError(
-                    f"{where}:{str(exc)[5:]}" if str(exc).startswith("line ") else f"{where}: {exc}"
-                ) from None
-            data = loader.construct_document(node)
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = exc.problem or exc.context or "invalid YAML"
-        if isinstance(exc, yaml.constructor.ConstructorError):
-            raise ConfigError(f"{where}{line}: {problem}") from None
-        raise ConfigError(f"{where}{line}: YAML syntax error: {problem} — fix the YAML") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: YAML error: {str(exc).splitlines()[0]}") from None
-    except RecursionError:
-        raise ConfigError(f"{where}: YAML nested too deeply") from None
-    return data, located
-
-
-def _is_python_script(path: str) -> bool:
-    """A ``.py`` file, or one whose first line is a ``#!`` naming python: never a config."""
-    if path.lower().endswith((".py", ".pyw")):
-        return True
-    try:
-        with open(path, "rb") as handle:
-            first = handle.readline(200)
-    except OSError:
-        return False
-    return first.startswith(b"#!") and b"python" in first
-
-
-def load_config(path: str | os.PathLike) -> Config:
-    """Read and validate a config file."""
-    where = os.fspath(path)
-    if not os.path.exists(where):
-        raise ConfigError(f"{where}: no such config file")
-    if os.path.isdir(where):
-        raise ConfigError(f"{where}: is a folder — give the YAML config file")
-    if _is_python_script(where):
-        raise ConfigError(
-            f"{where} is a Python script, not a config: audit it with "
-            f"`reprocheck exec -- python {shlex.quote(where)}`"
-        )
-    try:
-        with open(where, "rb") as handle:
-            raw = handle.read()
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
-    if b"\x00" in raw:
-        raise ConfigError(f"{where}: binary file, not a YAML config")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where}: not UTF-8 text, not a YAML config") from None
-    data, located = _parse_yaml(text, where)
-    if data is None:
-        raise ConfigError(f"{where}: empty config — start from configs/demo.yaml")
-    base_dir = os.path.dirname(os.path.abspath(where))
-    config = _build(data, _Context(where, located, base_dir))
-    return dataclasses.replace(
-        config, path=where, base_dir=base_dir, sha256=hashlib.sha256(raw).hexdigest()
-    )
-
-
-# ------------------------------------------------------------------------- validation
-
-
-class _Context:
-    def __init__(self, where: str | None, located: _Located | None, base_dir: str) -> None:
-        self.where = where
-        self.located = located or _Located()
-        self.base_dir = base_dir
-
-    def error(self, path: tuple, message: str) -> ConfigError:
-        line = None
-        probe = path
-        while probe and line is None:
-            line = self.located.lines.get(probe)
-            probe = probe[:-1]
-        place = self.where or "config"
-        if line is not None:
-            place += f":{line}"
-        key = ".".join(str(p) for p in path)
-        return ConfigError(f"{place}: {key}: {message}" if key else f"{place}: {message}")
-
-
-def _suggest(word: str, choices: Any) -> str:
-    """`` — did you mean 'AdamW'?`` for the closest choice (case counts least), or ''."""
-    options = [str(c) for c in choices]
-    by_lower = {option.lower(): option for option in options}
-    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
-    return f" — did you mean {by_lower[close[0]]!r}?" if close else ""
-
-
-def _mapping(ctx: _Context, path: tuple, value: Any, allowed: tuple[str, ...]) -> dict:
-    if not isinstance(value, dict):
-        what = (
-            "a mapping (key: value lines)"
-            if path
-            else "a mapping of keys (name:, model:, data:, ...)"
-        )
-        raise ctx.error(path, f"expected {what}, got {_kind(value)}")
-    for key in value:
-        if not isinstance(key, str) or key not in allowed:
-            raise ctx.error(
-                path + (key,),
-                f"unknown key {key!r}{_suggest(key, allowed)}"
-                + ("" if _suggest(key, allowed) else f" (allowed: {', '.join(allowed)})"),
-            )
-    return value
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing (null)"
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a mapping",
-    }.get(type(value), type(value).__name__)
-
-
-def _int(ctx: _Context, path: tuple, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ctx.error(path, f"expected an integer, got {_kind(value)} {value!r}")
-    if not low <= value <= high:
-        raise ctx.error(path, f"{value} is out of range {low}..{high}")
-    return value
-
-
-def _float(ctx: _Context, path: tuple, value: Any, low: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ctx.error(path, f"expected a number, got {_kind(value)} {value!r}")
-    if value != value or value in (float("inf"), float("-inf")) or value < low:
-        raise ctx.error(path, f"{value} must be a finite number ≥ {low:g}")
-    return float(value)
-
-
-def _bool(ctx: _Context, path: tuple, value: Any, nullable: bool = False) -> bool | None:
-    if value is None and nullable:
-        return None
-    if not isinstance(value, bool):
-        raise ctx.error(
-            path,
-            f"expected true or false{' or null' if nullable else ''}, got {_kind(value)} {value!r}",
-        )
-    return value
-
-
-def _str(ctx: _Context, path: tuple, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ctx.error(path, f"expected a non-empty string, got {_kind(value)} {value!r}")
-    return value.strip()
-
-
-_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_MODULE_SPEC = re.compile(rf"{_IDENT}(\.{_IDENT})*:{_IDENT}")
-
-
-def split_factory(spec: str) -> tuple[str, str]:
-    """``pkg.mod:fn`` or ``path/to/file.py:fn`` → (target, fn); raises ValueError if malformed."""
-    target, sep, function = spec.rpartition(":")
-    if not sep or not target or not re.fullmatch(_IDENT, function):
-        raise ValueError(f"{spec!r} is not `module:function` or `file.py:function`")
-    if not target.endswith(".py") and not _MODULE_SPEC.fullmatch(spec):
-        raise ValueError(f"{spec!r} is not `module:function` or `file.py:function`")
-    return target, function
-
-
-def _factory(ctx: _Context, path: tuple, value: Any) -> str:
-    spec = _str(ctx, path, value)
-    try:
-        target, function = split_factory(spec)
-    except ValueError as exc:
-        raise ctx.error(
-            path, f"{exc} — e.g. reprocheck.zoo.models:mlp or models.py:build"
-        ) from None
-    if target.endswith(".py"):
-        file = target if os.path.isabs(target) else os.path.join(ctx.base_dir, target)
-        if not os.path.isfile(file):
-            raise ctx.error(path, f"file {target} not found (relative to {ctx.base_dir})")
-        try:
-            with open(file, encoding="utf-8") as handle:
-                tree = ast.parse(handle.read(), filename=file)
-        except (SyntaxError, UnicodeDecodeError, ValueError) as exc:
-            raise ctx.error(path, f"{target} does not parse: {exc}") from None
-        names = set()
-        for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                names.add(node.name)
-            elif isinstance(node, ast.Assign):
-                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                names.update((a.asname or a.name).split(".")[0] for a in node.names)
-        if function not in names:
-            raise ctx.error(path, f"{target} defines no {function!r}{_suggest(function, names)}")
-    return spec
-
-
-def _kwargs(ctx: _Context, path: tuple, value: Any) -> Mapping[str, Any]:
-    if value is None:
-        return MappingProxyType({})
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ctx.error(path, f"expected a mapping of keyword arguments, got {_kind(value)}")
-    return MappingProxyType(dict(value))
-
-
-def _determinism(ctx: _Context, value: Any) -> DeterminismConfig:
-    path = ("determinism",)
-    if value is None:
-        return DeterminismConfig()
-    if isinstance(value, str):
-        value = {"preset": value}
-    names = tuple(f.name for f in dataclasses.fields(DeterminismConfig))
-    data = _mapping(ctx, path, value, names)
-    preset = data.get("preset", "seeded")
-    if preset not in PRESETS:
-        raise ctx.error(
-            path + ("preset",),
-            f"unknown preset {preset!r}{_suggest(preset, PRESETS)} (choose {', '.join(PRESETS)})",
-        )
-    values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
-    for key in ("seed_python", "seed_numpy", "seed_torch", "dataloader_generator"):
-        if key in data:
-            values[key] = _bool(ctx, path + (key,), data[key])
-    for key in ("cudnn_benchmark", "cudnn_deterministic", "fill_uninitialized_memory"):
-        if key in data:
-            values[key] = _bool(ctx, path + (key,), data[key], nullable=True)
-    if "pythonhashseed" in data:
-        seed = data["pythonhashseed"]
-        values["pythonhashseed"] = (
-            None if seed is None else _int(ctx, path + ("pythonhashseed",), seed, 0, 4294967295)
-        )
-    if "deterministic_algorithms" in data:
-        det = data["deterministic_algorithms"]
-        if det != "warn" and not isinstance(det, bool):
-            raise ctx.error(
-                path + ("deterministic_algorithms",), f"expected true, false or warn, got {det!r}"
-            )
-        values["deterministic_algorithms"] = det
-    if "cublas_workspace" in data:
-        cublas = data["cublas_workspace"]
-        if cublas is not None and (
-            not isinstance(cublas, str) or not re.fullmatch(r":\d+:\d+", cublas)
-        ):
-            raise ctx.error(
-                path + ("cublas_workspace",),
-                f"expected ':4096:8' or ':16:8' (or null), got {cublas!r}",
-            )
-        values["cublas_workspace"] = cublas
-    return DeterminismConfig(**values)
-
-
-def _optimizer_keywords(cls: type) -> set[str] | None:
-    """The keyword arguments an optimizer class takes besides its parameters; None where
-    its signature cannot be read or takes ``**kwargs``."""
-    import inspect
-
-    try:
-        signature = inspect.signature(cls.__init__)
-    except (TypeError, ValueError):
-        return None
-    parameters = list(signature.parameters.values())[2:]  # self, params
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    return {
-        p.name
-        for p in parameters
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
-
-
-def _optimizer(ctx: _Context, value: Any) -> OptimizerConfig:
-    path = ("optimizer",)
-    if value is None:
-        return OptimizerConfig()
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict):
-        raise ctx.error(path, f"expected a mapping like {{name: SGD, lr: 0.1}}, got {_kind(value)}")
-    name = _str(ctx, path + ("name",), value.get("name", "SGD"))
-    import torch
-
-    classes = [
-        n
-        for n in dir(torch.optim)
-        if isinstance(getattr(torch.optim, n), type)
-        and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
-        and n != "Optimizer"
-    ]
-    if name not in classes:
-        raise ctx.error(
-            path + ("name",),
-            f"unknown optimizer {name!r}{_suggest(name, classes)} (a class in torch.optim)",
-        )
-    kwargs = {k: v for k, v in value.items() if k != "name"}
-    accepted = _optimizer_keywords(getattr(torch.optim, name))
-    for key in kwargs:
-        if not isinstance(key, str) or not re.fullmatch(_IDENT, key):
-            raise ctx.error(path + (key,), f"{key!r} is not a keyword argument name")
-        if accepted is not None and key not in accepted:  # caught here, before any run
-            raise ctx.error(
-                path + (key,),
-                f"torch.optim.{name} takes no argument {key!r}{_suggest(key, accepted)} "
-                f"(it takes {', '.join(sorted(accepted))})",
-            )
-    if "lr" in kwargs:
-        _float(ctx, path + ("lr",), kwargs["lr"])
-    return OptimizerConfig(name=name, kwargs=MappingProxyType(kwargs))
-
-
-def _loss(ctx: _Context, value: Any) -> str:
-    loss = _str(ctx, ("loss",), value)
-    if ":" in loss:
-        return _factory(ctx, ("loss",), loss)
-    if loss not in LOSSES:
-        raise ctx.error(
-            ("loss",),
-            f"unknown loss {loss!r}{_suggest(loss, LOSSES)} "
-            "(a torch.nn.functional loss or module:function)",
-        )
-    return loss
-
-
-def _devices(ctx: _Context, value: Any) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items:
-        raise ctx.error(("devices",), f"expected a device or a list of devices, got {_kind(value)}")
-    devices = []
-    for index, item in enumerate(items):
-        if not isinstance(item, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", item):
-            raise ctx.error(
-                ("devices", index),
-                f"unknown device {item!r}"
-                f"{_suggest(item, ('cpu', 'cuda', 'mps'))} (cpu, cuda, cuda:N or mps)",
-            )
-        if item in devices:
-            raise ctx.error(("devices", index), f"device {item!r} listed twice")
-        devices.append(item)
-    return tuple(devices)
-
-
-def _threads(ctx: _Context, value: Any) -> tuple[int | None, ...]:
-    if value is None:
-        return (None,)
-    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(items, list) or not items:
-        raise ctx.error(
-            ("threads",), f"expected a thread count or a list of them, got {_kind(value)}"
-        )
-    out = tuple(_int(ctx, ("threads", i), item, 1, 1024) for i, item in enumerate(items))
-    if len(set(out)) != len(out):
-        raise ctx.error(("threads",), "a thread count is listed twice")
-    return out
-
-
-def _record(ctx: _Context, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise ctx.error(
-            ("record",), f"expected a list of phases ({', '.join(PHASES)}), got {_kind(value)}"
-        )
-    for index, phase in enumerate(value):
-        if phase not in PHASES:
-            raise ctx.error(
-                ("record", index),
-                f"unknown phase {phase!r}{_suggest(phase, PHASES)} "
-                f"(choose from {', '.join(PHASES)})",
-            )
-    return tuple(p for p in PHASES if p in value)
-
-
-def _model(ctx: _Context, value: Any) -> FactoryConfig:
-    if isinstance(value, str):
-        value = {"factory": value}
-    data = _mapping(ctx, ("model",), value, ("factory", "kwargs"))
-    if "factory" not in data:
-        raise ctx.error(
-            ("model",), "missing key 'factory' — e.g. factory: reprocheck.zoo.models:mlp"
-        )
-    return FactoryConfig(
-        _factory(ctx, ("model", "factory"), data["factory"]),
-        _kwargs(ctx, ("model", "kwargs"), data.get("kwargs")),
-    )
-
-
-def _data(ctx: _Context, value: Any) -> DataConfig:
-    if isinstance(value, str):
-        value = {"factory": value}
-    names = tuple(f.name for f in dataclasses.fields(DataConfig))
-    data = _mapping(ctx, ("data",), value, names)
-    if "factory" not in data:
-        raise ctx.error(
-            ("data",), "missing key 'factory' — e.g. factory: reprocheck.zoo.data:classification"
-        )
-    p = ("data",)
-    return DataConfig(
-        factory=_factory(ctx, p + ("factory",), data["factory"]),
-        kwargs=_kwargs(ctx, p + ("kwargs",), data.get("kwargs")),
-        batch_size=_int(ctx, p + ("batch_size",), data.get("batch_size", 32), 1, 10**9),
-        shuffle=bool(_bool(ctx, p + ("shuffle",), data.get("shuffle", True))),
-        num_workers=_int(ctx, p + ("num_workers",), data.get("num_workers", 0), 0, 1024),
-        drop_last=bool(_bool(ctx, p + ("drop_last",), data.get("drop_last", False))),
-    )
-
-
-def _tolerance(ctx: _Context, value: Any) -> ToleranceConfig:
-    if value is None:
-        return ToleranceConfig()
-    data = _mapping(ctx, ("tolerance",), value, ("across_legs",))
-    legs = _mapping(
-        ctx, ("tolerance", "across_legs"), data.get("across_legs") or {}, ("rtol", "atol")
-    )
-    p = ("tolerance", "across_legs")
-    return ToleranceConfig(
-        rtol=_float(ctx, p + ("rtol",), legs.get("rtol", 1e-5)),
-        atol=_float(ctx, p + ("atol",), legs.get("atol", 1e-6)),
-    )
-
-
-_TOP_KEYS = tuple(f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal"))
-
-
-def _build(data: Any, ctx: _Context) -> Config:
-    top = _mapping(ctx, (), data, _TOP_KEYS)
-    for key in ("name", "model", "data"):
-        if key not in top:
-            raise ctx.error((), f"missing required key {key!r} — see configs/demo.yaml")
-    name = top["name"]
-    if isinstance(name, (int, float)) and not isinstance(name, bool):
-        name = str(name)
-    return Config(
-        name=_str(ctx, ("name",), name),
-        seed=_int(ctx, ("seed",), top.get("seed", 0), 0, 2**63 - 1),
-        repeats=_int(ctx, ("repeats",), top.get("repeats", 2), 1, 1000),
-        steps=_int(ctx, ("steps",), top.get("steps", 20), 0, 10**7),
-        devices=_devices(ctx, top.get("devices", ["cpu"])),
-        threads=_threads(ctx, top.get("threads")),
-        determinism=_determinism(ctx, top.get("determinism")),
-        model=_model(ctx, top["model"]),
-        data=_data(ctx, top["data"]),
-        optimizer=_optimizer(ctx, top.get("optimizer")),
-        loss=_loss(ctx, top.get("loss", "cross_entropy")),
-        step=None if top.get("step") is None else _factory(ctx, ("step",), top["step"]),
-        record=_record(ctx, top.get("record", list(PHASES))),
-        tolerance=_tolerance(ctx, top.get("tolerance")),
-        base_dir=ctx.base_dir,
-    )
-
-
-def config_from_dict(data: dict, *, path: str | None = None, base_dir: str = ".") -> Config:
-    """Validate a config given as data (no line numbers to report)."""
-    config = _build(data, _Context(path, None, base_dir))
-    return dataclasses.replace(config, path=path, base_dir=base_dir)
-
-
 def config_to_dict(config: Config) -> dict:
     """JSON-able form; ``config_from_dict(config_to_dict(c))`` rebuilds the same values."""
     det = dataclasses.asdict(config.determinism)
@@ -796,70 +262,6 @@ def config_to_dict(config: Config) -> dict:
             "across_legs": {"rtol": config.tolerance.rtol, "atol": config.tolerance.atol}
         },
     }
-
-
-def apply_overrides(
-    config: Config,
-    *,
-    repeats: int | None = None,
-    steps: int | None = None,
-    devices: list[str] | None = None,
-    threads: list[int] | None = None,
-) -> Config:
-    """The CLI's -n/--steps/--device/--threads over the config, validated like the YAML."""
-    ctx = _Context("command line", None, config.base_dir)
-    changes: dict[str, Any] = {}
-    if repeats is not None:
-        changes["repeats"] = _int(ctx, ("-n",), repeats, 1, 1000)
-    if steps is not None:
-        changes["steps"] = _int(ctx, ("--steps",), steps, 0, 10**7)
-    if devices is not None:
-        try:
-            changes["devices"] = _devices(ctx, list(devices))
-        except ConfigError as exc:
-            raise ConfigError(str(exc).replace("devices", "--device", 1)) from None
-    if threads is not None:
-        try:
-            changes["threads"] = _threads(ctx, list(threads))
-        except ConfigError as exc:
-            raise ConfigError(str(exc).replace("threads", "--threads", 1)) from None
-    return dataclasses.replace(config, **changes)
-
-
-def resolve_callable(spec: str, base_dir: str = ".") -> Callable:
-    """Import ``module:function`` or load ``file.py:function`` (relative to ``base_dir``)."""
-    try:
-        target, function = split_factory(spec)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if target.endswith(".py"):
-        file = target if os.path.isabs(target) else os.path.join(base_dir, target)
-        if not os.path.isfile(file):
-            raise ConfigError(f"{spec}: file {file} not found")
-        name = "reprocheck_user_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(file))[0])
-        module = sys.modules.get(name)
-        if module is None or getattr(module, "__file__", None) != file:
-            module_spec = importlib.util.spec_from_file_location(name, file)
-            if module_spec is None or module_spec.loader is None:
-                raise ConfigError(f"{spec}: cannot load {file}")
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            folder = os.path.dirname(os.path.abspath(file))
-            if folder not in sys.path:
-                sys.path.insert(0, folder)  # the user's file may import its neighbours
-            module_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"{spec}: cannot import module {exc.name!r}") from None
-    found = getattr(module, function, None)
-    if found is None or not callable(found):
-        names = [n for n in dir(module) if not n.startswith("_")]
-        raise ConfigError(
-            f"{spec}: {target} has no function {function!r}{_suggest(function, names)}"
-        )
-    return found
 
 
 def config_reference_markdown() -> str:

@@ -15,6 +15,7 @@ the environment, no tensors — small enough to commit.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import time
@@ -159,7 +160,7 @@ def check_against(
         found = first_divergence([golden_path, current_path])
         result.matches = found is None
         if found is not None:
-            found.leg = "golden vs current"
+            found = dataclasses.replace(found, leg="golden vs current")
             result.first_divergence = divergence_dict(found)
             # how far apart: the sketches of the divergent record (both traces carry them)
             sides = [side.sketch for side in found.sides]

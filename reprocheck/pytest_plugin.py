@@ -31,7 +31,7 @@ def audit_config(
     attribute: bool = False,
 ) -> dict[str, Any]:
     """Audit a config (each run in its own process) and return the JSON report as a dict."""
-    from .config import apply_overrides, load_config
+    from .configfile import apply_overrides, load_config
     from .runner.audit import AuditOptions, run_audit
 
     loaded = apply_overrides(

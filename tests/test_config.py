@@ -15,13 +15,11 @@ from reprocheck.config import (
     PHASES,
     Config,
     ConfigError,
-    apply_overrides,
-    config_from_dict,
     config_reference_markdown,
     config_to_dict,
-    load_config,
-    resolve_callable,
 )
+from reprocheck.configfile import apply_overrides, config_from_dict, load_config
+from reprocheck.usercode import resolve_callable
 
 from .conftest import CONFIGS, run_cli
 

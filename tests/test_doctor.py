@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reprocheck.config import load_config
+from reprocheck.configfile import load_config
 from reprocheck.doctor.probe import static_findings
 from reprocheck.doctor.rules import RULES, find, markdown
 from reprocheck.zoo import doctor_fixtures

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from reprocheck.compare import first_divergence
-from reprocheck.config import apply_overrides, load_config
+from reprocheck.configfile import apply_overrides, load_config
 from reprocheck.report.json import write_report
 from reprocheck.report.terminal import render
 from reprocheck.runner.audit import AuditOptions, run_audit

@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
         Exit 0 when nothing is found, 1 when there are findings (`reprocheck explain CODE`),
         3 when a probe's run fails (its error and log are named).
         """
-        from ..config import load_config
+        from ..configfile import load_config
         from ..doctor.probe import ProbeError, dynamic_findings, static_findings
         from ..runner.audit import AuditOptions, Auditor, make_audit_dir, run_audit
         from ..verdict import EXIT_FAILED

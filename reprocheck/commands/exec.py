@@ -67,9 +67,8 @@ def register(app: typer.Typer) -> None:
         is in the report when a run fails). See docs/exec.md.
         """
         from ..config import PRESETS, Config, DataConfig, DeterminismConfig, FactoryConfig
-        from ..config import apply_overrides as _overrides
+        from ..configfile import apply_overrides as _overrides
         from ..runner.audit import AuditOptions, run_audit
-        from ..runner.bootstrap import describe_names
 
         argv = list(ctx.args)
         if not argv or not os.path.basename(argv[0]).startswith("python"):
@@ -119,7 +118,5 @@ def register(app: typer.Typer) -> None:
         _terminate_as_interrupt()
         with RunProgress(quiet) as progress:
             report = run_audit(config, options, progress=progress.update)
-        report["config"]["command"] = ["python", *argv]
-        describe_names(report)
         _emit(report, json_path, quiet)
         raise typer.Exit(report["exit_code"])

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
     )
 
     def _audit(config, repeats, steps, device, threads, out, jobs, timeout, quiet, **golden):
-        from ..config import apply_overrides
+        from ..configfile import apply_overrides
         from ..runner.audit import AuditOptions, run_audit
 
         config = apply_overrides(
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         The golden holds digests, numeric sketches and the environment (no tensors): commit
         it, then run `reprocheck check CONFIG --against golden.sqlite` on every change.
         """
-        from ..config import load_config
+        from ..configfile import load_config
         from ..golden import reference_trace, write_golden
 
         config, report = _audit(
@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
         Another environment: the differences are listed and the runs compared under the
         config's tolerance, naming the first step and tensor that leave it.
         """
-        from ..config import load_config
+        from ..configfile import load_config
         from ..golden import GoldenError
         from ..trace import Trace
 

@@ -9,6 +9,8 @@ alone that makes the runs agree is the cause's fix; where none does, the zoom's 
 from __future__ import annotations
 
 import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,6 +58,7 @@ def attribute(
     step: int,
     folder: Path,
     zoom: dict[str, Any] | None = None,
+    jobs: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(findings, the table of every control tried with its verdict), each control's
     variant audited through ``auditor``."""
@@ -66,9 +69,6 @@ def attribute(
     cuda = leg_device.startswith("cuda")
     tried: list[dict[str, Any]] = []
 
-    def verdict(variant: Config, label: str) -> str:
-        return auditor.audit(variant, folder / label)["verdict"]
-
     changes = []
     for label, code, change in CANDIDATES:
         if code in ("RC005", "RC007") and not cuda:
@@ -77,21 +77,22 @@ def attribute(
         if variant == base:
             continue  # already on: nothing to learn
         changes.append((label, code, change))
-    for index, (label, code, change) in enumerate(changes):
-        tried.append(
-            {"control": label, "code": code, "verdict": verdict(change(base), f"control-{index}")}
-        )
+    variants = [(label, code, change(base)) for label, code, change in changes]
     if len(changes) > 1:
         together = base
         for _, _, change in changes:
             together = change(together)
-        tried.append(
-            {
-                "control": "all of them together",
-                "code": None,
-                "verdict": verdict(together, "control-all"),
-            }
-        )
+        variants.append(("all of them together", None, together))
+    # the controls' reruns side by side, as many as the cores hold: each is an audit of
+    # two runs that run in parallel themselves
+    workers = jobs or max(1, (os.cpu_count() or 1) // 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        verdicts = [
+            pool.submit(auditor.audit, variant, folder / f"control-{index}")
+            for index, (_, _, variant) in enumerate(variants)
+        ]
+        for (label, code, _), report in zip(variants, verdicts):
+            tried.append({"control": label, "code": code, "verdict": report.result()["verdict"]})
 
     fixes = [t for t in tried if t["verdict"] == "reproducible" and t["code"]]
     if fixes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -205,11 +206,10 @@ def _capture_failure(trace: str) -> str:
 
 
 def dynamic_findings(
-    auditor: Auditor, config: Config, folder: Path, steps: int = 2
+    auditor: Auditor, config: Config, folder: Path, steps: int = 2, jobs: int | None = None
 ) -> list[dict[str, Any]]:
     """Run a few steps in child processes through ``auditor``: op scan, and sensitivity to
-    threads, hash seed, and worker count."""
-
+    threads, hash seed, and worker count — up to ``jobs`` (default: the cores) at once."""
     found: list[dict[str, Any]] = []
     short = dataclasses.replace(
         config,
@@ -219,71 +219,65 @@ def dynamic_findings(
         threads=(config.threads[0],),
     )
 
-    # the ops the model runs in one step, forward and backward, with their lines
-    captured, replay = auditor.capture_ops(short, folder) if short.steps else (None, "")
-    ops: list[dict[str, Any]] = []
-    if short.steps and captured is None:
-        raise ProbeError(f"probe 'op scan': {_capture_failure(replay)}")
-    if captured is not None:
-        with open(captured + ".ops.json", encoding="utf-8") as handle:
-            ops = json.load(handle)
-        found += gpu_risk_findings(ops)
-        with open(captured + ".env.json", encoding="utf-8") as handle:
-            if json.load(handle).get("compiled"):
-                found.append(finding("RC017", "the model runs through torch.compile"))
-
-    def audit(variant: Config, label: str) -> dict[str, Any]:
-        return auditor.audit(variant, folder / label, fail_fast=False)
-
-    differ, where = sensitivity(
-        audit,
-        dataclasses.replace(short, threads=(1,)),
-        dataclasses.replace(short, threads=(2,)),
-        "threads",
-    )
-    if differ:
-        found.append(
-            finding(
-                "RC010",
-                f"1 and 2 threads differ from step {where['step']} · "
-                f"{where['phase']} · {where['tensor']}",
-                where,
-            )
+    def hashseed(value: int) -> Config:
+        return dataclasses.replace(
+            short, determinism=dataclasses.replace(short.determinism, pythonhashseed=value)
         )
-    differ, where = sensitivity(
-        audit,
-        dataclasses.replace(
-            short, determinism=dataclasses.replace(short.determinism, pythonhashseed=1)
+
+    # (label, rule, what differs, the two variants): each pair is run once, compared bitwise
+    probes = [
+        (
+            "threads",
+            "RC010",
+            "1 and 2 threads",
+            dataclasses.replace(short, threads=(1,)),
+            dataclasses.replace(short, threads=(2,)),
         ),
-        dataclasses.replace(
-            short, determinism=dataclasses.replace(short.determinism, pythonhashseed=2)
-        ),
-        "hashseed",
-    )
-    if differ:
-        found.append(
-            finding(
-                "RC004",
-                f"PYTHONHASHSEED 1 and 2 differ from step {where['step']} · "
-                f"{where['phase']} · {where['tensor']}",
-                where,
-            )
-        )
+        ("hashseed", "RC004", "PYTHONHASHSEED 1 and 2", hashseed(1), hashseed(2)),
+    ]
     if config.data.num_workers:
-        differ, where = sensitivity(
-            audit,
-            dataclasses.replace(short, data=dataclasses.replace(short.data, num_workers=0)),
-            short,
-            "workers",
-        )
-        if differ:
-            found.append(
-                finding(
-                    "RC009",
-                    f"num_workers 0 and {config.data.num_workers} differ from "
-                    f"step {where['step']} · {where['phase']} · "
-                    f"{where['tensor']}",
-                    where,
-                )
+        probes.append(
+            (
+                "workers",
+                "RC009",
+                f"num_workers 0 and {config.data.num_workers}",
+                dataclasses.replace(short, data=dataclasses.replace(short.data, num_workers=0)),
+                short,
             )
+        )
+    with ThreadPoolExecutor(max_workers=max(1, jobs or os.cpu_count() or 1)) as pool:
+        # the ops the model runs in one step, forward and backward, with their lines
+        scan = pool.submit(auditor.capture_ops, short, folder) if short.steps else None
+        reports = {
+            f"{label}-{index}": pool.submit(
+                auditor.audit, variant, folder / f"{label}-{index}", False
+            )
+            for label, _, _, *variants in probes
+            for index, variant in enumerate(variants)
+        }
+        captured, replay = scan.result() if scan is not None else (None, "")
+        if short.steps and captured is None:
+            raise ProbeError(f"probe 'op scan': {_capture_failure(replay)}")
+        if captured is not None:
+            with open(captured + ".ops.json", encoding="utf-8") as handle:
+                ops = json.load(handle)
+            found += gpu_risk_findings(ops)
+            with open(captured + ".env.json", encoding="utf-8") as handle:
+                if json.load(handle).get("compiled"):
+                    found.append(finding("RC017", "the model runs through torch.compile"))
+
+        def audit(variant: Config, label: str) -> dict[str, Any]:
+            return reports[label].result()
+
+        for label, code, what, a, b in probes:
+            differ, where = sensitivity(audit, a, b, label)
+            if differ:
+                found.append(
+                    finding(
+                        code,
+                        f"{what} differ from step {where['step']} · "
+                        f"{where['phase']} · {where['tensor']}",
+                        where,
+                    )
+                )
     return found

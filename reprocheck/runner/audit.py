@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +27,7 @@ from ..config import Config
 from ..trace import Trace, TraceError, committed_steps
 from . import checkpoint
 from .launch import Launcher, Leg, RunResult, plan_legs
+from .stages import Evidence, Latent, Measurement
 
 MIN_FREE_BYTES = 16 * 2**20
 
@@ -121,8 +122,7 @@ def _leg_divergence(leg: Leg) -> Divergence | None:
         if len(traces) >= 2:
             divergence = first_divergence(traces, ids, partial=True)
             if divergence is not None:
-                divergence.leg, divergence.process = leg.name, process
-                found.append(divergence)
+                found.append(replace(divergence, leg=leg.name, process=process))
         ended = [r for r in leg.runs if r.status in ("complete", "stopped")]
         if process != "main" and len(runs) < len(ended):
             found.append(_missing_process(leg, process, runs, ended))
@@ -156,9 +156,7 @@ def _leg_latent(leg: Leg, process: str, last_step: int | None) -> Divergence | N
     if len(traces) < 2:
         return None
     found = first_divergence(traces, ids, partial=True, latent=True, last_step=last_step)
-    if found is not None:
-        found.leg, found.process = leg.name, process
-    return found
+    return replace(found, leg=leg.name, process=process) if found is not None else None
 
 
 def _generator(latent: Divergence) -> dict[str, Any]:
@@ -182,7 +180,34 @@ def _trained(leg: Leg) -> bool:
 ZOOM_ATTEMPTS = 3  # replays of a divergent step before calling it intermittent
 
 
-def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -> None:
+def _evidence(leg: Leg, first: Divergence) -> Evidence:
+    traces, ids = _traces(leg.runs, first.process)
+    reached = [(t, i) for t, i in zip(traces, ids) if committed_steps(t) > first.step]
+    cause = _leg_latent(leg, first.process, first.step)
+    return Evidence(
+        variability=tuple(
+            variability([t for t, _ in reached], [i for _, i in reached], first.step)
+        ),
+        generator=_generator(cause) if cause is not None else None,
+    )
+
+
+def _latent(legs: list[Leg]) -> list[Latent]:
+    """Per leg and process: the first generator state that differs, and every generator
+    that differs at that step."""
+    found = []
+    for leg in legs:
+        for process in _process_runs(leg):
+            latent = _leg_latent(leg, process, None)
+            if latent is not None:
+                traces, ids = _traces(leg.runs, process)
+                differing = variability(traces, ids, latent.step)
+                names = tuple(item["tensor"] for item in differing if item["phase"] == "rng")
+                found.append(Latent(latent, names or (latent.tensor,)))
+    return found
+
+
+def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -> Measurement:
     """Replay one run of each of the first two groups to the divergent step, keep the
     divergent tensor (numeric diff) and, with ``zoom``, every aten op of that step (the
     first divergent op, its module, source line and cause).
@@ -198,6 +223,7 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
     chosen = [group[0] for group in divergence.runs[:2]]
     key = f"{divergence.phase}\t{divergence.tensor}"
     measured: dict[str, Any] = {"replayed_runs": chosen, "replay": "failed"}
+    found: dict[str, Any] | None = None
     attempts = ZOOM_ATTEMPTS if zoom else 1
     traces = {r.run: r.trace for r in leg.runs}
     for attempt in range(attempts):
@@ -228,12 +254,12 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
             measured["replay"] = "reproduced" if all(same) else "differed"
             measured["sketches"] = {str(run): sketch(t).__dict__ for run, t in zip(chosen, tensors)}
         if located:
-            divergence.zoom = located
+            found = located
         if diff.get("elements_differing") or located:
             measured["replays_diverged"] = 1
             break
         measured["replays_diverged"] = 0
-    divergence.diff = measured
+    return Measurement(diff=measured, zoom=found or {})
 
 
 def _replay(
@@ -332,37 +358,17 @@ def run_audit(
 
     divergences = [] if interrupted else [d for d in map(_leg_divergence, active) if d]
     first = min(divergences, key=lambda d: (d.step, d.seq), default=None)
-    leg = None
-    latent: list[Divergence] = []
-    if first is not None:
-        leg = next(leg for leg in active if leg.name == first.leg)
-        traces, ids = _traces(leg.runs, first.process)
-        reached = [(t, i) for t, i in zip(traces, ids) if committed_steps(t) > first.step]
-        first.variability = variability(
-            [t for t, _ in reached], [i for _, i in reached], first.step
-        )
-        cause = _leg_latent(leg, first.process, first.step)
-        if cause is not None:
-            first.generator = _generator(cause)
-    elif not interrupted:  # generators that differ while nothing observable does
-        for each in active:
-            for process in _process_runs(each):
-                found = _leg_latent(each, process, None)
-                if found is not None:
-                    traces, ids = _traces(each.runs, process)
-                    found.variability = [
-                        item
-                        for item in variability(traces, ids, found.step)
-                        if item["phase"] == "rng"
-                    ]
-                    latent.append(found)
+    leg = next((leg for leg in active if first and leg.name == first.leg), None)
+    evidence = _evidence(leg, first) if leg is not None and first is not None else Evidence()
+    latent = _latent(active) if first is None and not interrupted else []
     untrained = None
     if not interrupted and active and not any(_trained(each) for each in active):
         untrained = _untrained_reason(config, options, active)
+    measurement = Measurement()
     if first is not None and first.kind == "value" and options.measure:
         measure_started = time.monotonic()
         try:
-            _measure(launcher, leg, first, options.zoom)
+            measurement = _measure(launcher, leg, first, options.zoom)
         except KeyboardInterrupt:
             interrupted = True
         timings["measure_s"] = time.monotonic() - measure_started
@@ -392,7 +398,9 @@ def run_audit(
         golden = check_against(options.golden, reference, config, options.any_config)
     findings, attribution = [], []
     if first is not None and not interrupted:
-        findings, attribution, interrupted = _findings(config, options, leg, first, folder, timings)
+        findings, attribution, interrupted = _findings(
+            config, options, leg, first, evidence, measurement, folder, timings
+        )
     findings = [*findings, *map(_latent_finding, latent)]
     timings["total_s"] = time.monotonic() - started
     return build_report(
@@ -401,6 +409,8 @@ def run_audit(
         first,
         divergences,
         across,
+        evidence=evidence,
+        measurement=measurement,
         folder=folder,
         timings=timings,
         interrupted=interrupted,
@@ -408,7 +418,13 @@ def run_audit(
         attribution=attribution,
         untrained=untrained,
         golden=golden,
+        command=_command(options.exec) if options.exec else None,
     )
+
+
+def _command(target: dict[str, Any]) -> list[str]:
+    """A script's command line as the user gave it (a function: none)."""
+    return ["python", *target["argv"]] if target.get("argv") else []
 
 
 def _golden_reference(legs: list[Leg]) -> str | None:
@@ -437,11 +453,11 @@ def _untrained_reason(config: Config, options: AuditOptions, legs: list[Leg]) ->
     )
 
 
-def _latent_finding(latent: Divergence) -> dict[str, Any]:
+def _latent_finding(found: Latent) -> dict[str, Any]:
     from ..doctor.probe import finding
 
+    latent, names = found.divergence, list(found.generators)
     where = "" if latent.process == "main" else f" in process {latent.process}"
-    names = [item["tensor"] for item in latent.variability] or [latent.tensor]
     generators = ("generators " if len(names) > 1 else "generator ") + ", ".join(names)
     return finding(
         "RC018",
@@ -461,10 +477,14 @@ def _findings(
     options: AuditOptions,
     leg: Leg,
     first: Divergence,
+    evidence: Evidence,
+    measurement: Measurement,
     folder: Path,
     timings: dict[str, float],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
-    """The cause and fix: by attribution (rerunning with each control), else from the zoom."""
+    """The cause and fix: by attribution (rerunning with each control), else from the zoom
+    or the generator that differed."""
+    zoom = measurement.zoom
     from ..doctor.attribute import attribute
     from ..doctor.probe import finding
 
@@ -478,15 +498,15 @@ def _findings(
                 leg.threads,
                 first.step,
                 folder / "attribution",
-                first.zoom,
+                zoom,
             )
         except KeyboardInterrupt:
             return [], [], True
         timings["attribution_s"] = time.monotonic() - started
         return found, tried, False
-    cause, where = first.zoom.get("cause"), first.zoom.get("source")
-    if not cause and first.generator:
-        g = first.generator
+    cause, where = zoom.get("cause"), zoom.get("source")
+    if not cause and evidence.generator:
+        g = evidence.generator
         return (
             [
                 finding(
@@ -507,7 +527,7 @@ def _findings(
         )
     if cause == "nondeterministic op":
         return (
-            [finding("RC011", f"{first.zoom.get('op')} at {where} is nondeterministic")],
+            [finding("RC011", f"{zoom.get('op')} at {where} is nondeterministic")],
             [],
             False,
         )

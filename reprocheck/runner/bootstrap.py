@@ -613,7 +613,7 @@ def run_script(spec: dict[str, Any]) -> int:
 
     def body() -> None:
         if target.get("function"):
-            from ..config import resolve_callable
+            from ..usercode import resolve_callable
 
             resolve_callable(target["function"], spec.get("base_dir", "."))()
         elif argv and argv[0] == "-m":
@@ -638,26 +638,3 @@ def start_child(settings: dict[str, Any]) -> None:
     session = Session(settings)
     session.install()
     atexit.register(session.finish_all, "complete")
-
-
-def describe_names(report: dict[str, Any]) -> None:
-    """State in the report what the recorded names stand for: ``config.models`` and
-    ``config.optimizers``, each ``[{"prefix": "model0.", "type": "Generator"}, ...]`` in
-    creation order, as the first trace that trained recorded them."""
-    from ..trace import Trace, TraceError
-
-    for leg in report["legs"]:
-        for run in leg["runs"]:
-            for process in run.get("processes") or [{"trace": run.get("trace")}]:
-                path = process.get("trace")
-                if not path or not os.path.exists(path):
-                    continue
-                try:
-                    with Trace(path) as trace:
-                        names = trace.meta.get("exec")
-                        trained = bool(trace.steps)
-                except TraceError:
-                    continue
-                if names and trained:
-                    report["config"].update(names)
-                    return

@@ -14,10 +14,11 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import Config, ConfigError, resolve_callable
+from ..config import Config, ConfigError
 from ..determinism import dataloader_generator, seed_worker
 from ..localize import OpCapture, OpRecord
 from ..recorder import StepRecorder, batch_tensors, flatten, parameter_names
+from ..usercode import resolve_callable
 from . import checkpoint
 
 

@@ -19,6 +19,7 @@ from ..golden import GoldenCheck
 from ..trace import Trace, TraceError
 from ..verdict import FAILED_RUN, decide
 from .launch import Leg
+from .stages import Evidence, Measurement
 
 SCHEMA = "reprocheck.report/1"
 
@@ -89,6 +90,8 @@ def build_report(
     divergences: Sequence[Divergence],
     across: Sequence[LegComparison],
     *,
+    evidence: Evidence | None = None,
+    measurement: Measurement | None = None,
     folder: Path,
     timings: dict[str, float],
     interrupted: bool = False,
@@ -96,12 +99,15 @@ def build_report(
     attribution: Sequence[dict[str, Any]] = (),
     untrained: str | None = None,
     golden: GoldenCheck | None = None,
+    command: list[str] | None = None,
 ) -> dict[str, Any]:
     """Assemble the report; ``verdict`` and ``exit_code`` follow DESIGN.md's exit codes.
 
     ``untrained``: why the audit saw no training step — it fails (exit 3), never passes.
     ``golden``: the check against a golden trace (``reprocheck check``): a change there
     is the report's ``first_divergence`` when the runs agree among themselves.
+    ``command``: a script's command line (``exec``): the report also says what its
+    recorded names stand for (``config.models``, ``config.optimizers``).
     """
     runs = [run for leg in legs for run in leg.runs]
     failed = [run for run in runs if run.status in FAILED_RUN]
@@ -139,6 +145,7 @@ def build_report(
             "steps": config.steps,
             "preset": config.determinism.preset,
             "record": list(config.record),
+            **_script(legs, command),
         },
         "legs": [
             {
@@ -181,7 +188,7 @@ def build_report(
             }
             for leg in legs
         ],
-        "first_divergence": _first_divergence(first, golden),
+        "first_divergence": _first_divergence(first, golden, evidence, measurement),
         "across_legs": [comparison_dict(c) for c in across],
         "findings": list(findings),
         "attribution": list(attribution),
@@ -193,11 +200,24 @@ def build_report(
     return report
 
 
-def _first_divergence(first: Divergence | None, golden: GoldenCheck | None) -> dict | None:
-    """The first difference that decides the verdict: between the runs, else against the
-    golden trace (``compared`` says which)."""
+def _first_divergence(
+    first: Divergence | None,
+    golden: GoldenCheck | None,
+    evidence: Evidence | None,
+    measurement: Measurement | None,
+) -> dict | None:
+    """The first difference that decides the verdict: between the runs (with what the
+    later stages found), else against the golden trace (``compared`` says which)."""
     if first is not None:
-        return {"compared": "runs", **divergence_dict(first)}
+        evidence, measurement = evidence or Evidence(), measurement or Measurement()
+        values = divergence_dict(
+            first,
+            diff=measurement.diff,
+            zoom=measurement.zoom,
+            variability=evidence.variability,
+            generator=evidence.generator,
+        )
+        return {"compared": "runs", **values}
     if golden is None or golden.matches is not False:
         return None
     if golden.first_divergence is not None:  # bitwise: the first record that changed
@@ -209,3 +229,23 @@ def _first_divergence(first: Divergence | None, golden: GoldenCheck | None) -> d
         "tolerance": (golden.comparison or {}).get("tolerance"),
         **outside,
     }
+
+
+def _script(legs: Sequence[Leg], command: list[str] | None) -> dict[str, Any]:
+    """For a script (``exec``, ``audit()``): its command and what the recorded names stand
+    for — ``models`` and ``optimizers``, each ``[{"prefix": "model0.", "type": ...}]`` in
+    creation order, as the first trace that trained recorded them."""
+    if command is None:
+        return {}
+    out: dict[str, Any] = {"command": command} if command else {}
+    for leg in legs:
+        for run in leg.runs:
+            for path in run.processes.values():
+                try:
+                    with Trace(path) as trace:
+                        names, trained = trace.meta.get("exec"), bool(trace.steps)
+                except TraceError:
+                    continue
+                if names and trained:
+                    return {**out, **names}
+    return out

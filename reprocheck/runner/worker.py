@@ -20,7 +20,7 @@ def run(spec: dict[str, Any]) -> int:
     """A config's run: the training recipe of :mod:`reprocheck.runner.loop`."""
     import torch
 
-    from ..config import config_from_dict
+    from ..configfile import config_from_dict
     from ..determinism import apply_controls, environment_snapshot
     from ..fingerprint import hasher_name
     from .context import RunContext, run_meta
