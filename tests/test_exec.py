@@ -64,6 +64,11 @@ def test_entropy_noise_is_caught_at_its_step(tmp_path):
     d = report["first_divergence"]
     assert (d["step"], d["phase"], d["tensor"]) == (3, "outputs", "output")
     assert d["runs"] == [[0], [1]]
+    # the replay of step 3 names the planted line
+    lines = (EXAMPLES / "noisy_train.py").read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if "generator=self.entropy)" in text)
+    assert (d["op"], d["cause"]) == ("aten.randn", "unseeded or re-seeded RNG")
+    assert d["source"] == f"examples/noisy_train.py:{line}"
 
 
 def test_steps_stops_each_run_cleanly(tmp_path):

@@ -98,12 +98,27 @@ def test_a_script_that_ends_before_steps_k_says_so(audits):
     assert [run["note"] for run in runs] == ["ended after 3 of 5 steps"] * 2
 
 
+def _line(script: str, text: str) -> str:
+    """``tests/scripts/<script>:<line>`` of the first line holding ``text``."""
+    lines = (SCRIPTS / script).read_text().splitlines()
+    number = next(i for i, line in enumerate(lines, start=1) if text in line)
+    return f"tests/scripts/{script}:{number}"
+
+
 def test_noise_in_a_hand_written_update_is_caught_at_its_step(audits):
     result = audits("manual_update.py", "--updates", "6", "--noise-from", "3")
     assert result.code == 1
     first = result.report["first_divergence"]
     assert (first["step"], first["phase"], first["tensor"]) == (3, "weights", "encoder.weight")
     assert first["process"] == "main"
+    # the script's replay, rerun from its start, captures step 3 op by op
+    assert first["replay_from"] == 0 and first["max_abs_diff"] > 0
+    assert (first["op"], first["stage"], first["cause"]) == (
+        "aten.randn",
+        "update",
+        "unseeded or re-seeded RNG",
+    )
+    assert first["source"] == _line("manual_update.py", "p.data.add_(torch.randn(p.shape")
 
 
 def test_a_no_grad_update_with_accumulation_keeps_one_step_per_update(audits):
@@ -117,7 +132,9 @@ def test_a_no_grad_update_with_accumulation_keeps_one_step_per_update(audits):
 
 
 def test_an_unseeded_hand_written_loop_diverges_at_its_initial_weights(audits):
-    result = audits("regression_manual.py", "--max-batches", "20", options=("--preset", "none"))
+    result = audits(
+        "regression_manual.py", "--max-batches", "20", options=("--preset", "none", "--no-measure")
+    )
     assert result.code == 1
     first = result.report["first_divergence"]
     assert (first["step"], first["phase"], first["tensor"]) == (0, "weights", "weight")
@@ -204,6 +221,8 @@ def test_a_reseed_before_dropout_names_the_generator_as_the_cause(audits):
     assert result.code == 1
     first = result.report["first_divergence"]
     assert (first["step"], first["phase"], first["tensor"]) == (1, "outputs", "output")
+    assert (first["module"], first["op"]) == ("Dropout", "aten.bernoulli_")
+    assert first["source"] == _line("reseed_dropout.py", "loss = F.cross_entropy(model(")
     assert first["generator"] == {
         "name": "torch.cpu",
         "step": 0,
@@ -218,6 +237,22 @@ def test_the_same_script_without_the_reseed_reproduces(audits):
     result = audits("reseed_dropout.py", "--no-reseed")
     assert result.code == 0, result.report
     assert result.report["findings"] == []
+
+
+def test_a_nondeterministic_backward_op_in_a_script_is_named_with_its_forward_line(audits):
+    result = audits("token_table.py", options=("--threads", "2"))
+    assert result.code == 1, result.report
+    first = result.report["first_divergence"]
+    assert (first["step"], first["phase"], first["tensor"]) == (1, "grads", "table")
+    assert first["max_abs_diff"] > 0 and first["elements_differing"] > 0
+    assert (first["op"], first["stage"], first["cause"]) == (
+        "aten.index_put",
+        "backward",
+        "nondeterministic op",
+    )
+    assert first["source"] == _line("token_table.py", "rows = self.table[tokens]")
+    assert first["source_is_forward_line"] is True
+    assert [f["code"] for f in result.report["findings"]] == ["RC011"]
 
 
 # -- never an empty pass -----------------------------------------------------------------

@@ -53,6 +53,18 @@ def register(app: typer.Typer) -> None:
         fail_fast: bool = typer.Option(
             True, "--fail-fast/--no-fail-fast", help="Stop on divergence."
         ),
+        measure: bool = typer.Option(
+            True,
+            "--measure/--no-measure",
+            help="Replay the divergent step (the script reruns from its start) to diff the "
+            "real tensors.",
+        ),
+        zoom: bool = typer.Option(
+            True,
+            "--zoom/--no-zoom",
+            help="In that replay, capture every aten op of the step: the first divergent op, "
+            "its module, source line and cause.",
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no report."),
     ) -> None:
         """Run a training script N times, unchanged, and report where the runs first differ.
@@ -63,8 +75,11 @@ def register(app: typer.Typer) -> None:
         updates its parameters by hand, the k-th update of the parameters backward() gave
         gradients to. Every Python process the script starts that trains (mp.spawn workers,
         multiprocessing, subprocesses) is recorded and compared too. An audit that sees no
-        training step fails (exit 3). The script's output goes to the run's log (its tail
-        is in the report when a run fails). See docs/exec.md.
+        training step fails (exit 3). After a divergence at step k the two disagreeing runs
+        are replayed from the start to step k: the numeric difference on the real tensors,
+        and the first divergent aten op with its module, source line and cause. The
+        script's output goes to the run's log (its tail is in the report when a run
+        fails). See docs/exec.md.
         """
         from ..config import PRESETS, Config, DataConfig, DeterminismConfig, FactoryConfig
         from ..configfile import apply_overrides as _overrides
@@ -111,8 +126,8 @@ def register(app: typer.Typer) -> None:
             jobs=jobs,
             timeout=timeout,
             fail_fast=fail_fast,
-            measure=False,
-            zoom=False,
+            measure=measure,
+            zoom=zoom,
             exec={"argv": argv, "max_steps": steps},
         )
         _terminate_as_interrupt()

@@ -365,7 +365,9 @@ def run_audit(
     if not interrupted and active and not any(_trained(each) for each in active):
         untrained = _untrained_reason(config, options, active)
     measurement = Measurement()
-    if first is not None and first.kind == "value" and options.measure:
+    # a script's replay reruns its own process; a child process is not replayed (yet)
+    replayable = first is not None and (not options.exec or first.process == "main")
+    if first is not None and first.kind == "value" and options.measure and replayable:
         measure_started = time.monotonic()
         try:
             measurement = _measure(launcher, leg, first, options.zoom)
@@ -505,14 +507,15 @@ def _findings(
         timings["attribution_s"] = time.monotonic() - started
         return found, tried, False
     cause, where = zoom.get("cause"), zoom.get("source")
-    if not cause and evidence.generator:
+    if evidence.generator and cause in (None, "unseeded or re-seeded RNG"):
         g = evidence.generator
+        drawn = f" (drawn at {where})" if where else ""
         return (
             [
                 finding(
                     "RC015",
                     f"generator {g['name']} differed between runs {_runs(g['runs'])} from step "
-                    f"{g['step']}: what is drawn from it differs from step {first.step} on",
+                    f"{g['step']}: what is drawn from it{drawn} differs from step {first.step} on",
                     evidence=g,
                 )
             ],

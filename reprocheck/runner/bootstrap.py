@@ -52,7 +52,7 @@ import subprocess
 import sys
 import weakref
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -66,6 +66,9 @@ from ..recorder import (
     rng_states,
 )
 from .context import RunContext, StepLimitReached
+
+if TYPE_CHECKING:
+    from ..localize import OpCapture
 
 PROCESS_ENV = "REPROCHECK_PROCESS"  # a subprocess child's name, given by its parent
 MAX_PENDING_OUTPUTS = 256  # outputs kept for a step that has not come yet (a bound on memory)
@@ -137,6 +140,8 @@ class Session:
         self.trace_base = settings["trace"][: -len(".sqlite")]
         self.max_steps = settings.get("max_steps")
         self.with_sketch = bool(settings.get("with_sketch"))
+        # a replay (the zoom): keep the named tensors of step k, and every op of it
+        self.capture: dict[str, Any] | None = settings.get("capture")
         self.recorders: dict[int, ProcessRecorder | None] = {}  # pid → its recorder
         self.subprocesses = itertools.count(1)
         self.created: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
@@ -166,7 +171,14 @@ class Session:
             "environment": environment_snapshot(self.settings.get("applied")),
         }
         path = path or f"{self.trace_base}-{key}.sqlite"
-        return RunContext(path, meta, PHASES, with_sketch=self.with_sketch)
+        window = self.capture if key == "main" else None
+        return RunContext(
+            path,
+            meta,
+            PHASES,
+            with_sketch=self.with_sketch,
+            capture=(window["step"], window["tensors"]) if window else None,
+        )
 
     # -- hooks: installed once per interpreter, each asks for this process's recorder ----
     def install(self) -> None:
@@ -294,6 +306,12 @@ class ProcessRecorder:
         self.last_loss: torch.Tensor | None = None
         self.snapshot: tuple[list[bytes], list[tuple[str, torch.Tensor]]] | None = None
         self.finished = False
+        self.zoom_ops: list[Any] = []
+        # a replay's op capture of one step (main process only): the window, and its stage
+        window = session.capture if key == "main" else None
+        self.zoom_step = window["step"] if window and window.get("ops") else None
+        self.ops: OpCapture | None = None
+        self.stage: str | None = None
         if key != "main":
             # a forked child ends through os._exit (no atexit): multiprocessing's
             # finalizers still run; a spawned child or subprocess ends through atexit
@@ -322,8 +340,12 @@ class ProcessRecorder:
 
     # -- what the hooks report -------------------------------------------------------------
     def enter_module(self, module: torch.nn.Module) -> None:
-        if self.depth == 0 and self.snapshot is not None:
-            self._hand_update_step()
+        if self.depth == 0:
+            if self.snapshot is not None:
+                self._hand_update_step()
+            if self.stage not in (None, "forward"):  # a model call: the next forward
+                self._pause()
+                self._resume("forward")
         self.depth += 1
 
     def leave_module(self, module: torch.nn.Module, output: Any) -> None:
@@ -343,6 +365,7 @@ class ProcessRecorder:
     def before_backward(self, tensor: torch.Tensor) -> None:
         if self.finished:
             return
+        self._pause()
         if self.snapshot is not None:
             self._hand_update_step()
         if tensor.numel() == 1:
@@ -350,10 +373,18 @@ class ProcessRecorder:
         if not self.optimizer_seen and tensor.grad_fn is not None:
             for leaf in _trained_leaves(tensor):
                 self.trained.setdefault(id(leaf), leaf)
+        self._resume("backward")
 
     def after_backward(self) -> None:
         """With no optimizer holding the trained parameters, note their digests and
         gradients: a change before the next model call or backward() is a step."""
+        self._pause()
+        try:
+            self._note_hand_update()
+        finally:  # what follows a backward() with no optimizer is the update, by hand
+            self._resume("update" if self.snapshot is not None else "forward")
+
+    def _note_hand_update(self) -> None:
         if self.finished or self.optimizer_seen or not self.trained:
             return
         trained = list(self.trained.values())
@@ -377,6 +408,13 @@ class ProcessRecorder:
     def before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.finished:
             return
+        self._pause()
+        try:
+            self._before_step(optimizer, args, kwargs)
+        finally:
+            self._resume("optimizer")
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.optimizer_seen, self.snapshot = True, None
         if not self.started:
             self._fix_names(optimizer)
@@ -392,6 +430,7 @@ class ProcessRecorder:
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.finished or not self.started:
             return
+        self._pause()
         if self.closure_step:  # the closure's evaluations ran inside the step
             self._observed(self._optimizer_grads(optimizer))
         self._commit_state()
@@ -403,6 +442,7 @@ class ProcessRecorder:
         self._state()
         rec.commit(0, None)
         self.started = True
+        self._window_after(0)
 
     def _hand_update_step(self) -> None:
         """A step if the trained parameters changed since backward() returned."""
@@ -440,8 +480,10 @@ class ProcessRecorder:
         self.batches, self.outputs, self.losses = [], [], []
 
     def _commit_state(self) -> None:
+        self._pause()
         self._state()
         self._rec().commit(self.step, self.last_loss)
+        self._window_after(self.step)
         limit = self.session.max_steps
         if limit is not None and self.step >= limit:
             self.finish("complete")
@@ -468,6 +510,39 @@ class ProcessRecorder:
             for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])
             if p.grad is not None
         ]
+
+    # -- a replay's op capture: the window is step k, from step k−1's commit to its own ----
+    def _window_after(self, committed: int) -> None:
+        """Open the op capture once step ``zoom_step − 1`` is committed (steps 0 and 1: from
+        the start); close it for good once ``zoom_step`` is (a paused capture is resumed by
+        the next hook)."""
+        if self.zoom_step is None:
+            return
+        if self.ops is not None and self.models and committed == 0:
+            self.ops.context.names.update(  # the model is known now: its modules' names
+                (id(m), n or type(m).__name__)
+                for n, m in _unwrapped(self.models[0]).named_modules()
+            )
+        if committed + 1 == self.zoom_step and self.ops is None:
+            from ..localize import OpCapture
+
+            model = _unwrapped(self.models[0]) if self.models else None
+            self.ops = OpCapture(model)
+            self._resume("forward")
+        elif committed >= self.zoom_step and self.ops is not None:
+            self._pause()
+            self.zoom_ops, self.ops = self.ops.ops, None
+
+    def _pause(self) -> None:
+        """reprocheck's own recording is no part of the step: out of the capture."""
+        if self.ops is not None and self.stage is not None:
+            self.ops.__exit__(None, None, None)
+            self.stage = None
+
+    def _resume(self, stage: str) -> None:
+        if self.ops is not None and self.stage is None and not self.finished:
+            self.ops.context.stage = self.stage = stage
+            self.ops.__enter__()
 
     # -- models and names ----------------------------------------------------------------
     def _optimizers_created(self) -> list[torch.optim.Optimizer]:
@@ -590,6 +665,7 @@ def _child_settings(spec: dict[str, Any], applied: dict[str, Any]) -> dict[str, 
         "controls": spec["config"]["determinism"],
         "seed": spec["config"]["seed"],
         "threads": spec.get("threads"),
+        "capture": spec.get("capture"),
     }
 
 
@@ -602,14 +678,24 @@ def run_script(spec: dict[str, Any]) -> int:
     controls = DeterminismConfig(**spec["config"]["determinism"])
     applied = apply_controls_for(controls, spec["config"]["seed"], spec.get("threads"))
     settings = _child_settings(spec, applied)
+    capture = spec.get("capture")
+    if capture:  # a replay ends with the captured step
+        settings["max_steps"] = capture["step"]
     session = Session(settings)
     context = session.context("main", spec["trace"])
     recorder = ProcessRecorder(session, "main", context)
     session.recorders[os.getpid()] = recorder
     session.install()
-    child.export(settings)  # every Python process the script starts records itself too
+    child.export({**settings, "capture": None})  # its children record themselves too
     atexit.register(recorder.finish, "complete")  # a script that calls os-level exit paths
     argv = list(target["argv"])
+    if recorder.zoom_step is not None and recorder.zoom_step <= 1:
+        # step 0 is committed only once step 1 has run its forward and backward (at its
+        # optimizer step): a zoom of step 0 or 1 captures from the script's first line
+        from ..localize import OpCapture
+
+        recorder.ops = OpCapture(None)
+        recorder._resume("forward")
 
     def body() -> None:
         if target.get("function"):
@@ -624,7 +710,13 @@ def run_script(spec: dict[str, Any]) -> int:
             sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
             runpy.run_path(argv[0], run_name="__main__")
 
-    return context.run(body)
+    code = context.run(body)
+    if capture and code == 0:
+        from .worker import save_capture
+
+        recorder._pause()
+        save_capture(capture, context.recorder, recorder.zoom_ops)
+    return code
 
 
 def start_child(settings: dict[str, Any]) -> None:
