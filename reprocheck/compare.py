@@ -453,6 +453,7 @@ def divergence_dict(
     zoom: Mapping[str, Any] | None = None,
     variability: Sequence[Mapping[str, Any]] = (),
     generator: Mapping[str, Any] | None = None,
+    seeding: str | None = None,
 ) -> dict[str, Any]:
     """``first_divergence`` as the JSON report has it, with what the later stages found:
     the replay's numeric ``diff``, the ``zoom``'s op, the ``variability`` at the step and
@@ -487,6 +488,7 @@ def divergence_dict(
         out[key] = zoom.get(key)
     out["variability"] = [dict(item) for item in variability]
     out["generator"] = dict(generator) if generator else None
+    out["seeding"] = seeding
     if generator and not out["cause"]:  # no zoom said otherwise
         g = generator
         out["cause"] = "unseeded or re-seeded RNG"

@@ -101,20 +101,38 @@ def _run_in_process(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[in
     return result.exit_code, result.stdout, stderr
 
 
+_AUDITS: dict[tuple, CliResult] = {}  # each distinct audit of a shipped config, once
+
+
+@pytest.fixture(scope="session")
+def _audit_folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("audits")
+
+
 @pytest.fixture
-def audit(tmp_path: Path):
-    """Run ``reprocheck run CONFIG ...`` into a temporary --out and return the result."""
+def audit(tmp_path: Path, _audit_folder: Path):
+    """Run ``reprocheck run CONFIG ...`` into a temporary --out and return the result.
+
+    An audit of a config of ``configs/`` with the same options and environment runs once
+    per test session and is shared by every test that asks for it (they only read it);
+    a test's own config (in its ``tmp_path``) is audited each time."""
 
     def _audit(config: str | Path, *extra: str, **kwargs: Any) -> CliResult:
         config = Path(config)
         if not config.is_absolute():
             config = CONFIGS / config
-        report = tmp_path / f"report-{len(list(tmp_path.glob('report-*')))}.json"
-        return run_cli(
+        shared = config.parent == CONFIGS and set(kwargs) <= {"env"}
+        key = (str(config), extra, tuple(sorted((kwargs.get("env") or {}).items())))
+        if shared and key in _AUDITS:
+            return _AUDITS[key]
+        folder = _audit_folder / f"a{len(_AUDITS)}" if shared else tmp_path
+        folder.mkdir(exist_ok=True)
+        report = folder / f"report-{len(list(folder.glob('report-*')))}.json"
+        result = run_cli(
             "run",
             str(config),
             "--out",
-            str(tmp_path / "out"),
+            str(folder / "out"),
             "--json",
             str(report),
             "-q",
@@ -123,6 +141,9 @@ def audit(tmp_path: Path):
             *extra,
             **kwargs,
         )
+        if shared:
+            _AUDITS[key] = result
+        return result
 
     return _audit
 

@@ -162,7 +162,9 @@ def test_torchmix_hasher_end_to_end(audit):
 
 
 def test_thread_legs_are_compared_under_tolerance(audit):
-    result = audit("demo.yaml", "--threads", "1,2", "--steps", "4", "--device", "cpu")
+    result = audit(
+        "demo.yaml", "--threads", "1,2", "--steps", "4", "--device", "cpu", "--jobs", "2"
+    )
     assert result.code == 0, result.stderr
     report = result.report
     assert [leg["name"] for leg in report["legs"]] == ["cpu-t1", "cpu-t2"]

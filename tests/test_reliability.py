@@ -211,6 +211,10 @@ def _wait_for_steps(folder: Path, count: int, timeout: float = 120) -> list[Path
 def test_interrupt_stops_every_run_and_writes_a_partial_report(tmp_path, signum):
     report_path = tmp_path / "report.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # a shell's background job (CI's may be one) starts with SIGINT ignored, and a child
+    # inherits that: while it starts, this process handles SIGINT, so the child's Python
+    # installs its own handler
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
     parent = subprocess.Popen(
         [
             sys.executable,
@@ -231,6 +235,7 @@ def test_interrupt_stops_every_run_and_writes_a_partial_report(tmp_path, signum)
         stderr=subprocess.PIPE,
         text=True,
     )
+    signal.signal(signal.SIGINT, ignored)
     traces = _wait_for_steps(tmp_path / "out", 2)  # both runs hang inside step 2
     parent.send_signal(signum)
     parent.communicate(timeout=60)

@@ -21,10 +21,10 @@ from .strict_json import load_strict
 SIDE_FILES = ("-wal", "-shm", "-journal", "-steps")
 
 
-def _audit(config: str, out: Path, **overrides) -> dict:
+def _audit(config: str, out: Path, jobs: int | None = None, **overrides) -> dict:
     """The audit as `reprocheck run -q --no-attribute` does it, in this process."""
     config = apply_overrides(load_config(CONFIGS / config), **overrides)
-    report = run_audit(config, AuditOptions(out=str(out), attribute=False))
+    report = run_audit(config, AuditOptions(out=str(out), attribute=False, jobs=jobs))
     write_report(report, Path(report["out_dir"]) / "report.json")
     return report
 
@@ -36,7 +36,7 @@ def _side_files(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def two_legs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("two-legs")
-    return _audit("demo.yaml", out, steps=3, devices=["cpu"], threads=[1, 2])
+    return _audit("demo.yaml", out, jobs=2, steps=3, devices=["cpu"], threads=[1, 2])
 
 
 def test_an_audit_leaves_no_sqlite_side_files_or_step_logs(two_legs):

@@ -9,6 +9,7 @@ run (module-scoped fixtures) and read by the tests that need it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -230,7 +231,23 @@ def test_a_reseed_before_dropout_names_the_generator_as_the_cause(audits):
         "process": "main",
     }
     assert first["cause"] == "unseeded or re-seeded RNG"
+    assert first["seeding"] == (
+        "every run re-seeded torch's CPU generator from entropy at "
+        f"{_line('reseed_dropout.py', 'torch.seed()  #')} (`torch.seed()`)"
+    )
     assert [f["code"] for f in result.report["findings"]] == ["RC015"]
+    assert first["seeding"] in result.report["findings"][0]["message"]
+
+
+def test_a_clock_seeded_script_names_the_seeding_call_and_both_values(audits):
+    result = audits("clock_seed.py", options=("--no-measure",))
+    assert result.code == 1
+    first = result.report["first_divergence"]
+    assert (first["step"], first["phase"], first["tensor"]) == (0, "weights", "0.weight")
+    found = re.fullmatch(r"`torch.manual_seed` got (\d+) vs (\d+) at (\S+)", first["seeding"])
+    assert found is not None, first["seeding"]
+    assert found.group(1) != found.group(2)
+    assert found.group(3) == _line("clock_seed.py", "torch.manual_seed(seed)")
 
 
 def test_the_same_script_without_the_reseed_reproduces(audits):
@@ -282,7 +299,7 @@ def test_a_script_that_never_trains_fails_with_the_reason(tmp_path):
 
 
 def test_two_exec_legs_compare_under_the_tolerance_from_sketches(audits):
-    result = audits("reseed_dropout.py", "--no-reseed", options=("--threads", "1,2"))
+    result = audits("reseed_dropout.py", "--no-reseed", options=("--threads", "1,2", "-j", "2"))
     assert result.code == 0, result.report
     (pair,) = result.report["across_legs"]
     assert pair["within_tolerance"] is True
@@ -305,7 +322,7 @@ def test_compare_under_a_tolerance_without_sketches_is_not_comparable(audits):
 def test_every_report_written_is_strict_json(audits):
     """Every report.json the module's audits wrote parses strictly (no Infinity, NaN)."""
     audits("manual_update.py", "--updates", "6", "--noise-from", "3")
-    audits("reseed_dropout.py", "--no-reseed", options=("--threads", "1,2"))
+    audits("reseed_dropout.py", "--no-reseed", options=("--threads", "1,2", "-j", "2"))
     audits("reseed_dropout.py")
     reports = sorted(audits.folder.glob("out*/*/report.json"))
     assert len(reports) >= 3

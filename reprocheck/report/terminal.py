@@ -308,6 +308,8 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
         if d.get("cause_detail"):
             cause.append(f" — {d['cause_detail']}")
         lines.append(_line("cause", cause))
+    if d.get("seeding"):
+        lines.append(_line("seeding", Text(d["seeding"])))
     g = d.get("generator")
     if g and g["name"] not in (d.get("cause_detail") or ""):
         lines.append(

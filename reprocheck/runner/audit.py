@@ -189,7 +189,57 @@ def _evidence(leg: Leg, first: Divergence) -> Evidence:
             variability([t for t, _ in reached], [i for _, i in reached], first.step)
         ),
         generator=_generator(cause) if cause is not None else None,
+        seeding=_seeding(leg, cause) if cause is not None else None,
     )
+
+
+# which calls seed which generator (as the rng phase names them)
+_SEEDS = {
+    "torch.cpu": ("torch.manual_seed", "torch.seed"),
+    "torch.cuda": ("torch.manual_seed", "torch.seed", "torch.cuda."),
+    "numpy": ("np.random.seed",),
+    "random": ("random.seed",),
+}
+_GENERATORS = {
+    "torch.cpu": "torch's CPU generator",
+    "torch.cuda": "torch's CUDA generator",
+    "numpy": "NumPy's global generator",
+    "random": "Python's random",
+}
+
+
+def _seeding(leg: Leg, latent: Divergence) -> str | None:
+    """The seeding call that made a generator differ between two runs, from the calls
+    each run's trace recorded (``meta.seeding``): its line, and both values."""
+    family = latent.tensor.split(":")[0].split(".gauss")[0]
+    calls, label = _SEEDS.get(family), _GENERATORS.get(family, latent.tensor)
+    if calls is None or len(latent.runs) < 2:
+        return None
+    runs = [group[0] for group in latent.runs[:2]]
+    by_run = {run.run: run for run in leg.runs}
+    made = []
+    for run in runs:
+        try:
+            with Trace(by_run[run].processes[latent.process]) as trace:
+                seeding = trace.meta.get("seeding") or []
+        except (TraceError, KeyError):
+            return None
+        made.append([c for c in seeding if c["call"].startswith(calls)])
+    a, b = made
+    for x, y in zip(a, b):
+        if x["value"] == "entropy" or y["value"] == "entropy":
+            who = "every run" if x["value"] == y["value"] else f"run #{runs[1]}"
+            call = x if x["value"] == "entropy" else y
+            return f"{who} re-seeded {label} from entropy at {call['where']} (`{call['call']}()`)"
+        if x["value"] != y["value"]:
+            return f"`{x['call']}` got {x['value']} vs {y['value']} at {x['where']}"
+    if len(a) != len(b):
+        longer, run = (a, runs[0]) if len(a) > len(b) else (b, runs[1])
+        call = longer[min(len(a), len(b))]
+        return f"only run #{run} called `{call['call']}` (at {call['where']})"
+    if not a:
+        return f"the script never seeds {label}: it starts from entropy in every process"
+    return None
 
 
 def _latent(legs: list[Leg]) -> list[Latent]:
@@ -510,13 +560,15 @@ def _findings(
     if evidence.generator and cause in (None, "unseeded or re-seeded RNG"):
         g = evidence.generator
         drawn = f" (drawn at {where})" if where else ""
+        why = f": {evidence.seeding}" if evidence.seeding else ""
         return (
             [
                 finding(
                     "RC015",
                     f"generator {g['name']} differed between runs {_runs(g['runs'])} from step "
-                    f"{g['step']}: what is drawn from it{drawn} differs from step {first.step} on",
-                    evidence=g,
+                    f"{g['step']}{why}; what is drawn from it{drawn} differs from step "
+                    f"{first.step} on",
+                    evidence={**g, "seeding": evidence.seeding},
                 )
             ],
             [],

@@ -50,9 +50,10 @@ import os
 import runpy
 import subprocess
 import sys
+import traceback
 import weakref
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -144,6 +145,7 @@ class Session:
         self.capture: dict[str, Any] | None = settings.get("capture")
         self.recorders: dict[int, ProcessRecorder | None] = {}  # pid → its recorder
         self.subprocesses = itertools.count(1)
+        self.seeding: dict[int, list[dict[str, Any]]] = {}  # pid → its seeding calls
         self.created: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.serial = itertools.count()
 
@@ -252,6 +254,81 @@ class Session:
 
         torch.Tensor.backward = backward
         self._name_subprocesses()
+        self._watch_seeding()
+
+    def _watch_seeding(self) -> None:
+        """Record every call that seeds or re-seeds a global generator (or builds a NumPy
+        generator from entropy), with the user's line and the value: the evidence that
+        names *which call* made two runs' generators differ. A ``torch.Generator``'s own
+        ``manual_seed`` is a method of a C type and cannot be wrapped: it stays unseen."""
+        import random
+
+        import numpy as np
+
+        session = self
+
+        def note(call: str, value: Any, drawn: Any = None) -> None:
+            from ..localize import user_frame
+            from .context import display_path
+
+            frame = user_frame(traceback.extract_stack()[:-2])
+            session.seeding.setdefault(os.getpid(), []).append(
+                {
+                    "call": call,
+                    "value": value,
+                    "seed": drawn,  # what an entropy seed turned out to be
+                    "where": f"{display_path(frame.filename)}:{frame.lineno}" if frame else None,
+                }
+            )
+
+        def plain(value: Any) -> Any:
+            return value if value is None or isinstance(value, (int, float, str)) else repr(value)
+
+        inside: list[bool] = []  # torch.manual_seed seeds CUDA too: one call, one record
+
+        def wrap(owner: Any, name: str, call: str, entropy: Callable[..., bool]) -> None:
+            original = getattr(owner, name, None)
+            if original is None:
+                return
+
+            @functools.wraps(original)
+            def seeded(*args: Any, **kwargs: Any) -> Any:
+                if inside:
+                    return original(*args, **kwargs)
+                inside.append(True)
+                try:
+                    result = original(*args, **kwargs)
+                finally:
+                    inside.pop()
+                if entropy(*args, **kwargs):
+                    note(call, "entropy", result if isinstance(result, int) else None)
+                else:
+                    note(call, plain(_first_argument(args, kwargs)))
+                return result
+
+            setattr(owner, name, seeded)
+
+        def never(*args: Any, **kwargs: Any) -> bool:
+            return False
+
+        def always(*args: Any, **kwargs: Any) -> bool:
+            return True
+
+        def unseeded(*args: Any, **kwargs: Any) -> bool:
+            return _first_argument(args, kwargs) is None
+
+        wrap(torch, "manual_seed", "torch.manual_seed", never)
+        wrap(torch, "seed", "torch.seed", always)
+        wrap(torch.random, "manual_seed", "torch.manual_seed", never)
+        wrap(torch.random, "seed", "torch.seed", always)
+        wrap(torch.cuda, "manual_seed", "torch.cuda.manual_seed", never)
+        wrap(torch.cuda, "manual_seed_all", "torch.cuda.manual_seed_all", never)
+        wrap(torch.cuda, "seed", "torch.cuda.seed", always)
+        wrap(torch.cuda, "seed_all", "torch.cuda.seed_all", always)
+        wrap(random, "seed", "random.seed", unseeded)
+        wrap(np.random, "seed", "np.random.seed", unseeded)
+        wrap(np.random, "default_rng", "np.random.default_rng", unseeded)
+        wrap(np.random, "SeedSequence", "np.random.SeedSequence", unseeded)
 
     def _name_subprocesses(self) -> None:
         """Each ``subprocess`` child gets its name (``sub1``, ``sub2`` … per parent) in its
@@ -336,7 +413,7 @@ class ProcessRecorder:
             with contextlib.suppress(StepLimitReached):
                 self._hand_update_step()  # the last hand-written update, before the end
         self.finished = True
-        return {"exec": self.naming()}
+        return {"exec": self.naming(), "seeding": self.session.seeding.get(os.getpid(), [])}
 
     # -- what the hooks report -------------------------------------------------------------
     def enter_module(self, module: torch.nn.Module) -> None:
@@ -647,6 +724,10 @@ class ProcessRecorder:
             self.finished = True
             return
         self.context.finish(status)
+
+
+def _first_argument(args: tuple, kwargs: dict[str, Any]) -> Any:
+    return args[0] if args else next(iter(kwargs.values()), None)
 
 
 def _known(item: Any, items: list[Any]) -> bool:

@@ -17,6 +17,7 @@ class Evidence:
 
     variability: tuple[dict[str, Any], ...] = ()
     generator: dict[str, Any] | None = None
+    seeding: str | None = None  # the call that made the generator differ, with its line
 
 
 @dataclass(frozen=True)

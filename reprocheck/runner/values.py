@@ -216,6 +216,7 @@ def _first_divergence(
             zoom=measurement.zoom,
             variability=evidence.variability,
             generator=evidence.generator,
+            seeding=evidence.seeding,
         )
         return {"compared": "runs", **values}
     if golden is None or golden.matches is not False:
