@@ -101,6 +101,16 @@ def _run_in_process(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[in
     return result.exit_code, result.stdout, stderr
 
 
+def run_exec(out: Path, report: Path, command: tuple[str, ...], options: tuple[str, ...] = ()):
+    """``reprocheck exec -n 2 -q --out OUT --json REPORT OPTIONS -- python COMMAND``."""
+    result = run_cli(
+        "exec", "-n", "2", "-q", "--out", str(out), "--json", str(report), *options,
+        "--", "python", *command,
+    )  # fmt: skip
+    assert result.report is not None, result.stderr
+    return result
+
+
 _AUDITS: dict[tuple, CliResult] = {}  # each distinct audit of a shipped config, once
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from reprocheck.trace import Trace
 
-from .conftest import ROOT, CliResult, run_cli
+from .conftest import ROOT, CliResult, run_cli, run_exec
 from .strict_json import load_strict
 
 SCRIPTS = ROOT / "tests" / "scripts"
@@ -33,23 +33,12 @@ class Audits:
         key = (script, *args, "|", *options)
         if key not in self.done:
             index = len(self.done)
-            result = run_cli(
-                "exec",
-                "-n",
-                "2",
-                "-q",
-                "--out",
-                str(self.folder / f"out{index}"),
-                "--json",
-                str(self.folder / f"r{index}.json"),
-                *options,
-                "--",
-                "python",
-                str(SCRIPTS / script),
-                *args,
+            self.done[key] = run_exec(
+                self.folder / f"out{index}",
+                self.folder / f"r{index}.json",
+                (str(SCRIPTS / script), *args),
+                options,
             )
-            assert result.report is not None, result.stderr
-            self.done[key] = result
         return self.done[key]
 
 

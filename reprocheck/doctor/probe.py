@@ -245,7 +245,8 @@ def dynamic_findings(
                 short,
             )
         )
-    with ThreadPoolExecutor(max_workers=max(1, jobs or os.cpu_count() or 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs or os.cpu_count() or 1))
+    try:
         # the ops the model runs in one step, forward and backward, with their lines
         scan = pool.submit(auditor.capture_ops, short, folder) if short.steps else None
         reports = {
@@ -280,4 +281,6 @@ def dynamic_findings(
                         where,
                     )
                 )
+    finally:  # a probe that failed leaves nothing to wait for: the others not yet started go
+        pool.shutdown(wait=True, cancel_futures=True)
     return found
