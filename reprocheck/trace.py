@@ -604,6 +604,24 @@ def committed_steps(path: str | os.PathLike) -> int:
         return 0
 
 
+def leave_wal(path: str | os.PathLike) -> None:
+    """Take a trace whose writer is gone out of WAL mode: that removes the ``-wal`` and
+    ``-shm`` files a reader polling the live run (fail-fast, progress) made and could not
+    remove itself. Nothing to do, or a trace too broken to open: left as it is."""
+    if not os.path.exists(os.fspath(path) + "-wal") and not os.path.exists(
+        os.fspath(path) + "-shm"
+    ):
+        return
+    try:
+        db = sqlite3.connect(os.fspath(path), timeout=1)
+        try:
+            db.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            db.close()
+    except sqlite3.Error:
+        pass
+
+
 def mark_ended(path: str | os.PathLike, status: str, error: str) -> None:
     """Record, from outside, how a run that could not say it itself ended (killed, timed out)."""
     recover(path)

@@ -379,7 +379,7 @@ def run_audit(
     options: AuditOptions,
     progress: Callable[[RunResult, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the audit and return the report (see :mod:`reprocheck.report.json`)."""
+    """Run the audit's stages and return the report (built by :mod:`.values`)."""
     from .values import build_report
 
     started = time.monotonic()

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from ..config import Config, config_to_dict
 from ..determinism import child_environment
-from ..trace import Trace, TraceError, committed_steps, mark_ended
+from ..trace import Trace, TraceError, committed_steps, leave_wal, mark_ended
 from . import checkpoint
 
 POLL_S = 0.05
@@ -331,6 +331,8 @@ class Launcher:
     def _settle(self, result: RunResult, code: int) -> None:
         """Read how the run ended from its trace (or its log, if it never wrote one)."""
         result.children = child_traces(result.trace)
+        for path in result.processes.values():
+            leave_wal(path)
         try:
             with Trace(result.trace) as trace:
                 result.steps = len(trace.steps)
