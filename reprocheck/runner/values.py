@@ -18,7 +18,7 @@ from ..config import TRACE_PHASES, Config
 from ..golden import GoldenCheck
 from ..trace import Trace, TraceError
 from ..verdict import FAILED_RUN, decide
-from .launch import Leg
+from .launch import Leg, RunResult
 from .stages import Evidence, Measurement
 
 SCHEMA = "reprocheck.report/1"
@@ -71,8 +71,19 @@ def _process(name: str, path: str, planned: int) -> dict[str, Any]:
             out["steps"], out["status"] = trace.last_step, trace.status
     except TraceError as exc:
         out["status"], out["error"] = "unreadable", str(exc)
-    out["note"] = _short(out["steps"], planned)
+    out["note"] = _short(out["steps"], planned) if out["steps"] is not None else None
     return out
+
+
+def _processes(run: RunResult, planned: int) -> dict[str, Any]:
+    """A run's processes, and its note: a run that ended before the requested steps (in
+    the process that trained furthest) says so."""
+    processes = [_process(name, path, planned) for name, path in run.processes.items()]
+    trained = [p["steps"] for p in processes if p["steps"] is not None]
+    note = None
+    if run.status == "complete" and trained:
+        note = _short(max(trained), planned)
+    return {"note": note, "processes": processes}
 
 
 def _short(last_step: int | None, planned: int) -> str | None:
@@ -175,13 +186,7 @@ def build_report(
                         "error": run.error,
                         "log_tail": run.log_tail,
                         "seconds": round(run.seconds, 3),
-                        "note": _short(run.last_step, config.steps)
-                        if run.status == "complete"
-                        else None,
-                        "processes": [
-                            _process(name, path, config.steps)
-                            for name, path in run.processes.items()
-                        ],
+                        **_processes(run, config.steps),
                     }
                     for run in leg.runs
                 ],
