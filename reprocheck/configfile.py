@@ -260,23 +260,27 @@ def _bool(ctx: _Context, path: tuple, value: Any, nullable: bool = False) -> boo
     return value
 
 
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
 def _default(cls: type, name: str) -> Any:
     """A config field's default, from the dataclass: the one place it is written."""
-    found = {f.name: f for f in dataclasses.fields(cls)}[name]
+    found = _field(cls, name)
     if found.default is not dataclasses.MISSING:
         return found.default
     return found.default_factory()  # type: ignore[misc]
 
 
 def _range(cls: type, name: str) -> tuple[Any, Any]:
-    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata["range"]
+    return _field(cls, name).metadata["range"]
 
 
 def _value(ctx: _Context, path: tuple, cls: type, name: str, data: Mapping[str, Any]) -> Any:
     """The one validator of a scalar field: ``data[name]`` (else the field's default)
     checked against the field's type (``int``, ``float``, ``bool``, ``… | None``) and
     range, both from the dataclass."""
-    found = {f.name: f for f in dataclasses.fields(cls)}[name]
+    found = _field(cls, name)
     value = data.get(name, _default(cls, name))
     where = path + (name,)
     kind = str(found.type)

@@ -465,9 +465,7 @@ class ProcessRecorder:
         if self.finished or self.optimizer_seen or not self.trained:
             return
         trained = list(self.trained.values())
-        held = {
-            id(p) for o in self._optimizers_created() for g in o.param_groups for p in g["params"]
-        }
+        held = _parameters(self._optimizers_created())
         if any(id(p) in held for p in trained):
             return  # an optimizer will make the steps
         if not self.started:
@@ -644,7 +642,7 @@ class ProcessRecorder:
         if optimizer is not None and not _known(optimizer, optimizers):
             optimizers.append(optimizer)
         self.optimizers = optimizers if optimizer is not None else []
-        wanted = {id(p) for o in self.optimizers for g in o.param_groups for p in g["params"]}
+        wanted = set(_parameters(self.optimizers))
         wanted |= set(self.trained)
         self.models = self._owners(wanted)
         for group in (self.models, self.optimizers):
@@ -661,9 +659,7 @@ class ProcessRecorder:
             named = self._names()
             if any(id(p) in named for p in module.parameters()) and not _known(module, self.models):
                 continue  # a part of a model, called on its own: its model's records say it
-            wanted = set(self.trained)
-            for o in self.optimizers:
-                wanted |= {id(p) for g in o.param_groups for p in g["params"]}
+            wanted = set(self.trained) | set(_parameters(self.optimizers))
             if any(id(p) in wanted for p in module.parameters()):
                 self.models.append(module)
                 self.tags[id(module)] = f"model{len(self.models) - 1}."
@@ -675,7 +671,7 @@ class ProcessRecorder:
             return
         self.optimizers.append(optimizer)  # created after step 0
         self.tags[id(optimizer)] = f"opt{len(self.optimizers) - 1}."
-        wanted = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        wanted = set(_parameters([optimizer]))
         for module in self._owners(wanted):
             if not _known(module, self.models):
                 self.models.append(module)
@@ -686,7 +682,7 @@ class ProcessRecorder:
         """Trained tensors no model owns (``W = torch.randn(..., requires_grad=True)``):
         named after the script's global that holds them, else ``param<i>``."""
         owned = {id(p) for m in self.models for p in m.parameters()}
-        tensors = {id(p): p for o in self.optimizers for g in o.param_groups for p in g["params"]}
+        tensors = _parameters(self.optimizers)
         tensors.update(self.trained)
         main = vars(sys.modules["__main__"]) if "__main__" in sys.modules else {}
         globals_by_id = {id(v): k for k, v in main.items() if isinstance(v, torch.Tensor)}
@@ -724,6 +720,11 @@ class ProcessRecorder:
             self.finished = True
             return
         self.context.finish(status)
+
+
+def _parameters(optimizers: list[torch.optim.Optimizer]) -> dict[int, torch.Tensor]:
+    """id → parameter, of every parameter the optimizers hold."""
+    return {id(p): p for o in optimizers for group in o.param_groups for p in group["params"]}
 
 
 def _first_argument(args: tuple, kwargs: dict[str, Any]) -> Any:

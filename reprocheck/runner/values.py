@@ -9,6 +9,7 @@ decides the verdict; renderers (:mod:`reprocheck.report`) only render the dict i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,34 +25,57 @@ from .stages import Evidence, Measurement
 SCHEMA = "reprocheck.report/1"
 
 
-def _environment(legs: Sequence[Leg]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _TraceFacts:
+    """What the report says of one trace, read once: records, phases, steps, status."""
+
+    records: int = 0
+    phases: frozenset[str] = frozenset()
+    last_step: int | None = None
+    status: str = "unreadable"
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # why it could not be read
+
+
+def _read_traces(legs: Sequence[Leg]) -> dict[str, _TraceFacts]:
+    """Every process trace of every run that ran, each opened once."""
+    facts = {}
     for leg in legs:
         for run in leg.runs:
-            try:
-                with Trace(run.trace) as trace:
-                    env = dict(trace.meta.get("environment") or {})
-                    env["hasher"] = trace.meta.get("hasher")
-                    return env
-            except TraceError:
-                continue
+            for path in run.processes.values():
+                try:
+                    with Trace(path) as trace:
+                        facts[path] = _TraceFacts(
+                            trace.record_count(),
+                            frozenset(trace.phases()),
+                            trace.last_step,
+                            trace.status,
+                            trace.meta,
+                        )
+                except TraceError as exc:
+                    facts[path] = _TraceFacts(error=str(exc))
+    return facts
+
+
+def _environment(legs: Sequence[Leg], facts: dict[str, _TraceFacts]) -> dict[str, Any]:
+    for leg in legs:
+        for run in leg.runs:
+            read = facts.get(run.trace)
+            if read is not None and read.error is None:
+                env = dict(read.meta.get("environment") or {})
+                env["hasher"] = read.meta.get("hasher")
+                return env
     return {}
 
 
-def _leg_records(leg: Leg) -> tuple[int, list[str]]:
+def _leg_records(leg: Leg, facts: dict[str, _TraceFacts]) -> tuple[int, list[str]]:
     """The records the leg's runs committed (every process), and the phases among them."""
-    total, phases = 0, set()
-    for run in leg.runs:
-        for path in run.processes.values():
-            try:
-                with Trace(path) as trace:
-                    total += trace.record_count()
-                    phases |= trace.phases()
-            except TraceError:
-                continue
-    return total, [p for p in TRACE_PHASES if p in phases]
+    read = [facts[path] for run in leg.runs for path in run.processes.values()]
+    phases = set().union(*(f.phases for f in read))
+    return sum(f.records for f in read), [p for p in TRACE_PHASES if p in phases]
 
 
-def _process(name: str, path: str, planned: int) -> dict[str, Any]:
+def _process(name: str, path: str, planned: int, read: _TraceFacts) -> dict[str, Any]:
     """One process of a run: its role, rank or creation index, trace and steps."""
     role, number = "script", None
     kinds = (
@@ -66,19 +90,17 @@ def _process(name: str, path: str, planned: int) -> dict[str, Any]:
             role, number = kind, int(tail[len(prefix) :].split("-")[-1])
     out: dict[str, Any] = {"name": name, "role": role, "trace": path, "steps": None}
     out["rank" if role in ("rank", "spawn") else "index"] = number
-    try:
-        with Trace(path) as trace:
-            out["steps"], out["status"] = trace.last_step, trace.status
-    except TraceError as exc:
-        out["status"], out["error"] = "unreadable", str(exc)
+    out["steps"], out["status"] = read.last_step, read.status
+    if read.error is not None:
+        out["error"] = read.error
     out["note"] = _short(out["steps"], planned) if out["steps"] is not None else None
     return out
 
 
-def _processes(run: RunResult, planned: int) -> dict[str, Any]:
+def _processes(run: RunResult, planned: int, facts: dict[str, _TraceFacts]) -> dict[str, Any]:
     """A run's processes, and its note: a run that ended before the requested steps (in
     the process that trained furthest) says so."""
-    processes = [_process(name, path, planned) for name, path in run.processes.items()]
+    processes = [_process(name, path, planned, facts[path]) for name, path in run.processes.items()]
     trained = [p["steps"] for p in processes if p["steps"] is not None]
     note = None
     if run.status == "complete" and trained:
@@ -139,7 +161,10 @@ def build_report(
         not_comparable=unknown_golden or (unknown[0].note if unknown else None),
     )
     by_leg = {d.leg: d for d in divergences}
-    recorded = {leg.name: _leg_records(leg) if leg.status != "skipped" else (0, []) for leg in legs}
+    facts = _read_traces([leg for leg in legs if leg.status != "skipped"])
+    recorded = {
+        leg.name: _leg_records(leg, facts) if leg.status != "skipped" else (0, []) for leg in legs
+    }
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "reprocheck": __version__,
@@ -156,7 +181,7 @@ def build_report(
             "steps": config.steps,
             "preset": config.determinism.preset,
             "record": list(config.record),
-            **_script(legs, command),
+            **_script(legs, command, facts),
         },
         "legs": [
             {
@@ -186,7 +211,7 @@ def build_report(
                         "error": run.error,
                         "log_tail": run.log_tail,
                         "seconds": round(run.seconds, 3),
-                        **_processes(run, config.steps),
+                        **_processes(run, config.steps, facts),
                     }
                     for run in leg.runs
                 ],
@@ -197,7 +222,7 @@ def build_report(
         "across_legs": [comparison_dict(c) for c in across],
         "findings": list(findings),
         "attribution": list(attribution),
-        "environment": _environment(legs),
+        "environment": _environment(legs, facts),
         "golden": golden.to_dict() if golden is not None else None,
         "out_dir": str(folder),
         "timings": {key: round(value, 3) for key, value in timings.items()},
@@ -237,7 +262,9 @@ def _first_divergence(
     }
 
 
-def _script(legs: Sequence[Leg], command: list[str] | None) -> dict[str, Any]:
+def _script(
+    legs: Sequence[Leg], command: list[str] | None, facts: dict[str, _TraceFacts]
+) -> dict[str, Any]:
     """For a script (``exec``, ``audit()``): its command and what the recorded names stand
     for — ``models`` and ``optimizers``, each ``[{"prefix": "model0.", "type": ...}]`` in
     creation order, as the first trace that trained recorded them."""
@@ -247,11 +274,8 @@ def _script(legs: Sequence[Leg], command: list[str] | None) -> dict[str, Any]:
     for leg in legs:
         for run in leg.runs:
             for path in run.processes.values():
-                try:
-                    with Trace(path) as trace:
-                        names, trained = trace.meta.get("exec"), bool(trace.steps)
-                except TraceError:
-                    continue
-                if names and trained:
+                read = facts.get(path, _TraceFacts())
+                names = read.meta.get("exec")
+                if names and read.last_step is not None:
                     return {**out, **names}
     return out
