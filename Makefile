@@ -46,6 +46,7 @@ test-slow: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_fingerprint.py --markdown
 	$(BIN)/python benchmarks/bench_audit.py --markdown
+	$(BIN)/python benchmarks/bench_time_to_answer.py --markdown
 
 clean:
 	rm -rf $(VENV) reports/*-2*

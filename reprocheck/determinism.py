@@ -146,6 +146,28 @@ def cpu_capability() -> str | None:
     return get() if get is not None else None
 
 
+def package_versions() -> dict[str, str]:
+    """The version of every installed distribution a module imported in this process
+    comes from (``torch``, ``numpy``, the script's own libraries), by name; reprocheck
+    itself is left out (its digests carry their own version, the hasher's name)."""
+    import importlib.metadata as metadata
+
+    tops = {name.partition(".")[0] for name in list(sys.modules)}
+    try:
+        owners = metadata.packages_distributions()
+    except Exception:  # a broken installation's metadata: no versions rather than no run
+        return {}
+    found: dict[str, str] = {}
+    for top in tops:
+        for dist in owners.get(top, ()):
+            if dist not in found and dist != "reprocheck":
+                try:
+                    found[dist] = metadata.version(dist)
+                except metadata.PackageNotFoundError:
+                    continue
+    return dict(sorted(found.items()))
+
+
 def environment_snapshot(applied: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything about this process that can change numerics; goes into every trace."""
     cuda = torch.cuda.is_available()

@@ -73,6 +73,7 @@ def write_golden(trace_path: str, golden_path: str | os.PathLike, config: Config
                             "recorded": time.time(),
                             "config_sha256": config.sha256,
                             "from": trace_path,
+                            "script": _recorded_script(trace_path),
                         }
                     ),
                 )
@@ -92,6 +93,87 @@ def write_golden(trace_path: str, golden_path: str | os.PathLike, config: Config
         "bytes_per_step": round(size / max(steps, 1)),
         "bytes_per_record": round(size / max(records, 1), 1),
     }
+
+
+def script_identity(command: list[str] | None) -> dict[str, Any] | None:
+    """A script's golden identity: its path as the user named it (relative to the folder
+    the command ran in, so a clone elsewhere matches) and its arguments."""
+    if not command:
+        return None
+    script, *arguments = command
+    if script == "-m":
+        return {"script": f"-m {arguments[0]}", "arguments": arguments[1:]}
+    return {"script": os.path.relpath(script), "arguments": arguments}
+
+
+def precheck(golden_path: str, config: Config, command: list[str] | None, any_config: bool) -> None:
+    """Before any run: is this golden one of this config (or script)? GoldenError if not."""
+    try:
+        golden = Trace(golden_path)
+    except TraceError as exc:
+        raise GoldenError(str(exc)) from None
+    with golden:
+        if "golden" not in golden.meta:
+            raise GoldenError(
+                f"{golden_path} is a run's trace, not a golden trace — make one with "
+                "`reprocheck record CONFIG -o golden.sqlite` (or `… -- python train.py`)"
+            )
+        name = (golden.meta.get("config") or {}).get("name")
+        if name != config.name and not any_config:
+            raise GoldenError(
+                f"{golden_path} is the golden trace of config {name!r}, not {config.name!r} — "
+                "record one for this config, or pass --any-config"
+            )
+        theirs = (golden.meta.get("golden") or {}).get("script")
+        if (theirs is None) != (command is None):
+            kind = "a script's" if theirs is not None else "a config's"
+            raise GoldenError(
+                f"{golden_path} is {kind} golden trace: check it with what recorded it "
+                "(`reprocheck check CONFIG --against G` or `… -- python train.py`)"
+            )
+        ours = script_identity(command)
+        moved = theirs is not None and ours is not None and theirs["script"] != ours["script"]
+        if moved and not any_config:
+            raise GoldenError(
+                f"{golden_path} is the golden trace of {theirs['script']}, not "
+                f"{ours['script']} — record one for this script, or pass --any-config"
+            )
+
+
+def _script_changes(golden: Trace, current: Trace, config: Config) -> dict[str, list[Any]]:
+    """What changed in a script's command since its golden (:func:`precheck` made sure
+    both are a script's, and the same script unless ``--any-config``)."""
+    theirs = (golden.meta.get("golden") or {}).get("script")
+    ours = script_identity(current.meta.get("command"))
+    if theirs is None or ours is None:
+        return {}
+    changes: dict[str, list[Any]] = {}
+    if theirs["script"] != ours["script"]:
+        changes["script"] = [theirs["script"], ours["script"]]
+    if theirs["arguments"] != ours["arguments"]:
+        changes["arguments"] = [theirs["arguments"], ours["arguments"]]
+    recorded = (golden.meta.get("golden") or {}).get("config_sha256")
+    if recorded != config.sha256:
+        changes["script_sha256"] = [recorded, config.sha256]
+    return changes
+
+
+def _package_drift(
+    theirs: dict[str, str] | None, ours: dict[str, str] | None
+) -> dict[str, list[str]]:
+    """The distributions both runs imported, at other versions (name → [golden, now])."""
+    if not theirs or not ours:
+        return {}
+    return {
+        name: [theirs[name], ours[name]]
+        for name in sorted(set(theirs) & set(ours))
+        if theirs[name] != ours[name]
+    }
+
+
+def _recorded_script(trace_path: str) -> dict[str, Any] | None:
+    with Trace(trace_path) as trace:
+        return script_identity(trace.meta.get("command"))
 
 
 def environment_of(trace: Trace) -> dict[str, Any]:
@@ -114,9 +196,16 @@ class GoldenCheck:
     first_divergence: dict[str, Any] | None = None
     comparison: dict[str, Any] | None = None
     note: str | None = None
+    # a script's golden: what changed in the command since it was recorded (arguments,
+    # the script's content), each [golden, current]; compared all the same
+    changes: dict[str, list[Any]] = field(default_factory=dict)
+    # distributions both runs imported whose versions differ: name → [golden, current]
+    packages_differ: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "changes": self.changes,
+            "packages_differ": self.packages_differ,
             "golden": self.golden,
             "current": self.current,
             "mode": self.mode,
@@ -132,26 +221,18 @@ def check_against(
     golden_path: str, current_path: str, config: Config, any_config: bool
 ) -> GoldenCheck:
     """Compare a fresh run's trace with the golden: bitwise or under tolerance."""
-    try:
-        golden = Trace(golden_path)
-    except TraceError as exc:
-        raise GoldenError(str(exc)) from None
-    with golden, Trace(current_path) as current:
-        name = (golden.meta.get("config") or {}).get("name")
-        if name != config.name and not any_config:
-            raise GoldenError(
-                f"{golden_path} is the golden trace of config {name!r}, not {config.name!r} — "
-                "record one for this config, or pass --any-config"
-            )
+    with Trace(current_path) as current:
+        command = current.meta.get("command")
+    precheck(golden_path, config, command, any_config)
+    with Trace(golden_path) as golden, Trace(current_path) as current:
         if golden.status not in ("complete", "stopped"):
             raise GoldenError(f"{golden_path}: golden trace ended early ({golden.status})")
+        changes = _script_changes(golden, current, config)
+        drift = _package_drift(golden.meta.get("packages"), current.meta.get("packages"))
         theirs, ours = environment_of(golden), environment_of(current)
-        if "golden" not in golden.meta:
-            raise GoldenError(
-                f"{golden_path} is a run's trace, not a golden trace — "
-                "make one with `reprocheck record CONFIG -o golden.sqlite`"
-            )
-    result = GoldenCheck(golden=golden_path, current=current_path)
+    result = GoldenCheck(
+        golden=golden_path, current=current_path, changes=changes, packages_differ=drift
+    )
     result.environment_differs = {
         key: [theirs[key], ours[key]] for key in theirs if theirs[key] != ours[key]
     }

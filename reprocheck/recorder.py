@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import ctypes
 import hashlib
+import importlib
 import os
 import random
 import struct
@@ -22,10 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import fingerprint as _fp
 from .config import TRACE_PHASES
 from .fingerprint import StepHasher
 from .trace import LATENT_PHASES, TraceWriter, pack_ids
+
+# the module itself (the package binds the public function under its name)
+_fp = importlib.import_module(".fingerprint", __package__)
 
 _PHASE_INDEX = {phase: index for index, phase in enumerate(TRACE_PHASES)}
 RSS_EVERY = 100  # steps between samples of the run's resident memory

@@ -22,6 +22,11 @@ CONFIGS = ROOT / "configs"
 # Timings and thread-sensitive numerics: one thread unless a test is about threads.
 torch.set_num_threads(1)
 
+# The audited runs fork from the warm pool too (runner/pool.py): each test is about what it
+# asserts, not about how a run's process starts. The tests of the pool itself, and every
+# run whose hash seed is random, start fresh interpreters (tests/test_pool.py says which).
+os.environ.setdefault("REPROCHECK_POOL", "all")
+
 
 @dataclass
 class CliResult:
@@ -102,7 +107,10 @@ def _run_in_process(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[in
 
 
 def run_exec(out: Path, report: Path, command: tuple[str, ...], options: tuple[str, ...] = ()):
-    """``reprocheck exec -n 2 -q --out OUT --json REPORT OPTIONS -- python COMMAND``."""
+    """``reprocheck exec -n 2 -q --out OUT --json REPORT OPTIONS -- python COMMAND``;
+    without attribution unless OPTIONS ask for it (``--attribute``): a test of it says so."""
+    if "--attribute" not in options:
+        options = ("--no-attribute", *options)
     result = run_cli(
         "exec", "-n", "2", "-q", "--out", str(out), "--json", str(report), *options,
         "--", "python", *command,

@@ -111,6 +111,7 @@ def test_workers_with_numpy_augmentation_reproduce_without_false_findings(audit,
     doctor = run_cli(
         "doctor", str(CONFIGS / "doctor-workers.yaml"), "--out", str(tmp_path), "--json", "-"
     )
+    assert doctor.code == 1, doctor.stderr
     codes = _codes(load_strict(doctor.stdout)["findings"])
     # workers are seeded by torch: no RC008/RC002; no thread or hash-seed sensitivity
     assert not {"RC002", "RC004", "RC008", "RC010"} & set(codes)

@@ -13,7 +13,9 @@ import re
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from reprocheck.report.terminal import render
 from reprocheck.trace import Trace
 
 from .conftest import ROOT, CliResult, run_cli, run_exec
@@ -246,7 +248,9 @@ def test_the_same_script_without_the_reseed_reproduces(audits):
 
 
 def test_a_nondeterministic_backward_op_in_a_script_is_named_with_its_forward_line(audits):
-    result = audits("token_table.py", options=("--threads", "2"))
+    # the script sets its own thread count, as many do: the audit's one-thread control is
+    # then overridden, and attribution says so rather than "does not help"
+    result = audits("token_table.py", "--set-threads", "2", options=TOKEN_TABLE)
     assert result.code == 1, result.report
     first = result.report["first_divergence"]
     assert (first["step"], first["phase"], first["tensor"]) == (1, "grads", "table")
@@ -259,6 +263,26 @@ def test_a_nondeterministic_backward_op_in_a_script_is_named_with_its_forward_li
     assert first["source"] == _line("token_table.py", "rows = self.table[tokens]")
     assert first["source_is_forward_line"] is True
     assert [f["code"] for f in result.report["findings"]] == ["RC011"]
+
+
+TOKEN_TABLE = ("--threads", "2", "--attribute")
+
+
+def test_attribution_of_a_script_names_the_fix_and_the_control_it_overrides(audits):
+    result = audits("token_table.py", "--set-threads", "2", options=TOKEN_TABLE)
+    tried = {item["control"]: item for item in result.report["attribution"]}
+    assert tried["deterministic algorithms"]["verdict"] == "reproducible"
+    assert tried["one thread"]["verdict"] == "overridden"
+    assert tried["one thread"]["overridden_by"] == (
+        f"`torch.set_num_threads(2)` at {_line('token_table.py', 'torch.set_num_threads(args')}"
+    )
+    assert (
+        "with deterministic algorithms the runs reproduce"
+        in (result.report["findings"][0]["message"])
+    )
+    console = Console(record=True, width=200)
+    render(result.report, console)
+    assert "one thread ⊘ overridden by `torch.set_num_threads(2)`" in console.export_text()
 
 
 # -- never an empty pass -----------------------------------------------------------------

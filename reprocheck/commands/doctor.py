@@ -29,10 +29,13 @@ def register(app: typer.Typer) -> None:
             raise UsageError(exc.args[0]) from None
         stdout.print(rule.explain(), markup=False, highlight=False)
 
-    @app.command()
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     @user_errors
     def doctor(
-        config_path: Path = typer.Argument(..., metavar="CONFIG", help="The audit's YAML config."),
+        ctx: typer.Context,
+        config_path: Optional[Path] = typer.Argument(
+            None, metavar="CONFIG", help="The audit's YAML config (or `-- python train.py ARGS`)."
+        ),
         attribute: bool = typer.Option(
             False,
             "--attribute",
@@ -46,19 +49,28 @@ def register(app: typer.Typer) -> None:
         ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal output."),
     ) -> None:
-        """Find what can make CONFIG irreproducible: static checks, then probes that run a few
-        steps — the ops that are nondeterministic on CUDA (found on any machine) with their
-        lines, and sensitivity to thread count, PYTHONHASHSEED and DataLoader workers.
+        """Find what can make CONFIG — or a script, `reprocheck doctor -- python train.py
+        ARGS` — irreproducible: static checks, then probes that run a few steps: the ops that
+        are nondeterministic on CUDA (found on any machine) with their lines, torch.compile,
+        and sensitivity to thread count, PYTHONHASHSEED and DataLoader workers. A script is
+        run unchanged, its first `--steps` steps.
 
         Exit 0 when nothing is found, 1 when there are findings (`reprocheck explain CODE`),
         3 when a probe's run fails (its error and log are named).
         """
-        from ..configfile import load_config
+        import dataclasses
+
         from ..doctor.probe import ProbeError, dynamic_findings, static_findings
         from ..runner.audit import AuditOptions, Auditor, make_audit_dir, run_audit
+        from ..script import ScriptError, resolve_target
         from ..verdict import EXIT_FAILED
 
-        config = load_config(config_path)
+        try:
+            config, target = resolve_target(config_path, list(ctx.args), "doctor")
+        except ScriptError as exc:
+            raise UsageError(str(exc)) from None
+        # a script's probes run its first `steps` steps, then stop it
+        probed = dataclasses.replace(config, steps=steps) if target is not None else config
         _terminate_as_interrupt()
         folder = make_audit_dir(out, f"{config.name}-doctor")
         findings: list[dict[str, Any]] = static_findings(config)
@@ -70,18 +82,21 @@ def register(app: typer.Typer) -> None:
                 )
             )
         try:
-            findings += dynamic_findings(Auditor(), config, folder, steps)
+            findings += dynamic_findings(Auditor(target), probed, folder, steps)
         except ProbeError as exc:  # a probe that ran nothing found nothing: say so, exit 3
             raise fail(str(exc), EXIT_FAILED) from None
         audit: dict[str, Any] | None = None
         if attribute:
-            audit = run_audit(config, AuditOptions(out=str(folder / "audit"), attribute=True))
+            audit = run_audit(
+                config, AuditOptions(out=str(folder / "audit"), attribute=True, exec=target)
+            )
             for item in audit["findings"]:
                 if item not in findings:
                     findings.append(item)
         result = {
             "schema": "reprocheck.doctor/1",
             "config": {"name": config.name, "path": config.path},
+            "command": ["python", *target["argv"]] if target else None,
             "findings": findings,
             "out_dir": str(folder),
             "audit": None

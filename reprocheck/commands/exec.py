@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -65,6 +63,13 @@ def register(app: typer.Typer) -> None:
             help="In that replay, capture every aten op of the step: the first divergent op, "
             "its module, source line and cause.",
         ),
+        attribute: bool = typer.Option(
+            True,
+            "--attribute/--no-attribute",
+            help="After a divergence, rerun the script with each control on (seeds, hash "
+            "seed, deterministic algorithms, one thread) to find the one that fixes it; a "
+            "control the script overrides itself is said to be overridden.",
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no report."),
     ) -> None:
         """Run a training script N times, unchanged, and report where the runs first differ.
@@ -81,45 +86,16 @@ def register(app: typer.Typer) -> None:
         script's output goes to the run's log (its tail is in the report when a run
         fails). See docs/exec.md.
         """
-        from ..config import PRESETS, Config, DataConfig, DeterminismConfig, FactoryConfig
         from ..configfile import apply_overrides as _overrides
         from ..runner.audit import AuditOptions, run_audit
+        from ..script import ScriptError, script_config
 
-        argv = list(ctx.args)
-        if not argv or not os.path.basename(argv[0]).startswith("python"):
-            raise UsageError(
-                "exec runs a Python script: reprocheck exec [OPTIONS] -- python train.py ARGS"
+        try:
+            config, target = script_config(
+                list(ctx.args), "exec", repeats=repeats, steps=steps, preset=preset, seed=seed
             )
-        argv = argv[1:]  # the run's own interpreter (this one) replaces `python`
-        if not argv:
-            raise UsageError("no script given: reprocheck exec -- python train.py ARGS")
-        if argv[0] == "-m":
-            if len(argv) < 2:
-                raise UsageError("-m needs a module name: reprocheck exec -- python -m pkg.train")
-            script, name = None, argv[1]
-        else:
-            if argv[0].startswith("-"):
-                raise UsageError(f"python option {argv[0]} is not supported: give the script")
-            script = os.path.abspath(argv[0])
-            if not os.path.isfile(script):
-                raise UsageError(f"no such script: {argv[0]}")
-            argv[0] = script
-            name = Path(script).stem
-        if preset not in PRESETS:
-            raise UsageError(f"--preset takes {', '.join(PRESETS)} (got {preset!r})")
-        sha = hashlib.sha256(Path(script).read_bytes()).hexdigest() if script else None
-        config = Config(
-            name=name,
-            seed=seed,
-            repeats=repeats,
-            steps=steps or 0,
-            determinism=DeterminismConfig(preset=preset, **PRESETS[preset]),
-            model=FactoryConfig(factory="exec"),
-            data=DataConfig(factory="exec"),
-            path=script or name,
-            base_dir=os.getcwd(),
-            sha256=sha,
-        )
+        except ScriptError as exc:
+            raise UsageError(str(exc)) from None
         config = _overrides(config, devices=_split_list(device), threads=_threads(threads))
         options = AuditOptions(
             out=out,
@@ -128,7 +104,8 @@ def register(app: typer.Typer) -> None:
             fail_fast=fail_fast,
             measure=measure,
             zoom=zoom,
-            exec={"argv": argv, "max_steps": steps},
+            attribute=attribute,
+            exec=target,
         )
         _terminate_as_interrupt()
         with RunProgress(quiet) as progress:

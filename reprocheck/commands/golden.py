@@ -20,6 +20,11 @@ OUT = typer.Option("reports", "--out", help="Folder for the audit's traces.")
 JOBS = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel.")
 TIMEOUT = typer.Option(None, "--timeout", min=0.1, help="Seconds per run.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress, no report.")
+TARGET = typer.Argument(
+    None, metavar="CONFIG", help="The audit's YAML config (or `-- python train.py ARGS`)."
+)
+# `-- python train.py ARGS`: click hands `python` to CONFIG and the rest over as extra args
+SCRIPT_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +39,17 @@ def register(app: typer.Typer) -> None:
         user_errors,
     )
 
-    def _audit(config, repeats, steps, device, threads, out, jobs, timeout, quiet, **golden):
+    def _target(config_path, ctx, command):
+        from ..script import ScriptError, resolve_target
+
+        try:
+            return resolve_target(config_path, list(ctx.args), command)
+        except ScriptError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _audit(
+        config, target, repeats, steps, device, threads, out, jobs, timeout, quiet, **golden
+    ):
         from ..configfile import apply_overrides
         from ..runner.audit import AuditOptions, run_audit
 
@@ -47,17 +62,26 @@ def register(app: typer.Typer) -> None:
         )
         # no attribution here: a golden check answers "did the numerics change?"; run
         # `reprocheck run --attribute` or `doctor` to ask why a config does not reproduce
+        if target is not None and steps is not None:  # a script stops after its K-th step
+            target = {**target, "max_steps": steps}
         options = AuditOptions(
-            out=out, jobs=jobs, timeout=timeout, sketch=True, attribute=False, **golden
+            out=out,
+            jobs=jobs,
+            timeout=timeout,
+            sketch=True,
+            attribute=False,
+            exec=target,
+            **golden,
         )
         _terminate_as_interrupt()
         with RunProgress(quiet) as progress:
             return config, run_audit(config, options, progress=progress.update)
 
-    @app.command()
+    @app.command(context_settings=SCRIPT_ARGS)
     @user_errors
     def record(
-        config_path: Path = typer.Argument(..., metavar="CONFIG", help="The audit's YAML config."),
+        ctx: typer.Context,
+        config_path: Optional[Path] = TARGET,
         output: Path = typer.Option(..., "-o", "--output", help="Where to write the golden trace."),
         repeats: Optional[int] = REPEATS,
         steps: Optional[int] = STEPS,
@@ -68,16 +92,18 @@ def register(app: typer.Typer) -> None:
         timeout: Optional[float] = TIMEOUT,
         quiet: bool = QUIET,
     ) -> None:
-        """Audit CONFIG and, if it reproduces, keep run 0 as a golden trace to check against.
+        """Audit CONFIG — or a script: `reprocheck record -o golden.sqlite -- python train.py
+        ARGS` — and, if it reproduces, keep run 0 as a golden trace to check against.
 
         The golden holds digests, numeric sketches and the environment (no tensors): commit
-        it, then run `reprocheck check CONFIG --against golden.sqlite` on every change.
+        it, then run `reprocheck check CONFIG --against golden.sqlite` (or `reprocheck check
+        --against golden.sqlite -- python train.py ARGS`) on every change.
         """
-        from ..configfile import load_config
         from ..golden import reference_trace, write_golden
 
+        config, target = _target(config_path, ctx, "record")
         config, report = _audit(
-            load_config(config_path), repeats, steps, device, threads, out, jobs, timeout, quiet
+            config, target, repeats, steps, device, threads, out, jobs, timeout, quiet
         )
         _emit(report, None, quiet)
         if report["verdict"] != "reproducible":
@@ -96,10 +122,11 @@ def register(app: typer.Typer) -> None:
             )
         )
 
-    @app.command()
+    @app.command(context_settings=SCRIPT_ARGS)
     @user_errors
     def check(
-        config_path: Path = typer.Argument(..., metavar="CONFIG", help="The audit's YAML config."),
+        ctx: typer.Context,
+        config_path: Optional[Path] = TARGET,
         against: Path = typer.Option(..., "--against", help="The golden trace (from `record`)."),
         junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file."),
         output_format: str = typer.Option(
@@ -120,29 +147,30 @@ def register(app: typer.Typer) -> None:
         timeout: Optional[float] = TIMEOUT,
         quiet: bool = QUIET,
     ) -> None:
-        """Rerun CONFIG and compare it with a golden trace: exit 0 unchanged, 1 changed.
+        """Rerun CONFIG — or a script: `reprocheck check --against golden.sqlite -- python
+        train.py ARGS` — and compare it with a golden trace: exit 0 unchanged, 1 changed.
 
         Same environment (torch, CPU capability, threads, device): compared bit for bit.
         Another environment: the differences are listed and the runs compared under the
-        config's tolerance, naming the first step and tensor that leave it.
+        config's tolerance, naming the first step and tensor that leave it. A script's
+        golden belongs to its path; changed arguments or script content are listed in the
+        report, and the runs compared all the same.
         """
-        from ..configfile import load_config
-        from ..golden import GoldenError
-        from ..trace import Trace
+        from ..golden import GoldenError, precheck
 
         if output_format not in ("text", "github", "json"):
             raise UsageError(f"--format takes text, github or json (got {output_format!r})")
-        config = load_config(config_path)  # a bad config is said before the golden is read
-        with Trace(against) as golden:  # a bad golden is said before any run starts
-            if "golden" not in golden.meta:
-                raise UsageError(
-                    f"{against} is a run's trace, not a golden trace — make one "
-                    "with `reprocheck record CONFIG -o golden.sqlite`"
-                )
+        # a bad config or script is said before the golden is read
+        config, target = _target(config_path, ctx, "check")
+        try:  # a golden that is not this config's (or script's) is said before any run
+            precheck(str(against), config, target["argv"] if target else None, any_config)
+        except GoldenError as exc:
+            raise UsageError(str(exc)) from None
         machine = output_format != "text"
         try:
             config, report = _audit(
                 config,
+                target,
                 repeats,
                 steps,
                 device,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import Config
+from ..trace import Trace, TraceError
 from .probe import Auditor, finding
 
 Change = Callable[[Config], Config]
@@ -34,7 +35,18 @@ CANDIDATES: tuple[tuple[str, str, Change], ...] = (
     ),
     ("PYTHONHASHSEED fixed", "RC004", _determinism(pythonhashseed=0)),
     ("a seeded DataLoader generator", "RC008", _determinism(dataloader_generator=True)),
-    ("deterministic algorithms", "RC011", _determinism(deterministic_algorithms=True)),
+    # deterministic algorithms alone: the filling of uninitialized memory they bring
+    # (torch ≥ 2.1) is the next control, so that a read of it is told from an op
+    (
+        "deterministic algorithms",
+        "RC011",
+        _determinism(deterministic_algorithms=True, fill_uninitialized_memory=False),
+    ),
+    (
+        "uninitialized memory filled (NaN)",
+        "RC020",
+        _determinism(deterministic_algorithms="warn", fill_uninitialized_memory=True),
+    ),
     (
         "cuDNN deterministic, no benchmark",
         "RC005",
@@ -73,6 +85,8 @@ def attribute(
     for label, code, change in CANDIDATES:
         if code in ("RC005", "RC007") and not cuda:
             continue
+        if code in ("RC011", "RC020") and base.determinism.deterministic_algorithms:
+            continue  # already on, with the memory filled as the preset has it
         variant = change(base)
         if variant == base:
             continue  # already on: nothing to learn
@@ -83,18 +97,25 @@ def attribute(
         for _, _, change in changes:
             together = change(together)
         variants.append(("all of them together", None, together))
-    # the controls' reruns side by side, as many as the cores hold: each is an audit of
-    # two runs that run in parallel themselves
-    workers = jobs or max(1, (os.cpu_count() or 1) // 2)
+    # the controls' reruns side by side (`--jobs` runs at once; default: as many as the
+    # cores hold): each is an audit of two runs that run in parallel themselves
+    workers = max(1, (jobs or os.cpu_count() or 1) // 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         verdicts = [
             pool.submit(auditor.audit, variant, folder / f"control-{index}")
             for index, (_, _, variant) in enumerate(variants)
         ]
-        for (label, code, _), report in zip(variants, verdicts):
-            tried.append({"control": label, "code": code, "verdict": report.result()["verdict"]})
+        for (label, code, variant), report in zip(variants, verdicts):
+            verdict = report.result()["verdict"]
+            item = {"control": label, "code": code, "verdict": verdict}
+            by = overridden(code, variant, report.result())
+            if by is not None:  # the script undid the control: its runs say nothing of it
+                item.update(verdict="overridden", overridden_by=by)
+            tried.append(item)
 
     fixes = [t for t in tried if t["verdict"] == "reproducible" and t["code"]]
+    if any(t["code"] == "RC011" for t in fixes):  # deterministic kernels alone suffice
+        fixes = [t for t in fixes if t["code"] != "RC020"]
     if fixes:
         return [
             finding(
@@ -129,3 +150,58 @@ def attribute(
             )
         ], tried
     return [], tried
+
+
+def _in_effect(report: dict[str, Any]) -> dict[str, Any]:
+    """What the first run's script left in effect (``meta.effective``), its own calls
+    that set a control (``meta.overrides``) and its seeding calls."""
+    for leg in report.get("legs") or []:
+        for run in leg.get("runs") or []:
+            try:
+                with Trace(run["trace"]) as trace:
+                    meta = trace.meta
+            except (TraceError, KeyError, TypeError):
+                continue
+            return {
+                "effective": meta.get("effective") or {},
+                "overrides": meta.get("overrides") or [],
+                "seeding": meta.get("seeding") or [],
+            }
+    return {"effective": {}, "overrides": [], "seeding": []}
+
+
+def _call(calls: list[dict[str, Any]], name: str) -> str:
+    last = next((c for c in reversed(calls) if c["call"] == name), None)
+    if last is None:
+        return f"the script's own `{name}`"
+    return f"`{name}({last['value']})` at {last['where']}"
+
+
+def overridden(code: str | None, variant: Config, report: dict[str, Any]) -> str | None:
+    """The script's own call that undid a control in the variant's run (its
+    ``torch.set_num_threads``, its own seeding …), or None if the control held. A thread
+    count or deterministic-algorithms setting the script changed is read from what was in
+    effect at its first step: its runs then say nothing of the control, even where two of
+    them happened to agree.
+
+    Only a script (``reprocheck exec``) sets controls of its own; a config's recipe never
+    does, so for configs this is always None."""
+    if variant.model.factory != "exec" or code is None:
+        return None
+    seen = _in_effect(report)
+    effective, calls = seen["effective"], seen["overrides"]
+    if code == "RC010" and effective.get("threads") not in (None, 1):
+        return _call(calls, "torch.set_num_threads")
+    if code in ("RC011", "RC020") and effective.get("deterministic_algorithms") is False:
+        return _call(calls, "torch.use_deterministic_algorithms")
+    if code == "RC005" and (
+        effective.get("cudnn_benchmark") or effective.get("cudnn_deterministic") is False
+    ):
+        return "the script's own cuDNN flags"
+    # the script's own seeding undoes the control only where the runs still differ (a
+    # script that seeds torch alone is fixed by a control that seeds NumPy too)
+    if code == "RC003" and seen["seeding"] and report.get("verdict") != "reproducible":
+        first = seen["seeding"][0]
+        value = "" if first["value"] == "entropy" else first["value"]
+        return f"`{first['call']}({value})` at {first['where']}"
+    return None

@@ -64,6 +64,16 @@ CUDA_NONDETERMINISTIC: dict[str, str] = {
 }
 
 
+def _always(op: dict[str, Any]) -> bool:
+    return True
+
+
+# ops nondeterministic on CUDA only in one form, told apart by the captured op's inputs
+ONLY_WHEN: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "bincount": lambda op: len(op.get("inputs") or ()) >= 2,  # with a weights tensor
+}
+
+
 def finding(code: str, message: str, evidence: Any = None) -> dict[str, Any]:
     """A finding as reports carry it: code, rule name, message, fix, evidence."""
     rule = BY_CODE[code]
@@ -125,7 +135,7 @@ def gpu_risk_findings(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
     seen: dict[tuple[str, str | None], dict[str, Any]] = {}
     for op in ops:
         base = _base(op["op"])
-        if base not in CUDA_NONDETERMINISTIC:
+        if base not in CUDA_NONDETERMINISTIC or not ONLY_WHEN.get(base, _always)(op):
             continue
         key = (base, op["source"])
         if key in seen:
@@ -177,8 +187,11 @@ def _run_failure(label: str, run: dict[str, Any]) -> ProbeError:
 def sensitivity(
     audit: Variant, a: Config, b: Config, label: str
 ) -> tuple[bool, dict[str, Any] | None]:
-    """Run one run of each variant and compare them bit for bit: (differ, where). A run
-    that fails raises :class:`ProbeError`: a probe that ran nothing has found nothing."""
+    """Run each variant (once, or ``repeats`` times) and compare their first runs bit for
+    bit: (differ, where). A variant run more than once must reproduce itself, else the
+    probe cannot tell its difference from the script's own nondeterminism and finds
+    nothing. A run that fails raises :class:`ProbeError`: a probe that ran nothing has
+    found nothing."""
     reports = [audit(variant, f"{label}-{index}") for index, variant in enumerate((a, b))]
     traces = []
     for report in reports:
@@ -187,11 +200,36 @@ def sensitivity(
             raise ProbeError(f"probe '{label}': no run started")
         if runs[0]["status"] != "complete":
             raise _run_failure(label, runs[0])
+        if len(runs) > 1 and report["verdict"] != "reproducible":
+            return False, None
         traces.append(runs[0]["trace"])
     found = first_divergence(traces)
     if found is None:
         return False, None
     return True, {"step": found.step, "phase": found.phase, "tensor": found.tensor}
+
+
+def _uninitialized_variants(config: Config) -> tuple[Config, Config] | None:
+    """Deterministic algorithms on (warn only: an op without a deterministic kernel must
+    not stop the probe), uninitialized memory filled and left as it is. None where this
+    torch has no ``fill_uninitialized_memory``."""
+    import torch.utils
+
+    if not hasattr(getattr(torch.utils, "deterministic", None), "fill_uninitialized_memory"):
+        return None
+    det = config.determinism.deterministic_algorithms or "warn"
+
+    def variant(fill: bool) -> Config:
+        controls = dataclasses.replace(
+            config.determinism, deterministic_algorithms=det, fill_uninitialized_memory=fill
+        )
+        return dataclasses.replace(config, determinism=controls)
+
+    return variant(True), variant(False)
+
+
+def _twice(config: Config) -> Config:
+    return dataclasses.replace(config, repeats=2)
 
 
 def _capture_failure(trace: str) -> str:
@@ -235,6 +273,16 @@ def dynamic_findings(
         ),
         ("hashseed", "RC004", "PYTHONHASHSEED 1 and 2", hashseed(1), hashseed(2)),
     ]
+    uninitialized = _uninitialized_variants(short)
+    if uninitialized is not None:
+        probes.append(
+            (
+                "uninit",
+                "RC020",
+                "uninitialized memory filled with NaN and left as it is",
+                *uninitialized,
+            )
+        )
     if config.data.num_workers:
         probes.append(
             (
@@ -245,6 +293,9 @@ def dynamic_findings(
                 short,
             )
         )
+    # the first variant of each probe runs twice: it must repeat before its difference
+    # from the second can be blamed on what the probe changed
+    probes = [(label, code, what, _twice(a), b) for label, code, what, a, b in probes]
     pool = ThreadPoolExecutor(max_workers=max(1, jobs or os.cpu_count() or 1))
     try:
         # the ops the model runs in one step, forward and backward, with their lines
@@ -270,10 +321,11 @@ def dynamic_findings(
         def audit(variant: Config, label: str) -> dict[str, Any]:
             return reports[label].result()
 
+        sensitive = []
         for label, code, what, a, b in probes:
             differ, where = sensitivity(audit, a, b, label)
             if differ:
-                found.append(
+                sensitive.append(
                     finding(
                         code,
                         f"{what} differ from step {where['step']} · "
@@ -281,6 +333,15 @@ def dynamic_findings(
                         where,
                     )
                 )
+        if any(item["code"] == "RC020" for item in sensitive):
+            # what uninitialized memory holds follows the process's whole allocation
+            # history — thread count and hash seed among it: the other probes' differences
+            # may be that memory's, and say nothing of their own
+            sensitive = [item for item in sensitive if item["code"] == "RC020"]
+            sensitive[0]["message"] += (
+                "; the thread, hash-seed and worker probes are inconclusive while it is read"
+            )
+        found += sensitive
     finally:  # a probe that failed leaves nothing to wait for: the others not yet started go
         pool.shutdown(wait=True, cancel_futures=True)
     return found

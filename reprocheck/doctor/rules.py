@@ -187,6 +187,53 @@ RULES: tuple[Rule, ...] = (
         "under reprocheck's `seeded` preset).",
         severity="warning",
     ),
+    Rule(
+        "RC019",
+        "eval-in-training-mode",
+        "Flags an evaluation forward — a model called under `torch.no_grad()` or "
+        "`torch.inference_mode()` — while its dropout or batch-norm layers are in training "
+        "mode (`model.eval()` was never called, or `model.train()` came too early).",
+        "`no_grad` turns off gradients, not training behaviour (checked on torch 2.13): "
+        "dropout still drops units and draws from torch's generator, so every evaluation "
+        "shifts the masks of all later training steps and its metric is noisy; batch norm "
+        "normalises with the batch's statistics and moves its running statistics with "
+        "evaluation data, so evaluating changes the model.",
+        "@torch.no_grad()\ndef estimate_loss():\n"
+        "    return model(x_val).loss  # the model is still in train()",
+        "`model.eval()` before the evaluation and `model.train()` after it (nanoGPT's "
+        "`estimate_loss` does both).",
+        severity="warning",
+    ),
+    Rule(
+        "RC020",
+        "uninitialized-memory-read",
+        "Flags values of uninitialized memory (`torch.empty`, `empty_like`, `new_empty`, a "
+        "`resize_` that grows) that reach a recorded tensor: a run with "
+        "`torch.utils.deterministic.fill_uninitialized_memory` on differs from one with it "
+        "off, deterministic algorithms on in both.",
+        "Such memory holds whatever the allocator last left there: it can repeat on one "
+        "machine and differ on the next, after a library update, or from run to run. With "
+        "deterministic algorithms on, torch ≥ 2.1 fills it with NaN (floats) or the largest "
+        "integer, which turns the silent read into a visible one.",
+        "buffer = torch.empty(batch, 2 * dim)\nbuffer[:, :dim] = features  # the other half is "
+        "never written\nlogits = head(buffer)",
+        "Allocate with `torch.zeros`/`torch.full`, or write every element before reading; "
+        "`torch.use_deterministic_algorithms(True)` (with `fill_uninitialized_memory`, its "
+        "default) makes the read show as NaN.",
+    ),
+    Rule(
+        "RC021",
+        "version-drift",
+        "Flags a golden check whose current run imports other versions of packages than "
+        "the golden's run did (torch, NumPy, and every other distribution the run imported).",
+        "A new release changes kernels, default algorithms and numerics: a golden trace "
+        "recorded under one set of versions may not match bit for bit under another, and "
+        "the report must say that the environment moved, not only that the numbers did.",
+        "# golden recorded with numpy 1.26.4; CI now installs numpy 2.1.0",
+        "Pin the versions in CI to those of the golden (a lock file), or re-record the "
+        "golden after an intended upgrade: `reprocheck record … -o golden.sqlite`.",
+        severity="warning",
+    ),
 )
 
 BY_CODE = {rule.code: rule for rule in RULES}

@@ -143,6 +143,15 @@ def _runs_text(groups: list[list[int]]) -> str:
     return " ≠ ".join(",".join(f"#{run}" for run in group) for group in groups)
 
 
+def _change(what: str, then: Any, now: Any) -> str:
+    """One change in a script's command since its golden was recorded."""
+    if what == "arguments":
+        return f"arguments {' '.join(then) or '(none)'} → {' '.join(now) or '(none)'}"
+    if what == "script_sha256":
+        return f"the script changed (sha256 {str(then)[:12]}… → {str(now)[:12]}…)"
+    return f"{what} {then} → {now}"
+
+
 def golden_lines(report: dict[str, Any]) -> tuple[list[Text], list[Text]]:
     """A golden check (``reprocheck check``): what was compared and, when nothing changed,
     the match (said before the answer); how far apart, per step (after it). A change is
@@ -153,6 +162,8 @@ def golden_lines(report: dict[str, Any]) -> tuple[list[Text], list[Text]]:
     lines = [_line("golden", Text(golden["golden"]), Text(f"  ({golden['mode']})", style=DIM))]
     if golden.get("note"):
         lines.append(_line("note", Text(golden["note"]), style=YELLOW))
+    for what, (then, now) in (golden.get("changes") or {}).items():
+        lines.append(_line("since", Text(_change(what, then, now)), style=YELLOW))
     comparison = golden.get("comparison") or {}
     identical = (
         f"{comparison.get('identical', 0):,} of {comparison.get('compared', 0):,} "
@@ -532,7 +543,10 @@ def render(report: dict[str, Any], console: Console) -> None:
                 table.append(" · ")
             fixed = item["verdict"] == "reproducible"
             table.append(f"{item['control']} ")
-            table.append("✔ reproduces" if fixed else "✘", style=GREEN if fixed else RED)
+            if item["verdict"] == "overridden":
+                table.append(f"⊘ overridden by {item['overridden_by']}", style=DIM)
+            else:
+                table.append("✔ reproduces" if fixed else "✘", style=GREEN if fixed else RED)
         console.print(_line("attribution", table))
     for finding in report.get("findings") or []:
         console.print(_line(finding["code"], Text(finding["message"])))

@@ -50,16 +50,35 @@ class AuditOptions:
     exec: dict[str, Any] | None = None  # `reprocheck exec`: the command each run executes
     golden: str | None = None  # `reprocheck check`: compare run 0 with this golden trace
     any_config: bool = False  # ... even when it is another config's
+    # the runs may fork from a warm zygote (runner/pool.py): an attribution control's or a
+    # probe's audit, never the verdict's own runs
+    fork_runs: bool = False
 
 
 class Auditor:
     """What the doctor's probes and attribution rerun, handed to them (they import no
-    runner): a whole audit of a config variant, or one step's op capture."""
+    runner): a whole audit of a config variant, or one step's op capture. ``exec``: the
+    script each run executes (``reprocheck exec``), None for a config's own recipe."""
+
+    def __init__(self, exec: dict[str, Any] | None = None) -> None:
+        self.exec = exec
+
+    def _target(self, config: Config) -> dict[str, Any] | None:
+        # a script's run ends after the variant's steps (0: the script's own length)
+        if self.exec is None:
+            return None
+        return {**self.exec, "max_steps": config.steps or None}
 
     def audit(self, config: Config, out: str | os.PathLike, fail_fast: bool = True) -> dict:
         """The report of an audit of ``config`` into ``out``: no replay, no attribution."""
         options = AuditOptions(
-            out=str(out), measure=False, zoom=False, attribute=False, fail_fast=fail_fast
+            out=str(out),
+            measure=False,
+            zoom=False,
+            attribute=False,
+            fail_fast=fail_fast,
+            exec=self._target(config),
+            fork_runs=True,
         )
         return run_audit(config, options)
 
@@ -67,7 +86,14 @@ class Auditor:
         """Run 0 of the config's first leg, with every aten op of step 1 captured: (the
         capture's path, or None if the run failed; the replay's trace)."""
         leg = plan_legs(config)[0]
-        launcher = Launcher(config, folder, fail_fast=False)
+        target = self._target(config)
+        launcher = Launcher(
+            config,
+            folder,
+            fail_fast=False,
+            extra_spec={"exec": target} if target else None,
+            fork_runs=True,
+        )
         paths = launcher.capture(leg, [0], 1, [], ops=True)
         return paths.get(0), launcher.replay_trace(0)
 
@@ -184,6 +210,8 @@ def _evidence(leg: Leg, first: Divergence) -> Evidence:
     traces, ids = _traces(leg.runs, first.process)
     reached = [(t, i) for t, i in zip(traces, ids) if committed_steps(t) > first.step]
     cause = _leg_latent(leg, first.process, first.step)
+    if cause is not None:
+        cause = _drawn_cause(traces, ids, cause, first.step)
     return Evidence(
         variability=tuple(
             variability([t for t, _ in reached], [i for _, i in reached], first.step)
@@ -191,6 +219,44 @@ def _evidence(leg: Leg, first: Divergence) -> Evidence:
         generator=_generator(cause) if cause is not None else None,
         seeding=_seeding(leg, cause) if cause is not None else None,
     )
+
+
+def _rng_digests(path: str, step: int) -> tuple[dict[str, bytes], dict[str, str] | None]:
+    """The generator states a trace recorded at ``step`` (name → digest), and those its
+    script started with (``meta.rng_start``, hex; None where unknown)."""
+    with Trace(path) as trace:
+        states = {r.name: r.digest for r in trace.records(step) if r.phase == "rng"}
+        return states, trace.meta.get("rng_start")
+
+
+def _drawn_cause(
+    traces: list[str], ids: list[int], latent: Divergence, step: int
+) -> Divergence | None:
+    """Of the generators that differ between the runs by ``step``, the first one the
+    script moved (drawn from, or re-seeded, since its first line): a generator seeded
+    from entropy that nothing touches (NumPy's, under ``--preset none``) explains nothing
+    and stays a latent difference. Where the start is unknown (a config's run, a forked
+    child), every differing generator counts."""
+    states = [_rng_digests(path, step) for path in traces]
+    for name in states[0][0]:
+        differs = len({at_step.get(name) for at_step, _ in states}) > 1
+        moved = any(
+            start is None or start.get(name) != at_step[name].hex()
+            for at_step, start in states
+            if name in at_step
+        )
+        if not (differs and moved):
+            continue
+        if name == latent.tensor:
+            return latent
+        since = next(
+            s for s in range(step + 1) if len({_rng_digests(p, s)[0].get(name) for p in traces}) > 1
+        )
+        groups: dict[bytes | None, list[int]] = {}
+        for run, (at_step, _) in zip(ids, states):
+            groups.setdefault(at_step.get(name), []).append(run)
+        return replace(latent, tensor=name, step=since, runs=list(groups.values()))
+    return None
 
 
 # which calls seed which generator (as the rng phase names them)
@@ -397,6 +463,7 @@ def run_audit(
         progress=progress,
         extra_spec={"exec": options.exec} if options.exec else None,
         checkpoints=options.measure,  # a replay then starts near the divergent step
+        fork_runs=options.fork_runs,
     )
     timings: dict[str, float] = {}
     interrupted = False
@@ -414,6 +481,8 @@ def run_audit(
     untrained = None
     if not interrupted and active and not any(_trained(each) for each in active):
         untrained = _untrained_reason(config, options, active)
+    if leg is not None and (options.measure or options.attribute):
+        launcher.prewarm([leg])  # replays and control reruns fork from it
     measurement = Measurement()
     # a script's replay reruns its own process; a child process is not replayed (yet)
     replayable = first is not None and (not options.exec or first.process == "main")
@@ -453,7 +522,9 @@ def run_audit(
         findings, attribution, interrupted = _findings(
             config, options, leg, first, evidence, measurement, folder, timings
         )
-    findings = [*findings, *map(_latent_finding, latent)]
+    findings = [*findings, *map(_latent_finding, latent), *_observed_findings(active)]
+    if golden is not None and golden.packages_differ:
+        findings.append(_drift_finding(golden.packages_differ))
     timings["total_s"] = time.monotonic() - started
     return build_report(
         config,
@@ -505,6 +576,47 @@ def _untrained_reason(config: Config, options: AuditOptions, legs: list[Leg]) ->
     )
 
 
+def _observed_findings(legs: list[Leg]) -> list[dict[str, Any]]:
+    """What a run's processes noted for a rule while they ran (``meta.observations``):
+    an evaluation forward with dropout or batch norm in training mode (RC019). Read from
+    the first run of each leg that has a trace; once per model and line."""
+    from ..doctor.probe import finding
+
+    found: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for leg in legs:
+        for run in leg.runs[:1]:
+            for process, path in run.processes.items():
+                try:
+                    with Trace(path) as trace:
+                        observations = trace.meta.get("observations") or []
+                except TraceError:
+                    continue
+                for seen in observations:
+                    key = (seen["model"], seen["where"])
+                    if seen.get("code") != "RC019" or key in found:
+                        continue
+                    after = f" after step {seen['step']}" if seen.get("step") is not None else ""
+                    inside = "" if process == "main" else f" in process {process}"
+                    found[key] = finding(
+                        "RC019",
+                        f"{seen['model']} is evaluated under no_grad at {seen['where']}{after}"
+                        f"{inside} with {', '.join(seen['layers'])} in training mode",
+                        evidence={**seen, "process": process},
+                    )
+    return list(found.values())
+
+
+def _drift_finding(packages: dict[str, list[str]]) -> dict[str, Any]:
+    from ..doctor.probe import finding
+
+    moved = ", ".join(f"{name} {then} → {now}" for name, (then, now) in packages.items())
+    return finding(
+        "RC021",
+        f"the run imports other versions than the golden's did: {moved}",
+        evidence={"packages": packages},
+    )
+
+
 def _latent_finding(found: Latent) -> dict[str, Any]:
     from ..doctor.probe import finding
 
@@ -540,17 +652,18 @@ def _findings(
     from ..doctor.attribute import attribute
     from ..doctor.probe import finding
 
-    if options.attribute and not options.exec:
+    if options.attribute:
         started = time.monotonic()
         try:
             found, tried = attribute(
-                Auditor(),
+                Auditor(options.exec),
                 config,
                 leg.device,
                 leg.threads,
                 first.step,
                 folder / "attribution",
                 zoom,
+                jobs=options.jobs,
             )
         except KeyboardInterrupt:
             return [], [], True

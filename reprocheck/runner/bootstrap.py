@@ -146,6 +146,8 @@ class Session:
         self.recorders: dict[int, ProcessRecorder | None] = {}  # pid → its recorder
         self.subprocesses = itertools.count(1)
         self.seeding: dict[int, list[dict[str, Any]]] = {}  # pid → its seeding calls
+        # pid → the script's own calls that set a control (threads, deterministic algorithms)
+        self.overrides: dict[int, list[dict[str, Any]]] = {}
         self.created: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.serial = itertools.count()
 
@@ -171,6 +173,8 @@ class Session:
             "world_size": int(env["WORLD_SIZE"]) if "WORLD_SIZE" in env else None,
             "steps_planned": self.max_steps,
             "environment": environment_snapshot(self.settings.get("applied")),
+            # a spawned child's generators at its start (a fork's are its parent's: unknown)
+            "rng_start": self.settings.get("rng_start"),
         }
         path = path or f"{self.trace_base}-{key}.sqlite"
         window = self.capture if key == "main" else None
@@ -255,6 +259,7 @@ class Session:
         torch.Tensor.backward = backward
         self._name_subprocesses()
         self._watch_seeding()
+        self._watch_controls()
 
     def _watch_seeding(self) -> None:
         """Record every call that seeds or re-seeds a global generator (or builds a NumPy
@@ -268,17 +273,8 @@ class Session:
         session = self
 
         def note(call: str, value: Any, drawn: Any = None) -> None:
-            from ..localize import user_frame
-            from .context import display_path
-
-            frame = user_frame(traceback.extract_stack()[:-2])
             session.seeding.setdefault(os.getpid(), []).append(
-                {
-                    "call": call,
-                    "value": value,
-                    "seed": drawn,  # what an entropy seed turned out to be
-                    "where": f"{display_path(frame.filename)}:{frame.lineno}" if frame else None,
-                }
+                {"call": call, "value": value, "seed": drawn, "where": _caller()}
             )
 
         def plain(value: Any) -> Any:
@@ -329,6 +325,35 @@ class Session:
         wrap(np.random, "seed", "np.random.seed", unseeded)
         wrap(np.random, "default_rng", "np.random.default_rng", unseeded)
         wrap(np.random, "SeedSequence", "np.random.SeedSequence", unseeded)
+
+    def _watch_controls(self) -> None:
+        """Record the script's own calls that set what a control sets — its
+        ``torch.set_num_threads``, ``torch.use_deterministic_algorithms`` — with their
+        lines: a control the script overrides is no control (attribution says so)."""
+        session = self
+
+        def wrap(name: str) -> None:
+            original = getattr(torch, name, None)
+            if original is None:
+                return
+
+            @functools.wraps(original)
+            def setting(*args: Any, **kwargs: Any) -> Any:
+                result = original(*args, **kwargs)
+                value = _first_argument(args, kwargs)
+                session.overrides.setdefault(os.getpid(), []).append(
+                    {
+                        "call": f"torch.{name}",
+                        "value": value if isinstance(value, (bool, int, str)) else repr(value),
+                        "where": _caller(),
+                    }
+                )
+                return result
+
+            setattr(torch, name, setting)
+
+        wrap("set_num_threads")
+        wrap("use_deterministic_algorithms")
 
     def _name_subprocesses(self) -> None:
         """Each ``subprocess`` child gets its name (``sub1``, ``sub2`` … per parent) in its
@@ -384,6 +409,10 @@ class ProcessRecorder:
         self.snapshot: tuple[list[bytes], list[tuple[str, torch.Tensor]]] | None = None
         self.finished = False
         self.zoom_ops: list[Any] = []
+        # what the run did that a rule names (an evaluation in training mode …)
+        self.observations: list[dict[str, Any]] = []
+        self.eval_noted: set[tuple[int, str | None]] = set()
+        self.stochastic: dict[int, list[tuple[str, torch.nn.Module]]] = {}
         # a replay's op capture of one step (main process only): the window, and its stage
         window = session.capture if key == "main" else None
         self.zoom_step = window["step"] if window and window.get("ops") else None
@@ -413,17 +442,76 @@ class ProcessRecorder:
             with contextlib.suppress(StepLimitReached):
                 self._hand_update_step()  # the last hand-written update, before the end
         self.finished = True
-        return {"exec": self.naming(), "seeding": self.session.seeding.get(os.getpid(), [])}
+        return {
+            "exec": self.naming(),
+            "seeding": self.session.seeding.get(os.getpid(), []),
+            "observations": self.observations,
+            **self._controls_in_effect(),
+        }
+
+    def _controls_in_effect(self) -> dict[str, Any]:
+        """What the controls are once the script has set itself up (at step 0, and again
+        at the end), and the script's own calls that set them."""
+        fill = getattr(
+            getattr(torch.utils, "deterministic", None), "fill_uninitialized_memory", None
+        )
+        return {
+            "effective": {
+                "threads": torch.get_num_threads(),
+                "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                "fill_uninitialized_memory": fill,
+                "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            },
+            "overrides": self.session.overrides.get(os.getpid(), []),
+        }
 
     # -- what the hooks report -------------------------------------------------------------
     def enter_module(self, module: torch.nn.Module) -> None:
         if self.depth == 0:
             if self.snapshot is not None:
                 self._hand_update_step()
+            if not torch.is_grad_enabled() and module.training:
+                self._note_training_mode_eval(module)
             if self.stage not in (None, "forward"):  # a model call: the next forward
                 self._pause()
                 self._resume("forward")
         self.depth += 1
+
+    def _note_training_mode_eval(self, module: torch.nn.Module) -> None:
+        """An outermost forward under ``no_grad``/``inference_mode`` (an evaluation) of a
+        model whose dropout or batch norm is in training mode: it drops units, uses batch
+        statistics and moves the running ones (rule RC019). Noted once per model and line."""
+        layers = self.stochastic.get(id(module))
+        if layers is None:
+            kinds = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)
+            layers = [
+                (name, m)
+                for name, m in module.named_modules()
+                if isinstance(m, kinds) and getattr(m, "p", 1) != 0
+            ]
+            self.stochastic[id(module)] = layers
+        active = [
+            f"{name or type(m).__name__} ({type(m).__name__})" for name, m in layers if m.training
+        ]
+        if not active:
+            return
+        where = _caller()
+        key = (id(module), where)
+        if key in self.eval_noted:
+            return
+        self.eval_noted.add(key)
+        self.observations.append(
+            {
+                "code": "RC019",
+                "model": type(_unwrapped(module)).__name__,
+                "layers": active,
+                "where": where,
+                "step": self.step if self.started else None,
+            }
+        )
+        if self.context is not None:  # said now: a run stopped by fail-fast never closes
+            self.context.writer.set_meta(observations=self.observations)
 
     def leave_module(self, module: torch.nn.Module, output: Any) -> None:
         self.depth = max(0, self.depth - 1)
@@ -517,6 +605,8 @@ class ProcessRecorder:
         self._state()
         rec.commit(0, None)
         self.started = True
+        # a run stopped by fail-fast never closes its trace: what is in effect, said now
+        rec.writer.set_meta(**self._controls_in_effect())
         self._window_after(0)
 
     def _hand_update_step(self) -> None:
@@ -645,6 +735,8 @@ class ProcessRecorder:
         wanted = set(_parameters(self.optimizers))
         wanted |= set(self.trained)
         self.models = self._owners(wanted)
+        # for the doctor's compile finding (RC017)
+        self._rec().compiled = any(type(m).__name__ == "OptimizedModule" for m in self.models)
         for group in (self.models, self.optimizers):
             label = "model" if group is self.models else "opt"
             for index, item in enumerate(group):
@@ -722,6 +814,20 @@ class ProcessRecorder:
         self.context.finish(status)
 
 
+def rng_start() -> dict[str, str]:
+    """Each generator's state digest (hex), as the trace's rng records would hold it."""
+    return {name: fingerprint(state).value.hex() for name, state in rng_states()}
+
+
+def _caller() -> str | None:
+    """``file:line`` of the innermost frame of user code now running."""
+    from ..localize import user_frame
+    from .context import display_path
+
+    frame = user_frame(traceback.extract_stack())
+    return f"{display_path(frame.filename)}:{frame.lineno}" if frame else None
+
+
 def _parameters(optimizers: list[torch.optim.Optimizer]) -> dict[int, torch.Tensor]:
     """id → parameter, of every parameter the optimizers hold."""
     return {id(p): p for o in optimizers for group in o.param_groups for p in group["params"]}
@@ -768,6 +874,8 @@ def run_script(spec: dict[str, Any]) -> int:
     recorder = ProcessRecorder(session, "main", context)
     session.recorders[os.getpid()] = recorder
     session.install()
+    # the generators as the script finds them: one it never moves explains no divergence
+    context.writer.set_meta(rng_start=rng_start())
     child.export({**settings, "capture": None})  # its children record themselves too
     atexit.register(recorder.finish, "complete")  # a script that calls os-level exit paths
     argv = list(target["argv"])
@@ -808,7 +916,7 @@ def start_child(settings: dict[str, Any]) -> None:
 
     controls = DeterminismConfig(**settings["controls"])
     applied = apply_controls_for(controls, settings["seed"], settings.get("threads"))
-    settings = {**settings, "applied": applied}
+    settings = {**settings, "applied": applied, "rng_start": rng_start()}
     session = Session(settings)
     session.install()
     atexit.register(session.finish_all, "complete")

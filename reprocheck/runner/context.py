@@ -110,6 +110,9 @@ class RunContext:
         if self.on_finish is not None:
             meta = {**self.on_finish(status), **meta}
         self.finished = True
+        from ..determinism import package_versions
+
+        meta.setdefault("packages", package_versions())  # what the run imported, versioned
         devices = sorted(self.recorder.devices)
         hashers = {device: hasher_name(device) for device in devices}
         accelerator = next((d for d in devices if d != "cpu"), None)

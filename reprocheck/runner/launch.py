@@ -24,7 +24,7 @@ from typing import Any, Callable
 from ..config import Config, config_to_dict
 from ..determinism import child_environment
 from ..trace import Trace, TraceError, committed_steps, leave_wal, mark_ended
-from . import checkpoint
+from . import checkpoint, pool
 
 POLL_S = 0.05
 FAIL_FAST_EVERY_S = 0.5
@@ -49,6 +49,7 @@ class RunResult:
     log_tail: list[str] = field(default_factory=list)  # a failed run's last output lines
     # the traces of the Python processes the run started that trained: name → trace
     children: dict[str, str] = field(default_factory=dict)
+    forked: bool = False  # started as a fork of a warm zygote (runner/pool.py), not fresh
 
     @property
     def last_step(self) -> int | None:
@@ -138,8 +139,9 @@ class _Task:
     result: RunResult
     spec_path: str
     env: dict[str, str]
-    process: subprocess.Popen | None = None
+    process: Any = None  # a subprocess.Popen, or a pool.PooledProcess
     started: float = 0.0
+    fork: bool = False  # may start as a fork of the environment's zygote
 
 
 class Launcher:
@@ -158,6 +160,7 @@ class Launcher:
         progress: Callable[[RunResult, int, int], None] | None = None,
         extra_spec: dict[str, Any] | None = None,
         checkpoints: bool = False,
+        fork_runs: bool = False,
     ) -> None:
         self.config = config
         self.checkpoints = checkpoints  # save states for replays (not for exec scripts)
@@ -174,6 +177,10 @@ class Launcher:
         self._config_dict = config_to_dict(config)
         self._running: list[_Task] = []
         self._verified: dict[tuple[str, ...], int] = {}  # fail-fast: steps known identical
+        # the audited runs of a verdict start fresh; the runs of a replay, an attribution
+        # control or a probe (``fork_runs``) fork from a warm zygote where that is sound
+        # (see :mod:`.pool`)
+        self.fork_runs = fork_runs or pool.forks_audited_runs()
 
     def _spec(self, leg: Leg, run: int, suffix: str = "", **extra: Any) -> tuple[RunResult, str]:
         stem = f"{leg.name}-r{run}{suffix}"
@@ -221,7 +228,7 @@ class Launcher:
                     )
                 result, spec_path = self._spec(leg, run, checkpoints=saves)
                 leg.runs.append(result)
-                tasks.append(_Task(leg, result, spec_path, env))
+                tasks.append(_Task(leg, result, spec_path, env, fork=self._forks(leg, env)))
         self._execute(tasks, self.config.steps, check_leg=self.fail_fast)
         for leg in legs:
             if (
@@ -267,7 +274,9 @@ class Launcher:
             for stale in (result.trace, out, out + ".ops.json"):
                 if os.path.exists(stale):
                     os.remove(stale)
-            tasks.append(_Task(leg, result, spec_path, env))
+            # a replay's first pair forks; a pair that then agreed is retried fresh
+            fork = attempt == 0 and pool.usable(env, leg.device)
+            tasks.append(_Task(leg, result, spec_path, env, fork=fork))
             outputs[run] = out
         self._execute(tasks, step, check_leg=False)
         return {run: path for run, path in outputs.items() if os.path.exists(path)}
@@ -295,7 +304,28 @@ class Launcher:
             self._running = []
             raise
 
+    def _forks(self, leg: Leg, env: dict[str, str]) -> bool:
+        return self.fork_runs and pool.usable(env, leg.device)
+
+    def prewarm(self, legs: Sequence[Leg]) -> None:
+        """Start the zygotes later runs of these legs will fork from (they warm up while
+        the audited runs go)."""
+        for leg in legs:
+            if leg.status == "skipped":
+                continue
+            env = child_environment(self.config.determinism, leg.threads)
+            if pool.usable(env, leg.device):
+                pool.zygote(env)
+
     def _start(self, task: _Task) -> None:
+        if task.fork:
+            task.process = pool.spawn(task.env, task.spec_path, task.result.log)
+            if task.process is not None:
+                task.started = time.monotonic()
+                task.result.status = "running"
+                task.result.forked = True
+                self._running.append(task)
+                return
         log = open(task.result.log, "wb")  # noqa: SIM115 - handed to the child, closed on exit
         task.process = subprocess.Popen(
             [sys.executable, "-m", "reprocheck.runner.worker", task.spec_path],
@@ -360,6 +390,9 @@ class Launcher:
         assert task.process is not None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(task.process.pid, signal.SIGKILL)
+        if task.result.forked:  # a fork not yet in its own group (setsid) is killed alone
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(task.process.pid, signal.SIGKILL)
         task.process.wait()
         if task in self._running:
             self._running.remove(task)
@@ -399,6 +432,7 @@ class Launcher:
             if first_divergence(list(traces), partial=True, from_step=verified + 1) is None:
                 self._verified[traces] = common
                 continue
+            self.prewarm([leg_tasks[0].leg])  # the replays will fork: warm up meanwhile
             for task in leg_tasks:
                 if task in self._running:
                     self._kill(task, "stopped", "stopped by fail-fast at step {step}")

@@ -211,6 +211,7 @@ def build_report(
                         "error": run.error,
                         "log_tail": run.log_tail,
                         "seconds": round(run.seconds, 3),
+                        "forked": run.forked,
                         **_processes(run, config.steps, facts),
                     }
                     for run in leg.runs

@@ -37,6 +37,9 @@ parser.add_argument("--no-grad-update", action="store_true", help="update under 
 parser.add_argument(
     "--noise-from", type=int, default=0, help="add time-seeded noise from update K on"
 )
+parser.add_argument(
+    "--eval-in-train-mode", action="store_true", help="evaluate without model.eval() (a slip)"
+)
 args = parser.parse_args()
 
 torch.manual_seed(args.seed)
@@ -94,7 +97,8 @@ def get_batch(source, i):
 
 
 def evaluate(data_source):
-    model.eval()
+    if not args.eval_in_train_mode:
+        model.eval()
     total_loss = 0.0
     hidden = model.init_hidden(data_source.size(1))
     with torch.no_grad():

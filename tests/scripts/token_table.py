@@ -5,7 +5,9 @@ a TensorDataset, Adam, `loss.backward()`, `optimizer.step()`), whose forward rea
 embedding table by advanced indexing — `self.table[tokens]` with many repeated ids. Its
 backward accumulates rows through `index_put_(accumulate=True)`, which with more than one
 thread sums in a run-dependent order (torch 2.13, CPU). `--threads 1` in the audit, or
-`torch.use_deterministic_algorithms(True)`, makes it repeat.
+`torch.use_deterministic_algorithms(True)`, makes it repeat. `--set-threads N` calls
+`torch.set_num_threads(N)` itself, as many scripts do: an audit's one-thread control is then
+overridden.
 """
 
 import argparse
@@ -31,7 +33,10 @@ class TokenTable(nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--set-threads", type=int, help="the script's own thread count")
     args = parser.parse_args()
+    if args.set_threads:
+        torch.set_num_threads(args.set_threads)
     torch.manual_seed(0)
     tokens = torch.randint(0, 16, (64, 256))
     labels = torch.randint(0, 4, (64,))

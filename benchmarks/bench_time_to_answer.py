@@ -1,0 +1,149 @@
+"""Time to answer: how long a user waits, as ratios to one plain training process.
+
+The reference is the fixed cost every run pays before its first step: ``python -c`` that
+imports torch, builds an optimizer and takes one step (the step imports ``torch._dynamo``).
+Measured side by side in one run, each case in turn within every repeat, medians:
+
+- ``reprocheck --help`` and a command-line usage error (no torch is imported);
+- the audit of ``configs/demo.yaml`` (``make demo``'s job);
+- ``configs/nondeterministic-index.yaml`` end to end: runs, replay with zoom, attribution;
+- the start of a run from the warm pool: a fork of a ready zygote until its trace exists.
+
+Every case runs with the warm pool on and (``--no-pool``) off, so the table shows what the
+pool buys. ``python benchmarks/bench_time_to_answer.py [--repeats N] [--markdown]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAIN = (
+    "import torch; p = torch.zeros(4, requires_grad=True); "
+    "o = torch.optim.SGD([p], lr=0.1); p.sum().backward(); o.step()"
+)
+
+
+def _env(pool: bool) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REPROCHECK_POOL": "1" if pool else "0"}
+    env.setdefault("PYTHONHASHSEED", "0")
+    return env
+
+
+def _wall(command: list[str], env: dict[str, str], ok: tuple[int, ...] = (0, 1, 2)) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    if proc.returncode not in ok:
+        raise SystemExit(f"{command} exited {proc.returncode}: {proc.stderr.decode()[-400:]}")
+    return seconds
+
+
+def _fork_start(folder: Path) -> float:
+    """Seconds from asking a ready zygote for a run to the run's trace existing."""
+    sys.path.insert(0, str(ROOT))
+    from reprocheck.config import config_to_dict
+    from reprocheck.configfile import load_config
+    from reprocheck.determinism import child_environment
+    from reprocheck.runner import pool
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    env = child_environment(config.determinism, 1)
+    zygote = pool.zygote(env)
+    while not zygote.ready:
+        zygote.pump(wait=0.05)
+    trace = folder / f"fork-{time.monotonic_ns()}.sqlite"
+    spec = {
+        "config": config_to_dict(config),
+        "config_path": config.path,
+        "base_dir": str(ROOT / "configs"),
+        "leg": "cpu-t1",
+        "device": "cpu",
+        "threads": 1,
+        "run": 0,
+        "steps": 1,
+        "trace": str(trace),
+        "with_sketch": False,
+        "depth": "step",
+    }
+    spec_path = folder / (trace.stem + ".spec.json")
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    started = time.perf_counter()
+    process = pool.spawn(env, str(spec_path), str(folder / (trace.stem + ".log")))
+    assert process is not None
+    while not trace.exists():
+        time.sleep(0.001)
+    seconds = time.perf_counter() - started
+    process.wait()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        audit = [py, "-m", "reprocheck", "run", "-q", "--out", str(out)]
+        cases = {
+            "plain process (reference)": lambda pool: _wall([py, "-c", PLAIN], _env(pool)),
+            "reprocheck --help": lambda pool: _wall([py, "-m", "reprocheck", "--help"], _env(pool)),
+            "usage error (run --bogus)": lambda pool: _wall(
+                [py, "-m", "reprocheck", "run", "--bogus"], _env(pool)
+            ),
+            "demo audit (make demo)": lambda pool: _wall([*audit, "configs/demo.yaml"], _env(pool)),
+            "nondeterministic-index end to end": lambda pool: _wall(
+                [*audit, "configs/nondeterministic-index.yaml"], _env(pool)
+            ),
+        }
+        times: dict[tuple[str, bool], list[float]] = {}
+        for _ in range(args.repeats):
+            for name, run in cases.items():
+                for pool in (True, False):
+                    times.setdefault((name, pool), []).append(run(pool))
+            times.setdefault(("a run's start: fork of a warm zygote", True), []).append(
+                _fork_start(out)
+            )
+    reference = statistics.median(times[("plain process (reference)", True)] +
+                                  times[("plain process (reference)", False)])  # fmt: skip
+    rows = []
+    for name in [*cases, "a run's start: fork of a warm zygote"]:
+        pooled = statistics.median(times[(name, True)])
+        fresh = times.get((name, False))
+        fresh_s = statistics.median(fresh) if fresh else None
+        rows.append(
+            (name, pooled, pooled / reference, fresh_s, fresh_s / reference if fresh_s else None)
+        )
+    header = ("case", "s (pool)", "× plain (pool)", "s (no pool)", "× plain (no pool)")
+    if args.markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+    else:
+        print("  ".join(f"{h:>18}" for h in header))
+    for name, pooled, ratio, fresh_s, fresh_ratio in rows:
+        cells = [
+            name,
+            f"{pooled:.2f}",
+            f"{ratio:.2f}×",
+            "–" if fresh_s is None else f"{fresh_s:.2f}",
+            "–" if fresh_ratio is None else f"{fresh_ratio:.2f}×",
+        ]
+        if args.markdown:
+            print("| " + " | ".join(cells) + " |")
+        else:
+            print("  ".join(f"{c:>18}" for c in cells))
+    print(f"\nreference: {reference:.2f} s (median of {args.repeats * 2}); repeats {args.repeats}")
+
+
+if __name__ == "__main__":
+    main()

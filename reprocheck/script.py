@@ -1,0 +1,97 @@
+"""A training script as the target of a command: ``… -- python train.py ARGS``.
+
+``exec``, ``doctor``, ``record`` and ``check`` all take one; this module turns the words
+after ``--`` into the audit's :class:`~reprocheck.config.Config` (the script stands where
+a config's factories would) and the ``exec`` target each run executes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+
+class ScriptError(Exception):
+    """The words after ``--`` do not name a Python script (a usage error, exit 2)."""
+
+
+def is_interpreter(word: str) -> bool:
+    """``python``, ``python3``, ``/usr/bin/python3.12``: a Python interpreter's name."""
+    return os.path.basename(word).startswith("python")
+
+
+def parse(words: list[str], command: str) -> tuple[list[str], str | None, str]:
+    """``python train.py ARGS`` → (the run's argv without the interpreter, the script's
+    absolute path or None for ``-m pkg``, the audit's name)."""
+    usage = f"reprocheck {command} [OPTIONS] -- python train.py ARGS"
+    if not words or not is_interpreter(words[0]):
+        raise ScriptError(f"{command} runs a Python script: {usage}")
+    argv = list(words[1:])  # the run's own interpreter (this one) replaces `python`
+    if not argv:
+        raise ScriptError(f"no script given: {usage}")
+    if argv[0] == "-m":
+        if len(argv) < 2:
+            raise ScriptError(
+                f"-m needs a module name: reprocheck {command} -- python -m pkg.train"
+            )
+        return argv, None, argv[1]
+    if argv[0].startswith("-"):
+        raise ScriptError(f"python option {argv[0]} is not supported: give the script")
+    script = os.path.abspath(argv[0])
+    if not os.path.isfile(script):
+        raise ScriptError(f"no such script: {argv[0]}")
+    argv[0] = script
+    return argv, script, Path(script).stem
+
+
+def script_config(
+    words: list[str],
+    command: str,
+    *,
+    repeats: int = 2,
+    steps: int | None = None,
+    preset: str = "seeded",
+    seed: int = 0,
+) -> tuple[Any, dict[str, Any]]:
+    """(the audit's Config, the ``exec`` target) for ``python train.py ARGS``."""
+    from .config import PRESETS, Config, DataConfig, DeterminismConfig, FactoryConfig
+
+    argv, script, name = parse(words, command)
+    if preset not in PRESETS:
+        raise ScriptError(f"--preset takes {', '.join(PRESETS)} (got {preset!r})")
+    sha = hashlib.sha256(Path(script).read_bytes()).hexdigest() if script else None
+    config = Config(
+        name=name,
+        seed=seed,
+        repeats=repeats,
+        steps=steps or 0,
+        determinism=DeterminismConfig(preset=preset, **PRESETS[preset]),
+        model=FactoryConfig(factory="exec"),
+        data=DataConfig(factory="exec"),
+        path=script or name,
+        base_dir=os.getcwd(),
+        sha256=sha,
+    )
+    return config, {"argv": argv, "max_steps": steps}
+
+
+def resolve_target(
+    config_path: Path | None, extra: list[str], command: str, **script: Any
+) -> tuple[Any, dict[str, Any] | None]:
+    """A command's target: ``CONFIG`` (a YAML config) or ``-- python train.py ARGS`` (then
+    click hands over ``python`` as CONFIG and the rest as extra arguments). Returns the
+    Config and, for a script, its ``exec`` target."""
+    usage = f"reprocheck {command} CONFIG, or reprocheck {command} -- python train.py ARGS"
+    yaml = config_path is not None and Path(config_path).suffix.lower() in (".yaml", ".yml")
+    if config_path is not None and not yaml and (is_interpreter(str(config_path)) or extra):
+        # `-- python train.py` (or `-- bash train.sh`: said to be no Python script)
+        return script_config([str(config_path), *extra], command, **script)
+    if config_path is None:
+        raise ScriptError(f"give a config or a script: {usage}")
+    if extra:
+        raise ScriptError(f"unexpected arguments {' '.join(extra)!r} after CONFIG: {usage}")
+    from .configfile import load_config
+
+    return load_config(config_path), None
