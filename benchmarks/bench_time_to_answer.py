@@ -9,8 +9,10 @@ Measured side by side in one run, each case in turn within every repeat, medians
 - ``configs/nondeterministic-index.yaml`` end to end: runs, replay with zoom, attribution;
 - the start of a run from the warm pool: a fork of a ready zygote until its trace exists.
 
-Every case runs with the warm pool on and (``--no-pool``) off, so the table shows what the
-pool buys. ``python benchmarks/bench_time_to_answer.py [--repeats N] [--markdown]``.
+Every case runs under the three pool settings, so the table shows what the pool buys:
+``REPROCHECK_POOL=0`` (every run a fresh interpreter), ``1`` (the default: replays,
+attribution and probes fork; the verdict's runs start fresh) and ``all`` (they fork too).
+``python benchmarks/bench_time_to_answer.py [--repeats N] [--markdown]``.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ PLAIN = (
 )
 
 
-def _env(pool: bool) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REPROCHECK_POOL": "1" if pool else "0"}
+MODES = ("0", "1", "all")
+
+
+def _env(mode: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REPROCHECK_POOL": mode}
     env.setdefault("PYTHONHASHSEED", "0")
     return env
 
@@ -96,53 +101,44 @@ def main() -> None:
         out = Path(tmp)
         audit = [py, "-m", "reprocheck", "run", "-q", "--out", str(out)]
         cases = {
-            "plain process (reference)": lambda pool: _wall([py, "-c", PLAIN], _env(pool)),
-            "reprocheck --help": lambda pool: _wall([py, "-m", "reprocheck", "--help"], _env(pool)),
-            "usage error (run --bogus)": lambda pool: _wall(
-                [py, "-m", "reprocheck", "run", "--bogus"], _env(pool)
+            "plain process (reference)": lambda mode: _wall([py, "-c", PLAIN], _env(mode)),
+            "reprocheck --help": lambda mode: _wall([py, "-m", "reprocheck", "--help"], _env(mode)),
+            "usage error (run --bogus)": lambda mode: _wall(
+                [py, "-m", "reprocheck", "run", "--bogus"], _env(mode)
             ),
-            "demo audit (make demo)": lambda pool: _wall([*audit, "configs/demo.yaml"], _env(pool)),
-            "nondeterministic-index end to end": lambda pool: _wall(
-                [*audit, "configs/nondeterministic-index.yaml"], _env(pool)
+            "demo audit (make demo)": lambda mode: _wall([*audit, "configs/demo.yaml"], _env(mode)),
+            "nondeterministic-index end to end": lambda mode: _wall(
+                [*audit, "configs/nondeterministic-index.yaml"], _env(mode)
             ),
         }
-        times: dict[tuple[str, bool], list[float]] = {}
+        fork = "a run's start: fork of a warm zygote"
+        times: dict[tuple[str, str], list[float]] = {}
         for _ in range(args.repeats):
             for name, run in cases.items():
-                for pool in (True, False):
-                    times.setdefault((name, pool), []).append(run(pool))
-            times.setdefault(("a run's start: fork of a warm zygote", True), []).append(
-                _fork_start(out)
-            )
-    reference = statistics.median(times[("plain process (reference)", True)] +
-                                  times[("plain process (reference)", False)])  # fmt: skip
+                for mode in MODES:
+                    times.setdefault((name, mode), []).append(run(mode))
+            times.setdefault((fork, "1"), []).append(_fork_start(out))
+    plain = [t for mode in MODES for t in times[("plain process (reference)", mode)]]
+    reference = statistics.median(plain)
+    header = ["case", *(f"POOL={mode}: s · × plain" for mode in MODES)]
     rows = []
-    for name in [*cases, "a run's start: fork of a warm zygote"]:
-        pooled = statistics.median(times[(name, True)])
-        fresh = times.get((name, False))
-        fresh_s = statistics.median(fresh) if fresh else None
-        rows.append(
-            (name, pooled, pooled / reference, fresh_s, fresh_s / reference if fresh_s else None)
-        )
-    header = ("case", "s (pool)", "× plain (pool)", "s (no pool)", "× plain (no pool)")
+    for name in [*cases, fork]:
+        cells = [name]
+        for mode in MODES:
+            found = times.get((name, mode))
+            seconds = statistics.median(found) if found else None
+            ratio = None if seconds is None else seconds / reference
+            cells.append("–" if seconds is None else f"{seconds:.2f} s · {ratio:.2f}×")
+        rows.append(cells)
     if args.markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
-    else:
-        print("  ".join(f"{h:>18}" for h in header))
-    for name, pooled, ratio, fresh_s, fresh_ratio in rows:
-        cells = [
-            name,
-            f"{pooled:.2f}",
-            f"{ratio:.2f}×",
-            "–" if fresh_s is None else f"{fresh_s:.2f}",
-            "–" if fresh_ratio is None else f"{fresh_ratio:.2f}×",
-        ]
-        if args.markdown:
+        for cells in rows:
             print("| " + " | ".join(cells) + " |")
-        else:
-            print("  ".join(f"{c:>18}" for c in cells))
-    print(f"\nreference: {reference:.2f} s (median of {args.repeats * 2}); repeats {args.repeats}")
+    else:
+        for cells in [header, *rows]:
+            print("  ".join(f"{c:>26}" for c in cells))
+    print(f"\nreference: {reference:.2f} s (median of {len(plain)}); repeats {args.repeats}")
 
 
 if __name__ == "__main__":
