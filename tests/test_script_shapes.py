@@ -186,6 +186,18 @@ def test_a_forked_worker_seeded_from_entropy_diverges_in_its_own_process(audits)
 # -- generators: observable versus latent (nanoGPT, makemore) ----------------------------
 
 
+def test_a_divergence_in_a_spawned_worker_is_replayed_and_zoomed_there(audits):
+    result = audits("spawn_train.py", "--steps", "3", "--reseed", "1:2")
+    assert result.code == 1, result.report
+    first = result.report["first_divergence"]
+    assert (first["process"], first["step"], first["phase"]) == ("spawn1", 2, "outputs")
+    assert first["max_abs_diff"] > 0 and first["replays_diverged"] == 1
+    assert (first["op"], first["cause"]) == ("aten.randint", "unseeded or re-seeded RNG")
+    assert first["source"] == _line("spawn_train.py", "idx = torch.randint(")
+    path, line = _line("spawn_train.py", "step == reseed_at").rsplit(":", 1)
+    assert first["seeding"].endswith(f"at {path}:{int(line) + 1} (`torch.seed()`)")
+
+
 def test_unused_unseeded_generators_are_a_latent_finding_not_a_divergence(audits):
     result = audits("nanogpt_style.py", "--max_iters=4", options=("--preset", "none"))
     assert result.code == 0, result.report

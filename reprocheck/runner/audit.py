@@ -392,7 +392,8 @@ def _replay(
     replay must record steps c+1…k−1, and step k up to the divergent record, exactly as
     its original run did; else from step 0."""
     step, wanted = divergence.step, [(divergence.phase, divergence.tensor)]
-    paths = launcher.capture(leg, chosen, step, wanted, zoom, attempt, resume=resume)
+    process = divergence.process
+    paths = launcher.capture(leg, chosen, step, wanted, zoom, attempt, resume, process)
     resumed = [run for run in chosen if launcher.resumed.get(run)]
     if not resumed:
         return paths
@@ -409,7 +410,7 @@ def _replay(
 
     if len(paths) == len(chosen) and all(proven(run) for run in resumed):
         return paths
-    return launcher.capture(leg, chosen, step, wanted, zoom, attempt, resume=False)
+    return launcher.capture(leg, chosen, step, wanted, zoom, attempt, False, process)
 
 
 def variability(traces: list[str], run_ids: list[int], step: int) -> list[dict[str, Any]]:
@@ -484,9 +485,8 @@ def run_audit(
     if leg is not None and (options.measure or options.attribute):
         launcher.prewarm([leg])  # replays and control reruns fork from it
     measurement = Measurement()
-    # a script's replay reruns its own process; a child process is not replayed (yet)
-    replayable = first is not None and (not options.exec or first.process == "main")
-    if first is not None and first.kind == "value" and options.measure and replayable:
+    # a script's replay reruns it whole; the capture is made in the process that diverged
+    if first is not None and first.kind == "value" and options.measure:
         measure_started = time.monotonic()
         try:
             measurement = _measure(launcher, leg, first, options.zoom)

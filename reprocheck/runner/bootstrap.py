@@ -151,6 +151,12 @@ class Session:
         self.created: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.serial = itertools.count()
 
+    def window(self, key: str) -> dict[str, Any] | None:
+        """A replay's capture, if it is this process's (``main``, or the child that
+        diverged: ``spawn1``, ``rank0`` …)."""
+        capture = self.capture
+        return capture if capture and capture.get("process", "main") == key else None
+
     def recorder(self) -> ProcessRecorder | None:
         """This process's recorder; a child that trains gets one (and a trace) now."""
         pid = os.getpid()
@@ -177,7 +183,7 @@ class Session:
             "rng_start": self.settings.get("rng_start"),
         }
         path = path or f"{self.trace_base}-{key}.sqlite"
-        window = self.capture if key == "main" else None
+        window = self.window(key)
         return RunContext(
             path,
             meta,
@@ -413,11 +419,18 @@ class ProcessRecorder:
         self.observations: list[dict[str, Any]] = []
         self.eval_noted: set[tuple[int, str | None]] = set()
         self.stochastic: dict[int, list[tuple[str, torch.nn.Module]]] = {}
-        # a replay's op capture of one step (main process only): the window, and its stage
-        window = session.capture if key == "main" else None
-        self.zoom_step = window["step"] if window and window.get("ops") else None
+        # a replay's op capture of one step, in the process that diverged: the window, and
+        # its stage
+        self.window = session.window(key)
+        self.zoom_step = self.window["step"] if self.window and self.window.get("ops") else None
         self.ops: OpCapture | None = None
         self.stage: str | None = None
+        if key != "main" and self.zoom_step is not None and self.zoom_step <= 1:
+            # a child's steps 0 and 1: from its first hook on (its recorder is made there)
+            from ..localize import OpCapture
+
+            self.ops = OpCapture(None)
+            self._resume("forward")
         if key != "main":
             # a forked child ends through os._exit (no atexit): multiprocessing's
             # finalizers still run; a spawned child or subprocess ends through atexit
@@ -811,6 +824,11 @@ class ProcessRecorder:
         if self.context is None:
             self.finished = True
             return
+        if self.key != "main" and self.window is not None and status == "complete":
+            from .worker import save_capture  # a child's replay: its capture, at its end
+
+            self._pause()
+            save_capture(self.window, self.context.recorder, self.zoom_ops)
         self.context.finish(status)
 
 
@@ -867,7 +885,9 @@ def run_script(spec: dict[str, Any]) -> int:
     applied = apply_controls_for(controls, spec["config"]["seed"], spec.get("threads"))
     settings = _child_settings(spec, applied)
     capture = spec.get("capture")
-    if capture:  # a replay ends with the captured step
+    if capture and capture.get("process", "main") == "main":
+        # a replay ends with the captured step; one of a child's step runs the script to
+        # its end: a worker stopped early never hands its parent what it waits for
         settings["max_steps"] = capture["step"]
     session = Session(settings)
     context = session.context("main", spec["trace"])
@@ -876,7 +896,7 @@ def run_script(spec: dict[str, Any]) -> int:
     session.install()
     # the generators as the script finds them: one it never moves explains no divergence
     context.writer.set_meta(rng_start=rng_start())
-    child.export({**settings, "capture": None})  # its children record themselves too
+    child.export(settings)  # its children record themselves too (and capture, if theirs)
     atexit.register(recorder.finish, "complete")  # a script that calls os-level exit paths
     argv = list(target["argv"])
     if recorder.zoom_step is not None and recorder.zoom_step <= 1:
@@ -901,7 +921,7 @@ def run_script(spec: dict[str, Any]) -> int:
             runpy.run_path(argv[0], run_name="__main__")
 
     code = context.run(body)
-    if capture and code == 0:
+    if capture and code == 0 and recorder.window is not None:
         from .worker import save_capture
 
         recorder._pause()

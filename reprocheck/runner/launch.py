@@ -249,10 +249,12 @@ class Launcher:
         ops: bool = False,
         attempt: int = 0,
         resume: bool = False,
+        process: str = "main",
     ) -> dict[int, str]:
         """Replay runs up to ``step`` and keep the named tensors' values: run → .pt path.
 
         ``ops``: also capture every aten op of that step, to ``<path>.ops.json``.
+        ``process``: the process of the run whose step is captured (a script's child).
         ``resume``: start each replay from the run's newest checkpoint at step ≤ ``step``−2
         (:mod:`.checkpoint`); :attr:`resumed` then says where each started (0: step 0).
         The caller proves a resume with :meth:`replay_trace` before trusting it.
@@ -263,7 +265,13 @@ class Launcher:
         for run in runs:
             tag = f"s{step}" + (f"-{attempt}" if attempt else "") + ("-c" if resume else "")
             out = str((self.out_dir / f"{leg.name}-r{run}.capture-{tag}.pt").resolve())
-            capture = {"step": step, "tensors": [list(t) for t in tensors], "out": out, "ops": ops}
+            capture = {
+                "step": step,
+                "tensors": [list(t) for t in tensors],
+                "out": out,
+                "ops": ops,
+                "process": process,
+            }
             prefix = self._checkpoint_prefix(leg, run)
             found = checkpoint.newest(prefix, step - 2) if resume else None
             if found:

@@ -9,7 +9,9 @@ workers with ``torch.multiprocessing.spawn(..., join=True)`` under ``__main__`` 
 
 Exercises: the training happens only in child processes (the parent does none); each
 worker prints its own loss and sends it back on a queue, and the parent prints the mean.
-``--entropy-rank R`` plants nondeterminism: worker R seeds with ``torch.seed()``.
+``--entropy-rank R`` plants nondeterminism: worker R seeds with ``torch.seed()``;
+``--reseed R:K``: worker R re-seeds from entropy before its K-th step (its batches then
+differ from step K on).
 """
 
 import argparse
@@ -41,7 +43,10 @@ def run_worker(rank, world_size, args, queue):
     data = torch.randn(64, 8)
     target = (data[:, :4].argmax(dim=1) + rank) % 4
     model.train()
-    for _step in range(args.steps):
+    reseed_rank, reseed_at = map(int, args.reseed.split(":")) if args.reseed else (-1, 0)
+    for step in range(1, args.steps + 1):
+        if rank == reseed_rank and step == reseed_at:
+            torch.seed()
         idx = torch.randint(0, data.size(0), (args.batch_size,))
         optimizer.zero_grad()
         loss = F.nll_loss(model(data[idx]), target[idx])
@@ -63,6 +68,7 @@ def main():
     parser.add_argument(
         "--entropy-rank", type=int, default=-1, help="this worker seeds from entropy"
     )
+    parser.add_argument("--reseed", help="R:K — worker R re-seeds from entropy before step K")
     args = parser.parse_args()
     world_size = args.nprocs
     queue = mp.get_context(args.start).SimpleQueue()
