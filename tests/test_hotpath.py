@@ -176,10 +176,13 @@ w = TraceWriter({str(path)!r}, {{}})
 for step in range(5):
     tid = w.tensor_id("weights", "w", (1,), "float32")
     w.write_step(step, [(tid, bytes(16))], None, None, 0.0)
+ready, said = os.pipe()
 child = os.fork()
-if child == 0:
+if child == 0:  # the fork's handlers have run once the child runs Python code
+    os.write(said, b"x")
     time.sleep(60)
     os._exit(0)
+os.read(ready, 1)  # the child is past them: a kill now cannot race them
 print(child, flush=True)
 time.sleep(60)
 """
