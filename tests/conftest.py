@@ -119,6 +119,37 @@ def run_exec(out: Path, report: Path, command: tuple[str, ...], options: tuple[s
     return result
 
 
+SCRIPTS = ROOT / "tests" / "scripts"
+
+
+def script_line(script: str, text: str) -> str:
+    """``tests/scripts/<script>:<line>`` of the first line holding ``text``."""
+    lines = (SCRIPTS / script).read_text().splitlines()
+    number = next(i for i, line in enumerate(lines, start=1) if text in line)
+    return f"tests/scripts/{script}:{number}"
+
+
+class ScriptAudits:
+    """``reprocheck exec`` of a script of tests/scripts/, each distinct command once per
+    test module (a module-scoped fixture holds one)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.done: dict[tuple[str, ...], CliResult] = {}
+
+    def __call__(self, script: str, *args: str, options: tuple[str, ...] = ()) -> CliResult:
+        key = (script, *args, "|", *options)
+        if key not in self.done:
+            index = len(self.done)
+            self.done[key] = run_exec(
+                self.folder / f"out{index}",
+                self.folder / f"r{index}.json",
+                (str(SCRIPTS / script), *args),
+                options,
+            )
+        return self.done[key]
+
+
 _AUDITS: dict[tuple, CliResult] = {}  # each distinct audit of a shipped config, once
 
 

@@ -15,17 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, CliResult, run_cli, run_exec
+from .conftest import ROOT, SCRIPTS, CliResult, ScriptAudits, run_cli, run_exec, script_line
 from .strict_json import load_strict
-
-SCRIPTS = ROOT / "tests" / "scripts"
-
-
-def _line(script: str, text: str) -> str:
-    """``tests/scripts/<script>:<line>`` of the first line holding ``text``."""
-    lines = (SCRIPTS / script).read_text().splitlines()
-    number = next(i for i, line in enumerate(lines, start=1) if text in line)
-    return f"tests/scripts/{script}:{number}"
 
 
 class Runs:
@@ -34,17 +25,12 @@ class Runs:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.done: dict[tuple[str, ...], CliResult] = {}
+        self.audits = ScriptAudits(folder / "exec")
 
     def exec(self, script: str, *args: str, options: tuple[str, ...] = ()) -> CliResult:
         key = ("exec", script, *args, "|", *options)
         if key not in self.done:
-            index = len(self.done)
-            self.done[key] = run_exec(
-                self.folder / f"out{index}",
-                self.folder / f"r{index}.json",
-                (str(SCRIPTS / script), *args),
-                options,
-            )
+            self.done[key] = self.audits(script, *args, options=options)
         return self.done[key]
 
     def doctor(self, script: str, *args: str) -> tuple[CliResult, dict]:
@@ -90,7 +76,8 @@ def test_a_set_ordered_vocabulary_is_attributed_to_pythonhashseed(tmp_path, monk
         "control": "every seed (random, NumPy, torch)",
         "code": "RC003",
         "verdict": "overridden",
-        "overridden_by": f"`torch.manual_seed(1337)` at {_line('char_vocab.py', 'manual_seed')}",
+        "overridden_by": "`torch.manual_seed(1337)` at "
+        + script_line("char_vocab.py", "manual_seed(1337)"),
     }
     assert [f["code"] for f in result.report["findings"]] == ["RC004"]
 
@@ -112,16 +99,16 @@ def test_the_sorted_vocabulary_reproduces_without_a_hash_seed(tmp_path, monkeypa
 # -- doctor -- python ----------------------------------------------------------------------
 
 
-def test_doctor_names_each_cuda_nondeterministic_op_of_a_script_with_its_line(runs):
+def test_doctor_names_each_cuda_nondeterministic_op_of_a_script_with_itsscript_line(runs):
     result, found = runs.doctor("segment_pool.py")
     assert result.code == 1, result.stderr
     assert found["command"] == ["python", str(SCRIPTS / "segment_pool.py")]
     risky = {f["evidence"]["op"]: f for f in found["findings"] if f["code"] == "RC006"}
-    assert risky["aten.index_add"]["evidence"]["source"] == _line(
+    assert risky["aten.index_add"]["evidence"]["source"] == script_line(
         "segment_pool.py", "index_add_(0, labels"
     )
     bilinear = risky["aten.upsample_bilinear2d_backward"]["evidence"]
-    assert bilinear["source"] == _line("segment_pool.py", "features = F.interpolate(")
+    assert bilinear["source"] == script_line("segment_pool.py", "features = F.interpolate(")
     assert bilinear["stage"] == "backward"
     # bincount is nondeterministic on CUDA only with weights; this one has none
     assert "aten.bincount" not in risky
@@ -152,7 +139,7 @@ def test_doctor_on_the_fixed_script_finds_no_uninitialized_read(runs):
         ((), "give a config or a script"),
     ],
 )
-def test_doctor_record_and_check_usage_errors_are_one_line(args, needle, tmp_path):
+def test_doctor_record_and_check_usage_errors_are_onescript_line(args, needle, tmp_path):
     for command in (("doctor",), ("record", "-o", str(tmp_path / "g.sqlite"))):
         text = needle.replace("doctor", command[0])
         result = run_cli(*command, "-q", *args)
@@ -239,7 +226,9 @@ def test_an_evaluation_forward_in_training_mode_is_a_warning(runs):
     assert result.code == 0, result.report  # it reproduces: the finding warns, it fails nothing
     (found,) = result.report["findings"]
     assert found["code"] == "RC019" and found["severity"] == "warning"
-    assert found["evidence"]["where"] == _line("manual_update.py", "output, hidden = model(data")
+    assert found["evidence"]["where"] == script_line(
+        "manual_update.py", "output, hidden = model(data"
+    )
     assert found["evidence"]["layers"] == ["drop (Dropout)"]
     assert found["evidence"]["step"] == 12
 

@@ -18,35 +18,13 @@ from rich.console import Console
 from reprocheck.report.terminal import render
 from reprocheck.trace import Trace
 
-from .conftest import ROOT, CliResult, run_cli, run_exec
+from .conftest import ScriptAudits, run_cli, script_line
 from .strict_json import load_strict
-
-SCRIPTS = ROOT / "tests" / "scripts"
-
-
-class Audits:
-    """``reprocheck exec`` of a script, each distinct command once per test module."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.done: dict[tuple[str, ...], CliResult] = {}
-
-    def __call__(self, script: str, *args: str, options: tuple[str, ...] = ()) -> CliResult:
-        key = (script, *args, "|", *options)
-        if key not in self.done:
-            index = len(self.done)
-            self.done[key] = run_exec(
-                self.folder / f"out{index}",
-                self.folder / f"r{index}.json",
-                (str(SCRIPTS / script), *args),
-                options,
-            )
-        return self.done[key]
 
 
 @pytest.fixture(scope="module")
-def audits(tmp_path_factory) -> Audits:
-    return Audits(tmp_path_factory.mktemp("shapes"))
+def audits(tmp_path_factory) -> ScriptAudits:
+    return ScriptAudits(tmp_path_factory.mktemp("shapes"))
 
 
 def _steps(report: dict) -> list[int | None]:
@@ -90,13 +68,6 @@ def test_a_script_that_ends_before_steps_k_says_so(audits):
     assert [run["note"] for run in runs] == ["ended after 3 of 5 steps"] * 2
 
 
-def _line(script: str, text: str) -> str:
-    """``tests/scripts/<script>:<line>`` of the first line holding ``text``."""
-    lines = (SCRIPTS / script).read_text().splitlines()
-    number = next(i for i, line in enumerate(lines, start=1) if text in line)
-    return f"tests/scripts/{script}:{number}"
-
-
 def test_noise_in_a_hand_written_update_is_caught_at_its_step(audits):
     result = audits("manual_update.py", "--updates", "6", "--noise-from", "3")
     assert result.code == 1
@@ -110,7 +81,7 @@ def test_noise_in_a_hand_written_update_is_caught_at_its_step(audits):
         "update",
         "unseeded or re-seeded RNG",
     )
-    assert first["source"] == _line("manual_update.py", "p.data.add_(torch.randn(p.shape")
+    assert first["source"] == script_line("manual_update.py", "p.data.add_(torch.randn(p.shape")
 
 
 def test_a_no_grad_update_with_accumulation_keeps_one_step_per_update(audits):
@@ -193,8 +164,8 @@ def test_a_divergence_in_a_spawned_worker_is_replayed_and_zoomed_there(audits):
     assert (first["process"], first["step"], first["phase"]) == ("spawn1", 2, "outputs")
     assert first["max_abs_diff"] > 0 and first["replays_diverged"] == 1
     assert (first["op"], first["cause"]) == ("aten.randint", "unseeded or re-seeded RNG")
-    assert first["source"] == _line("spawn_train.py", "idx = torch.randint(")
-    path, line = _line("spawn_train.py", "step == reseed_at").rsplit(":", 1)
+    assert first["source"] == script_line("spawn_train.py", "idx = torch.randint(")
+    path, line = script_line("spawn_train.py", "step == reseed_at").rsplit(":", 1)
     assert first["seeding"].endswith(f"at {path}:{int(line) + 1} (`torch.seed()`)")
 
 
@@ -226,7 +197,7 @@ def test_a_reseed_before_dropout_names_the_generator_as_the_cause(audits):
     first = result.report["first_divergence"]
     assert (first["step"], first["phase"], first["tensor"]) == (1, "outputs", "output")
     assert (first["module"], first["op"]) == ("Dropout", "aten.bernoulli_")
-    assert first["source"] == _line("reseed_dropout.py", "loss = F.cross_entropy(model(")
+    assert first["source"] == script_line("reseed_dropout.py", "loss = F.cross_entropy(model(")
     assert first["generator"] == {
         "name": "torch.cpu",
         "step": 0,
@@ -236,7 +207,7 @@ def test_a_reseed_before_dropout_names_the_generator_as_the_cause(audits):
     assert first["cause"] == "unseeded or re-seeded RNG"
     assert first["seeding"] == (
         "every run re-seeded torch's CPU generator from entropy at "
-        f"{_line('reseed_dropout.py', 'torch.seed()  #')} (`torch.seed()`)"
+        f"{script_line('reseed_dropout.py', 'torch.seed()  #')} (`torch.seed()`)"
     )
     assert [f["code"] for f in result.report["findings"]] == ["RC015"]
     assert first["seeding"] in result.report["findings"][0]["message"]
@@ -250,7 +221,7 @@ def test_a_clock_seeded_script_names_the_seeding_call_and_both_values(audits):
     found = re.fullmatch(r"`torch.manual_seed` got (\d+) vs (\d+) at (\S+)", first["seeding"])
     assert found is not None, first["seeding"]
     assert found.group(1) != found.group(2)
-    assert found.group(3) == _line("clock_seed.py", "torch.manual_seed(seed)")
+    assert found.group(3) == script_line("clock_seed.py", "torch.manual_seed(seed)")
 
 
 def test_the_same_script_without_the_reseed_reproduces(audits):
@@ -259,7 +230,7 @@ def test_the_same_script_without_the_reseed_reproduces(audits):
     assert result.report["findings"] == []
 
 
-def test_a_nondeterministic_backward_op_in_a_script_is_named_with_its_forward_line(audits):
+def test_a_nondeterministic_backward_op_in_a_script_is_named_with_its_forwardscript_line(audits):
     # the script sets its own thread count, as many do: the audit's one-thread control is
     # then overridden, and attribution says so rather than "does not help"
     result = audits("token_table.py", "--set-threads", "2", options=TOKEN_TABLE)
@@ -272,7 +243,7 @@ def test_a_nondeterministic_backward_op_in_a_script_is_named_with_its_forward_li
         "backward",
         "nondeterministic op",
     )
-    assert first["source"] == _line("token_table.py", "rows = self.table[tokens]")
+    assert first["source"] == script_line("token_table.py", "rows = self.table[tokens]")
     assert first["source_is_forward_line"] is True
     assert [f["code"] for f in result.report["findings"]] == ["RC011"]
 
@@ -286,7 +257,7 @@ def test_attribution_of_a_script_names_the_fix_and_the_control_it_overrides(audi
     assert tried["deterministic algorithms"]["verdict"] == "reproducible"
     assert tried["one thread"]["verdict"] == "overridden"
     assert tried["one thread"]["overridden_by"] == (
-        f"`torch.set_num_threads(2)` at {_line('token_table.py', 'torch.set_num_threads(args')}"
+        f"`torch.set_num_threads(2)` at {script_line('token_table.py', 'set_num_threads(args')}"
     )
     assert (
         "with deterministic algorithms the runs reproduce"
