@@ -24,7 +24,8 @@ a divergence a fresh process shows:
   class, a few random-sized heap blocks and a random-sized anonymous mapping, which moves
   the addresses of everything allocated after them;
 - **CUDA** cannot be used in a fork of a process that initialised it: only CPU runs fork
-  (the zygote never touches CUDA), a CUDA leg always starts fresh.
+  (the zygote never touches CUDA), a CUDA leg always starts fresh; and only on Linux
+  (elsewhere a fork of a process that loaded torch's native libraries is not safe).
 
 The runs whose comparison *is* the verdict are still started fresh (see
 :class:`~reprocheck.runner.launch.Launcher`) unless ``REPROCHECK_POOL=all``; the pool
@@ -78,6 +79,8 @@ def forks_audited_runs() -> bool:
 def usable(env: dict[str, str], device: str) -> bool:
     """May a run with this environment, on this device, start as a fork?"""
     if env.get(POOL_ENV, os.environ.get(POOL_ENV, "1")) == "0":
+        return False
+    if not sys.platform.startswith("linux"):  # fork after torch's import: Linux only
         return False
     seed = env.get("PYTHONHASHSEED", "")
     return device == "cpu" and seed.isdigit()  # a random hash seed needs its own start
