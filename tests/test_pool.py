@@ -65,10 +65,10 @@ def test_forks_draw_from_generators_seeded_from_entropy_as_fresh_runs_do(tmp_pat
     assert found is not None and (found.step, found.phase) == (0, "weights")
 
 
-@pytest.mark.parametrize("audited", ["fresh", "forked"])
-def test_an_address_order_case_diverges_and_no_control_fixes_it(tmp_path, monkeypatch, audited):
-    # the product's default: the verdict's runs fresh; REPROCHECK_POOL=all: forked too
-    monkeypatch.setenv("REPROCHECK_POOL", "1" if audited == "fresh" else "all")
+def test_an_address_order_case_diverges_and_no_control_fixes_it(tmp_path, monkeypatch):
+    # the product's default: the verdict's runs start fresh (a pair of forks agrees by
+    # chance 3–5% of the time here: REPROCHECK_POOL=all is not tested on this case)
+    monkeypatch.setenv("REPROCHECK_POOL", "1")
     result = run_exec(
         tmp_path / "out", tmp_path / "r.json", (str(SCRIPTS / "set_init.py"),), ("--attribute",)
     )
@@ -81,7 +81,7 @@ def test_an_address_order_case_diverges_and_no_control_fixes_it(tmp_path, monkey
     assert tried and {item["verdict"] for item in tried} == {"diverged"}, tried
     assert result.report["findings"] == []
     runs = result.report["legs"][0]["runs"]
-    assert [run["forked"] for run in runs] == [audited == "forked"] * 2
+    assert [run["forked"] for run in runs] == [False, False]
 
 
 def test_the_same_script_in_its_modules_order_reproduces(tmp_path):

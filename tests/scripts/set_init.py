@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--list", action="store_true", help="model.modules() order: the fix")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = nn.Sequential(*(layer for _ in range(6) for layer in (nn.Linear(16, 16), nn.Tanh())))
+    model = nn.Sequential(*(layer for _ in range(12) for layer in (nn.Linear(16, 16), nn.Tanh())))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     for layer in linears if args.list else set(linears):
         nn.init.normal_(layer.weight, std=0.3)
