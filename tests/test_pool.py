@@ -5,6 +5,7 @@ order included — while the runs that make a verdict still start fresh."""
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -46,6 +47,17 @@ def test_a_forked_run_records_what_a_fresh_run_records(tmp_path, kind, monkeypat
     assert (fresh[0].forked, forked[0].forked) == (False, True)
     assert fresh[0].steps == forked[0].steps > 3
     assert first_divergence([fresh[0].trace, forked[0].trace]) is None
+
+
+def test_runs_forked_from_several_threads_at_once_each_get_their_own_process(tmp_path):
+    # attribution and the doctor audit their variants in threads that share a zygote: a
+    # pid handed to the wrong thread would make one run read another's exit as its own
+    config = dataclasses.replace(load_config(CONFIGS / "demo.yaml"), repeats=2, steps=1)
+    with ThreadPoolExecutor(max_workers=4) as threads:
+        legs = list(threads.map(lambda i: _runs(config, tmp_path / f"t{i}", True), range(4)))
+    runs = [run for leg in legs for run in leg]
+    assert [(r.status, r.forked, r.steps) for r in runs] == [("complete", True, 2)] * 8
+    assert len({r.exit_code for r in runs}) == 1
 
 
 def test_forks_draw_from_generators_seeded_from_entropy_as_fresh_runs_do(tmp_path):

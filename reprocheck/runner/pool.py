@@ -133,6 +133,9 @@ class Zygote:
         self.exited: dict[int, int] = {}
         self._buffer = b""
         self._lock = threading.Lock()  # attribution audits share a zygote across threads
+        # one request at a time, from writing it to reading its pid: the server answers in
+        # request order, and a pid taken by another thread would be another run's
+        self._fork_lock = threading.Lock()
         self._started: list[int] = []
         self.outstanding: set[int] = set()  # forks whose exit has not been reported yet
 
@@ -173,20 +176,21 @@ class Zygote:
                 return None
             self.pump(wait=0.05)
         request = {"spec": spec_path, "log": log_path, "cwd": os.getcwd(), "env": env}
-        with self._lock:
-            try:
-                assert self.process.stdin is not None
-                self.process.stdin.write((json.dumps(request) + "\n").encode())
-                self.process.stdin.flush()
-            except (BrokenPipeError, OSError):
-                return None
-        while True:
+        with self._fork_lock:
             with self._lock:
-                if self._started:
-                    return PooledProcess(self, self._started.pop(0))
-            if not self.alive():
-                return None
-            self.pump(wait=0.05)
+                try:
+                    assert self.process.stdin is not None
+                    self.process.stdin.write((json.dumps(request) + "\n").encode())
+                    self.process.stdin.flush()
+                except (BrokenPipeError, OSError):
+                    return None
+            while True:
+                with self._lock:
+                    if self._started:
+                        return PooledProcess(self, self._started.pop(0))
+                if not self.alive():
+                    return None
+                self.pump(wait=0.05)
 
     def close(self) -> None:
         """End the server's input: it exits once the forks it started have ended (they
