@@ -52,8 +52,8 @@ def register(app: typer.Typer) -> None:
         """Find what can make CONFIG — or a script, `reprocheck doctor -- python train.py
         ARGS` — irreproducible: static checks, then probes that run a few steps: the ops that
         are nondeterministic on CUDA (found on any machine) with their lines, torch.compile,
-        and sensitivity to thread count, PYTHONHASHSEED and DataLoader workers. A script is
-        run unchanged, its first `--steps` steps.
+        and sensitivity to thread count, PYTHONHASHSEED, uninitialized memory and DataLoader
+        workers. A script is run unchanged, its first `--steps` steps.
 
         Exit 0 when nothing is found, 1 when there are findings (`reprocheck explain CODE`),
         3 when a probe's run fails (its error and log are named).
