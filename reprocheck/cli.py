@@ -61,23 +61,34 @@ def user_errors(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .config import ConfigError
-        from .runner.audit import OutputError
-        from .trace import TraceError
-
         try:
             return command(*args, **kwargs)
-        except (ConfigError, TraceError, OutputError, UsageError, ValueError) as exc:
-            if _state["debug"]:
-                traceback.print_exc()
-            raise fail(str(exc)) from None
-        except OSError as exc:
-            if _state["debug"]:
-                traceback.print_exc()
-            where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-            raise fail(f"{exc.strerror or exc}:{where}".rstrip(":")) from None
+        except Exception as exc:
+            if isinstance(exc, _user_error_types()):
+                if _state["debug"]:
+                    traceback.print_exc()
+                raise fail(str(exc)) from None
+            if isinstance(exc, OSError):
+                if _state["debug"]:
+                    traceback.print_exc()
+                where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+                raise fail(f"{exc.strerror or exc}:{where}".rstrip(":")) from None
+            raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """The errors that are the user's, as one line. Looked up once one was raised: the
+    runner (and torch) is not imported for a usage error, and an OutputError exists only
+    once the runner was loaded."""
+    from .config import ConfigError
+    from .script import ScriptError
+    from .trace import TraceError
+
+    audit = sys.modules.get("reprocheck.runner.audit")
+    output = (audit.OutputError,) if audit is not None else ()
+    return (ConfigError, TraceError, ScriptError, UsageError, ValueError, *output)
 
 
 def _version(value: bool) -> None:

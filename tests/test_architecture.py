@@ -7,8 +7,12 @@ render, and docs/architecture.md's module table generated from the code.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from .conftest import ROOT, run_cli
 
@@ -105,6 +109,36 @@ def test_help_text_wraps_paragraphs_at_the_terminal_width():
     sentence = "Each run starts in a fresh process with the determinism preset applied before"
     line = next(line for line in result.stdout.splitlines() if "Each run starts" in line)
     assert sentence in line  # one line at 240 columns: no break mid-sentence
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["exec", "--help"],
+        ["run", "--bogus"],
+        ["exec", "--", "bash", "train.sh"],
+        ["doctor", "--", "python", "missing.py"],
+        ["record", "-o", "g.sqlite"],
+        ["check", "--against", "g.sqlite", "--format", "x", "--", "python", "a.py"],
+    ],
+)
+def test_help_and_usage_errors_answer_without_importing_torch(argv, tmp_path):
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['reprocheck', *{argv!r}]\n"
+        "try:\n"
+        "    runpy.run_module('reprocheck', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "print('torch' in sys.modules, code, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    imported, code = proc.stderr.strip().splitlines()[-1].split()
+    assert (imported, code) == ("False", "0" if "--help" in argv else "2"), proc.stderr
 
 
 if __name__ == "__main__":

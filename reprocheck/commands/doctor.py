@@ -60,15 +60,14 @@ def register(app: typer.Typer) -> None:
         """
         import dataclasses
 
+        from ..script import resolve_target
+
+        # the target first: a mistake in the command line is said before torch is imported
+        config, target = resolve_target(config_path, list(ctx.args), "doctor")
         from ..doctor.probe import ProbeError, dynamic_findings, static_findings
         from ..runner.audit import AuditOptions, Auditor, make_audit_dir, run_audit
-        from ..script import ScriptError, resolve_target
         from ..verdict import EXIT_FAILED
 
-        try:
-            config, target = resolve_target(config_path, list(ctx.args), "doctor")
-        except ScriptError as exc:
-            raise UsageError(str(exc)) from None
         # a script's probes run its first `steps` steps, then stop it
         probed = dataclasses.replace(config, steps=steps) if target is not None else config
         _terminate_as_interrupt()

@@ -11,7 +11,6 @@ import typer
 def register(app: typer.Typer) -> None:
     from ..cli import (
         RunProgress,
-        UsageError,
         _emit,
         _split_list,
         _terminate_as_interrupt,
@@ -86,16 +85,15 @@ def register(app: typer.Typer) -> None:
         script's output goes to the run's log (its tail is in the report when a run
         fails). See docs/exec.md.
         """
+        from ..script import script_config
+
+        # the command line first: a mistake in it is said before torch is imported
+        config, target = script_config(
+            list(ctx.args), "exec", repeats=repeats, steps=steps, preset=preset, seed=seed
+        )
         from ..configfile import apply_overrides as _overrides
         from ..runner.audit import AuditOptions, run_audit
-        from ..script import ScriptError, script_config
 
-        try:
-            config, target = script_config(
-                list(ctx.args), "exec", repeats=repeats, steps=steps, preset=preset, seed=seed
-            )
-        except ScriptError as exc:
-            raise UsageError(str(exc)) from None
         config = _overrides(config, devices=_split_list(device), threads=_threads(threads))
         options = AuditOptions(
             out=out,

@@ -39,14 +39,6 @@ def register(app: typer.Typer) -> None:
         user_errors,
     )
 
-    def _target(config_path, ctx, command):
-        from ..script import ScriptError, resolve_target
-
-        try:
-            return resolve_target(config_path, list(ctx.args), command)
-        except ScriptError as exc:
-            raise UsageError(str(exc)) from None
-
     def _audit(
         config, target, repeats, steps, device, threads, out, jobs, timeout, quiet, **golden
     ):
@@ -99,9 +91,12 @@ def register(app: typer.Typer) -> None:
         it, then run `reprocheck check CONFIG --against golden.sqlite` (or `reprocheck check
         --against golden.sqlite -- python train.py ARGS`) on every change.
         """
+        from ..script import resolve_target
+
+        # the target first: a mistake in the command line is said before torch is imported
+        config, target = resolve_target(config_path, list(ctx.args), "record")
         from ..golden import reference_trace, write_golden
 
-        config, target = _target(config_path, ctx, "record")
         config, report = _audit(
             config, target, repeats, steps, device, threads, out, jobs, timeout, quiet
         )
@@ -156,12 +151,15 @@ def register(app: typer.Typer) -> None:
         golden belongs to its path; changed arguments or script content are listed in the
         report, and the runs compared all the same.
         """
-        from ..golden import GoldenError, precheck
+        from ..script import resolve_target
 
         if output_format not in ("text", "github", "json"):
             raise UsageError(f"--format takes text, github or json (got {output_format!r})")
-        # a bad config or script is said before the golden is read
-        config, target = _target(config_path, ctx, "check")
+        # a bad config or script is said before the golden is read (and, for a mistake in
+        # the command line, before torch is imported)
+        config, target = resolve_target(config_path, list(ctx.args), "check")
+        from ..golden import GoldenError, precheck
+
         try:  # a golden that is not this config's (or script's) is said before any run
             precheck(str(against), config, target["argv"] if target else None, any_config)
         except GoldenError as exc:
