@@ -108,36 +108,45 @@ def script_identity(command: list[str] | None) -> dict[str, Any] | None:
 
 def precheck(golden_path: str, config: Config, command: list[str] | None, any_config: bool) -> None:
     """Before any run: is this golden one of this config (or script)? GoldenError if not."""
+    with _open_golden(golden_path) as golden:
+        _check_identity(golden, golden_path, config, command, any_config)
+
+
+def _open_golden(golden_path: str) -> Trace:
     try:
-        golden = Trace(golden_path)
+        return Trace(golden_path)
     except TraceError as exc:
         raise GoldenError(str(exc)) from None
-    with golden:
-        if "golden" not in golden.meta:
-            raise GoldenError(
-                f"{golden_path} is a run's trace, not a golden trace — make one with "
-                "`reprocheck record CONFIG -o golden.sqlite` (or `… -- python train.py`)"
-            )
-        name = (golden.meta.get("config") or {}).get("name")
-        if name != config.name and not any_config:
-            raise GoldenError(
-                f"{golden_path} is the golden trace of config {name!r}, not {config.name!r} — "
-                "record one for this config, or pass --any-config"
-            )
-        theirs = (golden.meta.get("golden") or {}).get("script")
-        if (theirs is None) != (command is None):
-            kind = "a script's" if theirs is not None else "a config's"
-            raise GoldenError(
-                f"{golden_path} is {kind} golden trace: check it with what recorded it "
-                "(`reprocheck check CONFIG --against G` or `… -- python train.py`)"
-            )
-        ours = script_identity(command)
-        moved = theirs is not None and ours is not None and theirs["script"] != ours["script"]
-        if moved and not any_config:
-            raise GoldenError(
-                f"{golden_path} is the golden trace of {theirs['script']}, not "
-                f"{ours['script']} — record one for this script, or pass --any-config"
-            )
+
+
+def _check_identity(
+    golden: Trace, golden_path: str, config: Config, command: list[str] | None, any_config: bool
+) -> None:
+    if "golden" not in golden.meta:
+        raise GoldenError(
+            f"{golden_path} is a run's trace, not a golden trace — make one with "
+            "`reprocheck record CONFIG -o golden.sqlite` (or `… -- python train.py`)"
+        )
+    name = (golden.meta.get("config") or {}).get("name")
+    if name != config.name and not any_config:
+        raise GoldenError(
+            f"{golden_path} is the golden trace of config {name!r}, not {config.name!r} — "
+            "record one for this config, or pass --any-config"
+        )
+    theirs = (golden.meta.get("golden") or {}).get("script")
+    if (theirs is None) != (command is None):
+        kind = "a script's" if theirs is not None else "a config's"
+        raise GoldenError(
+            f"{golden_path} is {kind} golden trace: check it with what recorded it "
+            "(`reprocheck check CONFIG --against G` or `… -- python train.py`)"
+        )
+    ours = script_identity(command)
+    moved = theirs is not None and ours is not None and theirs["script"] != ours["script"]
+    if moved and not any_config:
+        raise GoldenError(
+            f"{golden_path} is the golden trace of {theirs['script']}, not "
+            f"{ours['script']} — record one for this script, or pass --any-config"
+        )
 
 
 def _script_changes(golden: Trace, current: Trace, config: Config) -> dict[str, list[Any]]:
@@ -221,10 +230,8 @@ def check_against(
     golden_path: str, current_path: str, config: Config, any_config: bool
 ) -> GoldenCheck:
     """Compare a fresh run's trace with the golden: bitwise or under tolerance."""
-    with Trace(current_path) as current:
-        command = current.meta.get("command")
-    precheck(golden_path, config, command, any_config)
-    with Trace(golden_path) as golden, Trace(current_path) as current:
+    with _open_golden(golden_path) as golden, Trace(current_path) as current:
+        _check_identity(golden, golden_path, config, current.meta.get("command"), any_config)
         if golden.status not in ("complete", "stopped"):
             raise GoldenError(f"{golden_path}: golden trace ended early ({golden.status})")
         changes = _script_changes(golden, current, config)
