@@ -249,8 +249,11 @@ def _drawn_cause(
             continue
         if name == latent.tensor:
             return latent
+        # no generator differs before the first one that does (``latent.step``)
         since = next(
-            s for s in range(step + 1) if len({_rng_digests(p, s)[0].get(name) for p in traces}) > 1
+            s
+            for s in range(latent.step, step + 1)
+            if len({_rng_digests(p, s)[0].get(name) for p in traces}) > 1
         )
         groups: dict[bytes | None, list[int]] = {}
         for run, (at_step, _) in zip(ids, states):
