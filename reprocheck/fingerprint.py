@@ -9,8 +9,9 @@
   only (addition mod 2**64 is associative), so it is the same whatever the thread count.
 * :func:`sketch` — float64 sum, sum of squares, absmax and non-finite count: for
   comparisons under a tolerance, taken only where used.
-* :class:`StepHasher` — one step's digests (and sketches), with a single device→host
-  copy per step on CUDA.
+* :class:`StepHasher` — one step's digests (and sketches): on CUDA a phase's small tensors
+  are mixed together by a bounded number of ops (the same digests), and one device→host
+  copy per step brings every result back.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 try:
@@ -142,9 +144,18 @@ def _xxh3(t: torch.Tensor) -> bytes:
 
 
 # torchmix-128 ------------------------------------------------------------------------
-# Each 64-bit word w_i is mixed with its index i (splitmix64's finalizer over
-# w_i + (i+1)·K), and the mixed words are summed into two lanes with different keys.
-# A swap of two different words changes their mixed values, so the sum changes.
+# Each 64-bit word w_i (i = 1, 2, ... within its tensor; the last word zero-padded) is
+# mixed with its index (splitmix64's finalizer over w_i + i·K0, and over (w_i ^ K2) + i·K1
+# for the second lane), and the mixed words are summed into two lanes. A swap of two
+# different words changes their mixed values, so the sum changes; integer addition mod
+# 2**64 is associative, so no grouping or thread count changes a lane.
+#
+# A tensor's lanes depend on its own words alone, so many tensors can be mixed by one
+# chain of ops: :class:`StepHasher` copies a phase's small tensors into one buffer (one
+# ``_foreach_copy_`` per dtype, into views of the buffer kept from step to step), mixes
+# the whole buffer at once and sums each tensor's words into its own lanes with one
+# ``index_add_`` — about 20 dispatched ops per phase, however many tensors it holds,
+# where hashing tensor by tensor costs ~20 each (kernel launches on a GPU).
 
 
 def _as_signed(value: int) -> int:
@@ -154,6 +165,17 @@ def _as_signed(value: int) -> int:
 
 _K = [_as_signed(k) for k in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9)]
 _M1, _M2 = _as_signed(0xBF58476D1CE4E5B9), _as_signed(0x94D049BB133111EB)
+_KEYS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _keys(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two lanes' index multipliers and word keys, as (2, 1) tensors on ``device``."""
+    keys = _KEYS.get(device)
+    if keys is None:
+        multipliers = torch.tensor([[_K[0]], [_K[1]]], dtype=torch.int64, device=device)
+        word_keys = torch.tensor([[0], [_K[2]]], dtype=torch.int64, device=device)
+        keys = _KEYS[device] = (multipliers, word_keys)
+    return keys
 
 
 def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -167,42 +189,154 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
-def _torchmix_device(t: torch.Tensor) -> torch.Tensor:
-    """Two int64 lanes (a 128-bit digest) of the data, computed on the tensor's device."""
+def _mixed(words: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(2, n) mixed values of n words at their (1-based) indices within their tensors."""
+    multipliers, word_keys = _keys(words.device)
+    return _mix((words ^ word_keys) + index * multipliers)
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's logical content as int64 words, the last one zero-padded (a view of a
+    contiguous tensor whose size and offset are multiples of 8 bytes, else a copy)."""
     data = _as_bytes(t)
     pad = (-data.numel()) % 8
-    if pad:
+    if pad or data.storage_offset() % 8:
         data = torch.cat([data, data.new_zeros(pad)])
-    words = data.view(torch.int64)
+    return data.view(torch.int64)
+
+
+def _torchmix_device(t: torch.Tensor) -> torch.Tensor:
+    """Two int64 lanes (a 128-bit digest) of one tensor, computed on its device in chunks
+    of ``_CHUNK_WORDS`` (bounded memory)."""
+    words = _words(t)
     lanes = torch.zeros(2, dtype=torch.int64, device=t.device)
     for start in range(0, words.numel(), _CHUNK_WORDS):
         chunk = words[start : start + _CHUNK_WORDS]
         index = torch.arange(
             start + 1, start + 1 + chunk.numel(), dtype=torch.int64, device=t.device
         )
-        lanes[0] += _mix(chunk + index * _K[0]).sum()
-        lanes[1] += _mix((chunk ^ _K[2]) + index * _K[1]).sum()
+        lanes += _mixed(chunk, index).sum(dim=1)
     return lanes
 
 
-def _torchmix_finish(lanes: tuple[int, int], t_header: bytes, nbytes: int) -> bytes:
-    """Fold dtype, shape and byte length into the two lanes (on the host, 16 bytes)."""
-    key = int.from_bytes(t_header.ljust((len(t_header) + 7) // 8 * 8, b"\0"), "little")
-    a = (lanes[0] + nbytes * 0x9E3779B97F4A7C15) & _MASK64
-    b = lanes[1] & _MASK64
-    while key:
-        word, key = key & _MASK64, key >> 64
-        a = _host_mix(a ^ word)
-        b = _host_mix(b + word)
-    a, b = _host_mix(a ^ b), _host_mix(b + (a * 0xC2B2AE3D27D4EB4F))
-    return a.to_bytes(8, "little") + b.to_bytes(8, "little")
+_BATCH_WORDS = 1 << 17  # tensors up to 1 MiB are copied into a batch; larger ones mixed alone
+_BIN_WORDS = 1 << 23  # one batch's buffer: up to 64 MiB
+_LAYOUT_BYTES = 256 << 20  # the buffers kept between steps, per device
+_foreach_copy = getattr(torch, "_foreach_copy_", None)
 
 
-def _host_mix(x: int) -> int:
-    x &= _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+class _Layout:
+    """One batch's buffer for a given sequence of (dtype, shape): each tensor's words at an
+    offset, the views it is copied into, and each word's tensor (for the lane sums)."""
+
+    def __init__(self, device: torch.device, specs: Sequence[tuple[torch.dtype, torch.Size]]):
+        sizes = [
+            (torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() + 7) // 8
+            for dtype, shape in specs
+        ]
+        self.words = sum(sizes)
+        self.buffer = torch.zeros(self.words, dtype=torch.int64, device=device)
+        raw = self.buffer.view(torch.uint8)
+        self.views: dict[torch.dtype, tuple[list[int], list[torch.Tensor]]] = {}
+        starts, ends, offset = [], [], 0
+        for slot, ((dtype, shape), size) in enumerate(zip(specs, sizes)):
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            view = raw[offset * 8 : offset * 8 + nbytes].view(dtype).view(shape)
+            slots, views = self.views.setdefault(dtype, ([], []))
+            slots.append(slot)
+            views.append(view)
+            starts.append(offset)
+            offset += size
+            ends.append(offset)
+        self.starts = torch.tensor(starts, dtype=torch.int64, device=device)
+        self.ends = torch.tensor(ends, dtype=torch.int64, device=device)
+        self.nbytes = self.words * 8
+
+    def lanes(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(2, len(tensors)) lanes: the tensors copied in (one op per dtype), mixed, summed."""
+        for slots, views in self.views.values():
+            sources = [tensors[s] for s in slots]
+            if _foreach_copy is not None:
+                _foreach_copy(views, sources)
+            else:  # torch without _foreach_copy_
+                for view, source in zip(views, sources):
+                    view.copy_(source)
+        position = torch.arange(self.words, dtype=torch.int64, device=self.buffer.device)
+        owner = torch.bucketize(position, self.ends, right=True)
+        index = position - self.starts.index_select(0, owner) + 1
+        lanes = self.buffer.new_zeros((2, len(self.ends)))
+        return lanes.index_add_(1, owner, _mixed(self.buffer, index))
+
+
+class _Layouts:
+    """The batch buffers kept per device, least recently used evicted past the budget."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple, _Layout] = {}
+        self._bytes: dict[torch.device, int] = {}
+
+    def get(self, device: torch.device, specs: tuple) -> _Layout:
+        key = (device, specs)
+        layout = self._kept.pop(key, None)
+        if layout is None:
+            layout = _Layout(device, specs)
+            self._bytes[device] = self._bytes.get(device, 0) + layout.nbytes
+            while self._bytes[device] > _LAYOUT_BYTES and self._kept:
+                evicted_key = next((k for k in self._kept if k[0] == device), None)
+                if evicted_key is None:
+                    break
+                self._bytes[device] -= self._kept.pop(evicted_key).nbytes
+        self._kept[key] = layout  # most recently used last
+        return layout
+
+
+_LAYOUTS = _Layouts()
+
+
+_LIMBS: dict[bytes, tuple[int, ...]] = {}
+
+
+def _limbs(header: bytes) -> tuple[int, ...]:
+    """The header's bytes as 64-bit little-endian words (the last zero-padded)."""
+    limbs = _LIMBS.get(header)
+    if limbs is None:
+        key = int.from_bytes(header.ljust((len(header) + 7) // 8 * 8, b"\0"), "little")
+        found = []
+        while key:
+            found.append(key & _MASK64)
+            key >>= 64
+        limbs = tuple(found)
+        if len(_LIMBS) < 100_000:
+            _LIMBS[header] = limbs
+    return limbs
+
+
+def _np_mix(x: np.ndarray) -> np.ndarray:
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _torchmix_finish(lanes: np.ndarray, keys: Sequence[tuple[bytes, int]]) -> list[bytes]:
+    """The digests of tensors from their (2, n) int64 lanes and (header, byte length):
+    dtype, shape and length folded into each tensor's two lanes, on the host, for all n at
+    once (uint64 arithmetic wraps mod 2**64, as the device's int64 does)."""
+    limbs = [_limbs(header) for header, _ in keys]
+    width = max(map(len, limbs), default=0)
+    table = np.array([row + (0,) * (width - len(row)) for row in limbs], dtype=np.uint64)
+    counts = np.array([len(row) for row in limbs])
+    nbytes = np.array([n for _, n in keys], dtype=np.uint64)
+    lanes = np.ascontiguousarray(lanes, dtype=np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        a = lanes[0] + nbytes * np.uint64(0x9E3779B97F4A7C15)
+        b = lanes[1].copy()
+        for i in range(width):
+            live, word = i < counts, table[:, i]
+            a = np.where(live, _np_mix(a ^ word), a)
+            b = np.where(live, _np_mix(b + word), b)
+        a, b = _np_mix(a ^ b), _np_mix(b + a * np.uint64(0xC2B2AE3D27D4EB4F))
+    raw = np.stack([a, b], axis=1).astype("<u8").tobytes()
+    return [raw[i : i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE)]
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -238,8 +372,8 @@ def fingerprint(t: torch.Tensor) -> Digest:
     t = _check(t)
     if t.is_cpu and not _FORCE_TORCHMIX:
         return Digest(_xxh3(t))
-    lanes = _torchmix_device(t).cpu().tolist()
-    return Digest(_torchmix_finish((lanes[0], lanes[1]), _header(t), _nbytes(t)))
+    lanes = _torchmix_device(t).view(2, 1).cpu().numpy()
+    return Digest(_torchmix_finish(lanes, [(_header(t), _nbytes(t))])[0])
 
 
 def _sketch_device(t: torch.Tensor) -> torch.Tensor:
@@ -298,8 +432,11 @@ def _view_entry(original: torch.Tensor) -> tuple | None:
 
 
 class StepHasher:
-    """Collects the digests (and optionally sketches) of one step's tensors; on CUDA computes them
-    on the device and copies all results to the host in ONE transfer at :meth:`finish`."""
+    """Collects the digests (and optionally sketches) of one step's tensors. Device-side
+    (torchmix) digests are computed on the tensors' devices: :meth:`flush` mixes the small
+    tensors added since the last flush in batches (a bounded number of ops, see above),
+    larger tensors are mixed one by one as they come, and :meth:`finish` copies every
+    result to the host in ONE transfer per device."""
 
     def __init__(self, with_sketch: bool = False) -> None:
         self.with_sketch = with_sketch
@@ -307,24 +444,35 @@ class StepHasher:
         # :meth:`finish`). Without sketches, a caller that hashed a tensor itself exactly as
         # :func:`fingerprint` does may append its digest here (the recorder's fast path).
         self.host: list[bytes | None] = []
-        self._pending: list[
-            tuple[int, torch.Tensor, bytes, int]
-        ] = []  # (slot, lanes, header, nbytes)
+        self._batch: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+        self._lanes: list[tuple[list[int], torch.Tensor]] = []  # (slots, (2, len) lanes)
+        self._finish_keys: dict[int, tuple[bytes, int]] = {}  # slot → (header, nbytes)
         self._sketches: list[Sketch | None] = []  # in step with `host` with sketches on
         self._pending_sketches: list[tuple[int, torch.Tensor, int]] = []
 
     def add(self, t: torch.Tensor) -> None:
-        """Digest ``t`` now (later in-place updates of ``t`` do not change it)."""
-        t = _check(t)
+        """Digest ``t`` as it is now, or at the next :meth:`flush` for a small device-side
+        tensor: the caller flushes before ``t`` can change (the recorder does, before it
+        returns to the training code)."""
+        if type(t) not in _PLAIN or t.layout != torch.strided or t.is_meta:
+            t = _check(t)  # a clear error for what cannot be fingerprinted
         slot = len(self.host)
         if t.is_cpu and not _FORCE_TORCHMIX:
-            self.host.append(_xxh3(t))
+            self.host.append(_xxh3(_check(t)))
         else:
             self.host.append(None)
-            self._pending.append((slot, _torchmix_device(t), _header(t), _nbytes(t)))
+            nbytes = _nbytes(t)
+            self._finish_keys[slot] = (_header(t), nbytes)
+            if nbytes == 0:
+                no_lanes = np.zeros((2, 1), dtype=np.int64)
+                self.host[slot] = _torchmix_finish(no_lanes, [self._finish_keys.pop(slot)])[0]
+            elif type(t) in _PLAIN and nbytes <= _BATCH_WORDS * 8:
+                self._batch.setdefault(t.device, []).append((slot, t))
+            else:
+                self._lanes.append(([slot], _torchmix_device(_check(t)).view(2, 1)))
         if self.with_sketch:
             self._sketches.append(None)
-            self._pending_sketches.append((slot, _sketch_device(t), t.numel()))
+            self._pending_sketches.append((slot, _sketch_device(_check(t)), t.numel()))
 
     def add_digest(self, digest: bytes) -> None:
         """A record whose digest was computed elsewhere (op depth); it has no sketch."""
@@ -332,19 +480,48 @@ class StepHasher:
         if self.with_sketch:
             self._sketches.append(None)
 
+    def flush(self) -> None:
+        """Mix the small tensors added since the last flush, in batches of up to
+        ``_BIN_WORDS`` words per device, each through a buffer kept for its layout."""
+        if not self._batch:
+            return
+        with torch.no_grad():
+            for device, entries in self._batch.items():
+                start, words = 0, 0
+                for end, (_, t) in enumerate(entries):
+                    size = (_nbytes(t) + 7) // 8
+                    if words + size > _BIN_WORDS and end > start:
+                        self._mix_bin(device, entries[start:end])
+                        start, words = end, 0
+                    words += size
+                self._mix_bin(device, entries[start:])
+        self._batch = {}
+
+    def _mix_bin(self, device: torch.device, entries: list[tuple[int, torch.Tensor]]) -> None:
+        tensors = [t for _, t in entries]
+        layout = _LAYOUTS.get(device, tuple((t.dtype, t.shape) for t in tensors))
+        self._lanes.append(([slot for slot, _ in entries], layout.lanes(tensors)))
+
     def finish(self) -> tuple[list[bytes], list[Sketch | None]]:
         """The step's digests and sketches in :meth:`add` order; then reset."""
-        if self._pending:
-            lanes = _gather([p[1] for p in self._pending])
-            for (slot, _, header, nbytes), pair in zip(self._pending, lanes):
-                self.host[slot] = _torchmix_finish((pair[0], pair[1]), header, nbytes)
+        self.flush()
+        by_device: dict[torch.device, list[tuple[list[int], torch.Tensor]]] = {}
+        for slots, lanes in self._lanes:
+            by_device.setdefault(lanes.device, []).append((slots, lanes))
+        for pieces in by_device.values():
+            lanes = torch.cat([lanes for _, lanes in pieces], dim=1).cpu().numpy()
+            slots = [slot for slot_list, _ in pieces for slot in slot_list]
+            digests = _torchmix_finish(lanes, [self._finish_keys[slot] for slot in slots])
+            for slot, digest in zip(slots, digests):
+                self.host[slot] = digest
         if self._pending_sketches:
             stats = _gather([s[1] for s in self._pending_sketches])
             for (slot, _, numel), row in zip(self._pending_sketches, stats):
                 self._sketches[slot] = _sketch_from(row, numel)
         digests: list[bytes] = self.host  # type: ignore[assignment] - every slot is filled now
         sketches = self._sketches if self.with_sketch else [None] * len(digests)
-        self.host, self._pending, self._sketches, self._pending_sketches = [], [], [], []
+        self.host, self._lanes, self._finish_keys = [], [], {}
+        self._sketches, self._pending_sketches = [], []
         return digests, sketches
 
 

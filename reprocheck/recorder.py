@@ -292,6 +292,7 @@ class StepRecorder:
     def add(self, phase: str, name: str, tensor: torch.Tensor) -> None:
         """Fingerprint a tensor now (later in-place updates don't change its record)."""
         self._add(phase, ((name, tensor),))
+        self._hasher.flush()
 
     def _enter(self, phase: str) -> None:
         index = _PHASE_INDEX[phase]
@@ -379,6 +380,7 @@ class StepRecorder:
         """Fingerprint each (name, tensor) now, if ``phase`` is recorded."""
         if phase in self.phases:
             self._add(phase, named)
+            self._hasher.flush()
 
     def add_state(self, phase: str, named: Iterable[tuple[str, Any]]) -> None:
         """Like :meth:`add_all` for the tensors a run keeps from step to step (weights,
@@ -386,6 +388,7 @@ class StepRecorder:
         a ``state_dict`` holds, recorded as the tensors in them."""
         if phase in self.phases:
             self._add_kept(phase, named)
+            self._hasher.flush()
 
     def commit(self, step: int, loss: torch.Tensor | None) -> None:
         """One logged write per step; the hasher's single device→host copy happens here."""
@@ -439,6 +442,7 @@ class StepRecorder:
             for index, optimizer in enumerate(optimizers):
                 tag = f"opt{index}." if len(optimizers) > 1 else ""
                 self._add_kept("optimizer", optimizer_tensors(optimizer, names, tag))
+        self._hasher.flush()  # weights and optimizer state as they are now, in one batch
         self.add_state("rng", rng_states())
 
     def grads(self, model: torch.nn.Module) -> None:
