@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,62 @@ def is_interpreter(word: str) -> bool:
     return os.path.basename(word).startswith("python")
 
 
+TORCHRUN_MODULES = ("torch.distributed.run", "torch.distributed.launch")
+
+
+def is_torchrun(words: list[str]) -> bool:
+    """``torchrun …`` or ``python -m torch.distributed.run …``."""
+    if words and os.path.basename(words[0]) == "torchrun":
+        return True
+    return len(words) > 2 and words[1] == "-m" and words[2] in TORCHRUN_MODULES
+
+
+@dataclass(frozen=True)
+class Torchrun:
+    """What the audit needs of a ``torchrun`` command line (torch's own parser reads it)."""
+
+    nproc_per_node: int | None  # None: not a number (``gpu``, ``auto``)
+    fixed_port: bool  # a static rendezvous port: the job's repeats run one at a time
+    script: str | None  # the training script's absolute path (None: ``-m module``)
+    name: str
+
+
+def parse_torchrun(args: list[str], command: str) -> Torchrun:
+    """Read torchrun's options with torchrun's own parser (its errors are usage errors)."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str) -> None:
+        raise ScriptError(f"torchrun: {message}")
+
+    parser.error = error  # type: ignore[method-assign]
+    try:
+        parsed = parser.parse_args(args)
+    except SystemExit:  # --help and the like
+        raise ScriptError(f"torchrun options not understood: {' '.join(args)}") from None
+    if parsed.no_python:
+        raise ScriptError("torchrun --no-python runs no Python script: give the script")
+    endpoint = parsed.rdzv_endpoint or ""
+    port = endpoint.rsplit(":", 1)[1] if ":" in endpoint else ""
+    fixed = not parsed.standalone and port != "0"
+    nproc = int(parsed.nproc_per_node) if str(parsed.nproc_per_node).isdigit() else None
+    if parsed.module:
+        return Torchrun(nproc, fixed, None, parsed.training_script)
+    script = os.path.abspath(parsed.training_script)
+    if not os.path.isfile(script):
+        raise ScriptError(f"no such script: {parsed.training_script}")
+    return Torchrun(nproc, fixed, script, Path(script).stem)
+
+
 def parse(words: list[str], command: str) -> tuple[list[str], str | None, str]:
     """``python train.py ARGS`` → (the run's argv without the interpreter, the script's
-    absolute path or None for ``-m pkg``, the audit's name)."""
+    absolute path or None for ``-m pkg``, the audit's name). ``torchrun OPTIONS train.py
+    ARGS`` runs as ``python -m torch.distributed.run OPTIONS train.py ARGS``: the script
+    is the training script torchrun starts in every rank."""
     usage = f"reprocheck {command} [OPTIONS] -- python train.py ARGS"
+    if words and os.path.basename(words[0]) == "torchrun":
+        words = ["python", "-m", "torch.distributed.run", *words[1:]]
     if not words or not is_interpreter(words[0]):
         raise ScriptError(f"{command} runs a Python script: {usage}")
     argv = list(words[1:])  # the run's own interpreter (this one) replaces `python`
@@ -36,6 +89,9 @@ def parse(words: list[str], command: str) -> tuple[list[str], str | None, str]:
             raise ScriptError(
                 f"-m needs a module name: reprocheck {command} -- python -m pkg.train"
             )
+        if argv[1] in TORCHRUN_MODULES:
+            job = parse_torchrun(argv[2:], command)
+            return argv, job.script, job.name
         return argv, None, argv[1]
     if argv[0].startswith("-"):
         raise ScriptError(f"python option {argv[0]} is not supported: give the script")
@@ -74,7 +130,12 @@ def script_config(
         base_dir=os.getcwd(),
         sha256=sha,
     )
-    return config, {"argv": argv, "max_steps": steps}
+    target: dict[str, Any] = {"argv": argv, "max_steps": steps}
+    if argv[0] == "-m" and argv[1] in TORCHRUN_MODULES:
+        job = parse_torchrun(argv[2:], command)
+        target["torchrun"] = {"nproc_per_node": job.nproc_per_node, "fixed_port": job.fixed_port}
+        target["command"] = list(words)  # as the user gave it (`torchrun …`)
+    return config, target
 
 
 def resolve_target(

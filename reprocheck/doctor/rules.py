@@ -234,6 +234,50 @@ RULES: tuple[Rule, ...] = (
         "golden after an intended upgrade: `reprocheck record … -o golden.sqlite`.",
         severity="warning",
     ),
+    Rule(
+        "RC022",
+        "replica-buffers-unsynced",
+        "Flags a data-parallel job whose replicas hold different buffers (batch norm's "
+        "running statistics, counters) after a step while every parameter still agrees.",
+        "DDP averages gradients, not buffers: with `broadcast_buffers=False`, or batch norm "
+        "on each rank's own shard, every rank keeps its own running statistics, so the "
+        "model each rank evaluates or saves depends on which rank saved it, and a restart "
+        "from rank 0's checkpoint is not the job that ran.",
+        "model = DDP(Net(), broadcast_buffers=False)  # each rank's BatchNorm stats drift",
+        "Keep `broadcast_buffers=True` (DDP's default: rank 0's buffers at every forward), or "
+        "synchronise the statistics themselves: "
+        "`model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)` before `DDP(model)`.",
+    ),
+    Rule(
+        "RC023",
+        "replica-rank-dependent-update",
+        "Flags a data-parallel job whose replicas' parameters (or optimizer state) differ "
+        "after a step although their gradients agreed: the update itself depended on the "
+        "rank.",
+        "After DDP's all-reduce every replica holds the same gradients; parameters can "
+        "only drift apart if the optimizer step differs — a learning-rate scheduler stepped "
+        "on one rank, clipping or a loss scale computed per rank, an `if rank == 0:` around "
+        "an update. The replicas then train different models while the job reports one.",
+        "optimizer.step()\nif rank == 0:\n    scheduler.step()  # only rank 0's learning rate "
+        "decays",
+        "Run every part of the update on every rank: step schedulers, clip and scale "
+        "identically everywhere; keep `rank == 0` for logging and checkpoints only.",
+    ),
+    Rule(
+        "RC024",
+        "replica-gradients-differ",
+        "Flags a data-parallel job whose replicas hold different gradients at an optimizer "
+        "step: gradients that were never all-reduced, or were changed per rank afterwards.",
+        "Replicas stay equal only if they apply equal updates from equal gradients. "
+        "Gradients differ after backward when the model is not wrapped in DDP (or the "
+        "trained module is not the wrapped one), when the last micro-batch of an "
+        "accumulation runs under `no_sync()`, or when a hook or clipping changes them per "
+        "rank.",
+        "with model.no_sync():\n    loss.backward()  # also on the micro-batch before "
+        "optimizer.step()",
+        "Wrap the trained module in `DistributedDataParallel` and call the model through the "
+        "wrapper; leave `no_sync()` for the micro-batches before the last one of each update.",
+    ),
 )
 
 BY_CODE = {rule.code: rule for rule in RULES}

@@ -136,6 +136,82 @@ def header(report: dict[str, Any]) -> list[Text]:
                 (f"   {len(children)} traces per run", DIM),
             )
         )
+    for leg in report["legs"]:  # a torchrun job: one row per run, with its ranks
+        for run in leg["runs"]:
+            if not run.get("ranks"):
+                continue
+            row = Text(f"  #{run['run']:<3}", style=DIM)
+            for index, rank in enumerate(run["ranks"]):
+                ok = rank["status"] == "complete"
+                row.append(" · " if index else "")
+                row.append(f"rank {rank['rank']} ")
+                row.append("✔" if ok else "✘", style=GREEN if ok else RED)
+                row.append(f" {rank['steps'] if rank['steps'] is not None else 0} steps", style=DIM)
+            where = {r.get("backend") for r in run["ranks"]} - {None}
+            if where:
+                row.append(f"   {', '.join(sorted(where))}", style=DIM)
+            lines.append(row)
+    return lines
+
+
+_KINDS = {
+    "grad": "grads",
+    "parameter": "parameters",
+    "buffer": "buffers",
+    "optimizer": "optimizer state",
+}
+
+
+def replica_lines(report: dict[str, Any]) -> list[Text]:
+    """The replicas of a data-parallel job, within each run: identical, not checked, or
+    the first record they split on (with what still agreed at that step)."""
+    check, split = report.get("replicas"), report.get("replica_divergence")
+    if not check:
+        return []
+    if split is None:
+        if not check["checked"]:
+            return [_line("replicas", f"not checked: {check['note']}", style=DIM)]
+        runs = ", ".join(f"#{r}" for r in check["runs"])
+        lines = [
+            _line(
+                "replicas",
+                Text.assemble(
+                    ("✔ ", GREEN),
+                    f"{check['ranks']} ranks bitwise identical in parameters, gradients and "
+                    f"optimizer state at every step ({check['records']:,} records, runs {runs})",
+                ),
+            )
+        ]
+        if check.get("note"):
+            lines.append(_line("", check["note"], style=DIM))
+        return lines
+    title = Text("✘ REPLICAS DIVERGED", style=RED)
+    title.append(
+        f" at step {split['step']} · {split['phase']} · {split['tensor']}   ({split['kind']})",
+        style="bold",
+    )
+    groups = " ≠ ".join(",".join(str(r) for r in group) for group in split["ranks"])
+    runs = ", ".join(f"#{r}" for r in split["runs"])
+    agreed = Text()
+    for kind, same in split["agreed"].items():
+        if same is None:
+            continue
+        agreed.append(" · " if agreed.plain else "")
+        agreed.append(f"{_KINDS.get(kind, kind)} ")
+        agreed.append("✔" if same else "✘", style=GREEN if same else RED)
+    lines = [
+        title,
+        _line("ranks", f"{groups}   (in run{'s' if len(split['runs']) > 1 else ''} {runs})"),
+    ]
+    lines.append(_line("that step", agreed))
+    if not report.get("first_divergence"):
+        lines.append(
+            _line(
+                "run to run",
+                "reproducible: rank r of every run agrees with rank r of the others",
+                style=DIM,
+            )
+        )
     return lines
 
 
@@ -526,6 +602,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print(reproducible_line(report))
     elif verdict == "diverged" and report["across_legs"]:
         console.print(Text("✘ DIVERGED across legs: outside the tolerance", style=RED))
+    for line in replica_lines(report):
+        console.print(line)
     for line in golden_tail:
         console.print(line)
     table = across_table(report, console.width)

@@ -24,6 +24,8 @@ from ..compare import (
     numeric_diff,
 )
 from ..config import Config
+from ..replicas import check_legs
+from ..replicas import finding as replica_finding
 from ..trace import Trace, TraceError, committed_steps
 from . import checkpoint
 from .launch import Launcher, Leg, RunResult, plan_legs
@@ -459,7 +461,7 @@ def run_audit(
     launcher = Launcher(
         config,
         folder,
-        jobs=options.jobs,
+        jobs=_jobs(config, options),
         timeout=options.timeout,
         with_sketch=options.sketch or len(active) > 1,  # sketches only where used
         fail_fast=options.fail_fast,
@@ -525,6 +527,9 @@ def run_audit(
         findings, attribution, interrupted = _findings(
             config, options, leg, first, evidence, measurement, folder, timings
         )
+    replicas = None if interrupted else check_legs(active)
+    if replicas is not None and replicas.divergence is not None:
+        findings = [*findings, replica_finding(replicas.divergence)]
     findings = [*findings, *map(_latent_finding, latent), *_observed_findings(active)]
     if golden is not None and golden.packages_differ:
         findings.append(_drift_finding(golden.packages_differ))
@@ -545,12 +550,28 @@ def run_audit(
         untrained=untrained,
         golden=golden,
         command=_command(options.exec) if options.exec else None,
+        replicas=replicas,
     )
 
 
 def _command(target: dict[str, Any]) -> list[str]:
     """A script's command line as the user gave it (a function: none)."""
+    if target.get("command"):
+        return list(target["command"])
     return ["python", *target["argv"]] if target.get("argv") else []
+
+
+def _jobs(config: Config, options: AuditOptions) -> int | None:
+    """Runs at a time. A ``torchrun`` job's repeats run side by side only where each can
+    find its own port (``--standalone``, an endpoint on port 0); a fixed rendezvous port
+    makes them run one after another, and so does a GPU leg (each job's ranks take every
+    device it names)."""
+    job = (options.exec or {}).get("torchrun")
+    if job is None:
+        return options.jobs
+    if job["fixed_port"] or any(d != "cpu" for d in config.devices):
+        return 1
+    return options.jobs
 
 
 def _golden_reference(legs: list[Leg]) -> str | None:
@@ -666,7 +687,7 @@ def _findings(
                 first.step,
                 folder / "attribution",
                 zoom,
-                jobs=options.jobs,
+                jobs=_jobs(config, options),
             )
         except KeyboardInterrupt:
             return [], [], True

@@ -50,6 +50,7 @@ import os
 import runpy
 import subprocess
 import sys
+import time
 import traceback
 import weakref
 from collections import Counter
@@ -479,6 +480,30 @@ class ProcessRecorder:
             "overrides": self.session.overrides.get(os.getpid(), []),
         }
 
+    def _distributed(self) -> dict[str, Any] | None:
+        """A rank's place in its process group (None outside one), and which recorded
+        weights are buffers (a replica check tells buffers from parameters)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        devices = {str(p.device) for model in self.models for p in model.parameters()}
+        return {
+            "backend": str(dist.get_backend()),
+            "rank": dist.get_rank(),
+            "world_size": dist.get_world_size(),
+            "local_rank": int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None,
+            "device": sorted(devices)[0] if len(devices) == 1 else sorted(devices),
+            "wrappers": sorted({type(model).__name__ for model in self.models}),
+            # DDP's buffer sync: rank 0's buffers copied to every rank at each forward (so
+            # after a step each rank holds its own update of them), or never
+            "sync_buffers": _ddp_buffer_sync(self.models),
+            "buffers": [
+                self.tags[id(model)] + name
+                for model in self.models
+                for name, _ in _unwrapped(model).named_buffers()
+            ],
+        }
+
     # -- what the hooks report -------------------------------------------------------------
     def enter_module(self, module: torch.nn.Module) -> None:
         if self.depth == 0:
@@ -619,7 +644,7 @@ class ProcessRecorder:
         rec.commit(0, None)
         self.started = True
         # a run stopped by fail-fast never closes its trace: what is in effect, said now
-        rec.writer.set_meta(**self._controls_in_effect())
+        rec.writer.set_meta(**self._controls_in_effect(), distributed=self._distributed())
         self._window_after(0)
 
     def _hand_update_step(self) -> None:
@@ -831,6 +856,36 @@ class ProcessRecorder:
             save_capture(self.window, self.context.recorder, self.zoom_ops)
         self.context.finish(status)
 
+    def fail(self, exc: BaseException) -> None:
+        """A child raised out of the script (a ``torchrun`` rank, a spawned worker): its
+        trace ends failed with the error's line, and when (the first rank to fail is the
+        one that raised; the others fail in the collective it left)."""
+        if self.finished or self.context is None:
+            return
+        from .context import error_line
+
+        self.finished = True
+        self.context.finish(
+            "failed",
+            error_line(exc),
+            error_kind="exception",
+            failed_step=self.context.step_in_progress,
+            failed_at=time.time(),
+            traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[
+                -8000:
+            ],
+        )
+
+
+def _ddp_buffer_sync(models: list[torch.nn.Module]) -> bool | None:
+    """Whether the models' DDP wrappers broadcast buffers at each forward (None: no DDP)."""
+    flags = [
+        bool(getattr(m, "forward_sync_buffers", getattr(m, "broadcast_buffers", False)))
+        for m in models
+        if type(m).__name__ == "DistributedDataParallel"
+    ]
+    return all(flags) if flags else None
+
 
 def rng_start() -> dict[str, str]:
     """Each generator's state digest (hex), as the trace's rng records would hold it."""
@@ -940,3 +995,13 @@ def start_child(settings: dict[str, Any]) -> None:
     session = Session(settings)
     session.install()
     atexit.register(session.finish_all, "complete")
+    original_hook = sys.excepthook
+
+    def excepthook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        rec = session.recorders.get(os.getpid())
+        if rec is not None:
+            with contextlib.suppress(Exception):  # the error is printed whatever happens
+                rec.fail(exc)
+        original_hook(kind, exc, tb)
+
+    sys.excepthook = excepthook

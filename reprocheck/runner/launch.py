@@ -377,6 +377,9 @@ class Launcher:
                 status, error, kind = trace.status, trace.error, trace.meta.get("error_kind")
         except TraceError:
             status, error, kind = "running", None, None
+        if not result.steps:  # the script's process only launched (torchrun, mp.spawn)
+            children = [p for name, p in result.processes.items() if name != "main"]
+            result.steps = max((committed_steps(p) for p in children), default=0)
         if not (status == "complete" and code == 0):
             result.log_tail = log_tail(result.log, 12).split(" | ")
         if status == "complete" and code == 0:
@@ -386,18 +389,26 @@ class Launcher:
             result.error = error or log_tail(result.log)
         elif status == "failed":
             result.status = "failed"
-            result.error = error
+            result.error = _first_failed_child(result) or error
         else:  # the process died without saying why: a signal, or an error before the trace
             result.status = "killed" if code < 0 else "failed"
             why = f"killed by {signal_name(-code)}" if code < 0 else f"exited with status {code}"
-            result.error = f"{why} at step {result.steps}: {log_tail(result.log)}".rstrip(": ")
+            result.error = _first_failed_child(result) or (
+                f"{why} at step {result.steps}: {log_tail(result.log)}".rstrip(": ")
+            )
             if os.path.exists(result.trace):
                 mark_ended(result.trace, "failed", result.error)
 
     def _kill(self, task: _Task, status: str, message: str) -> None:
         assert task.process is not None
+        # processes that left the run's group (torchrun starts each rank in a session of
+        # its own), found before their parent dies and they are re-parented
+        descendants = _descendants(task.process.pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(task.process.pid, signal.SIGKILL)
+        for pid in descendants:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         if task.result.forked:  # a fork not yet in its own group (setsid) is killed alone
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(task.process.pid, signal.SIGKILL)
@@ -455,6 +466,45 @@ def signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux: read from /proc; elsewhere none are found)."""
+    parents: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in parents.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _first_failed_child(result: RunResult) -> str | None:
+    """``rank1: RuntimeError: … (train.py:72 in _run_batch)``: the error of the child
+    process that failed first (a rank that raised; the others then fail in the collective
+    it left, or are stopped by their launcher), when one raised."""
+    failed = []
+    for name, path in result.processes.items():
+        if name == "main" or not os.path.exists(path):
+            continue
+        with contextlib.suppress(TraceError):
+            with Trace(path) as trace:
+                if trace.status == "failed" and trace.error:
+                    failed.append((trace.meta.get("failed_at") or float("inf"), name, trace.error))
+    if not failed:
+        return None
+    _, name, error = min(failed)
+    return f"{name}: {error}"
 
 
 def log_tail(path: str, lines: int = 1) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from .. import __version__
 from ..compare import Divergence, LegComparison, comparison_dict, divergence_dict
 from ..config import TRACE_PHASES, Config
+from ..replicas import ReplicaCheck
 from ..golden import GoldenCheck
 from ..trace import Trace, TraceError
 from ..verdict import FAILED_RUN, decide
@@ -105,7 +106,21 @@ def _processes(run: RunResult, planned: int, facts: dict[str, _TraceFacts]) -> d
     note = None
     if run.status == "complete" and trained:
         note = _short(max(trained), planned)
-    return {"note": note, "processes": processes}
+    out: dict[str, Any] = {"note": note, "processes": processes}
+    ranks = sorted((p for p in processes if p["role"] == "rank"), key=lambda p: p["rank"])
+    if ranks:  # a torchrun job: its ranks, in rank order, with their place in the group
+        out["ranks"] = [{**p, **_rank_meta(facts[p["trace"]])} for p in ranks]
+    return out
+
+
+def _rank_meta(read: _TraceFacts) -> dict[str, Any]:
+    meta, group = read.meta, read.meta.get("distributed") or {}
+    return {
+        "local_rank": group.get("local_rank", meta.get("local_rank")),
+        "world_size": group.get("world_size", meta.get("world_size")),
+        "backend": group.get("backend"),
+        "device": group.get("device"),
+    }
 
 
 def _short(last_step: int | None, planned: int) -> str | None:
@@ -133,6 +148,7 @@ def build_report(
     untrained: str | None = None,
     golden: GoldenCheck | None = None,
     command: list[str] | None = None,
+    replicas: ReplicaCheck | None = None,
 ) -> dict[str, Any]:
     """Assemble the report; ``verdict`` and ``exit_code`` follow DESIGN.md's exit codes.
 
@@ -141,6 +157,8 @@ def build_report(
     is the report's ``first_divergence`` when the runs agree among themselves.
     ``command``: a script's command line (``exec``): the report also says what its
     recorded names stand for (``config.models``, ``config.optimizers``).
+    ``replicas``: the check of a data-parallel job's ranks within each run; replicas that
+    disagree are a divergence (exit 1) even where the runs agree with each other.
     """
     runs = [run for leg in legs for run in leg.runs]
     failed = [run for run in runs if run.status in FAILED_RUN]
@@ -157,7 +175,10 @@ def build_report(
         config_error=bool(config_errors),
         failed=bool(failed),
         untrained=untrained,
-        diverged=first is not None or bool(outside) or changed,
+        diverged=first is not None
+        or bool(outside)
+        or changed
+        or (replicas is not None and replicas.divergence is not None),
         not_comparable=unknown_golden or (unknown[0].note if unknown else None),
     )
     by_leg = {d.leg: d for d in divergences}
@@ -220,6 +241,12 @@ def build_report(
             for leg in legs
         ],
         "first_divergence": _first_divergence(first, golden, evidence, measurement),
+        "replicas": replicas.to_dict() if replicas is not None else None,
+        "replica_divergence": (
+            replicas.divergence.to_dict()
+            if replicas is not None and replicas.divergence is not None
+            else None
+        ),
         "across_legs": [comparison_dict(c) for c in across],
         "findings": list(findings),
         "attribution": list(attribution),
@@ -249,6 +276,9 @@ def _first_divergence(
             generator=evidence.generator,
             seeding=evidence.seeding,
         )
+        process = first.process.rsplit(".", 1)[-1]
+        if process.startswith("rank") and process[4:].isdigit():
+            values["rank"] = int(process[4:])  # rank r of one run against rank r of the others
         return {"compared": "runs", **values}
     if golden is None or golden.matches is not False:
         return None

@@ -1,0 +1,199 @@
+"""Distributed audits: unchanged DDP scripts under ``torchrun`` (gloo, 2 ranks, CPU).
+
+Each planted case is audited once (module-scoped) and asserted exactly: run to run rank by
+rank, the replicas within each run, the rules they match, failures and hangs."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from reprocheck.replicas import REPLICA_PHASES
+from reprocheck.runner.audit import AuditOptions, _jobs
+from reprocheck.script import ScriptError, script_config
+
+from .conftest import SCRIPTS, run_cli, script_line
+
+SCRIPT = "ddp_train.py"
+TORCHRUN = ("torchrun", "--standalone", "--nproc_per_node", "2")
+
+
+class Jobs:
+    def __init__(self, folder):
+        self.folder, self.done = folder, {}
+
+    def __call__(self, *args: str, options: tuple[str, ...] = ("--no-measure",), runs: int = 2):
+        key = (*args, "|", *options, runs)
+        if key not in self.done:
+            index = len(self.done)
+            out, report = self.folder / f"out{index}", self.folder / f"r{index}.json"
+            self.done[key] = run_cli(
+                "exec", "-n", str(runs), "-q", "--no-attribute", "--out", str(out),
+                "--json", str(report), *options, "--", *TORCHRUN, str(SCRIPTS / SCRIPT), *args,
+            )  # fmt: skip
+        return self.done[key]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    return Jobs(tmp_path_factory.mktemp("ddp"))
+
+
+def test_a_clean_ddp_job_reproduces_and_its_replicas_are_identical(job):
+    result = job()
+    report = result.report
+    assert (result.code, report["verdict"], report["first_divergence"]) == (0, "reproducible", None)
+    assert report["config"]["command"][:4] == list(TORCHRUN)
+    assert report["config"]["name"] == "ddp_train"
+    runs = report["legs"][0]["runs"]
+    assert [r["run"] for r in runs] == [0, 1]
+    for run in runs:
+        ranks = run["ranks"]
+        assert [(r["name"], r["rank"], r["local_rank"], r["world_size"]) for r in ranks] == [
+            ("rank0", 0, 0, 2),
+            ("rank1", 1, 1, 2),
+        ]
+        assert {(r["backend"], r["device"], r["status"], r["steps"]) for r in ranks} == {
+            ("gloo", "cpu", "complete", 6)  # 96 samples, 2 ranks, batches of 16, 2 epochs
+        }
+    replicas = report["replicas"]
+    assert replicas["checked"] and replicas["identical"]
+    assert (replicas["ranks"], replicas["runs"], replicas["steps"]) == (2, [0, 1], 7)
+    assert report["replica_divergence"] is None and report["findings"] == []
+    assert set(REPLICA_PHASES) <= set(report["legs"][0]["phases"])
+
+
+def test_a_scheduler_stepped_on_rank_0_only_splits_the_replicas_at_its_step(job):
+    result = job("--sched-rank0")
+    report = result.report
+    assert (result.code, report["verdict"]) == (1, "diverged")
+    assert report["first_divergence"] is None  # every run does the same: runs agree
+    split = report["replica_divergence"]
+    assert (split["step"], split["phase"], split["tensor"], split["kind"]) == (
+        2,
+        "weights",
+        "fc1.weight",
+        "parameter",
+    )
+    assert (split["ranks"], split["runs"]) == ([[0], [1]], [0, 1])
+    assert split["agreed"] == {"grad": True, "parameter": False, "buffer": None, "optimizer": True}
+    (finding,) = report["findings"]
+    assert finding["code"] == "RC023" and "scheduler" in finding["message"]
+    assert "every rank" in finding["fix"]
+
+
+def test_unsynced_batchnorm_buffers_are_named_while_parameters_agree(job):
+    report = job("--batchnorm", "--no-broadcast-buffers").report
+    split = report["replica_divergence"]
+    assert (split["step"], split["phase"], split["tensor"], split["kind"]) == (
+        0,
+        "weights",
+        "norm.running_mean",
+        "buffer",
+    )
+    assert split["agreed"]["parameter"] is True
+    (finding,) = report["findings"]
+    assert finding["code"] == "RC022"
+    assert "SyncBatchNorm" in finding["fix"] and "broadcast_buffers" in finding["fix"]
+    assert report["exit_code"] == 1
+
+
+def test_batchnorm_with_ddps_buffer_broadcast_is_not_an_alarm(job):
+    """DDP (default) copies rank 0's buffers in at each forward, so after a step each rank
+    holds its own update of them: expected, not compared."""
+    report = job("--batchnorm").report
+    assert (report["verdict"], report["replica_divergence"]) == ("reproducible", None)
+    assert report["replicas"]["identical"] and "buffers not compared" in report["replicas"]["note"]
+
+
+def test_dropout_reseeded_from_entropy_diverges_run_to_run_on_its_rank(job):
+    result = job("--dropout", "0.3", "--entropy-dropout", options=())
+    d = result.report["first_divergence"]
+    assert result.code == 1
+    assert (d["step"], d["phase"], d["tensor"], d["process"], d["rank"]) == (
+        1,
+        "outputs",
+        "output",
+        "rank0",
+        0,
+    )
+    # zoom under torchrun: the replay reran the whole job and captured rank 0's step
+    assert (d["module"], d["op"]) == ("Dropout", "aten.bernoulli_")
+    assert d["source"].endswith(script_line(SCRIPT, "return self.fc2(self.drop(").split("/")[-1])
+    assert "torch.seed()" in d["seeding"]
+
+
+def test_a_rank_that_raises_fails_the_audit_naming_the_rank_and_its_line(job):
+    result = job("--fail-rank", "1", runs=1)
+    assert result.code == 3 and result.report["verdict"] == "failed"
+    line = script_line(SCRIPT, 'raise RuntimeError(f"rank {self.rank} lost')
+    for run in result.report["legs"][0]["runs"]:
+        assert run["status"] == "failed"
+        assert run["error"].startswith("rank1: RuntimeError: rank 1 lost its data shard (")
+        assert run["error"].split("(")[1].split(" in ")[0].endswith(line.split("/")[-1])
+
+
+def _processes_running(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if marker.encode() in handle.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_rank_stuck_in_a_collective_ends_at_the_timeout_with_every_rank(job):
+    started = time.monotonic()
+    result = job("--hang-rank", "1", options=("--no-measure", "--timeout", "12"), runs=1)
+    assert result.code == 3
+    assert time.monotonic() - started < 60
+    (run,) = result.report["legs"][0]["runs"]
+    assert run["status"] == "timeout" and "timed out after 12 s" in run["error"]
+    # it hung in training: both ranks had committed their first step
+    assert [(r["rank"], r["steps"]) for r in run["ranks"]] == [(0, 1), (1, 1)]
+    time.sleep(0.5)
+    assert _processes_running("--hang-rank") == []  # no rank left behind
+
+
+def test_repeats_run_side_by_side_only_where_each_job_finds_its_own_port():
+    script = str(SCRIPTS / SCRIPT)
+    config, target = script_config(
+        ["torchrun", "--standalone", "--nproc_per_node", "2", script], "exec"
+    )
+    assert target["torchrun"] == {"nproc_per_node": 2, "fixed_port": False}
+    assert target["argv"][:2] == ["-m", "torch.distributed.run"]
+    assert _jobs(config, AuditOptions(exec=target, jobs=4)) == 4
+    assert _jobs(config, AuditOptions(exec=target)) is None  # as for any script: cores ÷ threads
+    for fixed in (
+        ["torchrun", "--nproc_per_node", "2", script],  # static rendezvous, port 29500
+        ["torchrun", "--nproc_per_node", "2", "--master-port", "29611", script],
+        ["python", "-m", "torch.distributed.run", "--rdzv-endpoint", "localhost:29400",
+         "--rdzv-backend", "c10d", script],
+    ):  # fmt: skip
+        config, target = script_config(fixed, "exec")
+        assert target["torchrun"]["fixed_port"] is True
+        assert _jobs(config, AuditOptions(exec=target, jobs=4)) == 1
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        (["torchrun", "--nproc_per_node", "2", "missing.py"], "no such script: missing.py"),
+        (["torchrun", "--no-python", "echo"], "runs no Python script"),
+        (["torchrun", "--bogus-option", "x.py"], "torchrun: "),
+    ],
+)
+def test_torchrun_command_lines_that_name_no_script_are_usage_errors(words, message, tmp_path):
+    with pytest.raises(ScriptError, match=message):
+        script_config(words, "exec")
+    result = run_cli("exec", "-q", "--out", str(tmp_path), "--", *words)
+    assert result.code == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
