@@ -497,10 +497,9 @@ def _first_failed_child(result: RunResult) -> str | None:
     for name, path in result.processes.items():
         if name == "main" or not os.path.exists(path):
             continue
-        with contextlib.suppress(TraceError):
-            with Trace(path) as trace:
-                if trace.status == "failed" and trace.error:
-                    failed.append((trace.meta.get("failed_at") or float("inf"), name, trace.error))
+        with contextlib.suppress(TraceError), Trace(path) as trace:
+            if trace.status == "failed" and trace.error:
+                failed.append((trace.meta.get("failed_at") or float("inf"), name, trace.error))
     if not failed:
         return None
     _, name, error = min(failed)

@@ -16,8 +16,8 @@ from typing import Any
 from .. import __version__
 from ..compare import Divergence, LegComparison, comparison_dict, divergence_dict
 from ..config import TRACE_PHASES, Config
-from ..replicas import ReplicaCheck
 from ..golden import GoldenCheck
+from ..replicas import ReplicaCheck
 from ..trace import Trace, TraceError
 from ..verdict import FAILED_RUN, decide
 from .launch import Leg, RunResult

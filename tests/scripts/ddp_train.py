@@ -37,7 +37,9 @@ class RandomRegression(Dataset):
 
     def __init__(self, size, generator):
         self.x = torch.randn(size, 12, generator=generator)
-        self.y = self.x[:, :3].sum(dim=1, keepdim=True) + 0.1 * torch.randn(size, 1, generator=generator)
+        self.y = self.x[:, :3].sum(dim=1, keepdim=True) + 0.1 * torch.randn(
+            size, 1, generator=generator
+        )
 
     def __len__(self):
         return len(self.x)
@@ -112,7 +114,9 @@ def load_train_objs(args):
     dataset = RandomRegression(args.size, torch.Generator().manual_seed(args.seed))
     model = Net(args.batchnorm, args.dropout)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5) if args.sched_rank0 else None
+    scheduler = (
+        torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5) if args.sched_rank0 else None
+    )
     return dataset, model, optimizer, scheduler
 
 
@@ -137,8 +141,12 @@ def main():
     dataset, model, optimizer, scheduler = load_train_objs(args)
     if args.entropy_dropout:
         torch.seed()  # planted: each rank's dropout masks from entropy
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                        sampler=DistributedSampler(dataset, seed=args.seed))
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=False,
+        sampler=DistributedSampler(dataset, seed=args.seed),
+    )
     trainer = Trainer(model, loader, optimizer, scheduler, args)
     with tempfile.TemporaryDirectory() as folder:
         loss = trainer.train(args.epochs, os.path.join(folder, "snapshot.pt"))
