@@ -34,6 +34,8 @@ RELEVANT_ENV_VARS = (
     "TORCH_DETERMINISTIC",
 )
 
+NCCL_PREFIXES = ("NCCL_", "TORCH_NCCL_")  # every one set goes into the snapshot
+
 
 def child_environment(
     controls: DeterminismConfig, threads: int | None, base: dict[str, str] | None = None
@@ -188,7 +190,11 @@ def environment_snapshot(applied: dict[str, Any] | None = None) -> dict[str, Any
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
-        "env": {name: os.environ.get(name) for name in RELEVANT_ENV_VARS},
+        "env": {
+            **{name: os.environ.get(name) for name in RELEVANT_ENV_VARS},
+            # NCCL's algorithm, protocol and channels change the order of a reduction's sums
+            **{k: v for k, v in sorted(os.environ.items()) if k.startswith(NCCL_PREFIXES)},
+        },
     }
     if applied is not None:
         snapshot["controls"] = applied

@@ -287,7 +287,10 @@ def find(code: str) -> Rule:
     """The rule with this code (case-insensitive); KeyError with a suggestion otherwise."""
     rule = BY_CODE.get(code.strip().upper())
     if rule is None:
-        close = difflib.get_close_matches(code.strip().upper(), BY_CODE, n=1)
+        typed = code.strip().upper()
+        number = typed[2:] if typed.startswith("RC") else ""
+        padded = f"RC{int(number):03d}" if number.isdigit() else ""
+        close = [padded] if padded in BY_CODE else difflib.get_close_matches(typed, BY_CODE, n=1)
         hint = f" — did you mean {close[0]}?" if close else f" (codes: {', '.join(BY_CODE)})"
         raise KeyError(f"unknown rule {code!r}{hint}")
     return rule
