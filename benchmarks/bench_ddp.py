@@ -13,6 +13,7 @@ steps; medians of ``--repeats`` runs, interleaved.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -29,6 +30,7 @@ STEPS_PER_EPOCH = 3  # 96 samples, 2 ranks, batches of 16
 
 
 def wall(command: list[str]) -> float:
+    """Seconds the command took, start to end."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env, cwd=ROOT, capture_output=True)
@@ -41,23 +43,28 @@ def commands(epochs: int, out: str) -> dict[str, list[str]]:
         "torchrun": [sys.executable, *job],
         "reprocheck exec": [
             sys.executable, "-m", "reprocheck", "exec", "-n", "1", "-q", "--no-attribute",
-            "--no-measure", "--out", out, "--", "python", *job,
+            "--no-measure", "--out", out, "--json", f"{out}/report-{epochs}.json",
+            "--", "python", *job,
         ],
     }  # fmt: skip
 
 
 def measure(repeats: int, short: int, long: int) -> dict[str, dict[str, float]]:
     samples: dict[str, dict[int, list[float]]] = {}
+    checks: list[float] = []  # the replica check of the long job, read from its report
     with tempfile.TemporaryDirectory() as out:
         for _ in range(repeats):
             for epochs in (short, long):
                 for name, command in commands(epochs, out).items():
                     samples.setdefault(name, {}).setdefault(epochs, []).append(wall(command))
+            report = json.loads(Path(out, f"report-{long}.json").read_text())
+            checks.append(report["timings"]["replicas_s"])
     steps = (long - short) * STEPS_PER_EPOCH
     rows = {}
     for name, by_epochs in samples.items():
         first, last = statistics.median(by_epochs[short]), statistics.median(by_epochs[long])
         rows[name] = {"short_s": first, "long_s": last, "ms_per_step": (last - first) / steps * 1e3}
+    rows["reprocheck exec"]["replica_check_s"] = statistics.median(checks)
     return rows
 
 
@@ -92,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--short", type=int, default=2, help="epochs of the short job")
-    parser.add_argument("--long", type=int, default=100, help="epochs of the long job")
+    parser.add_argument("--long", type=int, default=1000, help="epochs of the long job")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
     rows = measure(args.repeats, args.short, args.long)
@@ -103,6 +110,12 @@ def main() -> None:
         "2 ranks (gloo), OMP_NUM_THREADS=1"
     )
     print(render(rows, args.short, args.long, args.markdown))
+    check = rows["reprocheck exec"]["replica_check_s"]
+    print(
+        f"replica check of the {args.long * STEPS_PER_EPOCH}-step job, from its rank traces "
+        f"after the run: {check:.2f} s ({check / (args.long * STEPS_PER_EPOCH) * 1e3:.3f} ms "
+        "per step); no online check runs during training"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,6 +87,9 @@ def _header(t: torch.Tensor) -> bytes:
 def _check(t: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fingerprint takes a torch.Tensor, got {type(t).__name__}")
+    local = getattr(t, "_local_tensor", None)
+    if isinstance(local, torch.Tensor) and type(t).__name__ == "DTensor":
+        t = local  # a DTensor (FSDP2, tensor parallel): this rank's shard, as it is stored
     if t.layout != torch.strided:
         raise TypeError(
             f"fingerprint: {t.layout} tensors are not supported; call .to_dense() first"
@@ -104,22 +108,38 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-# dtypes NumPy can view directly; the others (bfloat16, float8 ...) are viewed as bytes.
-_NUMPY_DTYPES = frozenset(
-    (
-        torch.float16,
-        torch.float32,
-        torch.float64,
-        torch.complex64,
-        torch.complex128,
-        torch.bool,
-        torch.uint8,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-    )
-)
+class FreedStorageError(ValueError):
+    """A tensor whose storage no longer holds its elements (freed by ``resize_(0)``, as
+    FSDP2 does to its unsharded parameters between uses): it has no values to digest."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        super().__init__(
+            f"a {tuple(t.shape)} {str(t.dtype)[6:]} tensor whose storage was freed "
+            f"({t.untyped_storage().nbytes()} bytes left): it has no values to fingerprint"
+        )
+
+
+_ARRAYS: dict[int, Any] = {}  # byte length → its ctypes array type
+
+
+def _raw(t: torch.Tensor) -> Any:
+    """The bytes of a contiguous CPU tensor, read in place through its address (a buffer
+    xxh3 takes). Never ``t.numpy()``: that marks the tensor's storage non-resizable for
+    good (measured), which breaks code that frees and regrows storage — FSDP2 resizes
+    every unsharded parameter's storage to 0 after backward."""
+    nbytes = t.numel() * t.element_size()
+    if not nbytes:
+        return b""
+    if t.untyped_storage().nbytes() < t.storage_offset() * t.element_size() + nbytes:
+        raise FreedStorageError(t)
+    kind = _ARRAYS.get(nbytes)
+    if kind is None:
+        kind = ctypes.c_char * nbytes
+        if len(_ARRAYS) < 100_000:
+            _ARRAYS[nbytes] = kind
+    return kind.from_address(t.data_ptr())
+
+
 _SEEDS: dict[tuple[torch.dtype, torch.Size], int] = {}
 
 
@@ -137,10 +157,8 @@ def _seed(t: torch.Tensor) -> int:
 def _xxh3(t: torch.Tensor) -> bytes:
     seed = _seed(t)
     if not t.is_contiguous() or t.is_conj() or t.is_neg():
-        t = _as_bytes(t)
-    elif t.dtype not in _NUMPY_DTYPES:
-        t = t.reshape(-1).view(torch.uint8)
-    return xxhash.xxh3_128_digest(t.numpy(), seed)
+        t = _as_bytes(t)  # a contiguous copy, alive while it is hashed
+    return xxhash.xxh3_128_digest(_raw(t), seed)
 
 
 # torchmix-128 ------------------------------------------------------------------------
@@ -343,32 +361,28 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-# Tensor types whose ``.numpy()`` is the tensor's own memory (subclasses may differ).
+# Tensor types whose memory at ``data_ptr()`` is their content (subclasses may differ).
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 def _fast_path(t: torch.Tensor) -> bool:
-    """Worth hashing straight from ``t.numpy()``: a plain CPU tensor of a NumPy dtype."""
+    """Hashed in place, in one call (:func:`_raw`): a plain, contiguous CPU tensor without
+    conjugate or negative bits — exactly the tensors :func:`_xxh3` hashes without a copy."""
     return (
         type(t) in _PLAIN
         and not _FORCE_TORCHMIX
-        and t.dtype in _NUMPY_DTYPES
         and t.is_cpu
-        and not t.requires_grad
+        and t.layout == torch.strided
+        and t.is_contiguous()
+        and not t.is_conj()
+        and not t.is_neg()
     )
 
 
 def fingerprint(t: torch.Tensor) -> Digest:
     """The exact digest of a tensor (dtype, shape and every bit of its data)."""
     if _fast_path(t):
-        # The common case in one call: `.numpy()` refuses — and xxh3 refuses a
-        # non-contiguous view — exactly the tensors `_xxh3` would treat otherwise (other
-        # devices, conjugate/negative bits, dtypes NumPy lacks, strided memory); the cases
-        # known beforehand are not tried (a refusal from torch costs ~10 µs).
-        try:
-            return Digest(xxhash.xxh3_128_digest(t.numpy(), _seed(t)))
-        except (TypeError, ValueError, RuntimeError):
-            pass
+        return Digest(xxhash.xxh3_128_digest(_raw(t), _seed(t)))
     t = _check(t)
     if t.is_cpu and not _FORCE_TORCHMIX:
         return Digest(_xxh3(t))
@@ -408,8 +422,9 @@ def sketch(t: torch.Tensor) -> Sketch:
 def _view_holds(entry: Sequence[Any] | None, t: torch.Tensor) -> bool:
     """A kept view (see :func:`_view_entry`) still shows ``t``'s bytes: the same object at
     the same storage address, with the same shape and dtype, still contiguous (a
-    transpose in place keeps address and shape of a square matrix). The view keeps the old
-    storage alive, so no other tensor can take its address."""
+    transpose in place keeps address and shape of a square matrix). The view reads the
+    memory at that address, which is then ``t``'s own (a ``.data`` swap whose new storage
+    took the old address holds ``t``'s new values there)."""
     return (
         entry is not None
         and entry[0] is t
@@ -422,13 +437,12 @@ def _view_holds(entry: Sequence[Any] | None, t: torch.Tensor) -> bool:
 
 def _view_entry(original: torch.Tensor) -> tuple | None:
     """What the recorder keeps of a tensor it hashes every step (a weight, an optimizer
-    state): (tensor, data_ptr, shape, dtype, NumPy view of its bytes, seed); None for a
-    tensor hashed through a copy. xxh3 over the view gives :func:`fingerprint`'s digest."""
-    t = _check(original)
-    if not t.is_cpu or not t.is_contiguous() or t.is_conj() or t.is_neg():
+    state): (tensor, data_ptr, shape, dtype, a view of its bytes, seed); None for a tensor
+    hashed another way each step. xxh3 over the view gives :func:`fingerprint`'s digest."""
+    if not _fast_path(original):
         return None
-    flat = t if t.dtype in _NUMPY_DTYPES else t.reshape(-1).view(torch.uint8)
-    return (original, t.data_ptr(), t.shape, t.dtype, flat.numpy(), _seed(t))
+    t = original
+    return (original, t.data_ptr(), t.shape, t.dtype, _raw(t), _seed(t))
 
 
 class StepHasher:

@@ -242,12 +242,13 @@ class StepRecorder:
     it costs warm; so a record is a dict lookup and one ``xxh3`` call wherever that is
     exact: a tensor of the persistent phases (weights, optimizer state, generator states)
     seen at the last step under the same name, with the same storage address, shape, dtype
-    and contiguous layout, is hashed from the NumPy view kept of it; any other plain CPU
-    tensor is hashed straight from ``.numpy()`` — which refuses, and so sends the tensor the
-    careful way of :class:`~reprocheck.fingerprint.StepHasher`, whatever that view would get
-    wrong (a tensor that requires grad, a conjugate or negative bit, non-contiguous memory,
-    a dtype NumPy lacks). Both give the digest :func:`~reprocheck.fingerprint.fingerprint`
-    gives; with sketches, or torchmix, every record takes the careful way."""
+    and contiguous layout, is hashed from the view of its bytes kept from then; any other
+    plain, contiguous CPU tensor without conjugate or negative bits is hashed in place
+    through its address; the rest (strided memory, conjugate or negative bits, subclasses,
+    other devices) take the careful way of :class:`~reprocheck.fingerprint.StepHasher`.
+    All give the digest :func:`~reprocheck.fingerprint.fingerprint` gives, and none calls
+    ``.numpy()`` on a user's tensor (it would make its storage non-resizable); with
+    sketches, or torchmix, every record takes the careful way."""
 
     def __init__(
         self,
@@ -320,7 +321,7 @@ class StepRecorder:
         capturing = self.step == self.capture_step
         known, ids, hasher, fast = self._tensor_ids, self._ids, self._hasher, self._fast
         digests, xxh3 = hasher.host, _fp.xxhash.xxh3_128_digest if fast else None
-        fast_path = _fp._fast_path if fast else _never
+        fast_path, raw = (_fp._fast_path if fast else _never), _fp._raw
         for name, tensor in named:
             if capturing and (phase, name) in self.capture_names:
                 self.captured[(phase, name)] = tensor.detach().to("cpu", copy=True)
@@ -329,12 +330,9 @@ class StepRecorder:
             if found is None:
                 found = self._tensor_id(phase, name, tensor)
             ids.append(found[0])
-            if fast_path(tensor):
-                try:  # refused by .numpy() or xxh3 unless it is exactly `_xxh3`'s case
-                    digests.append(xxh3(tensor.numpy(), found[1]))
-                    continue
-                except (TypeError, ValueError, RuntimeError):
-                    pass
+            if fast_path(tensor):  # exactly the tensors `_xxh3` hashes in place
+                digests.append(xxh3(raw(tensor), found[1]))
+                continue
             self.devices.add(tensor.device.type)
             hasher.add(tensor)
 

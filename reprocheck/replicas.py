@@ -122,8 +122,8 @@ def check_run(leg: str, run: int, rank_traces: dict[int, str]) -> tuple[ReplicaC
         for r in ranks[1:]:
             if parameters(first[r]) != start:
                 why = (
-                    "ranks hold different weights from step 0 (sharded, or not replicated): "
-                    "compared run to run, rank by rank, only"
+                    "the ranks hold different parameters at step 0 (shards, as with FSDP, "
+                    "or a layout that is not replicated): compared run to run, rank by rank"
                 )
                 return ReplicaCheck(False, why, ranks=len(ranks)), why
         note = (

@@ -24,14 +24,20 @@ class Jobs:
     def __init__(self, folder):
         self.folder, self.done = folder, {}
 
-    def __call__(self, *args: str, options: tuple[str, ...] = ("--no-measure",), runs: int = 2):
-        key = (*args, "|", *options, runs)
+    def __call__(
+        self,
+        *args: str,
+        options: tuple[str, ...] = ("--no-measure",),
+        runs: int = 2,
+        script: str = SCRIPT,
+    ):
+        key = (script, *args, "|", *options, runs)
         if key not in self.done:
             index = len(self.done)
             out, report = self.folder / f"out{index}", self.folder / f"r{index}.json"
             self.done[key] = run_cli(
                 "exec", "-n", str(runs), "-q", "--no-attribute", "--out", str(out),
-                "--json", str(report), *options, "--", *TORCHRUN, str(SCRIPTS / SCRIPT), *args,
+                "--json", str(report), *options, "--", *TORCHRUN, str(SCRIPTS / script), *args,
             )  # fmt: skip
         return self.done[key]
 
@@ -197,3 +203,24 @@ def test_torchrun_command_lines_that_name_no_script_are_usage_errors(words, mess
     assert result.code == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fsdp2_shards_are_compared_rank_by_rank_and_not_as_replicas(job):
+    """fully_shard: each rank holds its shard of every parameter (a DTensor, recorded as its
+    local shard); FSDP2's unsharded parameters, freed after backward, are no weights."""
+    report = job(script="fsdp2_train.py").report
+    assert (report["verdict"], report["exit_code"]) == ("reproducible", 0)
+    assert report["config"]["models"] == [{"prefix": "", "type": "FSDPModel"}]
+    replicas = report["replicas"]
+    assert replicas["checked"] is False and "shards, as with FSDP" in replicas["note"]
+    assert set(report["legs"][0]["phases"]) >= {"grads", "weights", "optimizer"}
+    for run in report["legs"][0]["runs"]:
+        assert [(r["rank"], r["steps"], r["status"]) for r in run["ranks"]] == [
+            (0, 5, "complete"),
+            (1, 5, "complete"),
+        ]
+
+
+def test_fsdp2_with_one_rank_drawing_from_entropy_diverges_on_that_rank(job):
+    d = job("--entropy-rank", "1", script="fsdp2_train.py").report["first_divergence"]
+    assert (d["step"], d["phase"], d["tensor"], d["rank"]) == (1, "outputs", "output", 1)

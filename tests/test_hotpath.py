@@ -222,3 +222,22 @@ def test_logged_steps_are_folded_in_a_hang_and_when_due(tmp_path, monkeypatch):
     with Trace(writer.path) as trace:
         assert trace.steps == [0, 1, 2, 3, 4]
     writer.finish("complete")
+
+
+def test_recording_leaves_every_storage_resizable(tmp_path):
+    """`.numpy()` would mark a storage non-resizable for good; FSDP2 frees and regrows the
+    storage of every unsharded parameter, so no record may touch that flag."""
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    data = torch.randn(3, 4)
+    writer = TraceWriter(tmp_path / "t.sqlite", {})
+    recorder = StepRecorder(writer, PHASES)
+    for step in range(2):  # the second step hashes the weight from its kept view
+        recorder.begin(step)
+        recorder.add_all("data", [("x", data)])
+        recorder.add_state("weights", [("w", weight)])
+        recorder.commit(step, None)
+    fingerprint(torch.ones(3))
+    writer.finish("complete")
+    for tensor in (weight, data):
+        tensor.data.untyped_storage().resize_(0)  # raises for a non-resizable storage
+        assert tensor.untyped_storage().nbytes() == 0

@@ -527,7 +527,10 @@ def run_audit(
         findings, attribution, interrupted = _findings(
             config, options, leg, first, evidence, measurement, folder, timings
         )
+    check_started = time.monotonic()
     replicas = None if interrupted else check_legs(active)
+    if replicas is not None:
+        timings["replicas_s"] = time.monotonic() - check_started
     if replicas is not None and replicas.divergence is not None:
         findings = [*findings, replica_finding(replicas.divergence)]
     findings = [*findings, *map(_latent_finding, latent), *_observed_findings(active)]

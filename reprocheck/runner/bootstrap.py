@@ -590,9 +590,11 @@ class ProcessRecorder:
     def _note_hand_update(self) -> None:
         if self.finished or self.optimizer_seen or not self.trained:
             return
-        trained = list(self.trained.values())
+        # a leaf whose storage is freed once backward is done is a framework's temporary
+        # (FSDP2's unsharded parameter; its optimizer holds the shards): never a weight
+        trained = [p for p in self.trained.values() if not _freed(p)]
         held = _parameters(self._optimizers_created())
-        if any(id(p) in held for p in trained):
+        if not trained or any(id(p) in held for p in trained):
             return  # an optimizer will make the steps
         if not self.started:
             self._fix_names(None)
@@ -819,6 +821,8 @@ class ProcessRecorder:
         for ident in wanted:
             if ident in owned or ident in self.loose or ident not in tensors:
                 continue
+            if _freed(tensors[ident]):
+                continue  # a framework's temporary (FSDP's unsharded parameter): no weight
             name = globals_by_id.get(ident) or f"param{len(self.loose)}"
             self.loose[ident] = (name, tensors[ident])
 
@@ -875,6 +879,16 @@ class ProcessRecorder:
                 -8000:
             ],
         )
+
+
+def _freed(tensor: torch.Tensor) -> bool:
+    """A tensor whose storage was freed under it (``storage.resize_(0)``: FSDP2 frees each
+    unsharded parameter after backward); its bytes are no one's values."""
+    try:
+        needed = tensor.numel() * tensor.element_size()
+        return needed > 0 and tensor.untyped_storage().nbytes() < needed
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 def _ddp_buffer_sync(models: list[torch.nn.Module]) -> bool | None:
