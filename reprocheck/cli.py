@@ -176,10 +176,13 @@ def _terminate_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-def _emit(report: dict[str, Any], json_path: Optional[Path], quiet: bool) -> None:
+def _emit(
+    report: dict[str, Any], json_path: Optional[Path], quiet: bool, html_path: Optional[Path] = None
+) -> None:
     from .report.json import write_report
     from .report.terminal import render
 
+    report["html"] = _write_html(report, html_path or Path(report["out_dir"]) / "report.html")
     write_report(report, Path(report["out_dir"]) / "report.json")
     if json_path is not None:
         if str(json_path) == "-":
@@ -190,6 +193,21 @@ def _emit(report: dict[str, Any], json_path: Optional[Path], quiet: bool) -> Non
         render(report, stdout)
     elif report["verdict"] == "failed":  # a CI log still says why, in one line
         print(f"reprocheck: {_failure_line(report)}", file=sys.stderr)
+
+
+def _write_html(report: dict[str, Any], path: Path) -> Optional[str]:
+    """The report as one self-contained page; a page that cannot be written is said on
+    stderr and changes no verdict (the JSON and the exit code are the answer)."""
+    from .report.html import write_html
+
+    try:
+        return str(write_html(report, path))
+    except Exception as exc:  # a page is a view, never the verdict
+        print(f"reprocheck: warning: {path} not written: {exc}", file=sys.stderr)
+        return None
+
+
+HTML_OPTION_HELP = "Write the HTML report here (default: report.html in the audit's folder)."
 
 
 def _failure_line(report: dict[str, Any]) -> str:
@@ -225,6 +243,7 @@ def run(
     json_path: Optional[Path] = typer.Option(
         None, "--json", help="Also write the JSON report here ('-': stdout)."
     ),
+    html_path: Optional[Path] = typer.Option(None, "--html", help=HTML_OPTION_HELP),
     fail_fast: bool = typer.Option(
         True, "--fail-fast/--no-fail-fast", help="Stop a leg's runs as soon as two disagree."
     ),
@@ -279,7 +298,7 @@ def run(
     _terminate_as_interrupt()
     with RunProgress(quiet or (json_path is not None and str(json_path) == "-")) as progress:
         report = run_audit(config, options, progress=progress.update)
-    _emit(report, json_path, quiet)
+    _emit(report, json_path, quiet, html_path)
     raise typer.Exit(report["exit_code"])
 
 
@@ -296,6 +315,9 @@ def compare(
     ),
     any_config: bool = typer.Option(
         False, "--any-config", help="Compare traces even when they come from different configs."
+    ),
+    html_path: Optional[Path] = typer.Option(
+        None, "--html", help="Also write the result as an HTML page here."
     ),
 ) -> None:
     """Compare two traces: the first divergent step and tensor, or distance under a tolerance.
@@ -351,8 +373,12 @@ def compare(
             sys.stdout.write(jsonout.dumps(result, indent=2, default=str) + "\n")
         else:
             write_report(result, json_path)
+    if html_path is not None:
+        result["html"] = _write_html(result, html_path)
     if json_path is None or str(json_path) != "-":
         _render_compare(result)
+        if result.get("html"):
+            stdout.print(f"[dim]report  {result['html']}[/dim]", highlight=False)
     # not comparable (no sketches to measure a difference by) is no pass: exit 3
     raise typer.Exit(
         EXIT_REPRODUCIBLE if agree else EXIT_DIVERGED if agree is False else EXIT_FAILED

@@ -443,6 +443,7 @@ ZOOM_KEYS = (
     "cause_detail",
     "op_index",
     "ops_captured",
+    "ops_window",
 )
 
 

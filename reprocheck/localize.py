@@ -508,7 +508,30 @@ def localize(
         "source_is_forward_line": backward and x.forward_line,
         "cause": cause,
         "cause_detail": detail,
+        "ops_window": _window(a, b, index),
     }
+
+
+OPS_AROUND = 5  # ops shown before and after the first divergent one (the HTML report)
+
+
+def _window(a: Sequence[OpRecord], b: Sequence[OpRecord], index: int) -> list[dict[str, Any]]:
+    """The ops around the first divergent one: each with whether the two runs agree on it."""
+    out = []
+    for i in range(max(0, index - OPS_AROUND), min(len(a), len(b), index + OPS_AROUND + 1)):
+        x, y = a[i], b[i]
+        kept = slice(SCRATCH_OUTPUTS.get(x.base))
+        out.append(
+            {
+                "index": i,
+                "op": x.base,
+                "stage": x.stage,
+                "module": x.module,
+                "source": x.source,
+                "match": x.op == y.op and x.outputs[kept] == y.outputs[kept],
+            }
+        )
+    return out
 
 
 def to_json(ops: Sequence[OpRecord]) -> list[dict[str, Any]]:

@@ -13,7 +13,15 @@ from .. import jsonout
 
 
 def register(app: typer.Typer) -> None:
-    from ..cli import UsageError, _terminate_as_interrupt, fail, stderr, stdout, user_errors
+    from ..cli import (
+        UsageError,
+        _terminate_as_interrupt,
+        _write_html,
+        fail,
+        stderr,
+        stdout,
+        user_errors,
+    )
 
     @app.command()
     @user_errors
@@ -46,6 +54,11 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option("reports", "--out", help="Folder for the probes' traces."),
         json_path: Optional[Path] = typer.Option(
             None, "--json", help="Write the findings as JSON ('-': stdout)."
+        ),
+        html_path: Optional[Path] = typer.Option(
+            None,
+            "--html",
+            help="Write the HTML report here (default: report.html in the probes' folder).",
         ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal output."),
     ) -> None:
@@ -97,6 +110,7 @@ def register(app: typer.Typer) -> None:
             "config": {"name": config.name, "path": config.path},
             "command": ["python", *target["argv"]] if target else None,
             "findings": findings,
+            "exit_code": 1 if findings else 0,
             "out_dir": str(folder),
             "audit": None
             if audit is None
@@ -106,6 +120,7 @@ def register(app: typer.Typer) -> None:
                 "attribution": audit["attribution"],
             },
         }
+        result["html"] = _write_html(result, html_path or folder / "report.html")
         if json_path is not None:
             text = jsonout.dumps(result, indent=2, default=str) + "\n"
             if str(json_path) == "-":
@@ -132,3 +147,5 @@ def register(app: typer.Typer) -> None:
             stdout.print(Text(f"        fix: {item['fix']}", style="dim"))
         if result["findings"]:
             stdout.print(Text("        reprocheck explain CODE for the whole rule", style="dim"))
+        if result.get("html"):
+            stdout.print(Text(f"report  {result['html']}", style="dim"))

@@ -10,6 +10,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     from ..cli import (
+        HTML_OPTION_HELP,
         RunProgress,
         _emit,
         _split_list,
@@ -43,6 +44,7 @@ def register(app: typer.Typer) -> None:
         json_path: Optional[Path] = typer.Option(
             None, "--json", help="Also write the JSON report."
         ),
+        html_path: Optional[Path] = typer.Option(None, "--html", help=HTML_OPTION_HELP),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel."),
         timeout: Optional[float] = typer.Option(
             None, "--timeout", min=0.1, help="Seconds per run."
@@ -108,5 +110,5 @@ def register(app: typer.Typer) -> None:
         _terminate_as_interrupt()
         with RunProgress(quiet) as progress:
             report = run_audit(config, options, progress=progress.update)
-        _emit(report, json_path, quiet)
+        _emit(report, json_path, quiet, html_path)
         raise typer.Exit(report["exit_code"])

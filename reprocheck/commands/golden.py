@@ -29,6 +29,7 @@ SCRIPT_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 def register(app: typer.Typer) -> None:
     from ..cli import (
+        HTML_OPTION_HELP,
         RunProgress,
         UsageError,
         _emit,
@@ -128,6 +129,7 @@ def register(app: typer.Typer) -> None:
             "text", "--format", help="text | github (::error annotations) | json (stdout)."
         ),
         json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report."),
+        html_path: Optional[Path] = typer.Option(None, "--html", help=HTML_OPTION_HELP),
         any_config: bool = typer.Option(
             False,
             "--any-config",
@@ -182,7 +184,7 @@ def register(app: typer.Typer) -> None:
             )
         except GoldenError as exc:
             raise UsageError(str(exc)) from None
-        _emit(report, json_path, quiet or machine)
+        _emit(report, json_path, quiet or machine, html_path)
         if junit is not None:
             from ..report.junit import write_junit
 

@@ -651,6 +651,8 @@ def render(report: dict[str, Any], console: Console) -> None:
         )
     )
     console.print(_line("traces", Text(report["out_dir"] + "/", style=DIM)))
+    if report.get("html"):
+        console.print(_line("report", Text(report["html"], style=DIM)))
 
 
 def _replay_from(report: dict[str, Any]) -> int:

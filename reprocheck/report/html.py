@@ -1,0 +1,263 @@
+"""``report.html``: the audit as one self-contained page — no network reference, nothing
+fetched, readable with JavaScript off.
+
+The page is rendered by Jinja2 with autoescaping on (names from user code — modules,
+tensors, source lines — are data, shown as text) from the report dict the JSON and the
+terminal also render, plus what the plots need from the traces: the loss of every run at
+every step. The plots are matplotlib figures inlined as SVG.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ..trace import Trace, TraceError
+
+TEMPLATES = Path(__file__).parent / "templates"
+GROUP_COLOURS = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#718096")
+
+
+def _losses(path: str) -> dict[int, float]:
+    try:
+        with Trace(path) as trace:
+            return {s: v for s, v in trace.losses().items() if v is not None}
+    except (TraceError, OSError):
+        return {}
+
+
+def _series(report: dict[str, Any]) -> dict[str, Any]:
+    """Per-step losses of the runs of the leg that matters (the divergent one, else the
+    first that ran): for each run, the process that diverged (or the first that trained)."""
+    first = report.get("first_divergence") or {}
+    legs = [leg for leg in report["legs"] if leg["status"] != "skipped"]
+    leg = next((x for x in legs if x["name"] == first.get("leg")), legs[0] if legs else None)
+    if leg is None:
+        return {"runs": []}
+    wanted = first.get("process") or "main"
+    runs = []
+    for run in leg["runs"]:
+        processes = run.get("processes") or []
+        chosen = next((p for p in processes if p["name"] == wanted), None)
+        if chosen is None or chosen.get("steps") is None:
+            chosen = next((p for p in processes if p.get("steps") is not None), None)
+        path = chosen["trace"] if chosen else run["trace"]
+        runs.append({"run": run["run"], "status": run["status"], "losses": _losses(path)})
+    golden = (report.get("golden") or {}).get("golden")
+    reference = _losses(golden) if golden else {}
+    return {"leg": leg["name"], "process": wanted, "runs": runs, "golden": reference}
+
+
+def _figure_svg(fig: Any) -> str:
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", metadata={"Date": None})
+    text = buffer.getvalue()
+    text = text[text.index("<svg") :]  # no XML prolog inside HTML
+    return re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)  # RDF: no URLs
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    matplotlib.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "reprocheck"})
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def growth_svg(report: dict[str, Any], series: dict[str, Any]) -> str | None:
+    """Each run's loss per step, and |Δ loss| between the disagreeing groups (log scale),
+    the first divergent step marked."""
+    runs = [r for r in series["runs"] if r["losses"]]
+    if not runs:
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    first = report.get("first_divergence") or {}
+    groups = first.get("runs") if first.get("compared") == "runs" else None
+    group_of = {
+        run: i for i, group in enumerate(groups or [[r["run"] for r in runs]]) for run in group
+    }
+    two = bool(groups and len(groups) > 1)
+    fig, axes = plt.subplots(
+        2 if two else 1,
+        1,
+        figsize=(8, 5.2 if two else 3),
+        sharex=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    top = axes[0][0]
+    for run in runs:
+        steps = sorted(run["losses"])
+        colour = GROUP_COLOURS[group_of.get(run["run"], 0) % len(GROUP_COLOURS)]
+        top.plot(
+            steps,
+            [run["losses"][s] for s in steps],
+            color=colour,
+            lw=1.2,
+            label=f"run #{run['run']}",
+        )
+    if series.get("golden"):
+        steps = sorted(series["golden"])
+        top.plot(
+            steps,
+            [series["golden"][s] for s in steps],
+            color="#1a202c",
+            ls="--",
+            lw=1,
+            label="golden",
+        )
+    top.set_ylabel("loss")
+    top.legend(loc="upper right", fontsize=8, frameon=False)
+    step = first.get("step") if first.get("compared") == "runs" else None
+    if groups and len(groups) > 1:
+        by_run = {r["run"]: r["losses"] for r in runs}
+        a, b = by_run.get(groups[0][0], {}), by_run.get(groups[1][0], {})
+        common = sorted(set(a) & set(b))
+        bottom = axes[1][0]
+        gaps = [abs(a[s] - b[s]) for s in common]
+        shown = [(s, g) for s, g in zip(common, gaps) if g > 0]
+        if shown:
+            bottom.semilogy(
+                [s for s, _ in shown],
+                [g for _, g in shown],
+                color="#c53030",
+                lw=1.2,
+                marker="." if len(shown) < 60 else None,
+            )
+        bottom.set_ylabel(f"|Δ loss| #{groups[0][0]} vs #{groups[1][0]}")
+        bottom.set_xlabel("step")
+        for ax in (top, bottom):
+            if step is not None:
+                ax.axvline(step, color="#c53030", ls="--", lw=1)
+    else:
+        top.set_xlabel("step")
+        if step is not None:
+            top.axvline(step, color="#c53030", ls="--", lw=1)
+    for row in axes:
+        row[0].grid(alpha=0.25)
+        row[0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    svg = _figure_svg(fig)
+    plt.close(fig)
+    return svg
+
+
+def _rtol(tolerance: str | None) -> float | None:
+    found = re.search(r"rtol=([0-9.eE+-]+)", tolerance or "")
+    return float(found.group(1)) if found else None
+
+
+def tolerance_svg(comparisons: list[dict[str, Any]]) -> str | None:
+    """Max relative Δ per step of each compared pair (across legs, or against a golden),
+    against the tolerance line."""
+    shown = [c for c in comparisons if c.get("growth")]
+    if not shown:
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(8, 3), layout="constrained")
+    for index, c in enumerate(shown):
+        points = [(s, r) for s, r in c["growth"] if r is not None and r > 0]
+        label = " vs ".join(c["pair"])
+        if points:
+            ax.semilogy(
+                [s for s, _ in points],
+                [r for _, r in points],
+                color=GROUP_COLOURS[index % len(GROUP_COLOURS)],
+                lw=1.2,
+                label=label,
+            )
+        rtol = _rtol(c.get("tolerance"))
+        if rtol:
+            ax.axhline(rtol, color="#718096", ls=":", lw=1)
+            ax.annotate(
+                f"rtol {rtol:g}",
+                (0, rtol),
+                xycoords=("axes fraction", "data"),
+                fontsize=8,
+                color="#4a5568",
+                va="bottom",
+            )
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("max relative Δ")
+    ax.grid(alpha=0.25)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", fontsize=8, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no difference at any step", ha="center", transform=ax.transAxes)
+    svg = _figure_svg(fig)
+    plt.close(fig)
+    return svg
+
+
+def _rules(findings: list[dict[str, Any]]) -> dict[str, Any]:
+    from ..doctor.rules import BY_CODE
+
+    return {f["code"]: BY_CODE[f["code"]] for f in findings if f.get("code") in BY_CODE}
+
+
+def _relative(path: str | None, folder: Path) -> str | None:
+    if not path:
+        return None
+    try:
+        return os.path.relpath(os.path.abspath(path), folder.resolve())
+    except ValueError:
+        return path
+
+
+def render_html(report: dict[str, Any], folder: Path | None = None) -> str:
+    """The page for ``report``; links to traces and logs are relative to ``folder`` (where
+    the page is written)."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+    from markupsafe import Markup
+
+    folder = folder or Path(report.get("out_dir") or ".")
+    series = _series(report) if report.get("legs") else {"runs": []}
+    comparisons = list(report.get("across_legs") or [])
+    golden = report.get("golden") or {}
+    if golden.get("comparison"):
+        comparisons.append(golden["comparison"])
+    if report.get("comparison"):  # `compare` under a tolerance
+        comparisons.append(report["comparison"])
+    growth = growth_svg(report, series) if report.get("legs") else None
+    tolerance = tolerance_svg(comparisons)
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(["html", "j2"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["rel"] = lambda path: _relative(path, folder)
+    template = env.get_template("report.html.j2")
+    fail_fast_stopped = any(
+        run["status"] == "stopped" for leg in report.get("legs") or [] for run in leg["runs"]
+    )
+    return template.render(
+        r=report,
+        first=report.get("first_divergence") or (report.get("audit") or {}).get("first_divergence"),
+        growth=Markup(growth) if growth else None,
+        tolerance=Markup(tolerance) if tolerance else None,
+        series=series,
+        rules=_rules(report.get("findings") or []),
+        stopped=fail_fast_stopped,
+        colours=GROUP_COLOURS,
+    )
+
+
+def write_html(report: dict[str, Any], path: Path) -> Path:
+    """Write the page (atomically: a crash never leaves half a page)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = render_html(report, path.parent)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+    return path
