@@ -101,6 +101,10 @@ def test_gpu_risk_prescan_names_each_op_with_its_line(tmp_path):
     # the conv's backward sums differently with 2 threads: a real sensitivity
     assert "RC010" in _codes(findings)
     assert "RC017" not in _codes(findings)
+    # the page beside the probes' traces: the findings with their lines, as text
+    page = Path(load_strict(result.stdout)["html"]).read_text()
+    assert 'id="verdict">FINDINGS</span>' in page and "<b>RC006</b>" in page
+    assert "exit 1" in page and _line(forward, "index_add(") in page
 
 
 def test_workers_with_numpy_augmentation_reproduce_without_false_findings(audit, tmp_path):

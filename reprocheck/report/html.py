@@ -240,7 +240,10 @@ def render_html(report: dict[str, Any], folder: Path | None = None) -> str:
     fail_fast_stopped = any(
         run["status"] == "stopped" for leg in report.get("legs") or [] for run in leg["runs"]
     )
+    from .. import __version__
+
     return template.render(
+        version=__version__,
         r=report,
         first=report.get("first_divergence") or (report.get("audit") or {}).get("first_divergence"),
         growth=Markup(growth) if growth else None,
