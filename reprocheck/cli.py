@@ -198,10 +198,17 @@ def _emit(
 def _write_html(report: dict[str, Any], path: Path) -> Optional[str]:
     """The report as one self-contained page; a page that cannot be written is said on
     stderr and changes no verdict (the JSON and the exit code are the answer)."""
+    from .doctor.rules import BY_CODE
     from .report.html import write_html
 
+    codes = {f.get("code") for f in report.get("findings") or []}
+    rules = {
+        code: {"why": rule.why, "example": rule.example, "fix": rule.fix}
+        for code, rule in BY_CODE.items()
+        if code in codes
+    }
     try:
-        return str(write_html(report, path))
+        return str(write_html(report, path, rules))
     except Exception as exc:  # a page is a view, never the verdict
         print(f"reprocheck: warning: {path} not written: {exc}", file=sys.stderr)
         return None

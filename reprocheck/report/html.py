@@ -3,8 +3,8 @@ fetched, readable with JavaScript off.
 
 The page is rendered by Jinja2 with autoescaping on (names from user code — modules,
 tensors, source lines — are data, shown as text) from the report dict the JSON and the
-terminal also render, plus what the plots need from the traces: the loss of every run at
-every step. The plots are matplotlib figures inlined as SVG.
+terminal also render (its ``plot`` holds each run's loss per step); it reads no trace.
+The plots are matplotlib figures inlined as SVG.
 """
 
 from __future__ import annotations
@@ -15,40 +15,26 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..trace import Trace, TraceError
-
 TEMPLATES = Path(__file__).parent / "templates"
 GROUP_COLOURS = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#718096")
 
 
-def _losses(path: str) -> dict[int, float]:
-    try:
-        with Trace(path) as trace:
-            return {s: v for s, v in trace.losses().items() if v is not None}
-    except (TraceError, OSError):
-        return {}
-
-
 def _series(report: dict[str, Any]) -> dict[str, Any]:
-    """Per-step losses of the runs of the leg that matters (the divergent one, else the
-    first that ran): for each run, the process that diverged (or the first that trained)."""
-    first = report.get("first_divergence") or {}
-    legs = [leg for leg in report["legs"] if leg["status"] != "skipped"]
-    leg = next((x for x in legs if x["name"] == first.get("leg")), legs[0] if legs else None)
-    if leg is None:
-        return {"runs": []}
-    wanted = first.get("process") or "main"
-    runs = []
-    for run in leg["runs"]:
-        processes = run.get("processes") or []
-        chosen = next((p for p in processes if p["name"] == wanted), None)
-        if chosen is None or chosen.get("steps") is None:
-            chosen = next((p for p in processes if p.get("steps") is not None), None)
-        path = chosen["trace"] if chosen else run["trace"]
-        runs.append({"run": run["run"], "status": run["status"], "losses": _losses(path)})
-    golden = (report.get("golden") or {}).get("golden")
-    reference = _losses(golden) if golden else {}
-    return {"leg": leg["name"], "process": wanted, "runs": runs, "golden": reference}
+    """The report's plot data as {run: {step: loss}} (a non-finite loss is left out)."""
+    plot = report.get("plot") or {}
+    runs = [
+        {"run": r["run"], "losses": {s: v for s, v in r["losses"] if v is not None}}
+        for r in plot.get("runs") or []
+    ]
+    golden = {s: v for s, v in plot.get("golden") or [] if v is not None}
+    sketched = [(s, v) for s, v in plot.get("sketch_growth") or [] if v]
+    return {
+        "leg": plot.get("leg"),
+        "process": plot.get("process"),
+        "runs": runs,
+        "golden": golden,
+        "sketch_growth": sketched,
+    }
 
 
 def _figure_svg(fig: Any) -> str:
@@ -131,7 +117,19 @@ def growth_svg(report: dict[str, Any], series: dict[str, Any]) -> str | None:
                 lw=1.2,
                 marker="." if len(shown) < 60 else None,
             )
-        bottom.set_ylabel(f"|Δ loss| #{groups[0][0]} vs #{groups[1][0]}")
+        sketched = series.get("sketch_growth") or []
+        if sketched:
+            bottom.semilogy(
+                [s for s, _ in sketched],
+                [v for _, v in sketched],
+                color="#6b46c1",
+                lw=1.2,
+                label="max relative Δ, all tensors (sketches)",
+            )
+        if shown and sketched:
+            bottom.plot([], [], color="#c53030", label="|Δ loss|")
+            bottom.legend(loc="best", fontsize=8, frameon=False)
+        bottom.set_ylabel(f"Δ #{groups[0][0]} vs #{groups[1][0]}")
         bottom.set_xlabel("step")
         for ax in (top, bottom):
             if step is not None:
@@ -198,12 +196,6 @@ def tolerance_svg(comparisons: list[dict[str, Any]]) -> str | None:
     return svg
 
 
-def _rules(findings: list[dict[str, Any]]) -> dict[str, Any]:
-    from ..doctor.rules import BY_CODE
-
-    return {f["code"]: BY_CODE[f["code"]] for f in findings if f.get("code") in BY_CODE}
-
-
 def _relative(path: str | None, folder: Path) -> str | None:
     if not path:
         return None
@@ -213,21 +205,26 @@ def _relative(path: str | None, folder: Path) -> str | None:
         return path
 
 
-def render_html(report: dict[str, Any], folder: Path | None = None) -> str:
+def render_html(
+    report: dict[str, Any],
+    folder: Path | None = None,
+    rules: dict[str, dict[str, str]] | None = None,
+) -> str:
     """The page for ``report``; links to traces and logs are relative to ``folder`` (where
-    the page is written)."""
+    the page is written); ``rules``: the catalog's text of the findings' rules (code →
+    why, example, fix), shown in full on the page."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
     from markupsafe import Markup
 
     folder = folder or Path(report.get("out_dir") or ".")
-    series = _series(report) if report.get("legs") else {"runs": []}
+    series = _series(report)
     comparisons = list(report.get("across_legs") or [])
     golden = report.get("golden") or {}
     if golden.get("comparison"):
         comparisons.append(golden["comparison"])
     if report.get("comparison"):  # `compare` under a tolerance
         comparisons.append(report["comparison"])
-    growth = growth_svg(report, series) if report.get("legs") else None
+    growth = growth_svg(report, series)
     tolerance = tolerance_svg(comparisons)
     env = Environment(
         loader=FileSystemLoader(TEMPLATES),
@@ -249,17 +246,19 @@ def render_html(report: dict[str, Any], folder: Path | None = None) -> str:
         growth=Markup(growth) if growth else None,
         tolerance=Markup(tolerance) if tolerance else None,
         series=series,
-        rules=_rules(report.get("findings") or []),
+        rules=rules or {},
         stopped=fail_fast_stopped,
         colours=GROUP_COLOURS,
     )
 
 
-def write_html(report: dict[str, Any], path: Path) -> Path:
+def write_html(
+    report: dict[str, Any], path: Path, rules: dict[str, dict[str, str]] | None = None
+) -> Path:
     """Write the page (atomically: a crash never leaves half a page)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = render_html(report, path.parent)
+    text = render_html(report, path.parent, rules)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)

@@ -14,11 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..compare import Divergence, LegComparison, comparison_dict, divergence_dict
+from ..compare import (
+    Divergence,
+    LegComparison,
+    Tolerance,
+    compare_sketches,
+    comparison_dict,
+    divergence_dict,
+)
 from ..config import TRACE_PHASES, Config
 from ..golden import GoldenCheck
 from ..replicas import ReplicaCheck
-from ..trace import Trace, TraceError
+from ..trace import Trace, TraceError, committed_steps
 from ..verdict import FAILED_RUN, decide
 from .launch import Leg, RunResult
 from .stages import Evidence, Measurement
@@ -251,11 +258,70 @@ def build_report(
         "findings": list(findings),
         "attribution": list(attribution),
         "environment": _environment(legs, facts),
+        "plot": _plot(legs, first, golden),
         "golden": golden.to_dict() if golden is not None else None,
         "out_dir": str(folder),
         "timings": {key: round(value, 3) for key, value in timings.items()},
     }
     return report
+
+
+def _losses(path: str | None) -> list[list[float | None]]:
+    try:
+        with Trace(path) as trace:  # type: ignore[arg-type]
+            return [[step, value] for step, value in sorted(trace.losses().items())]
+    except (TraceError, OSError, TypeError):
+        return []
+
+
+def _plot(
+    legs: Sequence[Leg], first: Divergence | None, golden: GoldenCheck | None
+) -> dict[str, Any] | None:
+    """What the report's plot draws: each run's loss per step ([step, loss] pairs) in the
+    leg that diverged (else the first that ran), from the process that diverged (else the
+    first that trained), and the golden trace's, for a check."""
+    active = [leg for leg in legs if leg.status != "skipped"]
+    leg = next((x for x in active if first is not None and x.name == first.leg), None)
+    leg = leg or (active[0] if active else None)
+    if leg is None:
+        return None
+    process = first.process if first is not None else "main"
+    runs, paths = [], {}
+    for run in leg.runs:
+        path = run.processes.get(process)
+        if path is None or not committed_steps(path):
+            path = next((p for p in run.processes.values() if committed_steps(p)), run.trace)
+        paths[run.run] = path
+        runs.append({"run": run.run, "losses": _losses(path)})
+    reference = _losses(golden.golden) if golden is not None and golden.golden else None
+    return {
+        "leg": leg.name,
+        "process": process,
+        "runs": runs,
+        "golden": reference,
+        "sketch_growth": _sketch_growth(first, paths),
+    }
+
+
+def _sketched(path: str) -> bool:
+    with Trace(path) as trace:
+        return trace.has_sketches
+
+
+def _sketch_growth(first: Divergence | None, paths: dict[int, str]) -> list | None:
+    """Max relative Δ per step over every recorded tensor between the first two groups of
+    a divergence, where their traces carry sketches (multi-leg audits, tolerance checks):
+    the growth in the weights and gradients, not only in the loss. None without them."""
+    if first is None or len(first.runs) < 2:
+        return None
+    pair = [paths.get(group[0]) for group in first.runs[:2]]
+    try:
+        if not all(pair) or not all(map(_sketched, pair)):  # type: ignore[arg-type]
+            return None
+        found = compare_sketches(pair[0], pair[1], Tolerance(), ("a", "b"))  # type: ignore[arg-type]
+    except (TraceError, OSError):
+        return None
+    return [[step, rel] for step, rel in found.growth]
 
 
 def _first_divergence(
