@@ -215,6 +215,10 @@ def _write_html(report: dict[str, Any], path: Path) -> Optional[str]:
 
 
 HTML_OPTION_HELP = "Write the HTML report here (default: report.html in the audit's folder)."
+ENV_OPTION_HELP = (
+    "KEY=VALUE (repeatable): one more leg with these variables set, compared with the "
+    "others under the tolerance (e.g. ATEN_CPU_CAPABILITY=default)."
+)
 
 
 def _failure_line(report: dict[str, Any]) -> str:
@@ -251,6 +255,7 @@ def run(
         None, "--json", help="Also write the JSON report here ('-': stdout)."
     ),
     html_path: Optional[Path] = typer.Option(None, "--html", help=HTML_OPTION_HELP),
+    env: Optional[List[str]] = typer.Option(None, "--env", help=ENV_OPTION_HELP),
     fail_fast: bool = typer.Option(
         True, "--fail-fast/--no-fail-fast", help="Stop a leg's runs as soon as two disagree."
     ),
@@ -288,7 +293,12 @@ def run(
 
     config = load_config(config_path)
     config = apply_overrides(
-        config, repeats=repeats, steps=steps, devices=_split_list(device), threads=_threads(threads)
+        config,
+        repeats=repeats,
+        steps=steps,
+        devices=_split_list(device),
+        threads=_threads(threads),
+        env=env,
     )
     if depth not in ("step", "module", "op"):
         raise UsageError(f"--depth takes step, module or op (got {depth!r})")

@@ -268,6 +268,7 @@ class LegComparison:
     worst: dict[str, Any] | None = None
     growth: list[tuple[int, float]] = field(default_factory=list)  # (step, max rel diff)
     note: str | None = None
+    first_differing: dict[str, Any] | None = None  # the first record not bitwise equal
 
 
 def compare_sketches(
@@ -316,6 +317,8 @@ def _compare_sketches(
             "tensor": name,
             "max_rel_diff": rel,
         }
+        if not bitwise and result.first_differing is None:
+            result.first_differing = where
         if excess > 1.0 and result.first_outside is None:
             result.within_tolerance = False
             result.first_outside = where
@@ -511,4 +514,5 @@ def comparison_dict(comparison: LegComparison) -> dict[str, Any]:
         "worst": comparison.worst,
         "growth": [[step, rel] for step, rel in comparison.growth],
         "note": comparison.note,
+        "first_differing": comparison.first_differing,
     }

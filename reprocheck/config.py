@@ -211,6 +211,11 @@ class Config:
     threads: tuple[int | None, ...] = _doc(
         "`torch.set_num_threads` per leg; omitted: torch's default", default=(None,)
     )
+    environments: tuple[tuple[tuple[str, str], ...], ...] = _doc(
+        "environment variables per leg, a list of mappings (`[{}, {ATEN_CPU_CAPABILITY: "
+        "default}]`); `{}` is the environment reprocheck runs in; `--env KEY=VALUE` adds one",
+        default=((),),
+    )
     determinism: DeterminismConfig = _doc("the controls (see below)", default=DeterminismConfig())
     model: FactoryConfig = _doc("the model factory", default=None)  # type: ignore[assignment]
     data: DataConfig = _doc("the data factory and DataLoader settings", default=None)  # type: ignore[assignment]
@@ -244,6 +249,11 @@ def config_to_dict(config: Config) -> dict:
         "steps": config.steps,
         "devices": list(config.devices),
         "threads": None if config.threads == (None,) else list(config.threads),
+        **(
+            {"environments": [dict(e) for e in config.environments]}
+            if config.environments != ((),)
+            else {}
+        ),
         "determinism": det,
         "model": {"factory": config.model.factory, "kwargs": dict(config.model.kwargs)},
         "data": {
@@ -288,7 +298,13 @@ def config_reference_markdown() -> str:
             if dataclasses.is_dataclass(default) or (prefix == "" and f.name in ("model", "data")):
                 default = "required" if f.name in ("model", "data") else "see below"
             shown = "null" if default is None else default
-            if isinstance(shown, tuple):
+            if f.name == "environments":  # mappings, given as pairs
+                shown = (
+                    "["
+                    + ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in e) + "}" for e in default)
+                    + "]"
+                )
+            elif isinstance(shown, tuple):
                 shown = "[" + ", ".join("null" if x is None else str(x) for x in shown) + "]"
             lines.append(f"| `{prefix}{f.name}` | `{shown}` | {f.metadata['doc']} |")
     return "\n".join(lines)

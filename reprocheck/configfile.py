@@ -490,6 +490,36 @@ def _threads(ctx: _Context, value: Any) -> tuple[int | None, ...]:
     return out
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _environment(ctx: _Context, path: tuple, value: Any) -> tuple[tuple[str, str], ...]:
+    """One leg's environment: variable names to values (numbers become their text)."""
+    if not isinstance(value, dict):
+        raise ctx.error(path, f"expected a mapping of variables to values, got {_kind(value)}")
+    out = []
+    for key, item in value.items():
+        if not isinstance(key, str) or not _ENV_NAME.match(key):
+            raise ctx.error(path, f"{key!r} is not an environment variable name")
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise ctx.error((*path, key), f"expected a string or number, got {_kind(item)}")
+        out.append((key, str(item)))
+    return tuple(sorted(out))
+
+
+def _environments(ctx: _Context, value: Any) -> tuple[tuple[tuple[str, str], ...], ...]:
+    if value is None:
+        return ((),)
+    if not isinstance(value, list) or not value:
+        raise ctx.error(
+            ("environments",), f"expected a list of mappings ({{}} first), got {_kind(value)}"
+        )
+    out = tuple(_environment(ctx, ("environments", i), item) for i, item in enumerate(value))
+    if len(set(out)) != len(out):
+        raise ctx.error(("environments",), "an environment is listed twice")
+    return out
+
+
 def _record(ctx: _Context, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise ctx.error(
@@ -571,6 +601,7 @@ def _build(data: Any, ctx: _Context) -> Config:
         steps=_value(ctx, (), Config, "steps", top),
         devices=_devices(ctx, top.get("devices", list(_default(Config, "devices")))),
         threads=_threads(ctx, top.get("threads")),
+        environments=_environments(ctx, top.get("environments")),
         determinism=_determinism(ctx, top.get("determinism")),
         model=_model(ctx, top["model"]),
         data=_data(ctx, top["data"]),
@@ -596,8 +627,11 @@ def apply_overrides(
     steps: int | None = None,
     devices: list[str] | None = None,
     threads: list[int] | None = None,
+    env: list[str] | None = None,
 ) -> Config:
-    """The CLI's -n/--steps/--device/--threads over the config, validated like the YAML."""
+    """The CLI's -n/--steps/--device/--threads/--env over the config, validated like the
+    YAML. ``--env KEY=VALUE`` (repeatable) adds one leg in that environment beside the
+    config's."""
     ctx = _Context("command line", None, config.base_dir)
     changes: dict[str, Any] = {}
     if repeats is not None:
@@ -614,4 +648,14 @@ def apply_overrides(
             changes["threads"] = _threads(ctx, list(threads))
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("threads", "--threads", 1)) from None
+    if env:
+        pairs = {}
+        for item in env:
+            key, sep, value = item.partition("=")
+            if not sep or not _ENV_NAME.match(key):
+                raise ConfigError(f"--env takes KEY=VALUE (got {item!r})")
+            pairs[key] = value
+        extra = tuple(sorted(pairs.items()))
+        if extra not in config.environments:
+            changes["environments"] = (*config.environments, extra)
     return dataclasses.replace(config, **changes)

@@ -10,6 +10,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     from ..cli import (
+        ENV_OPTION_HELP,
         HTML_OPTION_HELP,
         RunProgress,
         _emit,
@@ -45,6 +46,7 @@ def register(app: typer.Typer) -> None:
             None, "--json", help="Also write the JSON report."
         ),
         html_path: Optional[Path] = typer.Option(None, "--html", help=HTML_OPTION_HELP),
+        env: Optional[List[str]] = typer.Option(None, "--env", help=ENV_OPTION_HELP),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel."),
         timeout: Optional[float] = typer.Option(
             None, "--timeout", min=0.1, help="Seconds per run."
@@ -96,7 +98,7 @@ def register(app: typer.Typer) -> None:
         from ..configfile import apply_overrides as _overrides
         from ..runner.audit import AuditOptions, run_audit
 
-        config = _overrides(config, devices=_split_list(device), threads=_threads(threads))
+        config = _overrides(config, devices=_split_list(device), threads=_threads(threads), env=env)
         options = AuditOptions(
             out=out,
             jobs=jobs,

@@ -111,6 +111,10 @@ def header(report: dict[str, Any]) -> list[Text]:
             ended = sum(s in ("complete", "stopped") for s in statuses)
             mark, style = ("✔", GREEN) if leg["status"] == "ok" else ("✘", RED)
             legs.append(f"{leg['name']} ")
+            if leg.get("env"):
+                legs.append(
+                    "(" + " ".join(f"{k}={v}" for k, v in leg["env"].items()) + ") ", style=DIM
+                )
             legs.append(mark, style=style)
             legs.append(f" {ended}/{len(statuses)} runs")
             if "stopped" in statuses:

@@ -90,10 +90,16 @@ class Leg:
     status: str = "ok"  # ok | skipped | failed
     reason: str | None = None
     runs: list[RunResult] = field(default_factory=list)
+    env: tuple[tuple[str, str], ...] = ()  # variables set for this leg's runs
 
 
-def leg_name(device: str, threads: int | None) -> str:
-    return device.replace(":", "") + (f"-t{threads}" if threads is not None else "")
+def leg_name(device: str, threads: int | None, environment: int = 0) -> str:
+    """``cpu``, ``cuda0-t4``; ``-e1``, ``-e2`` … for the config's other environments."""
+    return (
+        device.replace(":", "")
+        + (f"-t{threads}" if threads is not None else "")
+        + (f"-e{environment}" if environment else "")
+    )
 
 
 def device_missing(device: str) -> str | None:
@@ -114,15 +120,17 @@ def device_missing(device: str) -> str | None:
 
 
 def plan_legs(config: Config) -> list[Leg]:
-    """devices × threads; a leg whose device is absent is skipped with the reason."""
+    """devices × threads × environments; a leg whose device is absent is skipped with the
+    reason."""
     legs = []
     for device in config.devices:
         missing = device_missing(device)
         for threads in config.threads:
-            leg = Leg(leg_name(device, threads), device, threads)
-            if missing:
-                leg.status, leg.reason = "skipped", missing
-            legs.append(leg)
+            for index, env in enumerate(config.environments):
+                leg = Leg(leg_name(device, threads, index), device, threads, env=env)
+                if missing:
+                    leg.status, leg.reason = "skipped", missing
+                legs.append(leg)
     return legs
 
 
@@ -219,7 +227,7 @@ class Launcher:
         for leg in legs:
             if leg.status == "skipped":
                 continue
-            env = child_environment(self.config.determinism, leg.threads)
+            env = self._environment(leg)
             for run in range(self.config.repeats):
                 saves = None
                 if self.checkpoints and "exec" not in self.extra_spec:
@@ -259,7 +267,7 @@ class Launcher:
         (:mod:`.checkpoint`); :attr:`resumed` then says where each started (0: step 0).
         The caller proves a resume with :meth:`replay_trace` before trusting it.
         """
-        env = child_environment(self.config.determinism, leg.threads)
+        env = self._environment(leg)
         tasks, outputs = [], {}
         self.resumed = {}
         for run in runs:
@@ -312,6 +320,12 @@ class Launcher:
             self._running = []
             raise
 
+    def _environment(self, leg: Leg) -> dict[str, str]:
+        """A run's environment: the controls' variables, then the leg's own."""
+        env = child_environment(self.config.determinism, leg.threads)
+        env.update(dict(leg.env))
+        return env
+
     def _forks(self, leg: Leg, env: dict[str, str]) -> bool:
         return self.fork_runs and pool.usable(env, leg.device)
 
@@ -321,7 +335,7 @@ class Launcher:
         for leg in legs:
             if leg.status == "skipped":
                 continue
-            env = child_environment(self.config.determinism, leg.threads)
+            env = self._environment(leg)
             if pool.usable(env, leg.device):
                 pool.zygote(env)
 

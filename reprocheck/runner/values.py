@@ -216,6 +216,7 @@ def build_report(
                 "name": leg.name,
                 "device": leg.device,
                 "threads": leg.threads,
+                "env": dict(leg.env),
                 "status": leg.status,
                 "reason": leg.reason,
                 "records": recorded[leg.name][0],
