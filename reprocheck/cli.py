@@ -215,6 +215,15 @@ def _write_html(report: dict[str, Any], path: Path) -> Optional[str]:
 
 
 HTML_OPTION_HELP = "Write the HTML report here (default: report.html in the audit's folder)."
+COMPILE_OPTION_HELP = (
+    "off, on or off,on: legs with the model eager, compiled (torch.compile, default "
+    "backend), or both, compared under the tolerance."
+)
+COMPILE_SCRIPT_HELP = (
+    "For a script: off makes torch.compile return its argument unchanged; on leaves the "
+    "script's own torch.compile, or compiles each trained model in place when the script "
+    "compiles none."
+)
 ENV_OPTION_HELP = (
     "KEY=VALUE (repeatable): one more leg with these variables set, compared with the "
     "others under the tolerance (e.g. ATEN_CPU_CAPABILITY=default)."
@@ -256,6 +265,7 @@ def run(
     ),
     html_path: Optional[Path] = typer.Option(None, "--html", help=HTML_OPTION_HELP),
     env: Optional[List[str]] = typer.Option(None, "--env", help=ENV_OPTION_HELP),
+    compile_: Optional[List[str]] = typer.Option(None, "--compile", help=COMPILE_OPTION_HELP),
     fail_fast: bool = typer.Option(
         True, "--fail-fast/--no-fail-fast", help="Stop a leg's runs as soon as two disagree."
     ),
@@ -299,6 +309,7 @@ def run(
         devices=_split_list(device),
         threads=_threads(threads),
         env=env,
+        compile=compile_,
     )
     if depth not in ("step", "module", "op"):
         raise UsageError(f"--depth takes step, module or op (got {depth!r})")

@@ -447,6 +447,7 @@ ZOOM_KEYS = (
     "op_index",
     "ops_captured",
     "ops_window",
+    "rung",
 )
 
 

@@ -211,6 +211,11 @@ class Config:
     threads: tuple[int | None, ...] = _doc(
         "`torch.set_num_threads` per leg; omitted: torch's default", default=(None,)
     )
+    compile: tuple[bool | None, ...] = _doc(
+        "`torch.compile` per leg: `[false, true]` compares eager with compiled (the model "
+        "compiled in place, default backend); `--compile off,on`; unset: as built",
+        default=(None,),
+    )
     environments: tuple[tuple[tuple[str, str], ...], ...] = _doc(
         "environment variables per leg, a list of mappings (`[{}, {ATEN_CPU_CAPABILITY: "
         "default}]`); `{}` is the environment reprocheck runs in; `--env KEY=VALUE` adds one",
@@ -249,6 +254,7 @@ def config_to_dict(config: Config) -> dict:
         "steps": config.steps,
         "devices": list(config.devices),
         "threads": None if config.threads == (None,) else list(config.threads),
+        **({"compile": list(config.compile)} if config.compile != (None,) else {}),
         **(
             {"environments": [dict(e) for e in config.environments]}
             if config.environments != ((),)
@@ -298,7 +304,9 @@ def config_reference_markdown() -> str:
             if dataclasses.is_dataclass(default) or (prefix == "" and f.name in ("model", "data")):
                 default = "required" if f.name in ("model", "data") else "see below"
             shown = "null" if default is None else default
-            if f.name == "environments":  # mappings, given as pairs
+            if f.name == "compile":
+                shown = "null"
+            elif f.name == "environments":  # mappings, given as pairs
                 shown = (
                     "["
                     + ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in e) + "}" for e in default)

@@ -490,6 +490,17 @@ def _threads(ctx: _Context, value: Any) -> tuple[int | None, ...]:
     return out
 
 
+def _compile(ctx: _Context, value: Any) -> tuple[bool | None, ...]:
+    if value is None:
+        return (None,)
+    items = [value] if isinstance(value, bool) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, bool) for v in items):
+        raise ctx.error(("compile",), f"expected true, false or [false, true], got {value!r}")
+    if len(set(items)) != len(items):
+        raise ctx.error(("compile",), "a compile setting is listed twice")
+    return tuple(items)
+
+
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -601,6 +612,7 @@ def _build(data: Any, ctx: _Context) -> Config:
         steps=_value(ctx, (), Config, "steps", top),
         devices=_devices(ctx, top.get("devices", list(_default(Config, "devices")))),
         threads=_threads(ctx, top.get("threads")),
+        compile=_compile(ctx, top.get("compile")),
         environments=_environments(ctx, top.get("environments")),
         determinism=_determinism(ctx, top.get("determinism")),
         model=_model(ctx, top["model"]),
@@ -628,6 +640,7 @@ def apply_overrides(
     devices: list[str] | None = None,
     threads: list[int] | None = None,
     env: list[str] | None = None,
+    compile: list[str] | None = None,
 ) -> Config:
     """The CLI's -n/--steps/--device/--threads/--env over the config, validated like the
     YAML. ``--env KEY=VALUE`` (repeatable) adds one leg in that environment beside the
@@ -648,6 +661,14 @@ def apply_overrides(
             changes["threads"] = _threads(ctx, list(threads))
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("threads", "--threads", 1)) from None
+    if compile:
+        words = [w.strip().lower() for item in compile for w in item.split(",") if w.strip()]
+        values = {"off": False, "on": True, "false": False, "true": True}
+        bad = [w for w in words if w not in values]
+        if bad or not words:
+            raise ConfigError(f"--compile takes off, on or off,on (got {','.join(compile)!r})")
+        chosen = tuple(dict.fromkeys(values[w] for w in words))
+        changes["compile"] = chosen
     if env:
         pairs = {}
         for item in env:

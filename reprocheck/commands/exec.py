@@ -10,6 +10,8 @@ import typer
 
 def register(app: typer.Typer) -> None:
     from ..cli import (
+        COMPILE_OPTION_HELP,
+        COMPILE_SCRIPT_HELP,
         ENV_OPTION_HELP,
         HTML_OPTION_HELP,
         RunProgress,
@@ -47,6 +49,9 @@ def register(app: typer.Typer) -> None:
         ),
         html_path: Optional[Path] = typer.Option(None, "--html", help=HTML_OPTION_HELP),
         env: Optional[List[str]] = typer.Option(None, "--env", help=ENV_OPTION_HELP),
+        compile_: Optional[List[str]] = typer.Option(
+            None, "--compile", help=COMPILE_OPTION_HELP + " " + COMPILE_SCRIPT_HELP
+        ),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel."),
         timeout: Optional[float] = typer.Option(
             None, "--timeout", min=0.1, help="Seconds per run."
@@ -98,7 +103,13 @@ def register(app: typer.Typer) -> None:
         from ..configfile import apply_overrides as _overrides
         from ..runner.audit import AuditOptions, run_audit
 
-        config = _overrides(config, devices=_split_list(device), threads=_threads(threads), env=env)
+        config = _overrides(
+            config,
+            devices=_split_list(device),
+            threads=_threads(threads),
+            env=env,
+            compile=compile_,
+        )
         options = AuditOptions(
             out=out,
             jobs=jobs,

@@ -410,7 +410,9 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
                 f"({_runs_text(g['runs'])})",
             )
         )
-    if d.get("replays_diverged") == 0:
+    if d.get("rung"):
+        lines.append(_line("compiled", f"measured {d['rung']}", style=YELLOW))
+    elif d.get("replays_diverged") == 0:
         lines.append(
             _line(
                 "zoom",

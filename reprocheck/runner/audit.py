@@ -495,6 +495,17 @@ def run_audit(
         measure_started = time.monotonic()
         try:
             measurement = _measure(launcher, leg, first, options.zoom)
+            if leg.compile and options.zoom:
+                # a TorchDispatchMode runs compiled regions eagerly: never present its op
+                # as the compiled model's, and a divergence it cannot repeat is the
+                # compiled code's
+                measurement.zoom["rung"] = (
+                    "eager: the op capture runs the compiled model's regions eagerly, so "
+                    "this op and line are where eager execution differs"
+                    if measurement.zoom.get("op")
+                    else "eager: with its compiled regions run eagerly (the op capture) "
+                    "the divergence did not recur: it comes from the compiled code"
+                )
         except KeyboardInterrupt:
             interrupted = True
         timings["measure_s"] = time.monotonic() - measure_started

@@ -151,6 +151,74 @@ class Session:
         self.overrides: dict[int, list[dict[str, Any]]] = {}
         self.created: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.serial = itertools.count()
+        # a compile leg (``--compile``): None (not asked: the script runs as written), False
+        # (torch.compile returns its argument unchanged) or True (the script's compile
+        # runs; a model the script never compiles is compiled in place with its optimizer)
+        self.compile_mode: bool | None = settings.get("compile")
+        self.compile_calls: list[str] = []  # where the script called torch.compile
+        self.compiled_in_place: set[int] = set()  # models whose forward --compile on compiled
+        self.original_compile: Callable[..., Any] = torch.compile
+
+    def _compile_controls(self) -> None:
+        """``--compile off``: torch.compile and Module.compile do nothing; ``on``: note the
+        script's own calls (a script that compiles its models is left to do it)."""
+        if self.compile_mode is None:
+            return
+        session, original = self, torch.compile
+        self.original_compile = original
+
+        @functools.wraps(original)
+        def compile(model: Any = None, *args: Any, **kwargs: Any) -> Any:
+            session.compile_calls.append(_caller() or "?")
+            if session.compile_mode:
+                return (
+                    original(model, *args, **kwargs)
+                    if model is not None
+                    else original(*args, **kwargs)
+                )
+            if model is None:  # @torch.compile(mode=...): a decorator that changes nothing
+                return lambda fn: fn
+            return model
+
+        torch.compile = compile
+        if not self.compile_mode and hasattr(torch.nn.Module, "compile"):
+            torch.nn.Module.compile = lambda module, *a, **k: None  # type: ignore[method-assign]
+
+    def optimizer_created(self, optimizer: torch.optim.Optimizer) -> None:
+        """``--compile on``: the models this optimizer trains are compiled in place at
+        their first call, unless the script has called torch.compile by then (nanoGPT
+        compiles after building its optimizer: its own compile then stands)."""
+        if not self.compile_mode or self.compile_calls or not hasattr(torch.nn.Module, "compile"):
+            return
+        wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        modules = [m for m in list(self.created) if isinstance(m, torch.nn.Module)]
+        inner = {id(c) for m in modules for c in m._modules.values() if c is not None}
+        pending = {
+            id(m): m
+            for m in modules
+            if id(m) not in inner
+            and getattr(m, "_compiled_call_impl", None) is None
+            and id(m) not in self.compiled_in_place
+            and any(id(p) in wanted for p in m.parameters())
+        }
+        if not pending:
+            return
+        session, module_type = self, torch.nn.Module
+        original = module_type.__call__
+
+        def __call__(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            found = pending.pop(id(module), None)
+            if found is not None and not session.compile_calls:
+                # its forward compiled, not the whole call: the call's hooks (reprocheck's
+                # outputs) stay eager, around the compiled code; names stay the same
+                found.forward = session.original_compile(found.forward)
+                session.compiled_in_place.add(id(found))
+            if not pending or session.compile_calls:
+                module_type.__call__ = original  # every model called once: no more checks
+                pending.clear()
+            return original(module, *args, **kwargs)
+
+        module_type.__call__ = __call__  # type: ignore[method-assign]
 
     def window(self, key: str) -> dict[str, Any] | None:
         """A replay's capture, if it is this process's (``main``, or the child that
@@ -202,13 +270,20 @@ class Session:
                 f"torch {torch.__version__} has no global optimizer hooks (need ≥ 2.0)"
             )
         session = self
+        self._compile_controls()
+
+        compiling = _is_compiling()
 
         def enter(module: torch.nn.Module, inputs: Any) -> None:
+            if compiling():  # traced into a compiled graph: nothing to do, no graph break
+                return
             rec = session.recorder()
             if rec is not None:
                 rec.enter_module(module)
 
         def leave(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            if compiling():
+                return
             rec = session.recorder()
             if rec is not None:
                 rec.leave_module(module, output)
@@ -233,11 +308,13 @@ class Session:
         for cls in (torch.nn.Module, torch.optim.Optimizer):  # creation order, for the names
             original_init = cls.__init__
 
-            def __init__(obj, *args, _original=original_init, **kwargs):
+            def __init__(obj, *args, _original=original_init, _cls=cls, **kwargs):
                 # an unhashable or unweakrefable subclass is left unnumbered
                 with contextlib.suppress(TypeError):
                     session.created.setdefault(obj, next(session.serial))
                 _original(obj, *args, **kwargs)
+                if _cls is torch.optim.Optimizer:
+                    session.optimizer_created(obj)
 
             cls.__init__ = functools.wraps(original_init)(__init__)
 
@@ -459,6 +536,7 @@ class ProcessRecorder:
         return {
             "exec": self.naming(),
             "seeding": self.session.seeding.get(os.getpid(), []),
+            "compile": {"mode": self.session.compile_mode, "calls": self.session.compile_calls},
             "observations": self.observations,
             **self._controls_in_effect(),
         }
@@ -776,7 +854,12 @@ class ProcessRecorder:
         wanted |= set(self.trained)
         self.models = self._owners(wanted)
         # for the doctor's compile finding (RC017)
-        self._rec().compiled = any(type(m).__name__ == "OptimizedModule" for m in self.models)
+        self._rec().compiled = any(
+            type(m).__name__ == "OptimizedModule"
+            or getattr(m, "_compiled_call_impl", None) is not None  # Module.compile()
+            or id(m) in self.session.compiled_in_place  # --compile on
+            for m in self.models
+        )
         for group in (self.models, self.optimizers):
             label = "model" if group is self.models else "opt"
             for index, item in enumerate(group):
@@ -881,6 +964,15 @@ class ProcessRecorder:
         )
 
 
+def _is_compiling() -> Callable[[], bool]:
+    """``torch.compiler.is_compiling`` (dynamo folds it to True while it traces; any torch)."""
+    compiler = getattr(torch, "compiler", None)
+    found = getattr(compiler, "is_compiling", None)
+    if found is None:
+        found = getattr(getattr(torch, "_dynamo", None), "is_compiling", None)
+    return found or (lambda: False)
+
+
 def _freed(tensor: torch.Tensor) -> bool:
     """A tensor whose storage was freed under it (``storage.resize_(0)``: FSDP2 frees each
     unsharded parameter after backward); its bytes are no one's values."""
@@ -941,6 +1033,7 @@ def _child_settings(spec: dict[str, Any], applied: dict[str, Any]) -> dict[str, 
         "seed": spec["config"]["seed"],
         "threads": spec.get("threads"),
         "capture": spec.get("capture"),
+        "compile": spec.get("compile"),
     }
 
 

@@ -113,6 +113,7 @@ class RunContext:
         from ..determinism import package_versions
 
         meta.setdefault("packages", package_versions())  # what the run imported, versioned
+        meta.setdefault("compiled", self.recorder.compiled)  # the model ran torch.compile'd
         devices = sorted(self.recorder.devices)
         hashers = {device: hasher_name(device) for device in devices}
         accelerator = next((d for d in devices if d != "cpu"), None)

@@ -91,13 +91,16 @@ class Leg:
     reason: str | None = None
     runs: list[RunResult] = field(default_factory=list)
     env: tuple[tuple[str, str], ...] = ()  # variables set for this leg's runs
+    compile: bool | None = None  # through torch.compile (True), eager (False), as built (None)
 
 
-def leg_name(device: str, threads: int | None, environment: int = 0) -> str:
-    """``cpu``, ``cuda0-t4``; ``-e1``, ``-e2`` … for the config's other environments."""
+def leg_name(device: str, threads: int | None, environment: int = 0, compiled: bool = False) -> str:
+    """``cpu``, ``cuda0-t4``; ``-compiled`` for a compile leg; ``-e1``, ``-e2`` … for the
+    config's other environments."""
     return (
         device.replace(":", "")
         + (f"-t{threads}" if threads is not None else "")
+        + ("-compiled" if compiled else "")
         + (f"-e{environment}" if environment else "")
     )
 
@@ -120,17 +123,19 @@ def device_missing(device: str) -> str | None:
 
 
 def plan_legs(config: Config) -> list[Leg]:
-    """devices × threads × environments; a leg whose device is absent is skipped with the
-    reason."""
+    """devices × threads × compile × environments; a leg whose device is absent is
+    skipped with the reason."""
     legs = []
     for device in config.devices:
         missing = device_missing(device)
         for threads in config.threads:
-            for index, env in enumerate(config.environments):
-                leg = Leg(leg_name(device, threads, index), device, threads, env=env)
-                if missing:
-                    leg.status, leg.reason = "skipped", missing
-                legs.append(leg)
+            for compiled in config.compile:
+                for index, env in enumerate(config.environments):
+                    name = leg_name(device, threads, index, compiled)
+                    leg = Leg(name, device, threads, env=env, compile=compiled)
+                    if missing:
+                        leg.status, leg.reason = "skipped", missing
+                    legs.append(leg)
     return legs
 
 
@@ -200,6 +205,8 @@ class Launcher:
             "leg": leg.name,
             "device": leg.device,
             "threads": leg.threads,
+            # None: no compile setting asked for (a script's own torch.compile runs as written)
+            "compile": leg.compile,
             "run": run,
             "steps": self.config.steps,
             "trace": str(trace.resolve()),

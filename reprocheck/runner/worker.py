@@ -57,6 +57,7 @@ def run(spec: dict[str, Any]) -> int:
             depth=depth,
             checkpoints=None if capture else spec.get("checkpoints"),
             resume=capture.get("resume") if capture else None,
+            compile=bool(spec.get("compile")),
         )
         if capture:
             save_capture(capture, context.recorder, ops)

@@ -32,6 +32,7 @@ n_layer, n_head, n_embd, dropout, bias = 1, 2, 16, 0.0, False
 learning_rate, max_iters, weight_decay, beta1, beta2, grad_clip = 1e-2, 10, 1e-1, 0.9, 0.95, 1.0
 decay_lr, warmup_iters, lr_decay_iters, min_lr = True, 3, 10, 1e-3
 device, dtype = "cpu", "float32"
+compile = False  # nanoGPT: torch.compile the model after building its optimizer
 # ----------------------------------------------------------------- configurator
 config_keys = [
     k
@@ -153,6 +154,10 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=len(
 model = GPT(len(chars)).to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if compile:
+    print("compiling the model...")
+    unoptimized_model = model
+    model = torch.compile(model)
 
 
 @torch.no_grad()

@@ -1,0 +1,107 @@
+"""Compile legs: the same training eager and through ``torch.compile`` (inductor's C++
+backend on this CPU), compared under the tolerance; within each leg runs still bit for bit.
+
+The config audit is the default suite's real compiled audit; the script audits that
+compile are ``slow`` (each run compiles)."""
+
+from __future__ import annotations
+
+import pytest
+
+from reprocheck.trace import Trace
+
+from .conftest import CONFIGS, SCRIPTS, run_cli, script_line
+
+
+def _legs(report):
+    return [leg for leg in report["legs"] if leg["status"] != "skipped"]
+
+
+def _meta(report, leg: int, key: str):
+    with Trace(_legs(report)[leg]["runs"][0]["trace"]) as trace:
+        return trace.meta.get(key)
+
+
+def test_a_config_compared_eager_against_compiled(audit):
+    result = audit("demo.yaml", "--compile", "off,on", "--steps", "3")
+    report = result.report
+    eager, compiled = _legs(report)
+    assert (eager["name"], compiled["name"]) == ("cpu-t1", "cpu-t1-compiled")
+    (across,) = report["across_legs"]
+    assert across["pair"] == ["cpu-t1", "cpu-t1-compiled"]
+    with Trace(eager["runs"][0]["trace"]) as trace:
+        observable = sum(not r.latent for r in trace.records())
+    assert across["compared"] == observable and across["note"] is None  # every one paired
+    # the compiled model's own numerics: its forward matches eager's here, its backward
+    # (AOT-compiled) sums the first bias gradient in another order
+    first = across["first_differing"]
+    assert (first["step"], first["phase"], first["tensor"]) == (1, "grads", "layers.0.bias")
+    assert 0 < first["max_rel_diff"] < 1e-5
+    assert across["within_tolerance"] is True
+    assert (report["verdict"], result.code, report["first_divergence"]) == ("reproducible", 0, None)
+    assert _meta(report, 1, "compiled") is True and _meta(report, 0, "compiled") is False
+
+
+def test_compile_off_makes_a_scripts_torch_compile_return_its_model(tmp_path):
+    result = run_cli(
+        "exec", "-q", "--no-attribute", "--compile", "off", "--out", str(tmp_path),
+        "--json", str(tmp_path / "r.json"), "--", "python", str(SCRIPTS / "nanogpt_style.py"),
+        "--compile=True", "--max_iters=3",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    (leg,) = _legs(result.report)
+    assert leg["name"] == "cpu"  # one setting: no second leg to compare
+    line = script_line("nanogpt_style.py", "model = torch.compile(model)")
+    assert _meta(result.report, 0, "compile") == {"mode": False, "calls": [line]}
+    assert _meta(result.report, 0, "compiled") is False  # it ran eager
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        (["--compile", "sometimes"], "--compile takes off, on or off,on"),
+        (["--compile", ""], "--compile takes"),
+    ],
+)
+def test_bad_compile_values_are_usage_errors(words, message, tmp_path):
+    result = run_cli("run", str(CONFIGS / "demo.yaml"), "-q", "--out", str(tmp_path), *words)
+    assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_script_that_compiles_nothing_is_compiled_in_place_with_on(tmp_path):
+    result = run_cli(
+        "exec", "-q", "--no-attribute", "--threads", "1", "--compile", "off,on", "--out",
+        str(tmp_path), "--json", str(tmp_path / "r.json"),
+        "--", "python", str(SCRIPTS / "segment_pool.py"),
+    )  # fmt: skip
+    report = result.report
+    eager, compiled = _legs(report)
+    assert eager["records"] == compiled["records"]  # the outputs still recorded, eagerly
+    (across,) = report["across_legs"]
+    first = across["first_differing"]
+    assert (first["step"], first["phase"]) == (1, "outputs")
+    assert _meta(report, 1, "compile") == {"mode": True, "calls": []}
+    assert _meta(report, 1, "compiled") is True
+
+
+@pytest.mark.slow
+def test_a_compiled_nanogpt_diverges_and_the_eager_capture_says_the_compiled_code_did_it(
+    tmp_path,
+):
+    """nanoGPT's own `torch.compile(model)`, two threads: the compiled embedding backward
+    sums wte's gradient in another order each run; the op capture (eager) repeats."""
+    result = run_cli(
+        "exec", "-q", "--no-attribute", "--compile", "on", "--threads", "2", "--out",
+        str(tmp_path), "--json", str(tmp_path / "r.json"), "--", "python",
+        str(SCRIPTS / "nanogpt_style.py"), "--compile=True", "--max_iters=3",
+    )  # fmt: skip
+    d = result.report["first_divergence"]
+    assert result.code == 1
+    assert (d["leg"], d["step"], d["phase"], d["tensor"]) == (
+        "cpu-t2-compiled",
+        1,
+        "grads",
+        "wte.weight",
+    )
+    assert d["replays_diverged"] == 0 and "it comes from the compiled code" in d["rung"]
