@@ -83,7 +83,9 @@ class DeterminismConfig:
 
     preset: str = _doc(
         "`seeded` (default): seed everything · `strict`: also deterministic "
-        "algorithms, cuDNN and cuBLAS controls · `none`: nothing",
+        "algorithms, cuDNN and cuBLAS controls, and inductor's (deterministic mode, "
+        "`fallback_random`, no autotuning, no CUDA graphs, where torch has them) · "
+        "`none`: nothing",
         default="seeded",
     )
     seed_python: bool = _doc("`random.seed(seed)`", default=True, presets={"none": False})

@@ -108,7 +108,62 @@ def apply_controls_for(
     applied["cublas_workspace"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     applied["seeded"] = seed_everything(seed, controls)
     applied["dataloader_generator"] = controls.dataloader_generator
+    if controls.preset == "strict":
+        applied["inductor"] = _strict_inductor()
     return applied
+
+
+# inductor's settings the strict preset fixes, where the installed torch has them: its
+# deterministic mode, random ops through eager's generator, no autotuning (it picks
+# kernels by timing), no CUDA graphs
+_STRICT_INDUCTOR = (
+    ("deterministic", True),
+    ("fallback_random", True),
+    ("max_autotune", False),
+    ("max_autotune_gemm", False),
+    ("coordinate_descent_tuning", False),
+    ("triton.cudagraphs", False),
+)
+
+
+def _strict_inductor() -> dict[str, Any]:
+    """Set what :data:`_STRICT_INDUCTOR` names (feature-detected); returns what was set."""
+    try:
+        import torch._inductor.config as inductor
+    except Exception:  # a torch without inductor: nothing to set
+        return {}
+    applied = {}
+    for name, value in _STRICT_INDUCTOR:
+        owner, _, key = name.rpartition(".")
+        target = getattr(inductor, owner) if owner else inductor
+        if hasattr(target, key):
+            setattr(target, key, value)
+            applied[name] = value
+    return applied
+
+
+def compile_settings() -> dict[str, Any] | None:
+    """The inductor settings that change a compiled model's numerics, as they are now, and
+    its on-disk cache (shared by the runs of an audit: a kernel compiled once is reused,
+    the same code either way); None where inductor was never imported (nothing compiled)."""
+    import sys
+
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is None:
+        return None
+    out: dict[str, Any] = {}
+    for name, _ in _STRICT_INDUCTOR:
+        owner, _, key = name.rpartition(".")
+        target = getattr(inductor, owner, None) if owner else inductor
+        if target is not None and hasattr(target, key):
+            out[name] = getattr(target, key)
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        out["cache_dir"] = cache_dir()
+    except Exception:  # an older layout: the cache is where that torch keeps it
+        out["cache_dir"] = None
+    return out
 
 
 def dataloader_generator(seed: int) -> torch.Generator:

@@ -25,6 +25,7 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import zip_longest
 from typing import Any
 
 import torch
@@ -77,6 +78,7 @@ class OpRecord:
     outputs: list[str] = field(default_factory=list)  # output digests (hex)
     generator: bool = False  # drew from a random generator
     forward_line: bool = False  # a backward op: ``source`` is the forward line of its node
+    scalars: list[str] = field(default_factory=list)  # its number arguments, as repr()
 
     @property
     def base(self) -> str:
@@ -348,6 +350,9 @@ class _Dispatch(TorchDispatchMode):
                 out_digests,
                 random_op or any(isinstance(v, torch.Generator) for v in leaves),
                 forward_line,
+                # a Python number passed to the op (a scale, an epsilon, a dropout p): two
+                # runs may differ there with every tensor input equal
+                [repr(v) for v in leaves if type(v) in (int, float, complex)],
             )
         )
         return out
@@ -458,6 +463,7 @@ def first_divergent_op(a: Sequence[OpRecord], b: Sequence[OpRecord]) -> int | No
 
 
 CAUSES = (
+    "a Python value differs",
     "nondeterministic op",
     "unseeded or re-seeded RNG",
     "data pipeline",
@@ -482,6 +488,13 @@ def classify(a: OpRecord, b: OpRecord, step: int, phase: str) -> tuple[str, str]
     read = slice(1, None) if a.generator and a.base.endswith("_") else slice(None)
     if a.inputs[read] != b.inputs[read]:
         return "earlier state", "the op's inputs already differ when the step starts"
+    if a.scalars != b.scalars:
+        x, y = next(p for p in zip_longest(a.scalars, b.scalars, fillvalue="–") if p[0] != p[1])
+        return (
+            "a Python value differs",
+            f"{a.base}: its tensor inputs are identical, a number argument is {x} in one run "
+            f"and {y} in the other",
+        )
     if a.generator:
         return "unseeded or re-seeded RNG", "a random op drew different values (inputs identical)"
     return "nondeterministic op", f"{a.base}: inputs identical, output differs"

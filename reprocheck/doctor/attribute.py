@@ -60,6 +60,8 @@ CANDIDATES: tuple[tuple[str, str, Change], ...] = (
         "RC009",
         lambda c: dataclasses.replace(c, data=dataclasses.replace(c.data, num_workers=0)),
     ),
+    # a compiled leg: the same training eager (a script's torch.compile returns its model)
+    ("compile off", "RC025", lambda c: dataclasses.replace(c, compile=(False,))),
 )
 
 
@@ -72,12 +74,21 @@ def attribute(
     folder: Path,
     zoom: dict[str, Any] | None = None,
     jobs: int | None = None,
+    leg_compile: bool | None = None,
+    leg_env: tuple[tuple[str, str], ...] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(findings, the table of every control tried with its verdict), each control's
-    variant audited through ``auditor``."""
+    variant audited through ``auditor``: the divergent leg alone (its device, threads,
+    compile setting and environment) with the control on."""
 
     base = dataclasses.replace(
-        config, steps=max(step, 1), repeats=2, devices=(leg_device,), threads=(leg_threads,)
+        config,
+        steps=max(step, 1),
+        repeats=2,
+        devices=(leg_device,),
+        threads=(leg_threads,),
+        compile=(leg_compile,),
+        environments=(leg_env,),
     )
     cuda = leg_device.startswith("cuda")
     tried: list[dict[str, Any]] = []
@@ -86,6 +97,8 @@ def attribute(
     for label, code, change in CANDIDATES:
         if code in ("RC005", "RC007") and not cuda:
             continue
+        if code == "RC025" and not leg_compile:
+            continue  # an eager leg: nothing to turn off
         if code in ("RC011", "RC020") and base.determinism.deterministic_algorithms:
             continue  # already on, with the memory filled as the preset has it
         variant = change(base)

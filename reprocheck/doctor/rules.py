@@ -278,6 +278,25 @@ RULES: tuple[Rule, ...] = (
         "Wrap the trained module in `DistributedDataParallel` and call the model through the "
         "wrapper; leave `no_sync()` for the micro-batches before the last one of each update.",
     ),
+    Rule(
+        "RC025",
+        "compiled-code-nondeterministic",
+        "Flags a compiled model whose runs differ while the same training run eagerly "
+        "reproduces (attribution's `compile off` control).",
+        "`torch.compile` replaces torch's kernels with generated ones, and the generated "
+        "code makes its own choices: inductor's CPU code accumulates scatters (an "
+        "embedding's backward) with atomic adds across threads, and on CUDA may autotune "
+        "kernels by timing or use its own random numbers. Checked on torch 2.13 (CPU): a "
+        "compiled nanoGPT-style model on two threads differs run to run in the embedding's "
+        "gradient from the first step, while eager repeats; deterministic algorithms, one "
+        "thread, or compile off each make it repeat (attribution tries them all).",
+        "model = torch.compile(model)  # wte's gradient: atomic adds in generated C++",
+        "`torch.use_deterministic_algorithms(True)` before compiling (inductor then "
+        "generates deterministic code for it), `torch._inductor.config.deterministic = "
+        "True` where the installed torch has it (the `strict` preset sets both, with "
+        "`fallback_random` and no autotuning), one thread for CPU code, or leave the part "
+        "that scatters uncompiled (`torch.compiler.disable`).",
+    ),
 )
 
 BY_CODE = {rule.code: rule for rule in RULES}

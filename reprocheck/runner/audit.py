@@ -702,6 +702,8 @@ def _findings(
                 folder / "attribution",
                 zoom,
                 jobs=_jobs(config, options),
+                leg_compile=leg.compile,
+                leg_env=leg.env,
             )
         except KeyboardInterrupt:
             return [], [], True

@@ -114,6 +114,10 @@ class RunContext:
 
         meta.setdefault("packages", package_versions())  # what the run imported, versioned
         meta.setdefault("compiled", self.recorder.compiled)  # the model ran torch.compile'd
+        if self.recorder.compiled:
+            from ..determinism import compile_settings
+
+            meta.setdefault("compile_settings", compile_settings())
         devices = sorted(self.recorder.devices)
         hashers = {device: hasher_name(device) for device in devices}
         accelerator = next((d for d in devices if d != "cpu"), None)
