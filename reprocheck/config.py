@@ -190,6 +190,18 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """The config's training under ``torchrun``: each run one job of this many ranks,
+    the model in ``DistributedDataParallel`` and the data split by a seeded
+    ``DistributedSampler``; compared rank by rank, and replica against replica."""
+
+    nproc_per_node: int = _doc(
+        "ranks per job (`torchrun --nproc_per_node`)", default=2, range=(1, 64)
+    )
+    backend: str = _doc("`gloo` (CPU) or `nccl` (one GPU per rank)", default="gloo")
+
+
+@dataclass(frozen=True)
 class ToleranceConfig:
     """How far legs (devices, thread counts) may be apart: |a−b| ≤ atol + rtol·max(|a|,|b|)
     on each numeric sketch value. Runs within a leg are always compared bitwise."""
@@ -241,6 +253,10 @@ class Config:
     tolerance: ToleranceConfig = _doc(
         "`tolerance: {across_legs: {rtol, atol}}`", default=ToleranceConfig()
     )
+    distributed: DistributedConfig | None = _doc(
+        "`distributed: {nproc_per_node: 2, backend: gloo}`: train under torchrun (see below)",
+        default=None,
+    )
     path: str | None = field(default=None, metadata={"internal": True})
     base_dir: str = field(default=".", metadata={"internal": True})
     sha256: str | None = field(default=None, metadata={"internal": True})
@@ -279,6 +295,11 @@ def config_to_dict(config: Config) -> dict:
         "tolerance": {
             "across_legs": {"rtol": config.tolerance.rtol, "atol": config.tolerance.atol}
         },
+        **(
+            {"distributed": dataclasses.asdict(config.distributed)}
+            if config.distributed is not None
+            else {}
+        ),
     }
 
 
@@ -291,6 +312,7 @@ def config_reference_markdown() -> str:
         ("data.", DataConfig),
         ("optimizer.", OptimizerConfig),
         ("tolerance.across_legs.", ToleranceConfig),
+        ("distributed.", DistributedConfig),
     ]
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for prefix, cls in sections:

@@ -31,6 +31,7 @@ from .config import (
     ConfigError,
     DataConfig,
     DeterminismConfig,
+    DistributedConfig,
     FactoryConfig,
     OptimizerConfig,
     ToleranceConfig,
@@ -580,6 +581,19 @@ def _data(ctx: _Context, value: Any) -> DataConfig:
     )
 
 
+def _distributed(ctx: _Context, value: Any) -> DistributedConfig | None:
+    if value is None:
+        return None
+    data = _mapping(ctx, ("distributed",), value, ("nproc_per_node", "backend"))
+    backend = data.get("backend", "gloo")
+    if backend not in ("gloo", "nccl"):
+        raise ctx.error(("distributed", "backend"), f"expected gloo or nccl, got {backend!r}")
+    return DistributedConfig(
+        nproc_per_node=_value(ctx, ("distributed",), DistributedConfig, "nproc_per_node", data),
+        backend=backend,
+    )
+
+
 def _tolerance(ctx: _Context, value: Any) -> ToleranceConfig:
     if value is None:
         return ToleranceConfig()
@@ -622,6 +636,7 @@ def _build(data: Any, ctx: _Context) -> Config:
         step=None if top.get("step") is None else _factory(ctx, ("step",), top["step"]),
         record=_record(ctx, top.get("record", list(_default(Config, "record")))),
         tolerance=_tolerance(ctx, top.get("tolerance")),
+        distributed=_distributed(ctx, top.get("distributed")),
         base_dir=ctx.base_dir,
     )
 

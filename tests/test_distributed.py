@@ -14,7 +14,7 @@ from reprocheck.replicas import REPLICA_PHASES
 from reprocheck.runner.audit import AuditOptions, _jobs
 from reprocheck.script import ScriptError, script_config
 
-from .conftest import SCRIPTS, run_cli, script_line
+from .conftest import ROOT, SCRIPTS, run_cli, script_line
 
 SCRIPT = "ddp_train.py"
 TORCHRUN = ("torchrun", "--standalone", "--nproc_per_node", "2")
@@ -224,3 +224,46 @@ def test_fsdp2_shards_are_compared_rank_by_rank_and_not_as_replicas(job):
 def test_fsdp2_with_one_rank_drawing_from_entropy_diverges_on_that_rank(job):
     d = job("--entropy-rank", "1", script="fsdp2_train.py").report["first_divergence"]
     assert (d["step"], d["phase"], d["tensor"], d["rank"]) == (1, "outputs", "output", 1)
+
+
+def test_a_config_trains_under_torchrun_with_distributed(tmp_path):
+    """`distributed:` in a config: each run a torchrun job of the config's loop in DDP with
+    a seeded DistributedSampler, recorded rank by rank, replicas checked."""
+    config = tmp_path / "ddp.yaml"
+    config.write_text(
+        "name: ddp-mlp\nsteps: 3\n"
+        "model: {factory: reprocheck.zoo.models:mlp,\n"
+        "        kwargs: {in_features: 32, hidden: 32, depth: 2}}\n"
+        "data: {factory: reprocheck.zoo.data:classification,\n"
+        "       kwargs: {n: 128, features: 32}, batch_size: 16}\n"
+        "optimizer: {name: SGD, lr: 0.1, momentum: 0.9}\n"
+        "distributed: {nproc_per_node: 2, backend: gloo}\n"
+    )
+    result = run_cli(
+        "run", str(config), "-q", "--no-attribute", "--out", str(tmp_path / "out"),
+        "--json", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    report = result.report
+    assert (result.code, report["verdict"]) == (0, "reproducible"), result.stderr
+    assert report["config"]["command"][:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"]
+    for run in report["legs"][0]["runs"]:
+        assert [(r["rank"], r["steps"], r["backend"]) for r in run["ranks"]] == [
+            (0, 3, "gloo"),
+            (1, 3, "gloo"),
+        ]
+    assert report["replicas"]["identical"] and report["replicas"]["steps"] == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("distributed: {nproc_per_node: 0}", "distributed.nproc_per_node"),
+        ("distributed: {backend: mpi}", "expected gloo or nccl, got 'mpi'"),
+        ("distributed: {ranks: 2}", "unknown key 'ranks'"),
+    ],
+)
+def test_bad_distributed_settings_are_config_errors(tmp_path, text, message):
+    config = tmp_path / "c.yaml"
+    config.write_text((ROOT / "configs" / "demo.yaml").read_text() + "\n" + text + "\n")
+    result = run_cli("run", str(config), "-q", "--out", str(tmp_path))
+    assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr

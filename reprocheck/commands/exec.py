@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         _split_list,
         _terminate_as_interrupt,
         _threads,
+        prewarm_html,
         user_errors,
     )
 
@@ -122,6 +123,7 @@ def register(app: typer.Typer) -> None:
         )
         _terminate_as_interrupt()
         with RunProgress(quiet) as progress:
+            prewarm_html()
             report = run_audit(config, options, progress=progress.update)
         _emit(report, json_path, quiet, html_path)
         raise typer.Exit(report["exit_code"])

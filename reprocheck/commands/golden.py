@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
         _split_list,
         _terminate_as_interrupt,
         _threads,
+        prewarm_html,
         stdout,
         user_errors,
     )
@@ -68,6 +69,7 @@ def register(app: typer.Typer) -> None:
         )
         _terminate_as_interrupt()
         with RunProgress(quiet) as progress:
+            prewarm_html()
             return config, run_audit(config, options, progress=progress.update)
 
     @app.command(context_settings=SCRIPT_ARGS)

@@ -43,9 +43,8 @@ def compile_in_place(model: torch.nn.Module) -> None:
     model.compile()
 
 
-def build_data(config: Config) -> Any:
-    """A DataLoader over the factory's Dataset (seeded generator and worker seeding), or
-    the factory's own DataLoader / iterable of batches, used as is."""
+def build_dataset(config: Config) -> Any:
+    """What the data factory returns (given the config's seed if it takes one)."""
     factory = resolve_callable(config.data.factory, config.base_dir)
     kwargs = dict(config.data.kwargs)
     try:
@@ -54,7 +53,13 @@ def build_data(config: Config) -> Any:
         accepts_seed = False
     if accepts_seed and "seed" not in kwargs:
         kwargs["seed"] = config.seed  # synthetic data is made from the config's seed
-    data = factory(**kwargs)
+    return factory(**kwargs)
+
+
+def build_data(config: Config) -> Any:
+    """A DataLoader over the factory's Dataset (seeded generator and worker seeding), or
+    the factory's own DataLoader / iterable of batches, used as is."""
+    data = build_dataset(config)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         seeded = config.determinism.dataloader_generator
         return DataLoader(
