@@ -17,13 +17,15 @@ from typing import Any
 
 PHASES: tuple[str, ...] = ("data", "outputs", "loss", "grads", "weights", "optimizer", "rng")
 # Every phase a trace can hold, in record order: `forward` and `backward` hold what
-# `--depth module|op` records inside the step (module outputs, op outputs, grad_outputs).
+# `--depth module|op` records inside the step (module outputs, op outputs, grad_outputs);
+# `comm` the inputs and outputs of the step's torch.distributed collectives (exec).
 TRACE_PHASES: tuple[str, ...] = (
     "data",
     "forward",
     "outputs",
     "loss",
     "backward",
+    "comm",
     "grads",
     "weights",
     "optimizer",

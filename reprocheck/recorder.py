@@ -364,6 +364,18 @@ class StepRecorder:
                     now[name] = [*view, tensor_id]
                     digests.append(xxh3(view[4], seed))
 
+    def add_digests(
+        self, phase: str, named: Iterable[tuple[str, tuple[int, ...], str, bytes]]
+    ) -> None:
+        """Records whose digests were taken earlier, when their values were there (a
+        collective's input, before it was reduced in place): (name, shape, dtype, digest)."""
+        if phase not in self.phases:
+            return
+        self._enter(phase)
+        for name, shape, dtype, digest in named:
+            self._ids.append(self.writer.tensor_id(phase, name, shape, dtype))
+            self._hasher.add_digest(digest)
+
     def add_ops(self, phase: str, ops: Iterable[Any]) -> None:
         """``--depth op``: one record per aten op, ``op:<index>:<name>``, from the digests of
         its outputs that :class:`~reprocheck.localize.OpCapture` took."""

@@ -75,6 +75,8 @@ class ReplicaCheck:
 
 
 def _kind(phase: str, name: str, buffers: set[str]) -> str:
+    if phase == "comm":
+        return "comm"
     if phase == "grads":
         return "grad"
     if phase == "optimizer":
@@ -83,7 +85,13 @@ def _kind(phase: str, name: str, buffers: set[str]) -> str:
 
 
 def _step_records(trace: Trace, step: int) -> dict[tuple[str, str], bytes]:
-    return {(r.phase, r.name): r.digest for r in trace.records(step) if r.phase in REPLICA_PHASES}
+    """The step's replicated records, and its collectives' outputs (which every rank
+    receives alike: they say whether a split came before or after communication)."""
+    return {
+        (r.phase, r.name): r.digest
+        for r in trace.records(step)
+        if r.phase in REPLICA_PHASES or (r.phase == "comm" and ".out" in r.name)
+    }
 
 
 def _without(
@@ -149,7 +157,7 @@ def check_run(leg: str, run: int, rank_traces: dict[int, str]) -> tuple[ReplicaC
                 kind = _kind(key[0], key[1], buffers)
                 same = len(groups) == 1
                 agreed[kind] = same and agreed.get(kind, True) is not False
-                if not same and split is None:
+                if not same and split is None and kind != "comm":
                     split = (key, kind, groups)
             if split is not None:
                 (phase, name), kind, groups = split
@@ -162,7 +170,11 @@ def check_run(leg: str, run: int, rank_traces: dict[int, str]) -> tuple[ReplicaC
                     kind,
                     list(groups.values()),
                     [d.hex() if d is not None else "" for d in groups],
-                    {k: agreed.get(k) for k in ("grad", "parameter", "buffer", "optimizer")},
+                    {
+                        k: agreed.get(k)
+                        for k in ("comm", "grad", "parameter", "buffer", "optimizer")
+                        if k != "comm" or k in agreed
+                    },
                     [run],
                 )
                 return ReplicaCheck(
@@ -228,6 +240,13 @@ def finding(divergence: ReplicaDivergence) -> dict[str, Any]:
             f"{what} {d.tensor} differs between replicas (ranks {groups}) from {where}, while "
             "their gradients agree: the update depends on the rank (a learning rate, "
             "clipping, a scheduler stepped on one rank)"
+        )
+    elif agreed.get("comm"):
+        code = "RC024"
+        message = (
+            f"gradient {d.tensor} differs between replicas (ranks {groups}) at {where}, while "
+            "every collective's output agreed: changed per rank after communication "
+            "(clipping, a hook, a rank-dependent scale)"
         )
     else:
         code = "RC024"

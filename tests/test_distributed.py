@@ -267,3 +267,29 @@ def test_bad_distributed_settings_are_config_errors(tmp_path, text, message):
     config.write_text((ROOT / "configs" / "demo.yaml").read_text() + "\n" + text + "\n")
     result = run_cli("run", str(config), "-q", "--out", str(tmp_path))
     assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_hand_written_all_reduce_is_recorded_and_a_difference_placed_before_it(job):
+    """The tutorial's average_gradients: each all_reduce's input and output are recorded
+    (phase `comm`); noise added on rank 1 before the reduction is found there, at the
+    input of the first all-reduce, on rank 1."""
+    clean = job(script="allreduce_train.py").report
+    assert clean["verdict"] == "reproducible" and "comm" in clean["legs"][0]["phases"]
+    assert clean["replicas"]["identical"]
+    d = job("--noise-rank", "1", script="allreduce_train.py").report["first_divergence"]
+    assert (d["step"], d["phase"], d["tensor"], d["rank"]) == (1, "comm", "all_reduce:0.in", 1)
+
+
+def test_gradients_changed_on_one_rank_after_the_all_reduce_are_placed_after_it(job):
+    report = job("--clip-rank", "0", script="allreduce_train.py").report
+    split = report["replica_divergence"]
+    assert (split["step"], split["phase"], split["tensor"], split["kind"]) == (
+        1,
+        "grads",
+        "0.weight",
+        "grad",
+    )
+    assert split["agreed"]["comm"] is True  # every rank received the same reduction
+    (finding,) = report["findings"]
+    assert finding["code"] == "RC024" and "after communication" in finding["message"]
+    assert report["first_divergence"] is None

@@ -159,6 +159,7 @@ def header(report: dict[str, Any]) -> list[Text]:
 
 
 _KINDS = {
+    "comm": "collectives' outputs",
     "grad": "grads",
     "parameter": "parameters",
     "buffer": "buffers",

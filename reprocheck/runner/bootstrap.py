@@ -184,6 +184,40 @@ class Session:
         if not self.compile_mode and hasattr(torch.nn.Module, "compile"):
             torch.nn.Module.compile = lambda module, *a, **k: None  # type: ignore[method-assign]
 
+    def _watch_collectives(self) -> None:
+        """The ``torch.distributed`` collectives a step makes: the digests of their inputs
+        before the call and of their outputs after it (a synchronous call; an
+        ``async_op=True`` one's outputs are final only at ``wait()``: its inputs alone), so
+        a divergence is placed before, in or after communication. DDP's bucketed
+        all-reduce runs in its C++ reducer, not through these functions, and is not seen."""
+        dist = getattr(torch, "distributed", None)
+        if dist is None or not dist.is_available():
+            return
+        c10d = importlib.import_module("torch.distributed.distributed_c10d")
+        session, compiling = self, _is_compiling()
+        for name, (inputs, outputs) in _COLLECTIVES.items():
+            original = getattr(c10d, name, None)
+            if original is None:
+                continue
+
+            @functools.wraps(original)
+            def call(*args: Any, _original=original, _name=name, _in=inputs, _out=outputs, **kw):
+                rec = None if compiling() else session.recorders.get(os.getpid())
+                if rec is None or rec.finished:
+                    return _original(*args, **kw)
+                index = rec.comm_calls
+                rec.comm_calls += 1
+                bound = _bind(_original, args, kw)
+                rec.note_comm(f"{_name}:{index}.in", _tensors_of(bound, _in))
+                result = _original(*args, **kw)
+                if not bound.get("async_op"):
+                    rec.note_comm(f"{_name}:{index}.out", _tensors_of(bound, _out))
+                return result
+
+            setattr(c10d, name, call)
+            if getattr(dist, name, None) is original:
+                setattr(dist, name, call)
+
     def optimizer_created(self, optimizer: torch.optim.Optimizer) -> None:
         """``--compile on``: the models this optimizer trains are compiled in place at
         their first call, unless the script has called torch.compile by then (nanoGPT
@@ -256,7 +290,7 @@ class Session:
         return RunContext(
             path,
             meta,
-            PHASES,
+            (*PHASES, "comm"),  # a script's collectives, where it makes any
             with_sketch=self.with_sketch,
             capture=(window["step"], window["tensors"]) if window else None,
         )
@@ -271,6 +305,7 @@ class Session:
             )
         session = self
         self._compile_controls()
+        self._watch_collectives()
 
         compiling = _is_compiling()
 
@@ -493,6 +528,9 @@ class ProcessRecorder:
         self.snapshot: tuple[list[bytes], list[tuple[str, torch.Tensor]]] | None = None
         self.finished = False
         self.zoom_ops: list[Any] = []
+        # the step's collectives: (name, shape, dtype, digest) taken at the call
+        self.comm: list[tuple[str, tuple[int, ...], str, bytes]] = []
+        self.comm_calls = 0
         # what the run did that a rule names (an evaluation in training mode …)
         self.observations: list[dict[str, Any]] = []
         self.eval_noted: set[tuple[int, str | None]] = set()
@@ -759,8 +797,10 @@ class ProcessRecorder:
         self.last_loss = self.losses[-1] if self.losses else None
         for index, loss in enumerate(self.losses):
             rec.add_all("loss", [("loss" + (f"{index}" if len(self.losses) > 1 else ""), loss)])
+        rec.add_digests("comm", self.comm)
         rec.add_all("grads", grads)
         self.batches, self.outputs, self.losses = [], [], []
+        self.comm, self.comm_calls = [], 0
 
     def _commit_state(self) -> None:
         self._pause()
@@ -943,6 +983,21 @@ class ProcessRecorder:
             save_capture(self.window, self.context.recorder, self.zoom_ops)
         self.context.finish(status)
 
+    def note_comm(self, name: str, tensors: list[torch.Tensor]) -> None:
+        """A collective's tensors, digested now (its in-place output overwrites them)."""
+        several = len(tensors) > 1
+        for index, tensor in enumerate(tensors):
+            if tensor.layout != torch.strided or _freed(tensor):
+                continue
+            self.comm.append(
+                (
+                    f"{name}{index}" if several else name,
+                    tuple(tensor.shape),
+                    str(tensor.dtype)[6:],
+                    fingerprint(tensor.detach()).value,
+                )
+            )
+
     def fail(self, exc: BaseException) -> None:
         """A child raised out of the script (a ``torchrun`` rank, a spawned worker): its
         trace ends failed with the error's line, and when (the first rank to fail is the
@@ -962,6 +1017,38 @@ class ProcessRecorder:
                 -8000:
             ],
         )
+
+
+# collective → (its input arguments, its output arguments); a broadcast's tensor is read
+# only on the source rank, so only what it holds after the call is recorded
+_COLLECTIVES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "all_reduce": (("tensor",), ("tensor",)),
+    "broadcast": ((), ("tensor",)),
+    "all_gather": (("tensor",), ("tensor_list",)),
+    "all_gather_into_tensor": (("input_tensor",), ("output_tensor",)),
+    "reduce_scatter": (("input_list",), ("output",)),
+    "reduce_scatter_tensor": (("input",), ("output",)),
+    "all_to_all_single": (("input",), ("output",)),
+}
+
+
+def _bind(function: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any]:
+    import inspect
+
+    try:
+        return dict(inspect.signature(function).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _tensors_of(bound: dict[str, Any], names: tuple[str, ...]) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    for name in names:
+        value = bound.get(name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+    return found
 
 
 def _is_compiling() -> Callable[[], bool]:
