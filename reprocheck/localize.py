@@ -366,12 +366,14 @@ def _op_info(func: Any) -> tuple[str, bool, bool, bool]:
     info = _OP_INFO.get(func)
     if info is None:
         name = str(func)
-        uninitialized = any(
+        # a c10d collective (gloo's all-reduce is asynchronous: its output is final only at
+        # Work.wait()) is not digested when it returns: it would race the reduction
+        uninitialized = name.startswith("c10d.") or any(
             name.startswith(f"aten.{e}.") or name.startswith(f"{e}.") for e in UNINITIALIZED
         )
         view_op = bool(getattr(func, "is_view", False)) and "as_strided" not in name
         info = (
-            name if name.startswith("aten.") else f"aten.{name}",
+            name if name.startswith(("aten.", "c10d.")) else f"aten.{name}",
             uninitialized,
             any(r in name for r in RANDOM_OPS),
             view_op,
