@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _table import table  # benchmarks/, run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "ddp_train.py"
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -87,12 +89,7 @@ def render(rows: dict[str, dict[str, float]], short: int, long: int, markdown: b
         ]
         for name, r in rows.items()
     ]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    return "\n".join(lines + ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body])
+    return table(head, body, markdown)
 
 
 def main() -> None:

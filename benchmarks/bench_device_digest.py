@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _table import table  # benchmarks/, run as a script
+
 os.environ.setdefault("REPROCHECK_HASHER", "torch")  # before reprocheck is imported
 
 import torch
@@ -146,14 +148,7 @@ def render(rows: list[dict], markdown: bool) -> str:
         ]
         for r in rows
     ]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in body]
-    return "\n".join(lines)
+    return table(head, body, markdown)
 
 
 def main() -> None:

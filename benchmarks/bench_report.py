@@ -22,37 +22,19 @@ import tempfile
 import time
 from pathlib import Path
 
-SCRIPT = """
-import argparse, torch
-parser = argparse.ArgumentParser()
-parser.add_argument("--steps", type=int, default=1000)
-args = parser.parse_args()
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-x, y = torch.randn(64, 8), torch.randn(64, 1)
-noise = torch.Generator()
-noise.seed()
-for step in range(args.steps):
-    out = model(x)
-    if step >= 10:
-        out = out + 1e-6 * torch.randn(out.shape, generator=noise)
-    loss = torch.nn.functional.mse_loss(out, y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-"""
+from _table import table  # benchmarks/, run as a script
+
+SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "scripts" / "late_noise.py"
 
 
 def audit(folder: Path, steps: int) -> dict:
-    script = folder / "train.py"
-    script.write_text(SCRIPT)
     report = folder / f"r{steps}.json"
     subprocess.run(
         [
             sys.executable, "-m", "reprocheck", "exec", "-q", "--no-attribute",
             "--no-fail-fast", "--no-measure", "--out", str(folder / "out"),
-            "--json", str(report), "--", "python", str(script), "--steps", str(steps),
+            "--json", str(report), "--", "python", str(SCRIPT), "--steps", str(steps),
+            "--noise-from", "10",
         ],
         check=False,
         capture_output=True,
@@ -99,12 +81,7 @@ def render(rows: list[dict], markdown: bool) -> str:
         ]
         for r in rows
     ]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
-    return "\n".join(lines + ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body])
+    return table(head, body, markdown)
 
 
 def main() -> None:

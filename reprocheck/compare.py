@@ -448,6 +448,7 @@ ZOOM_KEYS = (
     "ops_captured",
     "ops_window",
     "rung",
+    "ladder",
 )
 
 

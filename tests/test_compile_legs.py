@@ -104,4 +104,7 @@ def test_a_compiled_nanogpt_diverges_and_the_eager_capture_says_the_compiled_cod
         "grads",
         "wte.weight",
     )
-    assert d["replays_diverged"] == 0 and "it comes from the compiled code" in d["rung"]
+    assert d["replays_diverged"] == 0  # the op capture (eager) repeats
+    # down the ladder: through aot_eager (eager kernels) it repeats too: inductor's code
+    assert d["ladder"] == {"inductor": "diverges", "aot_eager": "repeats", "eager": "repeats"}
+    assert d["rung"].startswith("compile-caused")

@@ -156,33 +156,8 @@ def test_chromium_renders_the_page_with_its_plot_and_inert_names(audit, tmp_path
     assert shot.stat().st_size > 20_000  # a page with a plot, not a blank one
 
 
-LONG_SCRIPT = """
-import argparse, torch
-parser = argparse.ArgumentParser()
-parser.add_argument("--steps", type=int, default=1000)
-parser.add_argument("--noise-from", type=int, default=-1)
-args = parser.parse_args()
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-x, y = torch.randn(64, 8), torch.randn(64, 1)
-noise = torch.Generator()
-noise.seed()
-for step in range(args.steps):
-    out = model(x)
-    if 0 <= args.noise_from <= step:
-        out = out + 1e-6 * torch.randn(out.shape, generator=noise)  # planted
-    loss = torch.nn.functional.mse_loss(out, y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-print("final loss", loss.item())
-"""
-
-
 def test_a_thousand_step_audit_gives_a_small_page_that_renders_fast(tmp_path):
-    script = tmp_path / "long_train.py"
-    script.write_text(LONG_SCRIPT)
+    script = SCRIPTS / "late_noise.py"
     result = run_cli(
         "exec", "-q", "--no-attribute", "--no-fail-fast", "--no-measure", "--out",
         str(tmp_path / "out"), "--json", str(tmp_path / "r.json"),

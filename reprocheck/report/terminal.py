@@ -412,7 +412,7 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
             )
         )
     if d.get("rung"):
-        lines.append(_line("compiled", f"measured {d['rung']}", style=YELLOW))
+        lines.append(_line("compiled", d["rung"], style=YELLOW))
     elif d.get("replays_diverged") == 0:
         lines.append(
             _line(

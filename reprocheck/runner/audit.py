@@ -383,6 +383,53 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
     return Measurement(diff=measured, zoom=found or {})
 
 
+def _rung(launcher: Launcher, leg: Leg, divergence: Divergence) -> str:
+    """Replay the first two groups' runs through ``aot_eager`` (AOT autograd's graphs run
+    by eager kernels, no inductor codegen): ``diverges``, ``repeats``, or ``failed``."""
+    import torch
+
+    from ..fingerprint import fingerprint
+
+    chosen = [group[0] for group in divergence.runs[:2]]
+    key = f"{divergence.phase}\t{divergence.tensor}"
+    paths = launcher.capture(
+        leg,
+        chosen,
+        divergence.step,
+        [(divergence.phase, divergence.tensor)],
+        process=divergence.process,
+        backend="aot_eager",
+    )
+    if len(paths) < 2:
+        return "failed"
+    tensors = [torch.load(paths[run], map_location="cpu").get(key) for run in chosen]
+    if any(t is None for t in tensors):
+        return "failed"
+    same = fingerprint(tensors[0]) == fingerprint(tensors[1])
+    return "repeats" if same else "diverges"
+
+
+def _rung_text(ladder: dict[str, str]) -> str:
+    """Where down the ladder (inductor → aot_eager → eager) the divergence disappears."""
+    if ladder["aot_eager"] == "repeats":
+        return (
+            "compile-caused: it repeats through aot_eager (AOT autograd's graphs on eager "
+            "kernels), so inductor's generated code makes it; the op capture below runs "
+            "the regions eagerly"
+        )
+    if ladder["eager"] == "repeats":
+        return (
+            "it persists through aot_eager and disappears in eager execution (the op "
+            "capture): AOT autograd's graphs make it"
+        )
+    if ladder["aot_eager"] == "failed":
+        return "eager (op capture): the aot_eager replay failed; this op and line are eager's"
+    return (
+        "it persists at every rung down to eager: this op and line (from the op capture, "
+        "which runs the compiled regions eagerly) are where it starts"
+    )
+
+
 def _replay(
     launcher: Launcher,
     leg: Leg,
@@ -498,14 +545,12 @@ def run_audit(
             if leg.compile and options.zoom:
                 # a TorchDispatchMode runs compiled regions eagerly: never present its op
                 # as the compiled model's, and a divergence it cannot repeat is the
-                # compiled code's
-                measurement.zoom["rung"] = (
-                    "eager: the op capture runs the compiled model's regions eagerly, so "
-                    "this op and line are where eager execution differs"
-                    if measurement.zoom.get("op")
-                    else "eager: with its compiled regions run eagerly (the op capture) "
-                    "the divergence did not recur: it comes from the compiled code"
-                )
+                # compiled code's; the ladder's middle rung tells AOT autograd's graphs
+                # from inductor's generated code
+                ladder = {"inductor": "diverges", "aot_eager": _rung(launcher, leg, first)}
+                ladder["eager"] = "diverges" if measurement.zoom.get("op") else "repeats"
+                measurement.zoom["ladder"] = ladder
+                measurement.zoom["rung"] = _rung_text(ladder)
         except KeyboardInterrupt:
             interrupted = True
         timings["measure_s"] = time.monotonic() - measure_started

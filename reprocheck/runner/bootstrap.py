@@ -155,6 +155,7 @@ class Session:
         # (torch.compile returns its argument unchanged) or True (the script's compile
         # runs; a model the script never compiles is compiled in place with its optimizer)
         self.compile_mode: bool | None = settings.get("compile")
+        self.compile_backend: str | None = settings.get("compile_backend")
         self.compile_calls: list[str] = []  # where the script called torch.compile
         self.compiled_in_place: set[int] = set()  # models whose forward --compile on compiled
         self.original_compile: Callable[..., Any] = torch.compile
@@ -170,6 +171,10 @@ class Session:
         @functools.wraps(original)
         def compile(model: Any = None, *args: Any, **kwargs: Any) -> Any:
             session.compile_calls.append(_caller() or "?")
+            if session.compile_mode and session.compile_backend:
+                kwargs["backend"] = session.compile_backend  # the ladder's replay
+                kwargs.pop("mode", None)  # inductor's options mean nothing to another
+                kwargs.pop("options", None)
             if session.compile_mode:
                 return (
                     original(model, *args, **kwargs)
@@ -245,7 +250,8 @@ class Session:
             if found is not None and not session.compile_calls:
                 # its forward compiled, not the whole call: the call's hooks (reprocheck's
                 # outputs) stay eager, around the compiled code; names stay the same
-                found.forward = session.original_compile(found.forward)
+                backend = {"backend": session.compile_backend} if session.compile_backend else {}
+                found.forward = session.original_compile(found.forward, **backend)
                 session.compiled_in_place.add(id(found))
             if not pending or session.compile_calls:
                 module_type.__call__ = original  # every model called once: no more checks
@@ -1121,6 +1127,8 @@ def _child_settings(spec: dict[str, Any], applied: dict[str, Any]) -> dict[str, 
         "threads": spec.get("threads"),
         "capture": spec.get("capture"),
         "compile": spec.get("compile"),
+        # a compiled leg's replay down the ladder: its torch.compile calls use this backend
+        "compile_backend": (spec.get("capture") or {}).get("backend"),
     }
 
 

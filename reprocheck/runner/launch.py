@@ -265,8 +265,12 @@ class Launcher:
         attempt: int = 0,
         resume: bool = False,
         process: str = "main",
+        backend: str | None = None,
     ) -> dict[int, str]:
         """Replay runs up to ``step`` and keep the named tensors' values: run → .pt path.
+
+        ``backend``: a compiled leg's replay through this torch.compile backend instead
+        (``aot_eager``: the ladder's middle rung).
 
         ``ops``: also capture every aten op of that step, to ``<path>.ops.json``.
         ``process``: the process of the run whose step is captured (a script's child).
@@ -278,7 +282,12 @@ class Launcher:
         tasks, outputs = [], {}
         self.resumed = {}
         for run in runs:
-            tag = f"s{step}" + (f"-{attempt}" if attempt else "") + ("-c" if resume else "")
+            tag = (
+                f"s{step}"
+                + (f"-{attempt}" if attempt else "")
+                + ("-c" if resume else "")
+                + (f"-{backend}" if backend else "")
+            )
             out = str((self.out_dir / f"{leg.name}-r{run}.capture-{tag}.pt").resolve())
             capture = {
                 "step": step,
@@ -286,6 +295,7 @@ class Launcher:
                 "out": out,
                 "ops": ops,
                 "process": process,
+                "backend": backend,
             }
             prefix = self._checkpoint_prefix(leg, run)
             found = checkpoint.newest(prefix, step - 2) if resume else None

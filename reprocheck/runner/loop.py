@@ -33,14 +33,15 @@ def build_model(config: Config, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
-def compile_in_place(model: torch.nn.Module) -> None:
-    """``model.compile()``: its forward through ``torch.compile`` (default backend) while
-    the module, its parameters and their names stay what they are (torch ≥ 2.2)."""
+def compile_in_place(model: torch.nn.Module, backend: str | None = None) -> None:
+    """``model.compile()``: its forward through ``torch.compile`` (the default backend, or
+    ``backend``) while the module, its parameters and their names stay what they are
+    (torch ≥ 2.2)."""
     if not hasattr(model, "compile"):
         raise RuntimeError(
             f"compile legs need torch >= 2.2 (nn.Module.compile); this is torch {torch.__version__}"
         )
-    model.compile()
+    model.compile(**({"backend": backend} if backend else {}))
 
 
 def build_dataset(config: Config) -> Any:
@@ -136,6 +137,7 @@ def train(
     checkpoints: dict[str, Any] | None = None,
     resume: str | None = None,
     compile: bool = False,
+    backend: str | None = None,
 ) -> list[OpRecord]:
     """Run ``steps`` optimizer steps, recording step 0 and each step.
 
@@ -149,7 +151,7 @@ def train(
     with capture.during("forward") if capture else contextlib.nullcontext():
         model = build_model(config, device)
     if compile:  # a compile leg: the model compiled in place, its names unchanged
-        compile_in_place(model)
+        compile_in_place(model, backend)
     # torch.compile'd modules (the doctor's RC017); checked by type name, any torch version
     recorder.compiled = compile or any(
         type(m).__name__ == "OptimizedModule" for m in model.modules()

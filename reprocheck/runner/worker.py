@@ -58,6 +58,7 @@ def run(spec: dict[str, Any]) -> int:
             checkpoints=None if capture else spec.get("checkpoints"),
             resume=capture.get("resume") if capture else None,
             compile=bool(spec.get("compile")),
+            backend=capture.get("backend") if capture else None,
         )
         if capture:
             save_capture(capture, context.recorder, ops)
