@@ -108,3 +108,37 @@ def test_a_compiled_nanogpt_diverges_and_the_eager_capture_says_the_compiled_cod
     # down the ladder: through aot_eager (eager kernels) it repeats too: inductor's code
     assert d["ladder"] == {"inductor": "diverges", "aot_eager": "repeats", "eager": "repeats"}
     assert d["rung"].startswith("compile-caused")
+
+
+AUTOTUNED = """
+import torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+model = torch.compile(model, mode="max-autotune")
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(16, 4), torch.randn(16, 1)
+for _ in range(2):
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+"""
+
+
+def test_an_autotuning_compile_is_named_with_its_line(tmp_path):
+    """mode="max-autotune" picks kernels by timing (RC026) and records CUDA graphs (RC027):
+    both said with the call's line, as warnings (the verdict is the runs')."""
+    script = tmp_path / "autotuned.py"
+    script.write_text(AUTOTUNED)
+    result = run_cli(
+        "exec", "-q", "--no-attribute", "--compile", "off", "--out", str(tmp_path / "out"),
+        "--json", str(tmp_path / "r.json"), "--", "python", str(script),
+    )  # fmt: skip
+    report = result.report
+    assert (result.code, report["verdict"]) == (0, "reproducible")
+    codes = {f["code"]: f for f in report["findings"]}
+    assert set(codes) == {"RC026", "RC027"}
+    for item in codes.values():
+        assert item["severity"] == "warning"
+        assert item["evidence"]["where"].endswith("autotuned.py:5")
+        assert "max-autotune" in item["message"]

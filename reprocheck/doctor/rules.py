@@ -297,6 +297,36 @@ RULES: tuple[Rule, ...] = (
         "`fallback_random` and no autotuning), one thread for CPU code, or leave the part "
         "that scatters uncompiled (`torch.compiler.disable`).",
     ),
+    Rule(
+        "RC026",
+        "compile-autotune",
+        "Flags a `torch.compile` call whose mode or options autotune: `max-autotune`, "
+        "`max-autotune-no-cudagraphs`, `max_autotune`, `coordinate_descent_tuning`.",
+        "Autotuning benchmarks candidate kernels and keeps the fastest one it timed. The "
+        "choice depends on timing noise, on the machine and on its load, and a different "
+        "kernel sums in a different order. Runs can then differ from one another, and from "
+        "the run a golden trace recorded.",
+        'model = torch.compile(model, mode="max-autotune")',
+        "Compile audited and golden runs without autotuning (the default mode, or "
+        "`max_autotune=False`; the `strict` preset turns it off), or cache the tuned choice "
+        "and ship it with the golden.",
+        severity="warning",
+    ),
+    Rule(
+        "RC027",
+        "compile-cudagraphs",
+        'Flags a `torch.compile` call that records CUDA graphs: `mode="reduce-overhead"` '
+        "or `triton.cudagraphs`.",
+        "CUDA graph trees replay captured kernels from static memory pools. An input "
+        "changed in place outside the graph, or an output kept across replays, then reads "
+        "memory that the next replay overwrites. The results depend on when tensors were "
+        "kept and freed, not only on the values.",
+        'model = torch.compile(model, mode="reduce-overhead")',
+        "Audit with the default mode (the `strict` preset turns CUDA graphs off); in "
+        "production, clone outputs that outlive the step "
+        "(`torch.compiler.cudagraph_mark_step_begin()` between steps).",
+        severity="warning",
+    ),
 )
 
 BY_CODE = {rule.code: rule for rule in RULES}

@@ -686,6 +686,46 @@ def _observed_findings(legs: list[Leg]) -> list[dict[str, Any]]:
                         f"{inside} with {', '.join(seen['layers'])} in training mode",
                         evidence={**seen, "process": process},
                     )
+    return [*found.values(), *_compile_findings(legs)]
+
+
+_AUTOTUNE = ("max-autotune", "max_autotune", "coordinate_descent_tuning")
+_CUDAGRAPHS = ("reduce-overhead", "triton.cudagraphs")
+
+
+def _compile_findings(legs: list[Leg]) -> list[dict[str, Any]]:
+    """A script's torch.compile calls whose mode or options autotune (RC026) or record
+    CUDA graphs (RC027), from ``meta.compile_options``; once per line."""
+    from ..doctor.probe import finding
+
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for leg in legs:
+        for run in leg.runs[:1]:
+            for path in run.processes.values():
+                try:
+                    with Trace(path) as trace:
+                        calls = trace.meta.get("compile_options") or []
+                except TraceError:
+                    continue
+                for call in calls:
+                    asked = [call.get("mode") or ""] + [
+                        f"{k}={v}" for k, v in (call.get("options") or {}).items()
+                    ]
+                    text = " ".join(asked)
+                    for code, words in (("RC026", _AUTOTUNE), ("RC027", _CUDAGRAPHS)):
+                        hits = [w for w in words if w in text]
+                        if (
+                            code == "RC027"
+                            and "max-autotune" in text
+                            and "no-cudagraphs" not in text
+                        ):
+                            hits = hits or ["max-autotune (records CUDA graphs)"]
+                        if hits and (code, call["where"]) not in found:
+                            found[(code, call["where"])] = finding(
+                                code,
+                                f"torch.compile at {call['where']} with {text.strip()}",
+                                evidence=call,
+                            )
     return list(found.values())
 
 

@@ -157,20 +157,35 @@ class Session:
         self.compile_mode: bool | None = settings.get("compile")
         self.compile_backend: str | None = settings.get("compile_backend")
         self.compile_calls: list[str] = []  # where the script called torch.compile
+        self.compile_options: list[dict[str, Any]] = []  # those with a mode or options
         self.compiled_in_place: set[int] = set()  # models whose forward --compile on compiled
         self.original_compile: Callable[..., Any] = torch.compile
 
     def _compile_controls(self) -> None:
-        """``--compile off``: torch.compile and Module.compile do nothing; ``on``: note the
-        script's own calls (a script that compiles its models is left to do it)."""
-        if self.compile_mode is None:
-            return
+        """The script's torch.compile calls are noted (where, and the mode and options that
+        change what it generates: RC026, RC027); ``--compile off``: torch.compile and
+        Module.compile do nothing; ``on``: the script's own calls stand."""
         session, original = self, torch.compile
         self.original_compile = original
 
         @functools.wraps(original)
         def compile(model: Any = None, *args: Any, **kwargs: Any) -> Any:
-            session.compile_calls.append(_caller() or "?")
+            where = _caller() or "?"
+            session.compile_calls.append(where)
+            if kwargs.get("mode") or kwargs.get("options"):
+                session.compile_options.append(
+                    {
+                        "where": where,
+                        "mode": kwargs.get("mode"),
+                        "options": {k: repr(v) for k, v in (kwargs.get("options") or {}).items()},
+                    }
+                )
+            if session.compile_mode is None:  # no compile legs: the script's call, as is
+                return (
+                    original(model, *args, **kwargs)
+                    if model is not None
+                    else original(*args, **kwargs)
+                )
             if session.compile_mode and session.compile_backend:
                 kwargs["backend"] = session.compile_backend  # the ladder's replay
                 kwargs.pop("mode", None)  # inductor's options mean nothing to another
@@ -581,6 +596,7 @@ class ProcessRecorder:
             "exec": self.naming(),
             "seeding": self.session.seeding.get(os.getpid(), []),
             "compile": {"mode": self.session.compile_mode, "calls": self.session.compile_calls},
+            "compile_options": self.session.compile_options,
             "observations": self.observations,
             **self._controls_in_effect(),
         }
