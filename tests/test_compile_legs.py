@@ -142,3 +142,22 @@ def test_an_autotuning_compile_is_named_with_its_line(tmp_path):
         assert item["severity"] == "warning"
         assert item["evidence"]["where"].endswith("autotuned.py:5")
         assert "max-autotune" in item["message"]
+
+
+@pytest.mark.slow
+def test_dropout_in_a_compiled_model_is_named_unless_strict_falls_back_to_eager_random(
+    tmp_path,
+):
+    def audit(*options: str) -> dict:
+        result = run_cli(
+            "exec", "-n", "1", "-q", "--no-attribute", *options, "--compile", "on",
+            "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json"), "--",
+            "python", str(SCRIPTS / "nanogpt_style.py"), "--compile=True", "--dropout=0.1",
+            "--max_iters=2",
+        )  # fmt: skip
+        return result.report
+
+    (found,) = [f for f in audit()["findings"] if f["code"] == "RC028"]
+    assert found["severity"] == "warning" and "drop (Dropout)" in found["message"]
+    # the strict preset sets fallback_random: torch's generator, as eager
+    assert "RC028" not in {f["code"] for f in audit("--preset", "strict")["findings"]}

@@ -327,6 +327,22 @@ RULES: tuple[Rule, ...] = (
         "(`torch.compiler.cudagraph_mark_step_begin()` between steps).",
         severity="warning",
     ),
+    Rule(
+        "RC028",
+        "compiled-random-ops",
+        "Flags a compiled model with dropout (or another random op) in training mode while "
+        "inductor generates its own random numbers (`torch._inductor.config.fallback_random` "
+        "off, the default).",
+        "Inductor replaces the random ops of a compiled region with its own generator "
+        "(Philox-based, seeded from torch's). The same seed then gives other dropout masks "
+        "compiled than eager: an eager leg and a compiled leg differ from the first "
+        "forward, and a model trained compiled cannot be reproduced eagerly, or the other "
+        "way round.",
+        "model = torch.compile(model)  # nn.Dropout(0.1) inside: inductor's own masks",
+        "`torch._inductor.config.fallback_random = True` (the `strict` preset sets it) to "
+        "draw from torch's generator as eager does, at some speed.",
+        severity="warning",
+    ),
 )
 
 BY_CODE = {rule.code: rule for rule in RULES}

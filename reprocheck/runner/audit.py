@@ -676,6 +676,14 @@ def _observed_findings(legs: list[Leg]) -> list[dict[str, Any]]:
                     continue
                 for seen in observations:
                     key = (seen["model"], seen["where"])
+                    if seen.get("code") == "RC028" and key not in found:
+                        found[key] = finding(
+                            "RC028",
+                            f"{seen['model']} runs compiled with {', '.join(seen['layers'])} "
+                            "drawing from inductor's own generator (fallback_random off)",
+                            evidence={**seen, "process": process},
+                        )
+                        continue
                     if seen.get("code") != "RC019" or key in found:
                         continue
                     after = f" after step {seen['step']}" if seen.get("step") is not None else ""

@@ -654,6 +654,33 @@ class ProcessRecorder:
                 self._resume("forward")
         self.depth += 1
 
+    def _note_compiled_random_ops(self) -> None:
+        """A compiled model with dropout in training mode while inductor draws its own
+        random numbers (``fallback_random`` off): compiled and eager runs draw different
+        masks from the same seed (rule RC028). Noted once per model, at step 0."""
+        import sys
+
+        inductor = sys.modules.get("torch._inductor.config")
+        if inductor is not None and getattr(inductor, "fallback_random", False):
+            return
+        for model in self.models:
+            inner = _unwrapped(model)
+            layers = [
+                f"{name} ({type(m).__name__})"
+                for name, m in inner.named_modules()
+                if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training
+            ]
+            if layers:
+                self.observations.append(
+                    {
+                        "code": "RC028",
+                        "model": type(inner).__name__,
+                        "layers": layers,
+                        "where": None,
+                        "step": 0,
+                    }
+                )
+
     def _note_training_mode_eval(self, module: torch.nn.Module) -> None:
         """An outermost forward under ``no_grad``/``inference_mode`` (an evaluation) of a
         model whose dropout or batch norm is in training mode: it drops units, uses batch
@@ -922,6 +949,8 @@ class ProcessRecorder:
             or id(m) in self.session.compiled_in_place  # --compile on
             for m in self.models
         )
+        if self._rec().compiled:
+            self._note_compiled_random_ops()
         for group in (self.models, self.optimizers):
             label = "model" if group is self.models else "opt"
             for index, item in enumerate(group):
