@@ -242,6 +242,10 @@ COMPILE_SCRIPT_HELP = (
     "script's own torch.compile, or compiles each trained model in place when the script "
     "compiles none."
 )
+PYTHON_OPTION_HELP = (
+    "PATH (repeatable): one more leg run by that interpreter (another venv: another torch "
+    "or NumPy), compared with the others under the tolerance."
+)
 ENV_OPTION_HELP = (
     "KEY=VALUE (repeatable): one more leg with these variables set, compared with the "
     "others under the tolerance (e.g. ATEN_CPU_CAPABILITY=default)."
@@ -284,6 +288,7 @@ def run(
     html_path: Optional[Path] = typer.Option(None, "--html", help=HTML_OPTION_HELP),
     env: Optional[List[str]] = typer.Option(None, "--env", help=ENV_OPTION_HELP),
     compile_: Optional[List[str]] = typer.Option(None, "--compile", help=COMPILE_OPTION_HELP),
+    python: Optional[List[str]] = typer.Option(None, "--python", help=PYTHON_OPTION_HELP),
     fail_fast: bool = typer.Option(
         True, "--fail-fast/--no-fail-fast", help="Stop a leg's runs as soon as two disagree."
     ),
@@ -328,6 +333,7 @@ def run(
         threads=_threads(threads),
         env=env,
         compile=compile_,
+        python=python,
     )
     if depth not in ("step", "module", "op"):
         raise UsageError(f"--depth takes step, module or op (got {depth!r})")

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import shlex
+import shutil
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -656,6 +657,7 @@ def apply_overrides(
     threads: list[int] | None = None,
     env: list[str] | None = None,
     compile: list[str] | None = None,
+    python: list[str] | None = None,
 ) -> Config:
     """The CLI's -n/--steps/--device/--threads/--env over the config, validated like the
     YAML. ``--env KEY=VALUE`` (repeatable) adds one leg in that environment beside the
@@ -694,4 +696,12 @@ def apply_overrides(
         extra = tuple(sorted(pairs.items()))
         if extra not in config.environments:
             changes["environments"] = (*config.environments, extra)
+    for interpreter in python or []:
+        path = shutil.which(interpreter) or interpreter
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise ConfigError(f"--python {interpreter}: no such interpreter")
+        leg = (("REPROCHECK_PYTHON", os.path.abspath(path)),)
+        known = changes.get("environments", config.environments)
+        if leg not in known:
+            changes["environments"] = (*known, leg)
     return dataclasses.replace(config, **changes)

@@ -89,3 +89,71 @@ def test_bad_environments_are_config_errors(tmp_path, text, message):
 def test_env_takes_key_value(tmp_path):
     result = run_cli("run", str(CONFIGS / "demo.yaml"), "-q", "--env", "NOEQUALS")
     assert result.code == 2 and "--env takes KEY=VALUE (got 'NOEQUALS')" in result.stderr
+
+
+def test_another_interpreter_runs_a_leg_of_its_own(tmp_path):
+    """`--python PATH`: one more leg whose runs that interpreter starts (never forked from
+    this one's warm pool), with its versions in the report; here this venv's own
+    interpreter, so the leg must agree with the default one bit for bit."""
+    import sys
+
+    result = run_cli(
+        "run", str(CONFIGS / "demo.yaml"), "--python", sys.executable, "--steps", "2", "-q",
+        "--no-attribute", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    legs = [leg for leg in result.report["legs"] if leg["status"] != "skipped"]
+    assert [leg["env"] for leg in legs] == [{}, {"REPROCHECK_PYTHON": sys.executable}]
+    assert legs[0]["versions"] == legs[1]["versions"] and legs[1]["versions"]["torch"]
+    assert not any(run["forked"] for run in legs[1]["runs"])
+    (across,) = result.report["across_legs"]
+    assert across["identical"] == across["compared"] > 0
+
+
+def test_an_interpreter_without_torch_fails_its_leg_with_the_reason(tmp_path):
+    """A link to the venv's python outside the venv is the base interpreter: no torch."""
+    import os
+    import sys
+
+    link = tmp_path / "python-link"
+    os.symlink(sys.executable, link)
+    result = run_cli(
+        "run", str(CONFIGS / "demo.yaml"), "--python", str(link), "--steps", "2", "-q",
+        "--no-attribute", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    assert result.code == 3
+    failed = [r for leg in result.report["legs"] if leg["env"] for r in leg["runs"]]
+    assert failed and all("No module named 'torch'" in (r["error"] or "") for r in failed)
+
+
+def test_python_must_name_an_interpreter(tmp_path):
+    result = run_cli("run", str(CONFIGS / "demo.yaml"), "-q", "--python", "/no/such/python")
+    assert result.code == 2 and "--python /no/such/python: no such interpreter" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_second_venv_with_another_numpy_is_a_leg_with_its_versions(tmp_path):
+    """A real second environment: a venv with torch 2.13.0 and NumPy 2.2.6 (pip from the
+    local index; skipped, with the reason, where it cannot be built)."""
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"
+    base = getattr(sys, "_base_executable", sys.executable)
+    built = subprocess.run(
+        f"{base} -m venv {venv} && {venv}/bin/pip install -q --disable-pip-version-check "
+        "torch==2.13.0 numpy==2.2.6 xxhash pyyaml",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if built.returncode != 0:
+        pytest.skip(f"no second venv here: {built.stderr.strip().splitlines()[-1:]}")
+    result = run_cli(
+        "run", str(CONFIGS / "demo.yaml"), "--python", str(venv / "bin" / "python"),
+        "--steps", "3", "-q", "--no-attribute", "--out", str(tmp_path / "out"),
+        "--json", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    legs = [leg for leg in result.report["legs"] if leg["status"] != "skipped"]
+    assert legs[1]["versions"]["numpy"] == "2.2.6" != legs[0]["versions"]["numpy"]
+    assert result.report["across_legs"][0]["within_tolerance"] is True

@@ -14,6 +14,7 @@ def register(app: typer.Typer) -> None:
         COMPILE_SCRIPT_HELP,
         ENV_OPTION_HELP,
         HTML_OPTION_HELP,
+        PYTHON_OPTION_HELP,
         RunProgress,
         _emit,
         _split_list,
@@ -53,6 +54,7 @@ def register(app: typer.Typer) -> None:
         compile_: Optional[List[str]] = typer.Option(
             None, "--compile", help=COMPILE_OPTION_HELP + " " + COMPILE_SCRIPT_HELP
         ),
+        python: Optional[List[str]] = typer.Option(None, "--python", help=PYTHON_OPTION_HELP),
         jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel."),
         timeout: Optional[float] = typer.Option(
             None, "--timeout", min=0.1, help="Seconds per run."
@@ -110,6 +112,7 @@ def register(app: typer.Typer) -> None:
             threads=_threads(threads),
             env=env,
             compile=compile_,
+            python=python,
         )
         options = AuditOptions(
             out=out,

@@ -367,7 +367,8 @@ class Launcher:
                 return
         log = open(task.result.log, "wb")  # noqa: SIM115 - handed to the child, closed on exit
         task.process = subprocess.Popen(
-            [sys.executable, "-m", "reprocheck.runner.worker", task.spec_path],
+            [task.env.get(pool.PYTHON_ENV) or sys.executable, "-m", "reprocheck.runner.worker"]
+            + [task.spec_path],
             env=task.env,
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -58,6 +58,8 @@ from typing import Any
 # runs of a verdict too (faster; address order then rests on the fork's padding alone);
 # "0": every run in a fresh interpreter
 POOL_ENV = "REPROCHECK_POOL"
+# a leg run by another Python (``--python PATH``): never a fork of this one's zygote
+PYTHON_ENV = "REPROCHECK_PYTHON"
 READY_TIMEOUT_S = 120.0
 MAX_ZYGOTES = 4  # warm servers kept at once (each holds torch: ~300 MB, shared with forks)
 
@@ -85,6 +87,8 @@ def usable(env: dict[str, str], device: str) -> bool:
     if env.get(POOL_ENV, os.environ.get(POOL_ENV, "1")) == "0":
         return False
     if not sys.platform.startswith("linux"):  # fork after torch's import: Linux only
+        return False
+    if env.get(PYTHON_ENV):  # another interpreter's leg: its own processes
         return False
     seed = env.get("PYTHONHASHSEED", "")
     return device == "cpu" and seed.isdigit()  # a random hash seed needs its own start

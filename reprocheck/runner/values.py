@@ -76,6 +76,16 @@ def _environment(legs: Sequence[Leg], facts: dict[str, _TraceFacts]) -> dict[str
     return {}
 
 
+def _versions(leg: Leg, facts: dict[str, _TraceFacts]) -> dict[str, Any] | None:
+    """The interpreter, torch and NumPy a leg's first run used (another venv: others)."""
+    for run in leg.runs:
+        read = facts.get(run.trace)
+        env = (read.meta.get("environment") or {}) if read is not None else {}
+        if env:
+            return {key: env.get(key) for key in ("python", "torch", "numpy")}
+    return None
+
+
 def _leg_records(leg: Leg, facts: dict[str, _TraceFacts]) -> tuple[int, list[str]]:
     """The records the leg's runs committed (every process), and the phases among them."""
     read = [facts[path] for run in leg.runs for path in run.processes.values()]
@@ -217,6 +227,7 @@ def build_report(
                 "device": leg.device,
                 "threads": leg.threads,
                 "env": dict(leg.env),
+                "versions": _versions(leg, facts),
                 "status": leg.status,
                 "reason": leg.reason,
                 "records": recorded[leg.name][0],
