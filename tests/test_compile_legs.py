@@ -40,6 +40,11 @@ def test_a_config_compared_eager_against_compiled(audit):
     assert across["within_tolerance"] is True
     assert (report["verdict"], result.code, report["first_divergence"]) == ("reproducible", 0, None)
     assert _meta(report, 1, "compiled") is True and _meta(report, 0, "compiled") is False
+    assert (
+        compiled["compile"]["cache_dir"]
+        and "shared by the leg's runs" in compiled["compile"]["note"]
+    )
+    assert eager["compile"] is None
 
 
 def test_compile_off_makes_a_scripts_torch_compile_return_its_model(tmp_path):
@@ -161,3 +166,45 @@ def test_dropout_in_a_compiled_model_is_named_unless_strict_falls_back_to_eager_
     assert found["severity"] == "warning" and "drop (Dropout)" in found["message"]
     # the strict preset sets fallback_random: torch's generator, as eager
     assert "RC028" not in {f["code"] for f in audit("--preset", "strict")["findings"]}
+
+
+RECOMPILING = """
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = DataLoader(TensorDataset(torch.randn(40, 4), torch.randn(40, 1)), batch_size=16)
+for x, y in loader:  # 16, 16, then 8: the last batch recompiles
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+"""
+
+
+@pytest.mark.slow
+def test_a_recompile_while_training_is_named(tmp_path):
+    script = tmp_path / "recompiling.py"
+    script.write_text(RECOMPILING)
+    result = run_cli(
+        "exec", "-n", "1", "-q", "--no-attribute", "--compile", "on", "--out",
+        str(tmp_path / "out"), "--json", str(tmp_path / "r.json"), "--", "python", str(script),
+    )  # fmt: skip
+    (found,) = [f for f in result.report["findings"] if f["code"] == "RC029"]
+    assert found["evidence"]["end"] > found["evidence"]["step1"] >= 1
+    assert result.code == 0  # a warning: the verdict is the runs'
+
+
+@pytest.mark.slow
+def test_an_entropy_value_in_a_compiled_forward_persists_down_the_ladder_to_its_line(tmp_path):
+    result = run_cli(
+        "exec", "-q", "--no-attribute", "--compile", "on", "--out", str(tmp_path / "out"),
+        "--json", str(tmp_path / "r.json"), "--", "python", str(SCRIPTS / "entropy_scale.py"),
+    )  # fmt: skip
+    d = result.report["first_divergence"]
+    assert (d["step"], d["phase"], d["tensor"]) == (1, "outputs", "output")
+    assert d["ladder"] == {"inductor": "diverges", "aot_eager": "diverges", "eager": "diverges"}
+    assert d["rung"].startswith("it persists at every rung down to eager")
+    assert (d["module"], d["op"], d["cause"]) == ("Block", "aten.mul", "a Python value differs")
+    assert d["source"].endswith(script_line("entropy_scale.py", "* self.scale").split("/")[-1])

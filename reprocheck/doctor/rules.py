@@ -343,6 +343,23 @@ RULES: tuple[Rule, ...] = (
         "draw from torch's generator as eager does, at some speed.",
         severity="warning",
     ),
+    Rule(
+        "RC029",
+        "compile-recompiles",
+        "Flags a compiled run that made new graphs after its first step: torch.compile "
+        "recompiled while training (a new input shape, a changed Python value it "
+        "guards on, a last batch of another size).",
+        "A recompiled graph is new generated code, often with dynamic shapes. Its kernels "
+        "and their orders of summation can differ from the graph the first steps ran, so "
+        "the same step computes other bits depending on what came before it. A golden "
+        "trace recorded with other batch sizes or shapes, or a resumed run, then does not "
+        "match, and each recompile costs seconds.",
+        "for x, y in loader:  # the last batch is smaller: a new graph\n    loss = model(x).loss",
+        "Keep shapes static (`drop_last=True`, padded sequences), mark the dimension that "
+        "varies as dynamic from the start (`torch._dynamo.mark_dynamic`), or compile with "
+        "`dynamic=False` and accept one graph per shape.",
+        severity="warning",
+    ),
 )
 
 BY_CODE = {rule.code: rule for rule in RULES}

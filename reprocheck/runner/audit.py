@@ -713,8 +713,17 @@ def _compile_findings(legs: list[Leg]) -> list[dict[str, Any]]:
                 try:
                     with Trace(path) as trace:
                         calls = trace.meta.get("compile_options") or []
+                        graphs = trace.meta.get("dynamo_graphs") or {}
                 except TraceError:
                     continue
+                first, end = graphs.get("step1"), graphs.get("end")
+                if first and end and end > first and ("RC029", path) not in found:
+                    found[("RC029", path)] = finding(
+                        "RC029",
+                        f"torch.compile made {end - first} more graph(s) after the first step "
+                        f"({first} then, {end} at the end): recompiled while training",
+                        evidence=graphs,
+                    )
                 for call in calls:
                     asked = [call.get("mode") or ""] + [
                         f"{k}={v}" for k, v in (call.get("options") or {}).items()

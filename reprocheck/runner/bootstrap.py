@@ -549,6 +549,7 @@ class ProcessRecorder:
         self.snapshot: tuple[list[bytes], list[tuple[str, torch.Tensor]]] | None = None
         self.finished = False
         self.zoom_ops: list[Any] = []
+        self.graphs_at_step1: int | None = None  # dynamo's graphs once step 1 was done
         # the step's collectives: (name, shape, dtype, digest) taken at the call
         self.comm: list[tuple[str, tuple[int, ...], str, bytes]] = []
         self.comm_calls = 0
@@ -597,6 +598,7 @@ class ProcessRecorder:
             "seeding": self.session.seeding.get(os.getpid(), []),
             "compile": {"mode": self.session.compile_mode, "calls": self.session.compile_calls},
             "compile_options": self.session.compile_options,
+            "dynamo_graphs": {"step1": self.graphs_at_step1, "end": _dynamo_graphs()},
             "observations": self.observations,
             **self._controls_in_effect(),
         }
@@ -855,6 +857,8 @@ class ProcessRecorder:
         self._pause()
         self._state()
         self._rec().commit(self.step, self.last_loss)
+        if self.step == 1:  # the graphs dynamo made for the first step (RC029 counts more)
+            self.graphs_at_step1 = _dynamo_graphs()
         self._window_after(self.step)
         limit = self.session.max_steps
         if limit is not None and self.step >= limit:
@@ -1100,6 +1104,15 @@ def _tensors_of(bound: dict[str, Any], names: tuple[str, ...]) -> list[torch.Ten
             if isinstance(item, torch.Tensor):
                 found.append(item)
     return found
+
+
+def _dynamo_graphs() -> int | None:
+    """How many graphs dynamo has compiled in this process (None: it never ran)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    counters = getattr(utils, "counters", None)
+    if counters is None:
+        return None
+    return int(counters["stats"].get("unique_graphs", 0))
 
 
 def _is_compiling() -> Callable[[], bool]:

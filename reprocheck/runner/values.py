@@ -86,6 +86,25 @@ def _versions(leg: Leg, facts: dict[str, _TraceFacts]) -> dict[str, Any] | None:
     return None
 
 
+def _compile_leg(leg: Leg, facts: dict[str, _TraceFacts]) -> dict[str, Any] | None:
+    """A compiled leg: inductor's settings as its first run had them, and its cache."""
+    if not leg.compile:
+        return None
+    for run in leg.runs:
+        for path in run.processes.values():
+            read = facts.get(path)
+            settings = read.meta.get("compile_settings") if read is not None else None
+            if settings:
+                cache = settings.get("cache_dir")
+                return {
+                    "settings": {k: v for k, v in settings.items() if k != "cache_dir"},
+                    "cache_dir": cache,
+                    "note": "inductor's on-disk cache is shared by the leg's runs: a graph "
+                    "one run compiled, the next loads (the same generated code either way)",
+                }
+    return {"settings": None, "cache_dir": None, "note": None}
+
+
 def _leg_records(leg: Leg, facts: dict[str, _TraceFacts]) -> tuple[int, list[str]]:
     """The records the leg's runs committed (every process), and the phases among them."""
     read = [facts[path] for run in leg.runs for path in run.processes.values()]
@@ -228,6 +247,7 @@ def build_report(
                 "threads": leg.threads,
                 "env": dict(leg.env),
                 "versions": _versions(leg, facts),
+                "compile": _compile_leg(leg, facts),
                 "status": leg.status,
                 "reason": leg.reason,
                 "records": recorded[leg.name][0],
