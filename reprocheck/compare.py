@@ -269,6 +269,9 @@ class LegComparison:
     growth: list[tuple[int, float]] = field(default_factory=list)  # (step, max rel diff)
     note: str | None = None
     first_differing: dict[str, Any] | None = None  # the first record not bitwise equal
+    # that record (the first outside the tolerance, else the first differing) replayed in
+    # both legs and diffed on the real tensors: max |Δ|, max ULP, elements differing
+    measured: dict[str, Any] | None = None
 
 
 def compare_sketches(
@@ -517,4 +520,5 @@ def comparison_dict(comparison: LegComparison) -> dict[str, Any]:
         "growth": [[step, rel] for step, rel in comparison.growth],
         "note": comparison.note,
         "first_differing": comparison.first_differing,
+        "measured": comparison.measured,
     }

@@ -26,6 +26,11 @@ def test_a_cpu_capability_leg_differs_from_the_default_one_from_step_0(audit):
     first = across["first_differing"]
     assert (first["step"], first["phase"], first["tensor"]) == (0, "weights", "layers.0.weight")
     assert 0 < first["max_rel_diff"] < 1e-5  # the last bits of the initial weights
+    # replayed in both legs and diffed on the real tensors: by how much
+    measured = across["measured"]
+    assert (measured["step"], measured["tensor"]) == (0, "layers.0.weight")
+    assert 0 < measured["elements_differing"] <= measured["elements"]
+    assert 0 < measured["max_abs_diff"] < 1e-6 and measured["max_ulp"] > 0
     assert across["identical"] < across["compared"]
     # within the config's tolerance: the verdict stands, the difference is in the report
     assert (across["within_tolerance"], report["verdict"], result.code) == (

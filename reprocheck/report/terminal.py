@@ -620,6 +620,18 @@ def render(report: dict[str, Any], console: Console) -> None:
             _line("across legs", f"under {tolerances[0]}" if len(tolerances) == 1 else "")
         )
         console.print(Padding(table, (0, 0, 0, INDENT), expand=False))
+        for comparison in report["across_legs"]:
+            m = comparison.get("measured") or {}
+            if m.get("max_abs_diff") is not None:
+                console.print(
+                    _line(
+                        "measured",
+                        f"{' vs '.join(comparison['pair'])} at step {m['step']} · {m['phase']} · "
+                        f"{m['tensor']}: max |Δ| {m['max_abs_diff']:.3g} · max "
+                        f"{m['max_ulp']:,} ULP · {m['elements_differing']:,} of "
+                        f"{m['elements']:,} elements",
+                    )
+                )
     tried = report.get("attribution") or []
     if tried:
         table = Text()

@@ -383,6 +383,29 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
     return Measurement(diff=measured, zoom=found or {})
 
 
+def _measure_across(launcher: Launcher, a: Leg, b: Leg, where: dict[str, Any]) -> dict[str, Any]:
+    """Replay run 0 of each leg to the step of ``where`` and diff the real tensors: by how
+    much two legs differ, not only their sketches."""
+    import torch
+
+    key = f"{where['phase']}\t{where['tensor']}"
+    tensors = []
+    for leg in (a, b):
+        run = leg.runs[0].run
+        paths = launcher.capture(leg, [run], where["step"], [(where["phase"], where["tensor"])])
+        if run not in paths:
+            return {"step": where["step"], "tensor": where["tensor"], "replay": "failed"}
+        tensors.append(torch.load(paths[run], map_location="cpu").get(key))
+    if any(t is None for t in tensors):
+        return {"step": where["step"], "tensor": where["tensor"], "replay": "failed"}
+    return {
+        "step": where["step"],
+        "phase": where["phase"],
+        "tensor": where["tensor"],
+        **numeric_diff(tensors[0], tensors[1]),
+    }
+
+
 def _rung(launcher: Launcher, leg: Leg, divergence: Divergence) -> str:
     """Replay the first two groups' runs through ``aot_eager`` (AOT autograd's graphs run
     by eager kernels, no inductor codegen): ``diverges``, ``repeats``, or ``failed``."""
@@ -572,6 +595,13 @@ def run_audit(
                     (active[0].name, active[index].name),
                 )
             )
+            where = across[-1].first_outside or across[-1].first_differing
+            if where is not None and options.measure and b.status == "complete":
+                try:
+                    across[-1].measured = _measure_across(launcher, active[0], active[index], where)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    break
     golden = None
     reference = _golden_reference(active)
     if options.golden and not interrupted and reference is not None:
