@@ -452,6 +452,7 @@ ZOOM_KEYS = (
     "ops_window",
     "rung",
     "ladder",
+    "compiled_output",
 )
 
 

@@ -113,6 +113,11 @@ def test_a_compiled_nanogpt_diverges_and_the_eager_capture_says_the_compiled_cod
     # down the ladder: through aot_eager (eager kernels) it repeats too: inductor's code
     assert d["ladder"] == {"inductor": "diverges", "aot_eager": "repeats", "eager": "repeats"}
     assert d["rung"].startswith("compile-caused")
+    # inductor's own forward graphs, digested call by call, agree: the backward did it
+    assert (
+        d["compiled_output"]["differs"] is False
+        and "compiled backward" in d["compiled_output"]["note"]
+    )
 
 
 AUTOTUNED = """
@@ -206,5 +211,7 @@ def test_an_entropy_value_in_a_compiled_forward_persists_down_the_ladder_to_its_
     assert (d["step"], d["phase"], d["tensor"]) == (1, "outputs", "output")
     assert d["ladder"] == {"inductor": "diverges", "aot_eager": "diverges", "eager": "diverges"}
     assert d["rung"].startswith("it persists at every rung down to eager")
+    graph = d["compiled_output"]  # what the compiled code computed: its first graph's output
+    assert (graph["differs"], graph["graph"], graph["call"]) == (True, 0, 0)
     assert (d["module"], d["op"], d["cause"]) == ("Block", "aten.mul", "a Python value differs")
     assert d["source"].endswith(script_line("entropy_scale.py", "* self.scale").split("/")[-1])

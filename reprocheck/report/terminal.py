@@ -413,6 +413,18 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
         )
     if d.get("rung"):
         lines.append(_line("compiled", d["rung"], style=YELLOW))
+        graph = d.get("compiled_output") or {}
+        if graph.get("differs"):
+            lines.append(
+                _line(
+                    "",
+                    f"compiled graph {graph['graph']} (call {graph['call']}) output "
+                    f"{graph['output']} differs first"
+                    + (f", from {graph['where']}" if graph.get("where") else ""),
+                )
+            )
+        elif graph:
+            lines.append(_line("", graph["note"], style=DIM))
     elif d.get("replays_diverged") == 0:
         lines.append(
             _line(

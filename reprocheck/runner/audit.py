@@ -432,6 +432,30 @@ def _rung(launcher: Launcher, leg: Leg, divergence: Divergence) -> str:
     return "repeats" if same else "diverges"
 
 
+def _graph_output(launcher: Launcher, leg: Leg, divergence: Divergence) -> dict | None:
+    """Replay both runs through reprocheck's digesting backend (inductor's code, each
+    graph call's outputs digested): the first compiled graph output that differs, with
+    the line its FX node came from; None where the replays could not say."""
+    from ..compiled import BACKEND, first_difference
+
+    chosen = [group[0] for group in divergence.runs[:2]]
+    paths = launcher.capture(
+        leg,
+        chosen,
+        divergence.step,
+        [(divergence.phase, divergence.tensor)],
+        process=divergence.process,
+        backend=BACKEND,
+    )
+    records = []
+    for run in chosen:
+        if run not in paths or not os.path.exists(paths[run] + ".graphs.json"):
+            return None
+        with open(paths[run] + ".graphs.json", encoding="utf-8") as handle:
+            records.append(json.load(handle))
+    return first_difference(records[0], records[1])
+
+
 def _rung_text(ladder: dict[str, str]) -> str:
     """Where down the ladder (inductor → aot_eager → eager) the divergence disappears."""
     if ladder["aot_eager"] == "repeats":
@@ -574,6 +598,9 @@ def run_audit(
                 ladder["eager"] = "diverges" if measurement.zoom.get("op") else "repeats"
                 measurement.zoom["ladder"] = ladder
                 measurement.zoom["rung"] = _rung_text(ladder)
+                graph = _graph_output(launcher, leg, first)
+                if graph is not None:  # what the compiled code itself computed, first apart
+                    measurement.zoom["compiled_output"] = graph
         except KeyboardInterrupt:
             interrupted = True
         timings["measure_s"] = time.monotonic() - measure_started

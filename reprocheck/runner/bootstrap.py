@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from ..compiled import resolve as resolve_backend
 from ..config import PHASES, DeterminismConfig
 from ..fingerprint import fingerprint
 from ..recorder import (
@@ -187,7 +188,7 @@ class Session:
                     else original(*args, **kwargs)
                 )
             if session.compile_mode and session.compile_backend:
-                kwargs["backend"] = session.compile_backend  # the ladder's replay
+                kwargs["backend"] = resolve_backend(session.compile_backend)  # the ladder
                 kwargs.pop("mode", None)  # inductor's options mean nothing to another
                 kwargs.pop("options", None)
             if session.compile_mode:
@@ -265,7 +266,11 @@ class Session:
             if found is not None and not session.compile_calls:
                 # its forward compiled, not the whole call: the call's hooks (reprocheck's
                 # outputs) stay eager, around the compiled code; names stay the same
-                backend = {"backend": session.compile_backend} if session.compile_backend else {}
+                backend = (
+                    {"backend": resolve_backend(session.compile_backend)}
+                    if session.compile_backend
+                    else {}
+                )
                 found.forward = session.original_compile(found.forward, **backend)
                 session.compiled_in_place.add(id(found))
             if not pending or session.compile_calls:

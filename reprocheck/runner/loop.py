@@ -41,7 +41,9 @@ def compile_in_place(model: torch.nn.Module, backend: str | None = None) -> None
         raise RuntimeError(
             f"compile legs need torch >= 2.2 (nn.Module.compile); this is torch {torch.__version__}"
         )
-    model.compile(**({"backend": backend} if backend else {}))
+    from ..compiled import resolve
+
+    model.compile(**({"backend": resolve(backend)} if backend else {}))
 
 
 def build_dataset(config: Config) -> Any:

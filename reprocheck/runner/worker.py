@@ -78,6 +78,11 @@ def save_capture(capture: dict[str, Any], recorder: Any, ops: list[Any]) -> None
         {f"{phase}\t{name}": tensor for (phase, name), tensor in recorder.captured.items()},
         capture["out"],
     )
+    if capture.get("backend") == "reprocheck-digest":  # the compiled graphs' outputs
+        from ..compiled import RECORDS
+
+        with open(capture["out"] + ".graphs.json", "w", encoding="utf-8") as handle:
+            jsonout.dump(RECORDS, handle)
     if capture.get("ops"):
         with open(capture["out"] + ".ops.json", "w", encoding="utf-8") as handle:
             jsonout.dump(to_json(ops), handle)
