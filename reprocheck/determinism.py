@@ -142,6 +142,19 @@ def _strict_inductor() -> dict[str, Any]:
     return applied
 
 
+def compile_cache_warm() -> bool | None:
+    """Whether inductor's on-disk cache already holds compiled graphs (None: unknown): a
+    warm cache loads kernels a run would otherwise generate — the same code either way."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        folder = cache_dir()
+    except Exception:  # an older layout: unknown
+        return None
+    graphs = os.path.join(folder, "fxgraph")
+    return os.path.isdir(graphs) and any(os.scandir(graphs))
+
+
 def compile_settings() -> dict[str, Any] | None:
     """The inductor settings that change a compiled model's numerics, as they are now, and
     its on-disk cache (shared by the runs of an audit: a kernel compiled once is reused,

@@ -157,6 +157,11 @@ class Session:
         # runs; a model the script never compiles is compiled in place with its optimizer)
         self.compile_mode: bool | None = settings.get("compile")
         self.compile_backend: str | None = settings.get("compile_backend")
+        self.cache_warm: bool | None = None
+        if self.compile_mode:
+            from ..determinism import compile_cache_warm
+
+            self.cache_warm = compile_cache_warm()
         self.compile_calls: list[str] = []  # where the script called torch.compile
         self.compile_options: list[dict[str, Any]] = []  # those with a mode or options
         self.compiled_in_place: set[int] = set()  # models whose forward --compile on compiled
@@ -310,6 +315,8 @@ class Session:
             "environment": environment_snapshot(self.settings.get("applied")),
             # a spawned child's generators at its start (a fork's are its parent's: unknown)
             "rng_start": self.settings.get("rng_start"),
+            # a compile leg: was inductor's cache warm when this process started
+            "compile_cache_warm": self.cache_warm,
         }
         path = path or f"{self.trace_base}-{key}.sqlite"
         window = self.window(key)

@@ -99,10 +99,11 @@ def _compile_leg(leg: Leg, facts: dict[str, _TraceFacts]) -> dict[str, Any] | No
                 return {
                     "settings": {k: v for k, v in settings.items() if k != "cache_dir"},
                     "cache_dir": cache,
+                    "cache_warm": read.meta.get("compile_cache_warm"),  # type: ignore[union-attr]
                     "note": "inductor's on-disk cache is shared by the leg's runs: a graph "
                     "one run compiled, the next loads (the same generated code either way)",
                 }
-    return {"settings": None, "cache_dir": None, "note": None}
+    return {"settings": None, "cache_dir": None, "cache_warm": None, "note": None}
 
 
 def _leg_records(leg: Leg, facts: dict[str, _TraceFacts]) -> tuple[int, list[str]]:

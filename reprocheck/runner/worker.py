@@ -21,7 +21,7 @@ def run(spec: dict[str, Any]) -> int:
     import torch
 
     from ..configfile import config_from_dict
-    from ..determinism import apply_controls, environment_snapshot
+    from ..determinism import apply_controls, compile_cache_warm, environment_snapshot
     from ..fingerprint import hasher_name
     from .context import RunContext, run_meta
     from .loop import train
@@ -39,6 +39,8 @@ def run(spec: dict[str, Any]) -> int:
             **run_meta(spec),
             "hasher": hasher_name(device),
             "environment": environment_snapshot(applied),
+            # a compile leg: was inductor's cache warm when this run started
+            **({"compile_cache_warm": compile_cache_warm()} if spec.get("compile") else {}),
         },
         config.record,
         with_sketch=bool(spec.get("with_sketch")),
