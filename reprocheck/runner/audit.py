@@ -406,6 +406,23 @@ def _measure_across(launcher: Launcher, a: Leg, b: Leg, where: dict[str, Any]) -
     }
 
 
+def _ladder_replay(
+    launcher: Launcher, leg: Leg, divergence: Divergence, backend: str
+) -> tuple[list[int], dict[int, str]]:
+    """One run of each of the first two groups replayed to the divergent step through
+    ``backend``: (the runs, run → capture path)."""
+    chosen = [group[0] for group in divergence.runs[:2]]
+    paths = launcher.capture(
+        leg,
+        chosen,
+        divergence.step,
+        [(divergence.phase, divergence.tensor)],
+        process=divergence.process,
+        backend=backend,
+    )
+    return chosen, paths
+
+
 def _rung(launcher: Launcher, leg: Leg, divergence: Divergence) -> str:
     """Replay the first two groups' runs through ``aot_eager`` (AOT autograd's graphs run
     by eager kernels, no inductor codegen): ``diverges``, ``repeats``, or ``failed``."""
@@ -413,18 +430,10 @@ def _rung(launcher: Launcher, leg: Leg, divergence: Divergence) -> str:
 
     from ..fingerprint import fingerprint
 
-    chosen = [group[0] for group in divergence.runs[:2]]
-    key = f"{divergence.phase}\t{divergence.tensor}"
-    paths = launcher.capture(
-        leg,
-        chosen,
-        divergence.step,
-        [(divergence.phase, divergence.tensor)],
-        process=divergence.process,
-        backend="aot_eager",
-    )
+    chosen, paths = _ladder_replay(launcher, leg, divergence, "aot_eager")
     if len(paths) < 2:
         return "failed"
+    key = f"{divergence.phase}\t{divergence.tensor}"
     tensors = [torch.load(paths[run], map_location="cpu").get(key) for run in chosen]
     if any(t is None for t in tensors):
         return "failed"
@@ -438,15 +447,7 @@ def _graph_output(launcher: Launcher, leg: Leg, divergence: Divergence) -> dict 
     the line its FX node came from; None where the replays could not say."""
     from ..compiled import BACKEND, first_difference
 
-    chosen = [group[0] for group in divergence.runs[:2]]
-    paths = launcher.capture(
-        leg,
-        chosen,
-        divergence.step,
-        [(divergence.phase, divergence.tensor)],
-        process=divergence.process,
-        backend=BACKEND,
-    )
+    chosen, paths = _ladder_replay(launcher, leg, divergence, BACKEND)
     records = []
     for run in chosen:
         if run not in paths or not os.path.exists(paths[run] + ".graphs.json"):
