@@ -15,6 +15,7 @@ from reprocheck.runner.audit import AuditOptions, _jobs
 from reprocheck.script import ScriptError, script_config
 
 from .conftest import ROOT, SCRIPTS, run_cli, script_line
+from .strict_json import load_strict
 
 SCRIPT = "ddp_train.py"
 TORCHRUN = ("torchrun", "--standalone", "--nproc_per_node", "2")
@@ -293,3 +294,42 @@ def test_gradients_changed_on_one_rank_after_the_all_reduce_are_placed_after_it(
     (finding,) = report["findings"]
     assert finding["code"] == "RC024" and "after communication" in finding["message"]
     assert report["first_divergence"] is None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_ctrl_c_stops_every_job_and_every_rank(tmp_path):
+    """SIGINT while both runs' ranks wait in a collective: exit 130, a partial report, and
+    no rank left (torchrun starts each in a session of its own)."""
+    import signal
+    import subprocess
+    import sys
+
+    report_path = tmp_path / "report.json"
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)  # see test_reliability
+    parent = subprocess.Popen(
+        [
+            sys.executable, "-m", "reprocheck", "exec", "-q", "--no-attribute", "--no-measure",
+            "-j", "2", "--out", str(tmp_path / "out"), "--json", str(report_path), "--",
+            *TORCHRUN, str(SCRIPTS / SCRIPT), "--hang-rank", "1",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    signal.signal(signal.SIGINT, ignored)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # both jobs' rank 0 has committed its first step
+        traces = list((tmp_path / "out").glob("*/cpu-r*-rank0.sqlite"))
+        if len(traces) == 2 and all(os.path.getsize(t) > 0 for t in traces):
+            break
+        time.sleep(0.3)
+    time.sleep(2)
+    parent.send_signal(signal.SIGINT)
+    parent.communicate(timeout=60)
+    assert parent.returncode == 130
+    report = load_strict(report_path)
+    assert report["interrupted"] is True
+    assert {run["status"] for run in report["legs"][0]["runs"]} == {"interrupted"}
+    time.sleep(0.5)
+    assert _processes_running("--hang-rank") == []
