@@ -96,6 +96,11 @@ def register(app: typer.Typer) -> None:
         and the first divergent aten op with its module, source line and cause. The
         script's output goes to the run's log (its tail is in the report when a run
         fails). See docs/exec.md.
+
+        Under torchrun (`-- torchrun --standalone --nproc_per_node 2 train.py`) each run is
+        one job, every rank is compared with the same rank of the other runs, and the
+        replicas within a run with each other (docs/distributed.md). `--compile off,on`,
+        `--env KEY=VALUE` and `--python PATH` add legs compared under the tolerance.
         """
         from ..script import script_config
 
