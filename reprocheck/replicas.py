@@ -183,6 +183,11 @@ def check_run(leg: str, run: int, rank_traces: dict[int, str]) -> tuple[ReplicaC
         return ReplicaCheck(True, note, len(ranks), [run], len(common), records), None
 
 
+def rank_of(process: str) -> int | None:
+    """``rank3`` → 3 (a torchrun rank's process name, see the bootstrap); else None."""
+    return int(process[4:]) if process.startswith("rank") and process[4:].isdigit() else None
+
+
 def check_legs(legs: list[Any]) -> ReplicaCheck | None:
     """Every run's replicas (runs with two or more rank processes); None if no run has
     ranks. The first divergence (by step) wins; the runs that split there are listed."""
@@ -190,9 +195,9 @@ def check_legs(legs: list[Any]) -> ReplicaCheck | None:
     for leg in legs:
         for result in leg.runs:
             ranks = {
-                int(name[4:]): path
+                rank_of(name): path
                 for name, path in result.processes.items()
-                if name.startswith("rank") and name[4:].isdigit()
+                if rank_of(name) is not None
             }
             if len(ranks) > 1:
                 checks.append(check_run(leg.name, result.run, ranks)[0])

@@ -336,13 +336,11 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
     A pair of replays that agree (intermittent nondeterminism) is tried again, up to
     :data:`ZOOM_ATTEMPTS` pairs; the report gives how many diverged.
     """
-    import torch
 
     from ..fingerprint import fingerprint, sketch
     from ..localize import from_json, localize
 
     chosen = [group[0] for group in divergence.runs[:2]]
-    key = f"{divergence.phase}\t{divergence.tensor}"
     measured: dict[str, Any] = {"replayed_runs": chosen, "replay": "failed"}
     found: dict[str, Any] | None = None
     attempts = ZOOM_ATTEMPTS if zoom else 1
@@ -354,7 +352,7 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
         if len(paths) < 2:
             break
         measured["replay_from"] = min(launcher.resumed.get(run, 0) for run in chosen)
-        tensors = [torch.load(paths[run], map_location="cpu").get(key) for run in chosen]
+        tensors = [_captured(paths[run], divergence.phase, divergence.tensor) for run in chosen]
         measured_now = all(t is not None for t in tensors)  # op-depth records keep no tensor
         diff = numeric_diff(*tensors) if measured_now else {}
         located = None
@@ -383,19 +381,23 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
     return Measurement(diff=measured, zoom=found or {})
 
 
+def _captured(path: str, phase: str, tensor: str) -> Any:
+    """The tensor a replay kept of ``(phase, tensor)`` (None: the record keeps none)."""
+    import torch
+
+    return torch.load(path, map_location="cpu").get(f"{phase}\t{tensor}")
+
+
 def _measure_across(launcher: Launcher, a: Leg, b: Leg, where: dict[str, Any]) -> dict[str, Any]:
     """Replay run 0 of each leg to the step of ``where`` and diff the real tensors: by how
     much two legs differ, not only their sketches."""
-    import torch
-
-    key = f"{where['phase']}\t{where['tensor']}"
     tensors = []
     for leg in (a, b):
         run = leg.runs[0].run
         paths = launcher.capture(leg, [run], where["step"], [(where["phase"], where["tensor"])])
         if run not in paths:
             return {"step": where["step"], "tensor": where["tensor"], "replay": "failed"}
-        tensors.append(torch.load(paths[run], map_location="cpu").get(key))
+        tensors.append(_captured(paths[run], where["phase"], where["tensor"]))
     if any(t is None for t in tensors):
         return {"step": where["step"], "tensor": where["tensor"], "replay": "failed"}
     return {
@@ -426,15 +428,12 @@ def _ladder_replay(
 def _rung(launcher: Launcher, leg: Leg, divergence: Divergence) -> str:
     """Replay the first two groups' runs through ``aot_eager`` (AOT autograd's graphs run
     by eager kernels, no inductor codegen): ``diverges``, ``repeats``, or ``failed``."""
-    import torch
-
     from ..fingerprint import fingerprint
 
     chosen, paths = _ladder_replay(launcher, leg, divergence, "aot_eager")
     if len(paths) < 2:
         return "failed"
-    key = f"{divergence.phase}\t{divergence.tensor}"
-    tensors = [torch.load(paths[run], map_location="cpu").get(key) for run in chosen]
+    tensors = [_captured(paths[run], divergence.phase, divergence.tensor) for run in chosen]
     if any(t is None for t in tensors):
         return "failed"
     same = fingerprint(tensors[0]) == fingerprint(tensors[1])
@@ -718,9 +717,11 @@ def _untrained_reason(config: Config, options: AuditOptions, legs: list[Leg]) ->
 
 
 def _observed_findings(legs: list[Leg]) -> list[dict[str, Any]]:
-    """What a run's processes noted for a rule while they ran (``meta.observations``):
-    an evaluation forward with dropout or batch norm in training mode (RC019). Read from
-    the first run of each leg that has a trace; once per model and line."""
+    """What a run's processes noted for a rule while they ran, read from the first run of
+    each leg, each of its traces opened once: an evaluation forward with dropout or batch
+    norm in training mode (RC019, ``meta.observations``), a compiled model's dropout drawing
+    from inductor's generator (RC028), and the script's torch.compile calls (RC026, RC027,
+    RC029: see :func:`_compile_findings`); once per model and line."""
     from ..doctor.probe import finding
 
     found: dict[tuple[str, str | None], dict[str, Any]] = {}
@@ -729,79 +730,65 @@ def _observed_findings(legs: list[Leg]) -> list[dict[str, Any]]:
             for process, path in run.processes.items():
                 try:
                     with Trace(path) as trace:
-                        observations = trace.meta.get("observations") or []
+                        meta = trace.meta
                 except TraceError:
                     continue
-                for seen in observations:
+                for seen in meta.get("observations") or []:
                     key = (seen["model"], seen["where"])
-                    if seen.get("code") == "RC028" and key not in found:
-                        found[key] = finding(
-                            "RC028",
+                    if key in found or seen.get("code") not in ("RC019", "RC028"):
+                        continue
+                    if seen["code"] == "RC028":
+                        message = (
                             f"{seen['model']} runs compiled with {', '.join(seen['layers'])} "
-                            "drawing from inductor's own generator (fallback_random off)",
-                            evidence={**seen, "process": process},
+                            "drawing from inductor's own generator (fallback_random off)"
                         )
-                        continue
-                    if seen.get("code") != "RC019" or key in found:
-                        continue
-                    after = f" after step {seen['step']}" if seen.get("step") is not None else ""
-                    inside = "" if process == "main" else f" in process {process}"
+                    else:
+                        after = (
+                            f" after step {seen['step']}" if seen.get("step") is not None else ""
+                        )
+                        inside = "" if process == "main" else f" in process {process}"
+                        message = (
+                            f"{seen['model']} is evaluated under no_grad at {seen['where']}"
+                            f"{after}{inside} with {', '.join(seen['layers'])} in training mode"
+                        )
                     found[key] = finding(
-                        "RC019",
-                        f"{seen['model']} is evaluated under no_grad at {seen['where']}{after}"
-                        f"{inside} with {', '.join(seen['layers'])} in training mode",
-                        evidence={**seen, "process": process},
+                        seen["code"], message, evidence={**seen, "process": process}
                     )
-    return [*found.values(), *_compile_findings(legs)]
+                _compile_findings(meta, path, found)
+    return list(found.values())
 
 
 _AUTOTUNE = ("max-autotune", "max_autotune", "coordinate_descent_tuning")
 _CUDAGRAPHS = ("reduce-overhead", "triton.cudagraphs")
 
 
-def _compile_findings(legs: list[Leg]) -> list[dict[str, Any]]:
-    """A script's torch.compile calls whose mode or options autotune (RC026) or record
-    CUDA graphs (RC027), from ``meta.compile_options``; once per line."""
+def _compile_findings(meta: dict[str, Any], path: str, found: dict[tuple, dict]) -> None:
+    """Into ``found``: a trace's torch.compile calls whose mode or options autotune
+    (RC026) or record CUDA graphs (RC027), from ``meta.compile_options``, once per line;
+    graphs dynamo made after the first step (RC029, ``meta.dynamo_graphs``)."""
     from ..doctor.probe import finding
 
-    found: dict[tuple[str, str], dict[str, Any]] = {}
-    for leg in legs:
-        for run in leg.runs[:1]:
-            for path in run.processes.values():
-                try:
-                    with Trace(path) as trace:
-                        calls = trace.meta.get("compile_options") or []
-                        graphs = trace.meta.get("dynamo_graphs") or {}
-                except TraceError:
-                    continue
-                first, end = graphs.get("step1"), graphs.get("end")
-                if first and end and end > first and ("RC029", path) not in found:
-                    found[("RC029", path)] = finding(
-                        "RC029",
-                        f"torch.compile made {end - first} more graph(s) after the first step "
-                        f"({first} then, {end} at the end): recompiled while training",
-                        evidence=graphs,
-                    )
-                for call in calls:
-                    asked = [call.get("mode") or ""] + [
-                        f"{k}={v}" for k, v in (call.get("options") or {}).items()
-                    ]
-                    text = " ".join(asked)
-                    for code, words in (("RC026", _AUTOTUNE), ("RC027", _CUDAGRAPHS)):
-                        hits = [w for w in words if w in text]
-                        if (
-                            code == "RC027"
-                            and "max-autotune" in text
-                            and "no-cudagraphs" not in text
-                        ):
-                            hits = hits or ["max-autotune (records CUDA graphs)"]
-                        if hits and (code, call["where"]) not in found:
-                            found[(code, call["where"])] = finding(
-                                code,
-                                f"torch.compile at {call['where']} with {text.strip()}",
-                                evidence=call,
-                            )
-    return list(found.values())
+    graphs = meta.get("dynamo_graphs") or {}
+    first, end = graphs.get("step1"), graphs.get("end")
+    if first and end and end > first and ("RC029", path) not in found:
+        found[("RC029", path)] = finding(
+            "RC029",
+            f"torch.compile made {end - first} more graph(s) after the first step "
+            f"({first} then, {end} at the end): recompiled while training",
+            evidence=graphs,
+        )
+    for call in meta.get("compile_options") or []:
+        asked = [call.get("mode") or ""]
+        asked += [f"{k}={v}" for k, v in (call.get("options") or {}).items()]
+        text = " ".join(asked)
+        # max-autotune also records CUDA graphs, unless -no-cudagraphs
+        graphs_too = "max-autotune" in text and "no-cudagraphs" not in text
+        for code, words in (("RC026", _AUTOTUNE), ("RC027", _CUDAGRAPHS)):
+            hit = any(w in text for w in words) or (code == "RC027" and graphs_too)
+            if hit and (code, call["where"]) not in found:
+                found[(code, call["where"])] = finding(
+                    code, f"torch.compile at {call['where']} with {text.strip()}", evidence=call
+                )
 
 
 def _drift_finding(packages: dict[str, list[str]]) -> dict[str, Any]:

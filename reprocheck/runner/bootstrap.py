@@ -186,25 +186,16 @@ class Session:
                         "options": {k: repr(v) for k, v in (kwargs.get("options") or {}).items()},
                     }
                 )
-            if session.compile_mode is None:  # no compile legs: the script's call, as is
-                return (
-                    original(model, *args, **kwargs)
-                    if model is not None
-                    else original(*args, **kwargs)
-                )
+            if session.compile_mode is False:  # --compile off: the argument unchanged
+                return (lambda fn: fn) if model is None else model  # (or as a decorator)
             if session.compile_mode and session.compile_backend:
                 kwargs["backend"] = resolve_backend(session.compile_backend)  # the ladder
                 kwargs.pop("mode", None)  # inductor's options mean nothing to another
                 kwargs.pop("options", None)
-            if session.compile_mode:
-                return (
-                    original(model, *args, **kwargs)
-                    if model is not None
-                    else original(*args, **kwargs)
-                )
-            if model is None:  # @torch.compile(mode=...): a decorator that changes nothing
-                return lambda fn: fn
-            return model
+            # no compile legs, or --compile on: the script's own call
+            return (
+                original(model, *args, **kwargs) if model is not None else original(*args, **kwargs)
+            )
 
         torch.compile = compile
         if not self.compile_mode and hasattr(torch.nn.Module, "compile"):

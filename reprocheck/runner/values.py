@@ -24,8 +24,8 @@ from ..compare import (
 )
 from ..config import TRACE_PHASES, Config
 from ..golden import GoldenCheck
-from ..replicas import ReplicaCheck
-from ..trace import Trace, TraceError, committed_steps
+from ..replicas import ReplicaCheck, rank_of
+from ..trace import Trace, TraceError
 from ..verdict import FAILED_RUN, decide
 from .launch import Leg, RunResult
 from .stages import Evidence, Measurement
@@ -35,7 +35,8 @@ SCHEMA = "reprocheck.report/1"
 
 @dataclass(frozen=True)
 class _TraceFacts:
-    """What the report says of one trace, read once: records, phases, steps, status."""
+    """What the report says of one trace, read once: records, phases, steps, status, and
+    what the page's plot draws (the loss per step, whether sketches were taken)."""
 
     records: int = 0
     phases: frozenset[str] = frozenset()
@@ -43,6 +44,8 @@ class _TraceFacts:
     status: str = "unreadable"
     meta: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # why it could not be read
+    losses: list[list[Any]] = field(default_factory=list)  # [step, loss] pairs
+    sketched: bool = False
 
 
 def _read_traces(legs: Sequence[Leg]) -> dict[str, _TraceFacts]:
@@ -59,6 +62,8 @@ def _read_traces(legs: Sequence[Leg]) -> dict[str, _TraceFacts]:
                             trace.last_step,
                             trace.status,
                             trace.meta,
+                            losses=[[step, loss] for step, loss in sorted(trace.losses().items())],
+                            sketched=trace.has_sketches,
                         )
                 except TraceError as exc:
                     facts[path] = _TraceFacts(error=str(exc))
@@ -291,7 +296,7 @@ def build_report(
         "findings": list(findings),
         "attribution": list(attribution),
         "environment": _environment(legs, facts),
-        "plot": _plot(legs, first, golden),
+        "plot": _plot(legs, first, golden, facts),
         "golden": golden.to_dict() if golden is not None else None,
         "out_dir": str(folder),
         "timings": {key: round(value, 3) for key, value in timings.items()},
@@ -299,16 +304,19 @@ def build_report(
     return report
 
 
-def _losses(path: str | None) -> list[list[float | None]]:
+def _golden_losses(path: str) -> list[list[Any]]:
     try:
-        with Trace(path) as trace:  # type: ignore[arg-type]
+        with Trace(path) as trace:
             return [[step, value] for step, value in sorted(trace.losses().items())]
-    except (TraceError, OSError, TypeError):
+    except (TraceError, OSError):
         return []
 
 
 def _plot(
-    legs: Sequence[Leg], first: Divergence | None, golden: GoldenCheck | None
+    legs: Sequence[Leg],
+    first: Divergence | None,
+    golden: GoldenCheck | None,
+    facts: dict[str, _TraceFacts],
 ) -> dict[str, Any] | None:
     """What the report's plot draws: each run's loss per step ([step, loss] pairs) in the
     leg that diverged (else the first that ran), from the process that diverged (else the
@@ -319,38 +327,39 @@ def _plot(
     if leg is None:
         return None
     process = first.process if first is not None else "main"
+
+    def trained(path: str | None) -> bool:
+        return path is not None and facts.get(path, _TraceFacts()).last_step is not None
+
     runs, paths = [], {}
     for run in leg.runs:
         path = run.processes.get(process)
-        if path is None or not committed_steps(path):
-            path = next((p for p in run.processes.values() if committed_steps(p)), run.trace)
+        if not trained(path):
+            path = next((p for p in run.processes.values() if trained(p)), run.trace)
         paths[run.run] = path
-        runs.append({"run": run.run, "losses": _losses(path)})
-    reference = _losses(golden.golden) if golden is not None and golden.golden else None
+        runs.append({"run": run.run, "losses": facts.get(path, _TraceFacts()).losses})
+    reference = _golden_losses(golden.golden) if golden is not None and golden.golden else None
     return {
         "leg": leg.name,
         "process": process,
         "runs": runs,
         "golden": reference,
-        "sketch_growth": _sketch_growth(first, paths),
+        "sketch_growth": _sketch_growth(first, paths, facts),
     }
 
 
-def _sketched(path: str) -> bool:
-    with Trace(path) as trace:
-        return trace.has_sketches
-
-
-def _sketch_growth(first: Divergence | None, paths: dict[int, str]) -> list | None:
+def _sketch_growth(
+    first: Divergence | None, paths: dict[int, str], facts: dict[str, _TraceFacts]
+) -> list | None:
     """Max relative Δ per step over every recorded tensor between the first two groups of
     a divergence, where their traces carry sketches (multi-leg audits, tolerance checks):
     the growth in the weights and gradients, not only in the loss. None without them."""
     if first is None or len(first.runs) < 2:
         return None
     pair = [paths.get(group[0]) for group in first.runs[:2]]
+    if not all(p is not None and facts.get(p, _TraceFacts()).sketched for p in pair):
+        return None
     try:
-        if not all(pair) or not all(map(_sketched, pair)):  # type: ignore[arg-type]
-            return None
         found = compare_sketches(pair[0], pair[1], Tolerance(), ("a", "b"))  # type: ignore[arg-type]
     except (TraceError, OSError):
         return None
@@ -375,9 +384,9 @@ def _first_divergence(
             generator=evidence.generator,
             seeding=evidence.seeding,
         )
-        process = first.process.rsplit(".", 1)[-1]
-        if process.startswith("rank") and process[4:].isdigit():
-            values["rank"] = int(process[4:])  # rank r of one run against rank r of the others
+        rank = rank_of(first.process.rsplit(".", 1)[-1])
+        if rank is not None:  # rank r of one run against rank r of the others
+            values["rank"] = rank
         return {"compared": "runs", **values}
     if golden is None or golden.matches is not False:
         return None
