@@ -275,8 +275,10 @@ RULES: tuple[Rule, ...] = (
         "rank.",
         "with model.no_sync():\n    loss.backward()  # also on the micro-batch before "
         "optimizer.step()",
-        "Wrap the trained module in `DistributedDataParallel` and call the model through the "
-        "wrapper; leave `no_sync()` for the micro-batches before the last one of each update.",
+        "Change gradients after the all-reduce only the same way on every rank (clip and "
+        "scale everywhere, never under `if rank == 0:`); wrap the trained module in "
+        "`DistributedDataParallel` and call the model through the wrapper; leave `no_sync()` "
+        "for the micro-batches before the last one of each update.",
     ),
     Rule(
         "RC025",
