@@ -15,11 +15,12 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .trace import Record, Trace, TraceError, split_digests, unpack_ids
+
+if TYPE_CHECKING:  # torch is imported where tensors are compared: a verdict reads no tensor
+    import torch
 
 
 @dataclass(frozen=True)
@@ -219,11 +220,30 @@ class Tolerance:
         return self.atol + self.rtol * scale
 
 
+# machine epsilon of the floating dtypes every supported torch has (torch.finfo's values):
+# a tolerance is checked without importing torch
+_EPSILON = {
+    "float64": 2.0**-52,
+    "float32": 2.0**-23,
+    "float16": 2.0**-10,
+    "bfloat16": 2.0**-7,
+    "complex128": 2.0**-52,
+    "complex64": 2.0**-23,
+}
+_INTEGRAL = ("int", "uint", "bool")
+
+
 def _epsilon(dtype: str) -> float:
+    if dtype in _EPSILON:
+        return _EPSILON[dtype]
+    if dtype.startswith(_INTEGRAL):
+        return 1.0  # integer and bool tensors: one unit
+    import torch
+
     try:
         return torch.finfo(getattr(torch, dtype)).eps
     except (TypeError, AttributeError):
-        return 1.0  # integer and bool tensors: one unit
+        return 1.0
 
 
 def parse_tolerance(text: str) -> Tolerance:
@@ -363,12 +383,13 @@ def _sketch_distance(
 
 # ---------------------------------------------------------------- numeric diff of two tensors
 
-_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
-
 
 def _ordered_bits(t: torch.Tensor) -> torch.Tensor:
     """Float bits mapped to integers that are ordered like the floats (for ULP distance)."""
-    bits = t.contiguous().view(_INT_VIEW[t.element_size()]).to(torch.int64)
+    import torch
+
+    width = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()]
+    bits = t.contiguous().view(width).to(torch.int64)
     sign_bit = 1 << (8 * t.element_size() - 1)
     magnitude = bits & (sign_bit - 1)
     return torch.where(bits < 0, -magnitude, magnitude)
@@ -376,6 +397,8 @@ def _ordered_bits(t: torch.Tensor) -> torch.Tensor:
 
 def numeric_diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
     """max |Δ|, max relative Δ, max ULP distance, how many elements differ, the first one."""
+    import torch
+
     if a.shape != b.shape or a.dtype != b.dtype:
         return {
             "comparable": False,

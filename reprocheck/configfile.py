@@ -408,6 +408,70 @@ def _optimizer_keywords(cls: type) -> set[str] | None:
     }
 
 
+def _static_optimizer_keywords(name: str) -> set[str] | None:
+    """The keywords ``torch.optim.<name>`` takes besides its parameters, read from the
+    installed torch's source without importing it (an import costs ~1 s, and a config is
+    validated before its runs start): the class ``torch/optim/__init__.py`` imports under
+    that name, derived from ``Optimizer``, and its ``__init__``'s (or its optimizer base's)
+    keywords after ``self, params``. None where that cannot be read from the source (no
+    such class, ``**kwargs``, no ``__init__`` of its own): the caller then checks against
+    the imported class. Only an acceptance is taken from here, so a misread source never
+    refuses a valid config."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = os.path.join(next(iter(spec.submodule_search_locations)), "optim")
+
+    def parse(module: str) -> ast.Module:
+        with open(os.path.join(root, module), encoding="utf-8") as handle:
+            return ast.parse(handle.read())
+
+    def read(cls_name: str, where: dict[str, str], depth: int) -> set[str] | None:
+        module = where.get(cls_name)
+        if module is None or depth > 8:
+            return None
+        cls = next(
+            (c for c in parse(module).body if isinstance(c, ast.ClassDef) and c.name == cls_name),
+            None,
+        )
+        if cls is None:
+            return None
+        bases = [getattr(b, "id", None) or getattr(b, "attr", "") for b in cls.bases]
+        init = next(
+            (f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None
+        )
+        if "Optimizer" not in bases:  # an optimizer's subclass (AdamW of Adam), or none
+            parents = [b for b in bases if b in where]
+            if len(parents) != 1 or read(parents[0], where, depth + 1) is None:
+                return None
+            if init is None:
+                return read(parents[0], where, depth + 1)
+        if init is None or init.args.kwarg is not None:
+            return None
+        args = init.args
+        return {a.arg for a in [*args.posonlyargs, *args.args][2:]} | {
+            a.arg for a in args.kwonlyargs
+        }
+
+    try:
+        where = {}  # exported name → its module's file
+        for node in parse("__init__.py").body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.optim."):
+                module = node.module.removeprefix("torch.optim.")  # type: ignore[union-attr]
+                if "." not in module and os.path.exists(os.path.join(root, module + ".py")):
+                    where.update(
+                        {a.name: module + ".py" for a in node.names if a.asname in (None, a.name)}
+                    )
+        return read(name, where, 0) if name != "Optimizer" else None
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
 def _optimizer(ctx: _Context, value: Any) -> OptimizerConfig:
     path = ("optimizer",)
     if value is None:
@@ -417,6 +481,12 @@ def _optimizer(ctx: _Context, value: Any) -> OptimizerConfig:
     if not isinstance(value, dict):
         raise ctx.error(path, f"expected a mapping like {{name: SGD, lr: 0.1}}, got {_kind(value)}")
     name = _str(ctx, path + ("name",), value.get("name", "SGD"))
+    kwargs = {k: v for k, v in value.items() if k != "name"}
+    known = _static_optimizer_keywords(name)
+    if known is not None and all(isinstance(k, str) and k in known for k in kwargs):
+        if "lr" in kwargs:  # accepted from the source: torch is not imported here
+            _float(ctx, path + ("lr",), kwargs["lr"])
+        return OptimizerConfig(name=name, kwargs=MappingProxyType(kwargs))
     import torch
 
     classes = [
@@ -431,7 +501,6 @@ def _optimizer(ctx: _Context, value: Any) -> OptimizerConfig:
             path + ("name",),
             f"unknown optimizer {name!r}{_suggest(name, classes)} (a class in torch.optim)",
         )
-    kwargs = {k: v for k, v in value.items() if k != "name"}
     accepted = _optimizer_keywords(getattr(torch.optim, name))
     for key in kwargs:
         if not isinstance(key, str) or not re.fullmatch(_IDENT, key):

@@ -14,12 +14,12 @@ import os
 import platform
 import random
 import sys
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, DeterminismConfig
+
+if TYPE_CHECKING:  # the run's half imports torch; the parent's half (the environment) not
+    import torch
 
 # Environment variables that change numerics or reproducibility; every trace records them.
 RELEVANT_ENV_VARS = (
@@ -60,6 +60,9 @@ def child_environment(
 
 def seed_everything(seed: int, controls: DeterminismConfig) -> list[str]:
     """Seed the generators the controls ask for; returns what was seeded."""
+    import numpy as np
+    import torch
+
     seeded = []
     if controls.seed_python:
         random.seed(seed)
@@ -84,6 +87,8 @@ def apply_controls_for(
     controls: DeterminismConfig, seed: int, threads: int | None
 ) -> dict[str, Any]:
     """Apply the controls, seeding every generator from ``seed``; returns what was applied."""
+    import torch
+
     applied: dict[str, Any] = {"preset": controls.preset}
     if threads is not None:
         torch.set_num_threads(threads)
@@ -181,6 +186,8 @@ def compile_settings() -> dict[str, Any] | None:
 
 def dataloader_generator(seed: int) -> torch.Generator:
     """The generator a DataLoader shuffles and seeds its workers with."""
+    import torch
+
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
@@ -193,6 +200,9 @@ def seed_worker(worker_id: int) -> None:
     base seed; NumPy's global generator is seeded only by recent releases, so do it here
     whatever the version (idempotent where torch already did it).
     """
+    import numpy as np
+    import torch
+
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
@@ -212,6 +222,8 @@ def cpu_model() -> str:
 
 def cpu_capability() -> str | None:
     """The SIMD level torch dispatches CPU kernels to (avx2, avx512, ...)."""
+    import torch
+
     get = getattr(torch.backends.cpu, "get_cpu_capability", None)
     return get() if get is not None else None
 
@@ -240,6 +252,9 @@ def package_versions() -> dict[str, str]:
 
 def environment_snapshot(applied: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything about this process that can change numerics; goes into every trace."""
+    import numpy as np
+    import torch
+
     cuda = torch.cuda.is_available()
     snapshot: dict[str, Any] = {
         "python": platform.python_version(),

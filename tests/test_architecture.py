@@ -141,5 +141,33 @@ def test_help_and_usage_errors_answer_without_importing_torch(argv, tmp_path):
     assert (imported, code) == ("False", "0" if "--help" in argv else "2"), proc.stderr
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", str(ROOT / "configs" / "demo.yaml"), "--steps", "2"],
+        ["exec", "-n", "2", "--", "python", str(ROOT / "tests" / "scripts" / "thread_count.py")],
+    ],
+    ids=["run", "exec"],
+)
+def test_a_reproducible_audits_own_process_never_imports_torch(argv, tmp_path):
+    # its runs import torch in their own processes; the audit's process starts them at
+    # once and reads their traces (a verdict reads digests, no tensor): ~1 s sooner
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['reprocheck', {argv[0]!r}, '--quiet', '--out', 'out', *{argv[1:]!r}]\n"
+        "try:\n"
+        "    runpy.run_module('reprocheck', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "print('torch' in sys.modules, code, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    imported, code = proc.stderr.strip().splitlines()[-1].split()
+    assert (imported, code) == ("False", "0"), proc.stderr
+
+
 if __name__ == "__main__":
     sys.stdout.write(module_table() + "\n")

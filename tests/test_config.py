@@ -528,3 +528,27 @@ def test_an_optimizer_kwarg_typo_stops_the_cli_before_any_run(tmp_path):
     assert "optimizer.momentun" in line and "did you mean 'momentum'?" in line
     assert result.stdout == ""
     assert not out.exists()  # refused before any run started
+
+
+def test_the_optimizers_read_from_torchs_source_are_its_classes_and_keywords():
+    # a config is validated before its runs start, without importing torch: each
+    # torch.optim optimizer's keywords as read from the installed source (AdamW's
+    # inherited base included) are what its signature says
+    import torch
+
+    from reprocheck.configfile import _optimizer_keywords, _static_optimizer_keywords
+
+    names = [
+        name
+        for name in dir(torch.optim)
+        if isinstance(getattr(torch.optim, name), type)
+        and issubclass(getattr(torch.optim, name), torch.optim.Optimizer)
+        and name != "Optimizer"
+    ]
+    assert {"SGD", "Adam", "AdamW", "LBFGS"} <= set(names)
+    for name in names:
+        runtime = _optimizer_keywords(getattr(torch.optim, name))
+        assert _static_optimizer_keywords(name) in (runtime, None), name
+    assert _static_optimizer_keywords("AdamW") == _optimizer_keywords(torch.optim.AdamW)
+    for other in ("Optimizer", "lr_scheduler", "Adamw", "swa_utils"):
+        assert _static_optimizer_keywords(other) is None  # checked on the imported torch

@@ -78,8 +78,8 @@ def test_forks_draw_from_generators_seeded_from_entropy_as_fresh_runs_do(tmp_pat
 
 
 def test_an_address_order_case_diverges_and_no_control_fixes_it(tmp_path, monkeypatch):
-    # the product's default: the verdict's runs start fresh (a pair of forks agrees by
-    # chance 3–5% of the time here: REPROCHECK_POOL=all is not tested on this case)
+    # the product's default: run 0 starts fresh, run 1 forks (a fork and a fresh
+    # interpreter drew one order in 0 of 7,200 pairs: benchmarks/bench_address_order.py)
     monkeypatch.setenv("REPROCHECK_POOL", "1")
     result = run_exec(
         tmp_path / "out", tmp_path / "r.json", (str(SCRIPTS / "set_init.py"),), ("--attribute",)
@@ -93,7 +93,50 @@ def test_an_address_order_case_diverges_and_no_control_fixes_it(tmp_path, monkey
     assert tried and {item["verdict"] for item in tried} == {"diverged"}, tried
     assert result.report["findings"] == []
     runs = result.report["legs"][0]["runs"]
-    assert [run["forked"] for run in runs] == [False, False]
+    assert [run["forked"] for run in runs] == [False, True]
+
+
+def test_a_verdicts_run_0_starts_fresh_and_its_other_runs_fork(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPROCHECK_POOL", "1")
+    result = run_exec(
+        tmp_path / "out",
+        tmp_path / "r.json",
+        (str(SCRIPTS / "set_init.py"), "--list"),
+        ("-n", "3"),
+    )
+    assert result.code == 0, result.report
+    runs = result.report["legs"][0]["runs"]
+    assert [(run["forked"], run["status"]) for run in runs] == [
+        (False, "complete"),
+        (True, "complete"),
+        (True, "complete"),
+    ]
+
+
+def test_a_fork_computes_its_own_thread_counts_bits_whatever_its_zygotes(tmp_path, monkeypatch):
+    # one zygote serves every thread count (the fork sets it, as a fresh interpreter reads
+    # it from OMP_NUM_THREADS): 1 and 2 threads sum this script's loss differently, and a
+    # fork of either count from the zygote of the other gives that count's fresh bits
+    monkeypatch.setenv("REPROCHECK_POOL", "1")
+    config, target = script_config(
+        ["python", str(SCRIPTS / "thread_count.py")], "exec", repeats=1, steps=2
+    )
+    counts = [(("OMP_NUM_THREADS", str(n)), ("MKL_NUM_THREADS", str(n))) for n in (1, 2)]
+    config = dataclasses.replace(config, environments=tuple(counts))
+    traces = {}
+    for fork in (False, True):
+        folder = tmp_path / ("forked" if fork else "fresh")
+        folder.mkdir()
+        legs = plan_legs(config)
+        Launcher(config, folder, fork_runs=fork, extra_spec={"exec": target}).run(legs)
+        for leg, n in zip(legs, (1, 2)):
+            (run,) = leg.runs
+            assert (run.status, run.forked) == ("complete", fork), run.error
+            traces[n, fork] = run.trace
+    assert len({pool.startup_key(dict(env)) for env in counts}) == 1  # one zygote for both
+    assert first_divergence([traces[1, False], traces[2, False]]) is not None  # counts differ
+    assert first_divergence([traces[1, False], traces[1, True]]) is None
+    assert first_divergence([traces[2, False], traces[2, True]]) is None
 
 
 def test_the_same_script_in_its_modules_order_reproduces(tmp_path):

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from ..compare import first_divergence
 from ..config import Config
 from ..trace import Trace, TraceError
 from .probe import Auditor, finding
@@ -106,40 +105,36 @@ def attribute(
             continue  # already on: nothing to learn
         changes.append((label, code, change))
     variants = [(label, code, change(base)) for label, code, change in changes]
-    if len(changes) > 1:
-        together = base
-        for _, _, change in changes:
-            together = change(together)
-        variants.append(("all of them together", None, together))
+    together = base
+    for _, _, change in changes:
+        together = change(together)
     # the controls' reruns side by side (`--jobs` runs at once; default: as many as the
-    # cores hold): each is an audit of two runs that run in parallel themselves
+    # cores hold): each is an audit of two runs that run in parallel themselves. Two runs
+    # settle a control: forks of one zygote draw one address order 0.3–0.5% of the time
+    # on tests/scripts/set_init.py, fresh interpreters of one hash seed 1.0% (measured:
+    # benchmarks/bench_address_order.py), so a third run would not make a fork's "agree"
+    # worth more than a fresh pair's.
     workers = max(1, (jobs or os.cpu_count() or 1) // 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        verdicts = [
-            pool.submit(auditor.audit, variant, folder / f"control-{index}")
-            for index, (_, _, variant) in enumerate(variants)
-        ]
-        reports = [future.result() for future in verdicts]
-        # a pair of forks agrees by chance more often than a pair of fresh interpreters (an
-        # address-order case, tests/scripts/set_init.py: 3–5% against ~0.5%, measured): a
-        # control whose forked runs agreed must agree with one more fork to be a fix
-        confirm = {
-            index: pool.submit(
-                auditor.audit, dataclasses.replace(variant, repeats=1), folder / f"control-{index}+"
-            )
-            for index, ((_, _, variant), report) in enumerate(zip(variants, reports))
-            if report["verdict"] == "reproducible" and _forked(report)
-        }
-        for index, future in confirm.items():
-            if _differs(reports[index], future.result()):
-                reports[index] = {**reports[index], "verdict": "diverged"}
-        for (label, code, variant), report in zip(variants, reports):
-            verdict = report["verdict"]
-            item = {"control": label, "code": code, "verdict": verdict}
-            by = overridden(code, variant, report)
-            if by is not None:  # the script undid the control: its runs say nothing of it
-                item.update(verdict="overridden", overridden_by=by)
-            tried.append(item)
+
+        def audit_all(batch: list[tuple[str, str | None, Config]], first: int) -> None:
+            futures = [
+                pool.submit(auditor.audit, variant, folder / f"control-{first + index}")
+                for index, (_, _, variant) in enumerate(batch)
+            ]
+            for (label, code, variant), future in zip(batch, futures):
+                report = future.result()
+                item = {"control": label, "code": code, "verdict": report["verdict"]}
+                by = overridden(code, variant, report)
+                if by is not None:  # the script undid the control: its runs say nothing of it
+                    item.update(verdict="overridden", overridden_by=by)
+                tried.append(item)
+
+        audit_all(variants, 0)
+        # all of them together only answers where no control alone did
+        alone = any(t["verdict"] == "reproducible" for t in tried)
+        if len(changes) > 1 and not alone:
+            audit_all([("all of them together", None, together)], len(variants))
 
     fixes = [t for t in tried if t["verdict"] == "reproducible" and t["code"]]
     if any(t["code"] == "RC011" for t in fixes):  # deterministic kernels alone suffice
@@ -178,19 +173,6 @@ def attribute(
             )
         ], tried
     return [], tried
-
-
-def _forked(report: dict[str, Any]) -> bool:
-    return any(run.get("forked") for leg in report.get("legs") or [] for run in leg["runs"])
-
-
-def _differs(report: dict[str, Any], another: dict[str, Any]) -> bool:
-    """Run 0 of one audit against run 0 of another, bit for bit (a run that failed: the
-    control's answer is not known, so it is no fix)."""
-    runs = [r for audit in (report, another) for leg in audit["legs"] for r in leg["runs"][:1]]
-    if len(runs) != 2 or any(run["status"] != "complete" for run in runs):
-        return True
-    return first_divergence([runs[0]["trace"], runs[1]["trace"]]) is not None
 
 
 def _in_effect(report: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from ..compare import (
     compare_sketches,
     first_divergence,
     first_mismatch,
-    numeric_diff,
 )
 from ..config import Config
 from ..replicas import check_legs
@@ -337,9 +336,6 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
     :data:`ZOOM_ATTEMPTS` pairs; the report gives how many diverged.
     """
 
-    from ..fingerprint import fingerprint, sketch
-    from ..localize import from_json, localize
-
     chosen = [group[0] for group in divergence.runs[:2]]
     measured: dict[str, Any] = {"replayed_runs": chosen, "replay": "failed"}
     found: dict[str, Any] | None = None
@@ -352,26 +348,28 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
         if len(paths) < 2:
             break
         measured["replay_from"] = min(launcher.resumed.get(run, 0) for run in chosen)
-        tensors = [_captured(paths[run], divergence.phase, divergence.tensor) for run in chosen]
-        measured_now = all(t is not None for t in tensors)  # op-depth records keep no tensor
-        diff = numeric_diff(*tensors) if measured_now else {}
-        located = None
-        if zoom:
-            ops = []
-            for run in chosen:
-                with open(paths[run] + ".ops.json", encoding="utf-8") as handle:
-                    ops.append(from_json(json.load(handle)))
-            located = localize(ops[0], ops[1], divergence.step, divergence.phase)
+        answer = launcher.analyse(
+            leg,
+            {
+                "captures": [paths[run] for run in chosen],
+                "key": f"{divergence.phase}\t{divergence.tensor}",
+                "ops": [paths[run] + ".ops.json" for run in chosen] if zoom else None,
+                "step": divergence.step,
+                "phase": divergence.phase,
+            },
+        )
+        measured_now = answer["found"]  # op-depth records keep no tensor
+        diff, located = answer["diff"], answer["located"]
         measured["replays"] = attempt + 1
         if measured_now:
             measured.update(diff)
             originals = {group[0]: side for group, side in zip(divergence.runs, divergence.sides)}
             same = [
-                originals[run] is not None and fingerprint(tensor).value == originals[run].digest
-                for run, tensor in zip(chosen, tensors)
+                originals[run] is not None and digest == originals[run].digest.hex()
+                for run, digest in zip(chosen, answer["digests"])
             ]
             measured["replay"] = "reproduced" if all(same) else "differed"
-            measured["sketches"] = {str(run): sketch(t).__dict__ for run, t in zip(chosen, tensors)}
+            measured["sketches"] = {str(run): s for run, s in zip(chosen, answer["sketches"])}
         if located:
             found = located
         if diff.get("elements_differing") or located:
@@ -381,30 +379,26 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
     return Measurement(diff=measured, zoom=found or {})
 
 
-def _captured(path: str, phase: str, tensor: str) -> Any:
-    """The tensor a replay kept of ``(phase, tensor)`` (None: the record keeps none)."""
-    import torch
-
-    return torch.load(path, map_location="cpu").get(f"{phase}\t{tensor}")
-
-
 def _measure_across(launcher: Launcher, a: Leg, b: Leg, where: dict[str, Any]) -> dict[str, Any]:
     """Replay run 0 of each leg to the step of ``where`` and diff the real tensors: by how
     much two legs differ, not only their sketches."""
-    tensors = []
+    captures = []
     for leg in (a, b):
         run = leg.runs[0].run
         paths = launcher.capture(leg, [run], where["step"], [(where["phase"], where["tensor"])])
         if run not in paths:
             return {"step": where["step"], "tensor": where["tensor"], "replay": "failed"}
-        tensors.append(_captured(paths[run], where["phase"], where["tensor"]))
-    if any(t is None for t in tensors):
+        captures.append(paths[run])
+    answer = launcher.analyse(
+        a, {"captures": captures, "key": f"{where['phase']}\t{where['tensor']}"}
+    )
+    if not answer["found"]:
         return {"step": where["step"], "tensor": where["tensor"], "replay": "failed"}
     return {
         "step": where["step"],
         "phase": where["phase"],
         "tensor": where["tensor"],
-        **numeric_diff(tensors[0], tensors[1]),
+        **answer["diff"],
     }
 
 
@@ -428,16 +422,14 @@ def _ladder_replay(
 def _rung(launcher: Launcher, leg: Leg, divergence: Divergence) -> str:
     """Replay the first two groups' runs through ``aot_eager`` (AOT autograd's graphs run
     by eager kernels, no inductor codegen): ``diverges``, ``repeats``, or ``failed``."""
-    from ..fingerprint import fingerprint
-
     chosen, paths = _ladder_replay(launcher, leg, divergence, "aot_eager")
     if len(paths) < 2:
         return "failed"
-    tensors = [_captured(paths[run], divergence.phase, divergence.tensor) for run in chosen]
-    if any(t is None for t in tensors):
+    key = f"{divergence.phase}\t{divergence.tensor}"
+    answer = launcher.analyse(leg, {"captures": [paths[run] for run in chosen], "key": key})
+    if not answer["found"]:
         return "failed"
-    same = fingerprint(tensors[0]) == fingerprint(tensors[1])
-    return "repeats" if same else "diverges"
+    return "repeats" if answer["digests"][0] == answer["digests"][1] else "diverges"
 
 
 def _graph_output(launcher: Launcher, leg: Leg, divergence: Divergence) -> dict | None:

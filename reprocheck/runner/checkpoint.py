@@ -21,10 +21,10 @@ import os
 import random
 import re
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # the runs save and load; the parent that plans them imports no torch
+    import torch
 
 CHECKPOINTS_PER_RUN = 16  # checkpoints are spaced steps/16 apart ...
 BUDGET_BYTES = 512 * 2**20  # ... and as many kept per run as fit in this (all, if small)
@@ -46,6 +46,9 @@ def path_for(prefix: str, step: int) -> str:
 
 
 def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
@@ -57,6 +60,9 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["random"])
@@ -79,6 +85,8 @@ class Checkpointer:
     ) -> None:
         if not self.enabled or step % self.every or step >= last:
             return
+        import torch
+
         path = path_for(self.prefix, step)
         state = {
             "step": step,
@@ -121,6 +129,8 @@ def newest(prefix: str, before: int) -> tuple[int, str] | None:
 
 
 def load(path: str) -> dict[str, Any]:
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except TypeError:  # torch without weights_only

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -105,8 +106,42 @@ def leg_name(device: str, threads: int | None, environment: int = 0, compiled: b
     )
 
 
+def _gpu_build() -> bool | None:
+    """Whether the installed torch was built for CUDA or ROCm, read from its
+    ``torch/version.py`` without importing torch (None: not readable there)."""
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torch")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = os.path.join(next(iter(spec.submodule_search_locations)), "version.py")
+        with open(path, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
+    except (ImportError, ValueError, OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    values: dict[str, Any] = {}
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        if isinstance(target, ast.Name) and isinstance(node.value, ast.Constant):
+            values[target.id] = node.value.value
+    if "cuda" not in values or "hip" not in values:
+        return None
+    return values["cuda"] is not None or values["hip"] is not None
+
+
 def device_missing(device: str) -> str | None:
-    """Why a device cannot run here, or None when it can."""
+    """Why a device cannot run here, or None when it can. A CPU build of torch has no
+    CUDA device, and only macOS has MPS: both are answered without importing torch."""
+    if device.startswith("cuda") and _gpu_build() is False:
+        return "no CUDA device"
+    if device == "mps" and sys.platform != "darwin":
+        return "no MPS device"
+    if device == "cpu":
+        return None
     import torch
 
     if device.startswith("cuda"):
@@ -155,6 +190,18 @@ class _Task:
     process: Any = None  # a subprocess.Popen, or a pool.PooledProcess
     started: float = 0.0
     fork: bool = False  # may start as a fork of the environment's zygote
+    exit_fd: int | None = None  # readable once the process has ended (a pidfd, Linux)
+
+    def watch(self) -> None:
+        """Open the descriptor the scheduler waits on for this fresh process's exit."""
+        with contextlib.suppress(AttributeError, OSError):  # no pidfd: polled every POLL_S
+            self.exit_fd = os.pidfd_open(self.process.pid)
+
+    def unwatch(self) -> None:
+        if self.exit_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.exit_fd)
+            self.exit_fd = None
 
 
 class Launcher:
@@ -189,10 +236,12 @@ class Launcher:
         self.progress = progress
         self._config_dict = config_to_dict(config)
         self._running: list[_Task] = []
+        self._analyses = 0  # measurements made in forks (their files' numbers)
         self._verified: dict[tuple[str, ...], int] = {}  # fail-fast: steps known identical
-        # the audited runs of a verdict start fresh; the runs of a replay, an attribution
-        # control or a probe (``fork_runs``) fork from a warm zygote where that is sound
-        # (see :mod:`.pool`)
+        # where forking is sound (see :mod:`.pool`): the runs of a replay, an attribution
+        # control or a probe (``fork_runs``) fork from a warm zygote; of a verdict's runs,
+        # run 0 of each leg starts a fresh interpreter (so every fork is compared against
+        # one) and the others fork, unless REPROCHECK_POOL=all forks run 0 too
         self.fork_runs = fork_runs or pool.forks_audited_runs()
 
     def _spec(self, leg: Leg, run: int, suffix: str = "", **extra: Any) -> tuple[RunResult, str]:
@@ -243,8 +292,12 @@ class Launcher:
                     )
                 result, spec_path = self._spec(leg, run, checkpoints=saves)
                 leg.runs.append(result)
-                tasks.append(_Task(leg, result, spec_path, env, fork=self._forks(leg, env)))
-        self._execute(tasks, self.config.steps, check_leg=self.fail_fast)
+                fork = (run > 0 or self.fork_runs) and pool.usable(env, leg.device)
+                tasks.append(_Task(leg, result, spec_path, env, fork=fork))
+        fresh = [task for task in tasks if not task.fork]
+        forked = [task for task in tasks if task.fork]
+        # the fresh runs first: their interpreters start while the zygotes warm up
+        self._execute(fresh + forked, self.config.steps, check_leg=self.fail_fast)
         for leg in legs:
             if (
                 leg.status != "skipped"
@@ -314,37 +367,90 @@ class Launcher:
         self._execute(tasks, step, check_leg=False)
         return {run: path for run, path in outputs.items() if os.path.exists(path)}
 
+    def analyse(self, leg: Leg, request: dict[str, Any]) -> dict[str, Any]:
+        """Measure what replays kept (:mod:`.analysis`) in a fork of the leg's zygote, or
+        in this process where no zygote can serve: this process then imports torch."""
+        env = self._environment(leg)
+        if pool.usable(env, leg.device):
+            self._analyses += 1
+            stem = self.out_dir / f"{leg.name}.analysis-{self._analyses}"
+            out = str(stem) + ".out.json"
+            Path(str(stem) + ".json").write_text(json.dumps({**request, "out": out}), "utf-8")
+            process = pool.spawn(
+                env, str(stem) + ".json", str(stem) + ".log", module=f"{__package__}.analysis"
+            )
+            if process is not None:
+                try:
+                    code = process.wait(timeout=self.timeout)
+                except BaseException as exc:  # Ctrl-C, or a timeout: the fork goes with it
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(process.pid, signal.SIGKILL)
+                    if not isinstance(exc, subprocess.TimeoutExpired):
+                        raise
+                    code = None
+                if code == 0 and os.path.exists(out):
+                    with open(out, encoding="utf-8") as handle:
+                        return json.load(handle)
+        from . import analysis
+
+        return analysis.measure(request)
+
     # The scheduler: start up to `jobs` processes, poll them, enforce timeouts.
     def _execute(self, tasks: list[_Task], steps_total: int, check_leg: bool) -> None:
         queue = list(tasks)
         last_check = time.monotonic()
+        for env in {pool.startup_key(t.env): t.env for t in tasks if t.fork}.values():
+            pool.zygote(env)  # warming up from now: a fork waits for it, not the others
         try:
             while queue or self._running:
-                while queue and len(self._running) < self.jobs:
-                    task = queue.pop(0)
+                for task in list(queue):
+                    if len(self._running) >= self.jobs:
+                        break
                     if task.result.status == "stopped":
-                        continue
-                    self._start(task)
+                        queue.remove(task)
+                    elif not (task.fork and pool.warming(task.env)):
+                        queue.remove(task)
+                        self._start(task)
+                running = len(self._running)
                 for task in list(self._running):
                     self._poll(task, steps_total)
                 if check_leg and time.monotonic() - last_check > FAIL_FAST_EVERY_S:
                     last_check = time.monotonic()
                     self._stop_divergent_legs(tasks, queue)
-                time.sleep(POLL_S)
+                if len(self._running) == running and (queue or self._running):
+                    self._wait(queue)  # (a run that ended frees its place now)
         except BaseException:
             for task in list(self._running):
                 self._kill(task, "interrupted", "interrupted (Ctrl-C) at step {step}")
             self._running = []
             raise
 
+    def _wait(self, queue: list[_Task]) -> None:
+        """Sleep until a run ends, a zygote says something (a fork's exit, its readiness)
+        or :data:`POLL_S` passes: a run's end starts the next one at once."""
+        fds = {task.exit_fd for task in self._running if task.exit_fd is not None}
+        zygotes = {}
+        for task in self._running + [t for t in queue if t.fork]:
+            found = pool.registered(task.env) if task.fork else None
+            fd = found.fileno() if found is not None else None
+            if fd is not None:
+                zygotes[fd] = found
+        if not fds and not zygotes:
+            time.sleep(POLL_S)
+            return
+        try:
+            readable, _, _ = select.select([*fds, *zygotes], [], [], POLL_S)
+        except (OSError, ValueError):  # a descriptor closed meanwhile: look again
+            return
+        for fd in readable:
+            if fd in zygotes:
+                zygotes[fd].pump()  # read what it said, so the next wait does not wake on it
+
     def _environment(self, leg: Leg) -> dict[str, str]:
         """A run's environment: the controls' variables, then the leg's own."""
         env = child_environment(self.config.determinism, leg.threads)
         env.update(dict(leg.env))
         return env
-
-    def _forks(self, leg: Leg, env: dict[str, str]) -> bool:
-        return self.fork_runs and pool.usable(env, leg.device)
 
     def prewarm(self, legs: Sequence[Leg]) -> None:
         """Start the zygotes later runs of these legs will fork from (they warm up while
@@ -376,6 +482,7 @@ class Launcher:
             start_new_session=True,  # Ctrl-C reaches the parent, which stops the children
         )
         log.close()
+        task.watch()
         task.started = time.monotonic()
         task.result.status = "running"
         self._running.append(task)
@@ -393,6 +500,7 @@ class Launcher:
                 self._kill(task, "timeout", f"timed out after {self.timeout:g} s at step {{step}}")
             return
         self._running.remove(task)
+        task.unwatch()
         result.exit_code = code
         self._settle(result, code)
         if self.progress:
@@ -445,6 +553,7 @@ class Launcher:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(task.process.pid, signal.SIGKILL)
         task.process.wait()
+        task.unwatch()
         if task in self._running:
             self._running.remove(task)
         result = task.result

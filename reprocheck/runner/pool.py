@@ -23,18 +23,23 @@ a divergence a fresh process shows:
   every fork. Each fork first keeps a random number of blocks in every small-object size
   class (and frees as many others, in random order, leaving holes), a few random-sized
   heap blocks and a random-sized anonymous mapping, which moves the addresses of
-  everything allocated after them. It is not a fresh process's variation: two forks of
-  ``tests/scripts/set_init.py`` drew the same order 3–5% of the time, two fresh processes
-  0.5% (measured), so attribution confirms a control that made forks agree with one more
-  fork;
+  everything allocated after them. Measured on ``tests/scripts/set_init.py``
+  (``benchmarks/bench_address_order.py``): two forks of one zygote drew the same order
+  0.3–0.5% of the time, two fresh interpreters of one hash seed 1.0%, a fork and a fresh
+  interpreter never (0 of 7,200 pairs);
+- **the thread count**: read at start-up, so keyed like the rest — except where both
+  :data:`THREAD_VARS` name one number: the fork then calls ``torch.set_num_threads`` with
+  it, which gives that count's own bits whatever the zygote's (measured, and tested);
 - **CUDA** cannot be used in a fork of a process that initialised it: only CPU runs fork
   (the zygote never touches CUDA), a CUDA leg always starts fresh; and only on Linux
   (elsewhere a fork of a process that loaded torch's native libraries is not safe).
 
-The runs whose comparison *is* the verdict are still started fresh (see
-:class:`~reprocheck.runner.launch.Launcher`) unless ``REPROCHECK_POOL=all``; the pool
-serves replays, attribution and the doctor's probes, where a masked divergence would cost
-an explanation, and is checked against fresh runs by the tests (a forked run's digests
+Of the runs whose comparison *is* the verdict, run 0 of each leg starts a fresh
+interpreter and the others fork (:class:`~reprocheck.runner.launch.Launcher`), so every
+fork is compared with a fresh process and nothing a fork inherits can make the runs agree
+with one another; ``REPROCHECK_POOL=all`` forks run 0 too (the test suite's setting). The
+replays, attribution controls, doctor probes and the measurement of what replays kept
+(:mod:`.analysis`) fork. The tests check forks against fresh runs (a forked run's digests
 equal a fresh one's; a planted address-order case diverges under every attribution
 control). ``REPROCHECK_POOL=0`` starts every run fresh.
 """
@@ -54,9 +59,9 @@ import threading
 import time
 from typing import Any
 
-# REPROCHECK_POOL: "1" (default) replays, attribution and probes fork; "all": the audited
-# runs of a verdict too (faster; address order then rests on the fork's padding alone);
-# "0": every run in a fresh interpreter
+# REPROCHECK_POOL: "1" (default) every run forks but run 0 of each leg of a verdict; "all":
+# that one too (faster; address order then rests on the fork's padding alone); "0": every
+# run in a fresh interpreter
 POOL_ENV = "REPROCHECK_POOL"
 # a leg run by another Python (``--python PATH``): never a fork of this one's zygote
 PYTHON_ENV = "REPROCHECK_PYTHON"
@@ -72,9 +77,32 @@ STARTUP_PREFIXES = (
 )  # fmt: skip
 
 
+# The thread count is read at start-up too, but a fork sets it (``torch.set_num_threads``,
+# which sets OpenMP's and MKL's): a run of n threads forked from a zygote of m computes
+# what a fresh interpreter of n does, bit for bit (measured: 1 and 2 threads sum a 4M
+# tensor and multiply 512×512 matrices differently; forks of either zygote give each
+# count's own bits). One zygote then serves every count (a one-thread control, a
+# threads: [1, 2] config) where both variables are set to one number.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _threads(env: dict[str, str]) -> int | None:
+    """The run's thread count where both thread variables name the same one."""
+    values = {env.get(name, "") for name in THREAD_VARS}
+    value = values.pop() if len(values) == 1 else ""
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def startup_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """The part of an environment a zygote must have been started with."""
-    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(STARTUP_PREFIXES)))
+    general = _threads(env) is not None  # a count the fork sets: any zygote's will do
+    return tuple(
+        sorted(
+            (k, "n" if general and k in THREAD_VARS else v)
+            for k, v in env.items()
+            if k.startswith(STARTUP_PREFIXES)
+        )
+    )
 
 
 def forks_audited_runs() -> bool:
@@ -146,6 +174,14 @@ class Zygote:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def fileno(self) -> int | None:
+        """The descriptor its messages arrive on (to wait on with ``select``)."""
+        out = self.process.stdout
+        try:
+            return out.fileno() if out is not None and self.alive() else None
+        except ValueError:  # closed
+            return None
+
     def _lines(self, wait: float) -> list[dict[str, Any]]:
         out = self.process.stdout
         assert out is not None
@@ -172,14 +208,23 @@ class Zygote:
                     self.exited[message["exit"]] = message["code"]
                     self.outstanding.discard(message["exit"])
 
-    def fork(self, env: dict[str, str], spec_path: str, log_path: str) -> PooledProcess | None:
-        """Start a run; None if the server cannot (then the caller starts it fresh)."""
+    def fork(
+        self, env: dict[str, str], spec_path: str, log_path: str, module: str | None = None
+    ) -> PooledProcess | None:
+        """Start a run (or ``module``'s ``main([spec_path])``); None if the server cannot
+        (then the caller starts it fresh)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not self.ready:
             if not self.alive() or time.monotonic() > deadline:
                 return None
             self.pump(wait=0.05)
-        request = {"spec": spec_path, "log": log_path, "cwd": os.getcwd(), "env": env}
+        request = {
+            "spec": spec_path,
+            "log": log_path,
+            "cwd": os.getcwd(),
+            "env": env,
+            "module": module,
+        }
         with self._fork_lock:
             with self._lock:
                 try:
@@ -230,9 +275,30 @@ def zygote(env: dict[str, str]) -> Zygote:
     return found
 
 
-def spawn(env: dict[str, str], spec_path: str, log_path: str) -> PooledProcess | None:
-    """A run as a fork of the environment's zygote, or None (start it fresh)."""
-    return zygote(env).fork(env, spec_path, log_path)
+def warming(env: dict[str, str]) -> bool:
+    """Is this environment's zygote still importing (a fork would wait for it)? False
+    once it is ready or gone (a fork then starts at once, or fresh)."""
+    with _REGISTRY_LOCK:
+        found = _ZYGOTES.get(startup_key(env))
+    if found is None or not found.alive():
+        return False
+    found.pump()
+    return not found.ready
+
+
+def registered(env: dict[str, str]) -> Zygote | None:
+    """This environment's live zygote, if one was started (none is started here)."""
+    with _REGISTRY_LOCK:
+        found = _ZYGOTES.get(startup_key(env))
+    return found if found is not None and found.alive() else None
+
+
+def spawn(
+    env: dict[str, str], spec_path: str, log_path: str, module: str | None = None
+) -> PooledProcess | None:
+    """A run (or ``module``'s ``main``) as a fork of the environment's zygote, or None
+    (start it fresh)."""
+    return zygote(env).fork(env, spec_path, log_path, module)
 
 
 @atexit.register
@@ -258,13 +324,15 @@ def _warm() -> None:
         import torch._dynamo
     for module in ("fingerprint", "localize", "recorder", "trace", "runner.bootstrap"):
         importlib.import_module(f"reprocheck.{module}")
-    importlib.import_module("reprocheck.runner.loop")
-    importlib.import_module("reprocheck.runner.worker")
+    for module in ("loop", "worker", "analysis"):
+        importlib.import_module(f"reprocheck.runner.{module}")
+    importlib.import_module("reprocheck.compare")
 
     torch.zeros(1).add_(1)  # one op: the dispatcher's first-call set-up, single-threaded
 
 
 _KEEP: list[Any] = []  # the fork's padding, alive for the run's lifetime
+_EXITS: dict[int, int] = {}  # the zygote's pidfd of each fork (readable once it ended) → pid
 
 
 def _vary() -> None:
@@ -291,6 +359,10 @@ def _vary() -> None:
 
 
 def _child(request: dict[str, Any]) -> int:
+    for fd in _EXITS:  # its siblings' pidfds are the zygote's, not the run's
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _EXITS.clear()
     os.setsid()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter has them
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -307,14 +379,18 @@ def _child(request: dict[str, Any]) -> int:
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     os.environ.clear()  # the run's own environment (its start-up part is the zygote's)
     os.environ.update(request["env"])
+    threads = _threads(request["env"])
+    if threads is not None:  # as a fresh interpreter reads it from the variables
+        import torch
+
+        torch.set_num_threads(threads)
     os.chdir(request["cwd"])
     sys.path[0] = request["cwd"]  # as `python -m reprocheck.runner.worker` has it
     _vary()
-    from . import worker
-
-    sys.argv = [worker.__file__, request["spec"]]
+    program = importlib.import_module(request.get("module") or f"{__package__}.worker")
+    sys.argv = [program.__file__, request["spec"]]
     try:
-        code = worker.main([request["spec"]])
+        code = program.main([request["spec"]])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
@@ -348,11 +424,15 @@ def serve() -> None:
     say({"ready": True})
     pending = b""
     running: set[int] = set()
+    exits = _EXITS
     stdin = sys.stdin.buffer.fileno()
     open_input = True
     while open_input or running:  # at the end of input: once its forks have ended
-        readable, _, _ = select.select([stdin] if open_input else [], [], [], 0.02)
-        if readable:
+        # woken by a request or a fork's end; without pidfds, a fork's end is seen by polling
+        watched = [stdin] if open_input else []
+        timeout = 0.5 if len(exits) == len(running) else 0.02
+        readable, _, _ = select.select(watched + list(exits), [], [], timeout)
+        if stdin in readable:
             chunk = os.read(stdin, 65536)
             if not chunk:
                 open_input = False
@@ -371,14 +451,17 @@ def serve() -> None:
                     finally:
                         os._exit(code if 0 <= code < 256 else 1)
                 running.add(pid)
+                with contextlib.suppress(AttributeError, OSError):
+                    exits[os.pidfd_open(pid)] = pid
                 say({"pid": pid})
         for pid in list(running):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 running.discard(pid)
+                for fd in [fd for fd, each in exits.items() if each == pid]:
+                    os.close(fd)
+                    del exits[fd]
                 say({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
-        if not open_input and running:
-            time.sleep(0.02)
 
 
 if __name__ == "__main__":
