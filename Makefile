@@ -47,6 +47,10 @@ bench: venv
 	$(BIN)/python benchmarks/bench_fingerprint.py --markdown
 	$(BIN)/python benchmarks/bench_audit.py --markdown
 	$(BIN)/python benchmarks/bench_time_to_answer.py --markdown
+	$(BIN)/python benchmarks/bench_address_order.py --markdown
+	$(BIN)/python benchmarks/bench_device_digest.py --markdown
+	$(BIN)/python benchmarks/bench_ddp.py --markdown
+	$(BIN)/python benchmarks/bench_report.py --markdown
 
 clean:
 	rm -rf $(VENV) reports/*-2*

@@ -10,8 +10,11 @@ Measured side by side in one run, each case in turn within every repeat, medians
 - the start of a run from the warm pool: a fork of a ready zygote until its trace exists.
 
 Every case runs under the three pool settings, so the table shows what the pool buys:
-``REPROCHECK_POOL=0`` (every run a fresh interpreter), ``1`` (the default: replays,
-attribution and probes fork; the verdict's runs start fresh) and ``all`` (they fork too).
+``REPROCHECK_POOL=0`` (every run a fresh interpreter), ``1`` (the default: run 0 of each
+leg starts fresh; the other runs, replays, attribution and probes fork) and ``all`` (run 0
+forks too). Each audit's answer is checked (the demo reproduces; the index case diverges
+at ``aten.index_put``, a nondeterministic op, fixed by RC010 and RC011): a time of a wrong
+answer would mean nothing.
 ``python benchmarks/bench_time_to_answer.py [--repeats N] [--markdown]``.
 """
 
@@ -49,6 +52,22 @@ def _wall(command: list[str], env: dict[str, str], ok: tuple[int, ...] = (0, 1, 
     seconds = time.perf_counter() - started
     if proc.returncode not in ok:
         raise SystemExit(f"{command} exited {proc.returncode}: {proc.stderr.decode()[-400:]}")
+    return seconds
+
+
+def _answer(expect: str, command: list[str], env: dict[str, str], folder: Path) -> float:
+    """An audit's wall time; it must give the expected answer, or the time means nothing."""
+    report = folder / f"report-{time.monotonic_ns()}.json"
+    seconds = _wall([*command, "--json", str(report)], env, ok=(0, 1))
+    found = json.loads(report.read_text(encoding="utf-8"))
+    got = found["verdict"]
+    if expect == "index":
+        first = found.get("first_divergence") or {}
+        codes = sorted(f["code"] for f in found.get("findings", []))
+        got = f"{got} {first.get('op')} {first.get('cause')} {codes}"
+        expect = "diverged aten.index_put nondeterministic op ['RC010', 'RC011']"
+    if got != expect:
+        raise SystemExit(f"{command[-1]} under {env['REPROCHECK_POOL']}: {got} (expected {expect})")
     return seconds
 
 
@@ -106,9 +125,11 @@ def main() -> None:
             "usage error (run --bogus)": lambda mode: _wall(
                 [py, "-m", "reprocheck", "run", "--bogus"], _env(mode)
             ),
-            "demo audit (make demo)": lambda mode: _wall([*audit, "configs/demo.yaml"], _env(mode)),
-            "nondeterministic-index end to end": lambda mode: _wall(
-                [*audit, "configs/nondeterministic-index.yaml"], _env(mode)
+            "demo audit (make demo)": lambda mode: _answer(
+                "reproducible", [*audit, "configs/demo.yaml"], _env(mode), out
+            ),
+            "nondeterministic-index end to end": lambda mode: _answer(
+                "index", [*audit, "configs/nondeterministic-index.yaml"], _env(mode), out
             ),
         }
         fork = "a run's start: fork of a warm zygote"

@@ -7,6 +7,7 @@ render, and docs/architecture.md's module table generated from the code.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -141,6 +142,27 @@ def test_help_and_usage_errors_answer_without_importing_torch(argv, tmp_path):
     assert (imported, code) == ("False", "0" if "--help" in argv else "2"), proc.stderr
 
 
+def _audit_without_torch(argv: list[str], folder: Path) -> tuple[str, str, dict]:
+    """Run the CLI in a fresh interpreter: (torch imported in it?, exit code, report)."""
+    options = ["--quiet", "--out", "out", "--json", "r.json"]
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['reprocheck', {argv[0]!r}, *{options!r}, *{argv[1:]!r}]\n"
+        "try:\n"
+        "    runpy.run_module('reprocheck', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        "print('torch' in sys.modules, code, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=folder, env=env
+    )
+    imported, code = proc.stderr.strip().splitlines()[-1].split()
+    report = json.loads((folder / "r.json").read_text()) if (folder / "r.json").exists() else {}
+    return imported, code, report
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -152,21 +174,20 @@ def test_help_and_usage_errors_answer_without_importing_torch(argv, tmp_path):
 def test_a_reproducible_audits_own_process_never_imports_torch(argv, tmp_path):
     # its runs import torch in their own processes; the audit's process starts them at
     # once and reads their traces (a verdict reads digests, no tensor): ~1 s sooner
-    probe = (
-        "import runpy, sys\n"
-        f"sys.argv = ['reprocheck', {argv[0]!r}, '--quiet', '--out', 'out', *{argv[1:]!r}]\n"
-        "try:\n"
-        "    runpy.run_module('reprocheck', run_name='__main__')\n"
-        "except SystemExit as exc:\n"
-        "    code = exc.code\n"
-        "print('torch' in sys.modules, code, file=sys.stderr)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env
-    )
-    imported, code = proc.stderr.strip().splitlines()[-1].split()
-    assert (imported, code) == ("False", "0"), proc.stderr
+    imported, code, report = _audit_without_torch(argv, tmp_path)
+    assert (imported, code, report["verdict"]) == ("False", "0", "reproducible")
+
+
+def test_a_divergence_is_measured_and_zoomed_without_torch_in_the_audits_process(tmp_path):
+    # the replays' kept tensors and ops are measured in a fork of the warm zygote
+    script = str(ROOT / "tests" / "scripts" / "set_init.py")
+    imported, code, report = _audit_without_torch(["exec", "--", "python", script], tmp_path)
+    assert (imported, code) == ("False", "1"), report.get("first_divergence")
+    first = report["first_divergence"]
+    assert (first["step"], first["phase"], first["cause"]) == (0, "weights", "initialisation")
+    assert first["elements_differing"] > 0 and first["max_abs_diff"] > 0
+    assert (first["replays_diverged"], first["op"], first["module"]) == (1, "aten.t", "Linear")
+    assert first["source"].endswith("set_init.py:32")  # the forward's line
 
 
 if __name__ == "__main__":

@@ -369,9 +369,10 @@ class Launcher:
 
     def analyse(self, leg: Leg, request: dict[str, Any]) -> dict[str, Any]:
         """Measure what replays kept (:mod:`.analysis`) in a fork of the leg's zygote, or
-        in this process where no zygote can serve: this process then imports torch."""
+        in this process where torch is imported already or no zygote can serve (this
+        process then imports torch)."""
         env = self._environment(leg)
-        if pool.usable(env, leg.device):
+        if "torch" not in sys.modules and pool.usable(env, leg.device):
             self._analyses += 1
             stem = self.out_dir / f"{leg.name}.analysis-{self._analyses}"
             out = str(stem) + ".out.json"
