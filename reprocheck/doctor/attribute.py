@@ -1,9 +1,9 @@
 """Attribution: which control makes a divergent config reproduce?
 
-Each candidate control is switched on alone (and then all together), the config rerun
-up to the divergent step with two runs, and the verdicts read off. The first control
-alone that makes the runs agree is the cause's fix; where none does, the zoom's cause
-(an entropy-seeded generator, a nondeterministic op) is named instead.
+Each candidate control is switched on alone (and, where none alone answers, all together),
+the config rerun up to the divergent step with two runs, and the verdicts read off. The
+first control alone that makes the runs agree is the cause's fix; where none does, the
+zoom's cause (an entropy-seeded generator, a nondeterministic op) is named instead.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def attribute(
         together = change(together)
     # the controls' reruns side by side (`--jobs` runs at once; default: as many as the
     # cores hold): each is an audit of two runs that run in parallel themselves. Two runs
-    # settle a control: forks of one zygote draw one address order 0.3–0.5% of the time
-    # on tests/scripts/set_init.py, fresh interpreters of one hash seed 1.0% (measured:
+    # settle a control: forks of one zygote draw one address order 0.2–0.5% of the time
+    # on tests/scripts/set_init.py, fresh interpreters of one hash seed 0.6–1.0% (measured:
     # benchmarks/bench_address_order.py), so a third run would not make a fork's "agree"
     # worth more than a fresh pair's.
     workers = max(1, (jobs or os.cpu_count() or 1) // 2)

@@ -391,7 +391,11 @@ class Launcher:
                     code = None
                 if code == 0 and os.path.exists(out):
                     with open(out, encoding="utf-8") as handle:
-                        return json.load(handle)
+                        answer = json.load(handle)
+                    for done in (".json", ".out.json", ".log"):  # kept only if it failed
+                        with contextlib.suppress(OSError):
+                            os.remove(str(stem) + done)
+                    return answer
         from . import analysis
 
         return analysis.measure(request)

@@ -25,8 +25,8 @@ a divergence a fresh process shows:
   heap blocks and a random-sized anonymous mapping, which moves the addresses of
   everything allocated after them. Measured on ``tests/scripts/set_init.py``
   (``benchmarks/bench_address_order.py``): two forks of one zygote drew the same order
-  0.3–0.5% of the time, two fresh interpreters of one hash seed 1.0%, a fork and a fresh
-  interpreter never (0 of 7,200 pairs);
+  0.2–0.5% of the time, two fresh interpreters of one hash seed 0.6–1.0%, a fork and a
+  fresh interpreter never (0 of 7,200 pairs; 0 of 28,800 in a measurement by hand);
 - **the thread count**: read at start-up, so keyed like the rest — except where both
   :data:`THREAD_VARS` name one number: the fork then calls ``torch.set_num_threads`` with
   it, which gives that count's own bits whatever the zygote's (measured, and tested);
