@@ -444,8 +444,12 @@ class Launcher:
             time.sleep(POLL_S)
             return
         try:
-            readable, _, _ = select.select([*fds, *zygotes], [], [], POLL_S)
-        except (OSError, ValueError):  # a descriptor closed meanwhile: look again
+            waiting = select.poll()  # (no limit on descriptor numbers, unlike select())
+            for fd in [*fds, *zygotes]:
+                waiting.register(fd, select.POLLIN)
+            readable = [fd for fd, _ in waiting.poll(POLL_S * 1000)]
+        except (OSError, ValueError, AttributeError):  # no poll(), or a descriptor gone
+            time.sleep(POLL_S)
             return
         for fd in readable:
             if fd in zygotes:
