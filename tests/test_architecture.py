@@ -125,6 +125,12 @@ def test_help_text_wraps_paragraphs_at_the_terminal_width():
     ],
 )
 def test_help_and_usage_errors_answer_without_importing_torch(argv, tmp_path):
+    imported, code = _cli_in_a_fresh_interpreter(argv, tmp_path)
+    assert (imported, code) == ("False", "0" if "--help" in argv else "2")
+
+
+def _cli_in_a_fresh_interpreter(argv: list[str], folder: Path) -> tuple[str, str]:
+    """Run the CLI in a fresh interpreter: (was torch imported in it?, its exit code)."""
     probe = (
         "import runpy, sys\n"
         f"sys.argv = ['reprocheck', *{argv!r}]\n"
@@ -136,29 +142,16 @@ def test_help_and_usage_errors_answer_without_importing_torch(argv, tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env
-    )
-    imported, code = proc.stderr.strip().splitlines()[-1].split()
-    assert (imported, code) == ("False", "0" if "--help" in argv else "2"), proc.stderr
-
-
-def _audit_without_torch(argv: list[str], folder: Path) -> tuple[str, str, dict]:
-    """Run the CLI in a fresh interpreter: (torch imported in it?, exit code, report)."""
-    options = ["--quiet", "--out", "out", "--json", "r.json"]
-    probe = (
-        "import runpy, sys\n"
-        f"sys.argv = ['reprocheck', {argv[0]!r}, *{options!r}, *{argv[1:]!r}]\n"
-        "try:\n"
-        "    runpy.run_module('reprocheck', run_name='__main__')\n"
-        "except SystemExit as exc:\n"
-        "    code = exc.code\n"
-        "print('torch' in sys.modules, code, file=sys.stderr)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=folder, env=env
     )
     imported, code = proc.stderr.strip().splitlines()[-1].split()
+    return imported, code
+
+
+def _audit_without_torch(argv: list[str], folder: Path) -> tuple[str, str, dict]:
+    """An audit in a fresh interpreter: (torch imported in it?, exit code, its report)."""
+    options = ["--quiet", "--out", "out", "--json", "r.json"]
+    imported, code = _cli_in_a_fresh_interpreter([argv[0], *options, *argv[1:]], folder)
     report = json.loads((folder / "r.json").read_text()) if (folder / "r.json").exists() else {}
     return imported, code, report
 
