@@ -27,6 +27,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         print(f"step {step} loss {loss.item()!r} threads {torch.get_num_threads()}")
+    print(f"final loss {loss.item()!r}")
 
 
 if __name__ == "__main__":
