@@ -442,19 +442,18 @@ def _static_optimizer_keywords(name: str) -> set[str] | None:
         if cls is None:
             return None
         bases = [getattr(b, "id", None) or getattr(b, "attr", "") for b in cls.bases]
-        init = next(
-            (f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None
-        )
+        inits = [f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"]
+        init = inits[-1] if inits else None  # the last definition is the class's
         if "Optimizer" not in bases:  # an optimizer's subclass (AdamW of Adam), or none
             parents = [b for b in bases if b in where]
             if len(parents) != 1 or read(parents[0], where, depth + 1) is None:
                 return None
             if init is None:
                 return read(parents[0], where, depth + 1)
-        if init is None or init.args.kwarg is not None:
-            return None
-        args = init.args
-        return {a.arg for a in [*args.posonlyargs, *args.args][2:]} | {
+        if init is None or init.args.kwarg is not None or init.decorator_list:
+            return None  # **kwargs, or a decorator that may change the signature
+        args = init.args  # keywords: after self, params (positional-only ones are none)
+        return {a.arg for a in [*args.posonlyargs, *args.args][2:] if a in args.args} | {
             a.arg for a in args.kwonlyargs
         }
 

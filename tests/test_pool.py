@@ -5,6 +5,10 @@ order included — while the runs that make a verdict still start fresh."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,8 +19,9 @@ from reprocheck.configfile import load_config
 from reprocheck.runner import pool
 from reprocheck.runner.launch import Launcher, plan_legs
 from reprocheck.script import script_config
+from reprocheck.trace import Trace
 
-from .conftest import CONFIGS, ROOT, run_exec
+from .conftest import CONFIGS, ROOT, run_cli, run_exec
 
 SCRIPTS = ROOT / "tests" / "scripts"
 
@@ -113,13 +118,17 @@ def test_a_verdicts_run_0_starts_fresh_and_its_other_runs_fork(tmp_path, monkeyp
     ]
 
 
-def test_a_fork_computes_its_own_thread_counts_bits_whatever_its_zygotes(tmp_path, monkeypatch):
-    # one zygote serves every thread count (the fork sets it, as a fresh interpreter reads
-    # it from OMP_NUM_THREADS): 1 and 2 threads sum this script's loss differently, and a
-    # fork of either count from the zygote of the other gives that count's fresh bits
+def test_each_thread_count_forks_from_a_zygote_of_its_own_count(tmp_path, monkeypatch):
+    # NumPy's OpenBLAS sizes its pool from OMP_NUM_THREADS when `import torch` loads it,
+    # so a fork can only compute a count's bits from a zygote started with that count:
+    # 1 and 2 threads give this script (NumPy features, then torch) different bits, and a
+    # fork of each count must give what a fresh interpreter of that count gives
     monkeypatch.setenv("REPROCHECK_POOL", "1")
     config, target = script_config(
-        ["python", str(SCRIPTS / "thread_count.py")], "exec", repeats=1, steps=2
+        ["python", str(SCRIPTS / "thread_count.py"), "--numpy-features"],
+        "exec",
+        repeats=1,
+        steps=2,
     )
     counts = [(("OMP_NUM_THREADS", str(n)), ("MKL_NUM_THREADS", str(n))) for n in (1, 2)]
     config = dataclasses.replace(config, environments=tuple(counts))
@@ -133,10 +142,104 @@ def test_a_fork_computes_its_own_thread_counts_bits_whatever_its_zygotes(tmp_pat
             (run,) = leg.runs
             assert (run.status, run.forked) == ("complete", fork), run.error
             traces[n, fork] = run.trace
-    assert len({pool.startup_key(dict(env)) for env in counts}) == 1  # one zygote for both
+    assert len({pool.startup_key(dict(env)) for env in counts}) == 2  # a zygote per count
     assert first_divergence([traces[1, False], traces[2, False]]) is not None  # counts differ
     assert first_divergence([traces[1, False], traces[1, True]]) is None
     assert first_divergence([traces[2, False], traces[2, True]]) is None
+
+
+def test_a_threads_1_2_audit_of_numpy_and_torch_work_reproduces(tmp_path, monkeypatch):
+    # each leg's run 0 is fresh and its run 1 a fork: the fork's NumPy must use its leg's
+    # thread count, or the leg would part on the first batch
+    monkeypatch.setenv("REPROCHECK_POOL", "1")
+    result = run_exec(
+        tmp_path / "out",
+        tmp_path / "r.json",
+        (str(SCRIPTS / "thread_count.py"), "--numpy-features", "--steps", "2"),
+        ("--threads", "1,2"),
+    )
+    assert result.code == 0, result.report.get("first_divergence")
+    legs = result.report["legs"]
+    assert [[run["forked"] for run in leg["runs"]] for leg in legs] == [[False, True]] * 2
+
+
+def test_the_one_thread_control_forks_from_the_legs_zygote_and_runs_at_one_thread(
+    tmp_path, monkeypatch
+):
+    # its two runs are compared with each other alone: they may share the 2-thread
+    # zygote's NumPy, with torch set to one thread (the race then goes: it reproduces)
+    monkeypatch.setenv("REPROCHECK_POOL", "1")
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    config = str(CONFIGS / "nondeterministic-index.yaml")
+    result = run_cli("run", config, "--quiet", "--out", str(out), "--json", str(report))
+    assert result.code == 1, result.stderr
+    tried = {item["control"]: item["verdict"] for item in result.report["attribution"]}
+    assert tried["one thread"] == "reproducible", tried
+    (folder,) = out.glob("nondeterministic-index-*")
+    traces = sorted(folder.glob("attribution/control-*/*/cpu-t1-r*.sqlite"))
+    assert len(traces) == 2
+    for path in traces:
+        with Trace(path) as trace:
+            assert trace.meta["environment"]["threads"] == 1
+            assert trace.meta["environment"]["env"]["OMP_NUM_THREADS"] == "1"
+
+
+SLOW_SCRIPT = """
+import time, torch
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+for step in range(3):
+    loss = model(torch.ones(2, 4)).sum()
+    optimizer.zero_grad(); loss.backward(); optimizer.step()
+    time.sleep(1.5)
+"""
+
+
+def test_a_fork_whose_zygote_dies_is_reported_killed_not_waited_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPROCHECK_POOL", "1")
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_SCRIPT)
+    config, target = script_config(["python", str(script)], "exec", repeats=1)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    leg = plan_legs(config)[0]
+    launcher = Launcher(config, folder, fork_runs=True, extra_spec={"exec": target})
+    worker = threading.Thread(target=launcher.run, args=([leg],))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not (leg.runs and leg.runs[0].status == "running" and leg.runs[0].forked):
+        assert time.monotonic() < deadline, "the run never forked"
+        time.sleep(0.05)
+    zygote = pool.registered(launcher._environment(leg))
+    assert zygote is not None
+    os.kill(zygote.process.pid, signal.SIGKILL)  # an OOM kill of the server, say
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the launcher waited for a fork it can no longer hear"
+    (run,) = leg.runs
+    assert (run.status, run.exit_code) == ("killed", -signal.SIGKILL)
+
+
+def test_a_zygote_that_never_gets_ready_is_stopped_and_the_runs_start_fresh(tmp_path, monkeypatch):
+    # a server stuck in its imports (here a sitecustomize that sleeps in it) must not hold
+    # the audit: after READY_TIMEOUT_S it is killed and its runs start fresh
+    hang = tmp_path / "hang"
+    hang.mkdir()
+    (hang / "sitecustomize.py").write_text(
+        "import time\n"
+        "if b'reprocheck.runner.pool' in open('/proc/self/cmdline', 'rb').read():\n"
+        "    time.sleep(10**6)\n"
+    )
+    monkeypatch.setenv("REPROCHECK_POOL", "1")
+    monkeypatch.setenv("PYTHONPATH", str(hang))
+    monkeypatch.setattr(pool, "READY_TIMEOUT_S", 3.0)
+    config, target = script_config(
+        ["python", str(SCRIPTS / "thread_count.py"), "--steps", "1"], "exec", repeats=2
+    )
+    runs = _runs(config, tmp_path / "out", False, {**target, "max_steps": 1})
+    assert [(r.status, r.forked) for r in runs] == [("complete", False), ("complete", False)]
+    stuck = [z for z in pool._ZYGOTES.values() if str(hang) in z.env.get("PYTHONPATH", "")]
+    assert stuck and not any(z.alive() for z in stuck)  # killed, not left running
 
 
 def test_the_same_script_in_its_modules_order_reproduces(tmp_path):

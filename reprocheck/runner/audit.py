@@ -54,6 +54,9 @@ class AuditOptions:
     # the runs may fork from a warm zygote (runner/pool.py): an attribution control's or a
     # probe's audit, never the verdict's own runs
     fork_runs: bool = False
+    # ... from one of another thread count (an attribution control's two runs are
+    # compared with each other alone; a probe compares thread counts: never)
+    any_threads: bool = False
 
 
 class Auditor:
@@ -61,8 +64,9 @@ class Auditor:
     runner): a whole audit of a config variant, or one step's op capture. ``exec``: the
     script each run executes (``reprocheck exec``), None for a config's own recipe."""
 
-    def __init__(self, exec: dict[str, Any] | None = None) -> None:
+    def __init__(self, exec: dict[str, Any] | None = None, any_threads: bool = False) -> None:
         self.exec = exec
+        self.any_threads = any_threads  # attribution's controls: see AuditOptions
 
     def _target(self, config: Config) -> dict[str, Any] | None:
         # a script's run ends after the variant's steps (0: the script's own length)
@@ -80,6 +84,7 @@ class Auditor:
             fail_fast=fail_fast,
             exec=self._target(config),
             fork_runs=True,
+            any_threads=self.any_threads,
         )
         return run_audit(config, options)
 
@@ -556,6 +561,7 @@ def run_audit(
         extra_spec={"exec": options.exec} if options.exec else None,
         checkpoints=options.measure,  # a replay then starts near the divergent step
         fork_runs=options.fork_runs,
+        any_threads=options.any_threads,
     )
     timings: dict[str, float] = {}
     interrupted = False
@@ -833,7 +839,7 @@ def _findings(
         started = time.monotonic()
         try:
             found, tried = attribute(
-                Auditor(options.exec),
+                Auditor(options.exec, any_threads=True),
                 config,
                 leg.device,
                 leg.threads,

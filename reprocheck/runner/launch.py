@@ -221,6 +221,7 @@ class Launcher:
         extra_spec: dict[str, Any] | None = None,
         checkpoints: bool = False,
         fork_runs: bool = False,
+        any_threads: bool = False,
     ) -> None:
         self.config = config
         self.checkpoints = checkpoints  # save states for replays (not for exec scripts)
@@ -243,6 +244,9 @@ class Launcher:
         # run 0 of each leg starts a fresh interpreter (so every fork is compared against
         # one) and the others fork, unless REPROCHECK_POOL=all forks run 0 too
         self.fork_runs = fork_runs or pool.forks_audited_runs()
+        # an attribution control's runs (compared with each other alone) may fork from a
+        # zygote of another thread count (see :mod:`.pool`)
+        self.any_threads = any_threads
 
     def _spec(self, leg: Leg, run: int, suffix: str = "", **extra: Any) -> tuple[RunResult, str]:
         stem = f"{leg.name}-r{run}{suffix}"
@@ -405,7 +409,7 @@ class Launcher:
         queue = list(tasks)
         last_check = time.monotonic()
         for env in {pool.startup_key(t.env): t.env for t in tasks if t.fork}.values():
-            pool.zygote(env)  # warming up from now: a fork waits for it, not the others
+            pool.zygote(env, self.any_threads)  # warming from now: its forks wait, not others
         try:
             while queue or self._running:
                 for task in list(queue):
@@ -413,7 +417,7 @@ class Launcher:
                         break
                     if task.result.status == "stopped":
                         queue.remove(task)
-                    elif not (task.fork and pool.warming(task.env)):
+                    elif not (task.fork and pool.warming(task.env, self.any_threads)):
                         queue.remove(task)
                         self._start(task)
                 running = len(self._running)
@@ -436,7 +440,7 @@ class Launcher:
         fds = {task.exit_fd for task in self._running if task.exit_fd is not None}
         zygotes = {}
         for task in self._running + [t for t in queue if t.fork]:
-            found = pool.registered(task.env) if task.fork else None
+            found = pool.registered(task.env, self.any_threads) if task.fork else None
             fd = found.fileno() if found is not None else None
             if fd is not None:
                 zygotes[fd] = found
@@ -473,7 +477,9 @@ class Launcher:
 
     def _start(self, task: _Task) -> None:
         if task.fork:
-            task.process = pool.spawn(task.env, task.spec_path, task.result.log)
+            task.process = pool.spawn(
+                task.env, task.spec_path, task.result.log, any_threads=self.any_threads
+            )
             if task.process is not None:
                 task.started = time.monotonic()
                 task.result.status = "running"

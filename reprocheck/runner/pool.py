@@ -27,9 +27,16 @@ a divergence a fresh process shows:
   (``benchmarks/bench_address_order.py``): two forks of one zygote drew the same order
   0.2–0.5% of the time, two fresh interpreters of one hash seed 0.6–1.0%, a fork and a
   fresh interpreter never (0 of 7,200 pairs; 0 of 28,800 in a measurement by hand);
-- **the thread count**: read at start-up, so keyed like the rest — except where both
-  :data:`THREAD_VARS` name one number: the fork then calls ``torch.set_num_threads`` with
-  it, which gives that count's own bits whatever the zygote's (measured, and tested);
+- **the thread count**: keyed like the rest. ``torch.set_num_threads`` in a fork gives
+  torch's ops the count's own bits (measured), but NumPy's OpenBLAS, loaded by ``import
+  torch``, sized its pool from ``OMP_NUM_THREADS`` in the zygote: a fork of a 2-thread
+  zygote asked for 1 thread multiplies NumPy matrices with 2 (measured), so a ``threads:
+  [1, 2]`` audit would part its fresh run 0 from its forked run 1. Only an attribution
+  control (``any_threads``), whose two runs are compared with each other alone, forks
+  from a live zygote of another count and sets torch's count: both its runs then share
+  NumPy's count, whose splitting is fixed run to run, and torch runs at the control's;
+- **the zygote's end**: a fork dies with it (``PR_SET_PDEATHSIG``), and is reported
+  killed, rather than running on unseen;
 - **CUDA** cannot be used in a fork of a process that initialised it: only CPU runs fork
   (the zygote never touches CUDA), a CUDA leg always starts fresh; and only on Linux
   (elsewhere a fork of a process that loaded torch's native libraries is not safe).
@@ -77,32 +84,23 @@ STARTUP_PREFIXES = (
 )  # fmt: skip
 
 
-# The thread count is read at start-up too, but a fork sets it (``torch.set_num_threads``,
-# which sets OpenMP's and MKL's): a run of n threads forked from a zygote of m computes
-# what a fresh interpreter of n does, bit for bit (measured: 1 and 2 threads sum a 4M
-# tensor and multiply 512×512 matrices differently; forks of either zygote give each
-# count's own bits). One zygote then serves every count (a one-thread control, a
-# threads: [1, 2] config) where both variables are set to one number.
+def startup_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The part of an environment a zygote must have been started with."""
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(STARTUP_PREFIXES)))
+
+
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _threads(env: dict[str, str]) -> int | None:
-    """The run's thread count where both thread variables name the same one."""
+def thread_count(env: dict[str, str]) -> int | None:
+    """The run's thread count, where both :data:`THREAD_VARS` name the same one."""
     values = {env.get(name, "") for name in THREAD_VARS}
     value = values.pop() if len(values) == 1 else ""
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
-def startup_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    """The part of an environment a zygote must have been started with."""
-    general = _threads(env) is not None  # a count the fork sets: any zygote's will do
-    return tuple(
-        sorted(
-            (k, "n" if general and k in THREAD_VARS else v)
-            for k, v in env.items()
-            if k.startswith(STARTUP_PREFIXES)
-        )
-    )
+def _any_count(key: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((k, "n" if k in THREAD_VARS else v) for k, v in key)
 
 
 def forks_audited_runs() -> bool:
@@ -132,16 +130,19 @@ class PooledProcess:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.zygote.pump()
-            self.returncode = self.zygote.exited.pop(self.pid, None)
+            found = self.zygote.exited.pop(self.pid, None)
+            if found is None:
+                alive = self.zygote.alive()  # asked first: its last words are read below
+                self.zygote.pump()
+                found = self.zygote.exited.pop(self.pid, None)
+                if found is None and not alive:  # the server went: its fork with it
+                    found = -signal.SIGKILL
+            self.returncode = found
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
-            if not self.zygote.alive():
-                self.returncode = -signal.SIGKILL  # the server went: its child with it
-                break
             if deadline is not None and time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired("pooled run", timeout or 0)
             self.zygote.pump(wait=0.05)
@@ -169,7 +170,18 @@ class Zygote:
         # request order, and a pid taken by another thread would be another run's
         self._fork_lock = threading.Lock()
         self._started: list[int] = []
+        self._abandoned = 0  # requests whose caller was interrupted before it took the pid
         self.outstanding: set[int] = set()  # forks whose exit has not been reported yet
+        self.started = time.monotonic()
+
+    def stuck(self) -> bool:
+        """Still not ready :data:`READY_TIMEOUT_S` after it started: it is stopped (its
+        runs then start fresh)."""
+        if self.ready or time.monotonic() - self.started < READY_TIMEOUT_S:
+            return False
+        with contextlib.suppress(OSError):
+            self.process.kill()
+        return True
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -184,16 +196,24 @@ class Zygote:
 
     def _lines(self, wait: float) -> list[dict[str, Any]]:
         out = self.process.stdout
-        assert out is not None
-        readable, _, _ = select.select([out], [], [], wait)
-        if not readable:
+        if out is None or out.closed:  # closed by close(): nothing more to read
+            return []
+        waiting = select.poll()  # (no limit on descriptor numbers, unlike select())
+        waiting.register(out.fileno(), select.POLLIN)
+        if not waiting.poll(wait * 1000):
             return []
         chunk = os.read(out.fileno(), 65536)
         if not chunk:
             return []
         self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
-        return [json.loads(line) for line in lines if line.strip()]
+        messages = []
+        for line in lines:
+            with contextlib.suppress(ValueError):  # a library's print while it imported
+                message = json.loads(line)
+                if isinstance(message, dict):
+                    messages.append(message)
+        return messages
 
     def pump(self, wait: float = 0.0) -> None:
         """Read what the server said: its readiness, started pids, exit codes."""
@@ -213,9 +233,8 @@ class Zygote:
     ) -> PooledProcess | None:
         """Start a run (or ``module``'s ``main([spec_path])``); None if the server cannot
         (then the caller starts it fresh)."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
         while not self.ready:
-            if not self.alive() or time.monotonic() > deadline:
+            if not self.alive() or self.stuck():
                 return None
             self.pump(wait=0.05)
         request = {
@@ -233,13 +252,22 @@ class Zygote:
                     self.process.stdin.flush()
                 except (BrokenPipeError, OSError):
                     return None
-            while True:
+            try:
+                while True:
+                    with self._lock:
+                        while self._started and self._abandoned:  # (answers come in order)
+                            self._abandoned -= 1
+                            with contextlib.suppress(ProcessLookupError, PermissionError):
+                                os.kill(self._started.pop(0), signal.SIGKILL)
+                        if self._started:
+                            return PooledProcess(self, self._started.pop(0))
+                    if not self.alive():
+                        return None
+                    self.pump(wait=0.05)
+            except BaseException:  # Ctrl-C: the fork it asked for is not anybody's run
                 with self._lock:
-                    if self._started:
-                        return PooledProcess(self, self._started.pop(0))
-                if not self.alive():
-                    return None
-                self.pump(wait=0.05)
+                    self._abandoned += 1
+                raise
 
     def close(self) -> None:
         """End the server's input: it exits once the forks it started have ended (they
@@ -256,7 +284,30 @@ _ZYGOTES: dict[tuple[tuple[str, str], ...], Zygote] = {}  # least recently used 
 _REGISTRY_LOCK = threading.Lock()
 
 
-def zygote(env: dict[str, str]) -> Zygote:
+def _serving(env: dict[str, str], any_threads: bool) -> Zygote | None:
+    """A live zygote that may serve ``env``: its own, or with ``any_threads`` one of any
+    thread count (ready ones first). None where none was started."""
+    key = startup_key(env)
+    with _REGISTRY_LOCK:
+        found = _ZYGOTES.get(key)
+        if (found is None or not found.alive()) and any_threads and thread_count(env):
+            others = [
+                z
+                for k, z in _ZYGOTES.items()
+                if _any_count(k) == _any_count(key) and z.alive() and thread_count(z.env)
+            ]
+            found = max(others, key=lambda z: z.ready, default=None)
+    return found if found is not None and found.alive() else None
+
+
+def zygote(env: dict[str, str], any_threads: bool = False) -> Zygote:
+    """This environment's zygote (with ``any_threads``: a live one of any thread count
+    where there is one), started now if there is none."""
+    found = _serving(env, any_threads) if any_threads else None
+    return found if found is not None else _zygote(env)
+
+
+def _zygote(env: dict[str, str]) -> Zygote:
     """The zygote of this environment's start-up part, started now if there is none (it
     warms up while the caller goes on: :meth:`Zygote.fork` waits for it). Beyond
     :data:`MAX_ZYGOTES`, the least recently used one is stopped (its running forks go on)."""
@@ -275,30 +326,32 @@ def zygote(env: dict[str, str]) -> Zygote:
     return found
 
 
-def warming(env: dict[str, str]) -> bool:
-    """Is this environment's zygote still importing (a fork would wait for it)? False
-    once it is ready or gone (a fork then starts at once, or fresh)."""
-    with _REGISTRY_LOCK:
-        found = _ZYGOTES.get(startup_key(env))
-    if found is None or not found.alive():
+def warming(env: dict[str, str], any_threads: bool = False) -> bool:
+    """Is the zygote that would serve ``env`` still importing (a fork would wait for it)?
+    False once it is ready, gone or stuck (a fork then starts at once, or fresh)."""
+    found = _serving(env, any_threads)
+    if found is None:
         return False
     found.pump()
-    return not found.ready
+    return not found.ready and not found.stuck()
 
 
-def registered(env: dict[str, str]) -> Zygote | None:
-    """This environment's live zygote, if one was started (none is started here)."""
-    with _REGISTRY_LOCK:
-        found = _ZYGOTES.get(startup_key(env))
-    return found if found is not None and found.alive() else None
+def registered(env: dict[str, str], any_threads: bool = False) -> Zygote | None:
+    """The live zygote that would serve ``env``, if one was started (none is started)."""
+    return _serving(env, any_threads)
 
 
 def spawn(
-    env: dict[str, str], spec_path: str, log_path: str, module: str | None = None
+    env: dict[str, str],
+    spec_path: str,
+    log_path: str,
+    module: str | None = None,
+    any_threads: bool = False,
 ) -> PooledProcess | None:
-    """A run (or ``module``'s ``main``) as a fork of the environment's zygote, or None
-    (start it fresh)."""
-    return zygote(env).fork(env, spec_path, log_path, module)
+    """A run (or ``module``'s ``main``) as a fork of the environment's zygote (with
+    ``any_threads``: of any thread count, torch's then set to the run's), or None (start
+    it fresh)."""
+    return zygote(env, any_threads).fork(env, spec_path, log_path, module)
 
 
 @atexit.register
@@ -358,7 +411,19 @@ def _vary() -> None:
     torch.seed()
 
 
-def _child(request: dict[str, Any]) -> int:
+def _die_with(parent: int) -> None:
+    """Be killed when the zygote ends (Linux's ``PR_SET_PDEATHSIG``): a run the launcher
+    can no longer hear the end of must not run on unseen."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it had ended already
+        os._exit(128 + signal.SIGKILL)
+
+
+def _child(request: dict[str, Any], parent: int) -> int:
+    _die_with(parent)
     for fd in _EXITS:  # its siblings' pidfds are the zygote's, not the run's
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -377,13 +442,13 @@ def _child(request: dict[str, Any]) -> int:
     sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own descriptors
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    count = thread_count(request["env"])
+    if count is not None and count != thread_count(dict(os.environ)):
+        import torch  # a zygote of another count: torch's as the run's variables say
+
+        torch.set_num_threads(count)
     os.environ.clear()  # the run's own environment (its start-up part is the zygote's)
     os.environ.update(request["env"])
-    threads = _threads(request["env"])
-    if threads is not None:  # as a fresh interpreter reads it from the variables
-        import torch
-
-        torch.set_num_threads(threads)
     os.chdir(request["cwd"])
     sys.path[0] = request["cwd"]  # as `python -m reprocheck.runner.worker` has it
     _vary()
@@ -443,11 +508,12 @@ def serve() -> None:
                     continue
                 request = json.loads(line)
                 sys.stdout.flush()
+                parent = os.getpid()
                 pid = os.fork()
                 if pid == 0:
                     code = 1
                     try:
-                        code = _child(request)
+                        code = _child(request, parent)
                     finally:
                         os._exit(code if 0 <= code < 256 else 1)
                 running.add(pid)
