@@ -175,7 +175,8 @@ def test_a_divergence_is_measured_and_zoomed_without_torch_in_the_audits_process
     # the replays' kept tensors and ops are measured in a fork of the warm zygote (a script
     # re-seeded from entropy: its replays differ in every element, as its runs do)
     script = str(ROOT / "tests" / "scripts" / "reseed_dropout.py")
-    imported, code, report = _audit_without_torch(["exec", "--", "python", script], tmp_path)
+    argv = ["exec", "--no-attribute", "--", "python", script]
+    imported, code, report = _audit_without_torch(argv, tmp_path)
     assert (imported, code) == ("False", "1"), report.get("first_divergence")
     first = report["first_divergence"]
     assert (first["step"], first["phase"], first["tensor"]) == (1, "outputs", "output")

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ from reprocheck.runner.launch import Launcher, plan_legs
 from reprocheck.script import script_config
 from reprocheck.trace import Trace
 
-from .conftest import CONFIGS, ROOT, run_cli, run_exec
+from .conftest import CONFIGS, ROOT, run_exec
 
 SCRIPTS = ROOT / "tests" / "scripts"
 
@@ -120,37 +121,9 @@ def test_a_verdicts_run_0_starts_fresh_and_its_other_runs_fork(tmp_path, monkeyp
 
 def test_each_thread_count_forks_from_a_zygote_of_its_own_count(tmp_path, monkeypatch):
     # NumPy's OpenBLAS sizes its pool from OMP_NUM_THREADS when `import torch` loads it,
-    # so a fork can only compute a count's bits from a zygote started with that count:
-    # 1 and 2 threads give this script (NumPy features, then torch) different bits, and a
-    # fork of each count must give what a fresh interpreter of that count gives
-    monkeypatch.setenv("REPROCHECK_POOL", "1")
-    config, target = script_config(
-        ["python", str(SCRIPTS / "thread_count.py"), "--numpy-features"],
-        "exec",
-        repeats=1,
-        steps=2,
-    )
-    counts = [(("OMP_NUM_THREADS", str(n)), ("MKL_NUM_THREADS", str(n))) for n in (1, 2)]
-    config = dataclasses.replace(config, environments=tuple(counts))
-    traces = {}
-    for fork in (False, True):
-        folder = tmp_path / ("forked" if fork else "fresh")
-        folder.mkdir()
-        legs = plan_legs(config)
-        Launcher(config, folder, fork_runs=fork, extra_spec={"exec": target}).run(legs)
-        for leg, n in zip(legs, (1, 2)):
-            (run,) = leg.runs
-            assert (run.status, run.forked) == ("complete", fork), run.error
-            traces[n, fork] = run.trace
-    assert len({pool.startup_key(dict(env)) for env in counts}) == 2  # a zygote per count
-    assert first_divergence([traces[1, False], traces[2, False]]) is not None  # counts differ
-    assert first_divergence([traces[1, False], traces[1, True]]) is None
-    assert first_divergence([traces[2, False], traces[2, True]]) is None
-
-
-def test_a_threads_1_2_audit_of_numpy_and_torch_work_reproduces(tmp_path, monkeypatch):
-    # each leg's run 0 is fresh and its run 1 a fork: the fork's NumPy must use its leg's
-    # thread count, or the leg would part on the first batch
+    # so a fork computes a count's bits only from a zygote started with that count. Here
+    # NumPy features, then torch: 1 and 2 threads differ in their bits, and each leg's
+    # run 0 (fresh) and run 1 (a fork) must agree bit for bit
     monkeypatch.setenv("REPROCHECK_POOL", "1")
     result = run_exec(
         tmp_path / "out",
@@ -161,21 +134,20 @@ def test_a_threads_1_2_audit_of_numpy_and_torch_work_reproduces(tmp_path, monkey
     assert result.code == 0, result.report.get("first_divergence")
     legs = result.report["legs"]
     assert [[run["forked"] for run in leg["runs"]] for leg in legs] == [[False, True]] * 2
+    (across,) = result.report["across_legs"]
+    assert across["first_differing"] is not None  # the counts' bits differ
+    keys = {pool.startup_key({"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}) for n in "12"}
+    assert len(keys) == 2
 
 
-def test_the_one_thread_control_forks_from_the_legs_zygote_and_runs_at_one_thread(
-    tmp_path, monkeypatch
-):
+def test_the_one_thread_control_forks_from_the_legs_zygote_and_runs_at_one_thread(audit):
     # its two runs are compared with each other alone: they may share the 2-thread
     # zygote's NumPy, with torch set to one thread (the race then goes: it reproduces)
-    monkeypatch.setenv("REPROCHECK_POOL", "1")
-    out, report = tmp_path / "out", tmp_path / "r.json"
-    config = str(CONFIGS / "nondeterministic-index.yaml")
-    result = run_cli("run", config, "--quiet", "--out", str(out), "--json", str(report))
+    result = audit("nondeterministic-index.yaml", "--attribute")
     assert result.code == 1, result.stderr
     tried = {item["control"]: item["verdict"] for item in result.report["attribution"]}
     assert tried["one thread"] == "reproducible", tried
-    (folder,) = out.glob("nondeterministic-index-*")
+    folder = Path(result.report["out_dir"])
     traces = sorted(folder.glob("attribution/control-*/*/cpu-t1-r*.sqlite"))
     assert len(traces) == 2
     for path in traces:
@@ -232,12 +204,12 @@ def test_a_zygote_that_never_gets_ready_is_stopped_and_the_runs_start_fresh(tmp_
     )
     monkeypatch.setenv("REPROCHECK_POOL", "1")
     monkeypatch.setenv("PYTHONPATH", str(hang))
-    monkeypatch.setattr(pool, "READY_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(pool, "READY_TIMEOUT_S", 1.0)
     config, target = script_config(
-        ["python", str(SCRIPTS / "thread_count.py"), "--steps", "1"], "exec", repeats=2
+        ["python", str(SCRIPTS / "thread_count.py"), "--steps", "1"], "exec", repeats=1
     )
-    runs = _runs(config, tmp_path / "out", False, {**target, "max_steps": 1})
-    assert [(r.status, r.forked) for r in runs] == [("complete", False), ("complete", False)]
+    runs = _runs(config, tmp_path / "out", True, {**target, "max_steps": 1})
+    assert [(r.status, r.forked) for r in runs] == [("complete", False)]
     stuck = [z for z in pool._ZYGOTES.values() if str(hang) in z.env.get("PYTHONPATH", "")]
     assert stuck and not any(z.alive() for z in stuck)  # killed, not left running
 
