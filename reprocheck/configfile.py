@@ -417,15 +417,11 @@ def _static_optimizer_keywords(name: str) -> set[str] | None:
     such class, ``**kwargs``, no ``__init__`` of its own): the caller then checks against
     the imported class. Only an acceptance is taken from here, so a misread source never
     refuses a valid config."""
-    import importlib.util
+    from .determinism import torch_source
 
-    try:
-        spec = importlib.util.find_spec("torch")
-    except (ImportError, ValueError):
+    root = torch_source("optim")
+    if root is None:
         return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    root = os.path.join(next(iter(spec.submodule_search_locations)), "optim")
 
     def parse(module: str) -> ast.Module:
         with open(os.path.join(root, module), encoding="utf-8") as handle:

@@ -37,6 +37,21 @@ RELEVANT_ENV_VARS = (
 NCCL_PREFIXES = ("NCCL_", "TORCH_NCCL_")  # every one set goes into the snapshot
 
 
+def torch_source(*parts: str) -> str | None:
+    """The path of a file (or folder) of the installed torch package, found without
+    importing torch (config validation and device planning read its source); None where
+    torch is not installed as a package of files."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(next(iter(spec.submodule_search_locations)), *parts)
+
+
 def child_environment(
     controls: DeterminismConfig, threads: int | None, base: dict[str, str] | None = None
 ) -> dict[str, str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import Config, config_to_dict
-from ..determinism import child_environment
+from ..determinism import child_environment, torch_source
 from ..trace import Trace, TraceError, committed_steps, leave_wal, mark_ended
 from . import checkpoint, pool
 
@@ -110,16 +110,14 @@ def _gpu_build() -> bool | None:
     """Whether the installed torch was built for CUDA or ROCm, read from its
     ``torch/version.py`` without importing torch (None: not readable there)."""
     import ast
-    import importlib.util
 
+    path = torch_source("version.py")
+    if path is None:
+        return None
     try:
-        spec = importlib.util.find_spec("torch")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        path = os.path.join(next(iter(spec.submodule_search_locations)), "version.py")
         with open(path, encoding="utf-8") as handle:
             tree = ast.parse(handle.read())
-    except (ImportError, ValueError, OSError, SyntaxError, UnicodeDecodeError):
+    except (ValueError, OSError, SyntaxError, UnicodeDecodeError):
         return None
     values: dict[str, Any] = {}
     for node in tree.body:
