@@ -23,6 +23,11 @@ import sys
 from typing import Any
 
 
+def capture_key(phase: str, tensor: str) -> str:
+    """The key a replay keeps a record's tensor under in its ``.pt`` capture."""
+    return f"{phase}\t{tensor}"
+
+
 def _captured(path: str, key: str) -> Any:
     """The tensor a replay kept under ``key`` (None: the record keeps none)."""
     import torch

@@ -27,6 +27,7 @@ from ..replicas import check_legs
 from ..replicas import finding as replica_finding
 from ..trace import Trace, TraceError, committed_steps
 from . import checkpoint
+from .analysis import capture_key
 from .launch import Launcher, Leg, RunResult, plan_legs
 from .stages import Evidence, Latent, Measurement
 
@@ -357,7 +358,7 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
             leg,
             {
                 "captures": [paths[run] for run in chosen],
-                "key": f"{divergence.phase}\t{divergence.tensor}",
+                "key": capture_key(divergence.phase, divergence.tensor),
                 "ops": [paths[run] + ".ops.json" for run in chosen] if zoom else None,
                 "step": divergence.step,
                 "phase": divergence.phase,
@@ -395,7 +396,7 @@ def _measure_across(launcher: Launcher, a: Leg, b: Leg, where: dict[str, Any]) -
             return {"step": where["step"], "tensor": where["tensor"], "replay": "failed"}
         captures.append(paths[run])
     answer = launcher.analyse(
-        a, {"captures": captures, "key": f"{where['phase']}\t{where['tensor']}"}
+        a, {"captures": captures, "key": capture_key(where["phase"], where["tensor"])}
     )
     if not answer["found"]:
         return {"step": where["step"], "tensor": where["tensor"], "replay": "failed"}
@@ -430,7 +431,7 @@ def _rung(launcher: Launcher, leg: Leg, divergence: Divergence) -> str:
     chosen, paths = _ladder_replay(launcher, leg, divergence, "aot_eager")
     if len(paths) < 2:
         return "failed"
-    key = f"{divergence.phase}\t{divergence.tensor}"
+    key = capture_key(divergence.phase, divergence.tensor)
     answer = launcher.analyse(leg, {"captures": [paths[run] for run in chosen], "key": key})
     if not answer["found"]:
         return "failed"

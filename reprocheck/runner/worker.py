@@ -75,9 +75,10 @@ def save_capture(capture: dict[str, Any], recorder: Any, ops: list[Any]) -> None
 
     from .. import jsonout
     from ..localize import to_json
+    from .analysis import capture_key
 
     torch.save(
-        {f"{phase}\t{name}": tensor for (phase, name), tensor in recorder.captured.items()},
+        {capture_key(*record): tensor for record, tensor in recorder.captured.items()},
         capture["out"],
     )
     if capture.get("backend") == "reprocheck-digest":  # the compiled graphs' outputs
