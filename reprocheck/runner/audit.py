@@ -580,8 +580,6 @@ def run_audit(
     untrained = None
     if not interrupted and active and not any(_trained(each) for each in active):
         untrained = _untrained_reason(config, options, active)
-    if leg is not None and (options.measure or options.attribute):
-        launcher.prewarm([leg])  # replays and control reruns fork from it
     measurement = Measurement()
     # a script's replay reruns it whole; the capture is made in the process that diverged
     if first is not None and first.kind == "value" and options.measure:

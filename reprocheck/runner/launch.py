@@ -463,16 +463,6 @@ class Launcher:
         env.update(dict(leg.env))
         return env
 
-    def prewarm(self, legs: Sequence[Leg]) -> None:
-        """Start the zygotes later runs of these legs will fork from (they warm up while
-        the audited runs go)."""
-        for leg in legs:
-            if leg.status == "skipped":
-                continue
-            env = self._environment(leg)
-            if pool.usable(env, leg.device):
-                pool.zygote(env)
-
     def _start(self, task: _Task) -> None:
         if task.fork:
             task.process = pool.spawn(
@@ -605,7 +595,6 @@ class Launcher:
             if first_divergence(list(traces), partial=True, from_step=verified + 1) is None:
                 self._verified[traces] = common
                 continue
-            self.prewarm([leg_tasks[0].leg])  # the replays will fork: warm up meanwhile
             for task in leg_tasks:
                 if task in self._running:
                     self._kill(task, "stopped", "stopped by fail-fast at step {step}")
