@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,59 @@ def parse_torchrun(args: list[str], command: str) -> Torchrun:
     return Torchrun(nproc, fixed, script, Path(script).stem)
 
 
+NOTEBOOK_RUNNERS = ("ipython", "jupyter", "jupyter-nbconvert", "jupyter-execute")
+
+
+def _notebook_words(words: list[str]) -> str | None:
+    """The notebook a command runs, in any of its front doors: ``nb.ipynb``, ``ipython
+    nb.ipynb``, ``python -m IPython nb.ipynb``, ``jupyter nbconvert --execute nb.ipynb``,
+    ``jupyter execute nb.ipynb``, ``python -m nbconvert --execute nb.ipynb``. None where
+    the command is no notebook's."""
+    if not words:
+        return None
+    program = os.path.basename(words[0])
+    runner = program in NOTEBOOK_RUNNERS or (
+        is_interpreter(words[0])
+        and len(words) > 2
+        and words[1] == "-m"
+        and words[2] in ("IPython", "nbconvert", "jupyter", "nbclient")
+    )
+    notebooks = [w for w in words if w.lower().endswith(".ipynb")]
+    if words[0].lower().endswith(".ipynb") or (runner and notebooks):
+        return words[0] if words[0].lower().endswith(".ipynb") else notebooks[0]
+    return None
+
+
+def _ipython_script(words: list[str]) -> list[str] | None:
+    """``ipython train.py ARGS`` / ``python -m IPython train.py ARGS`` → ``python train.py
+    ARGS`` (IPython runs a ``.py`` file as plain Python): the audit is the script's."""
+    if words and os.path.basename(words[0]) == "ipython":
+        rest = words[1:]
+    elif len(words) > 2 and is_interpreter(words[0]) and words[1:3] == ["-m", "IPython"]:
+        rest = words[3:]
+    else:
+        return None
+    rest = rest[1:] if rest[:1] == ["--"] else rest
+    if rest and rest[0].endswith(".py"):
+        return ["python", *rest]
+    return None
+
+
+def _named_file(words: list[str]) -> str | None:
+    """The file a launcher's command runs, that the audit is named after: its first
+    argument that is a Python script, else the first that is a file (``run.sh``)."""
+    files = [w for w in words[1:] if not w.startswith("-") and os.path.isfile(w)]
+    scripts = [w for w in files if w.endswith(".py")]
+    found = scripts or files
+    return os.path.abspath(found[0]) if found else None
+
+
 def parse(words: list[str], command: str) -> tuple[list[str], str | None, str]:
     """``python train.py ARGS`` → (the run's argv without the interpreter, the script's
     absolute path or None for ``-m pkg``, the audit's name). ``torchrun OPTIONS train.py
     ARGS`` runs as ``python -m torch.distributed.run OPTIONS train.py ARGS``: the script
-    is the training script torchrun starts in every rank."""
+    is the training script torchrun starts in every rank. A notebook or another launcher
+    is :func:`target_of`'s."""
     usage = f"reprocheck {command} [OPTIONS] -- python train.py ARGS"
     if words and os.path.basename(words[0]) == "torchrun":
         words = ["python", "-m", "torch.distributed.run", *words[1:]]
@@ -95,11 +144,50 @@ def parse(words: list[str], command: str) -> tuple[list[str], str | None, str]:
         return argv, None, argv[1]
     if argv[0].startswith("-"):
         raise ScriptError(f"python option {argv[0]} is not supported: give the script")
+    if argv[0].lower().endswith(".ipynb"):
+        raise ScriptError(
+            f"{argv[0]} is a notebook, not a Python script: "
+            f"reprocheck {command} -- {argv[0]} runs its code cells"
+        )
     script = os.path.abspath(argv[0])
     if not os.path.isfile(script):
         raise ScriptError(f"no such script: {argv[0]}")
     argv[0] = script
     return argv, script, Path(script).stem
+
+
+def target_of(words: list[str], command: str) -> tuple[dict[str, Any], str | None, str]:
+    """The words after ``--`` → (the ``exec`` target, the file whose content identifies
+    the audit, the audit's name). A Python script (or ``-m`` module, or torchrun job) runs
+    in the run's own process; a notebook's code cells run there in order
+    (:mod:`reprocheck.notebook`); any other command (``bash run.sh``, ``accelerate launch
+    train.py``, ``srun …``, ``mpirun …``, ``deepspeed …``) runs as the run's child, and every
+    Python process it starts that trains is recorded through the environment."""
+    usage = f"reprocheck {command} [OPTIONS] -- python train.py ARGS (or any command)"
+    if not words:
+        raise ScriptError(f"no command given: {usage}")
+    notebook = _notebook_words(words)
+    if notebook is not None:
+        path = os.path.abspath(notebook)
+        if not os.path.isfile(path):
+            raise ScriptError(f"no such notebook: {notebook}")
+        rest = words[words.index(notebook) + 1 :] if words[0] == notebook else []
+        return {"argv": [path, *rest], "notebook": True}, path, Path(path).stem
+    words = _ipython_script(words) or words
+    program = os.path.basename(words[0])
+    if is_interpreter(words[0]) or program == "torchrun":
+        argv, script, name = parse(words, command)
+        return {"argv": argv}, script, name
+    if program.lower().endswith(".py"):
+        raise ScriptError(
+            f"run a script with its interpreter: reprocheck {command} -- python {words[0]} …"
+        )
+    found = shutil.which(words[0])
+    if found is None:
+        raise ScriptError(f"no such command: {words[0]}")
+    file = _named_file(words)
+    name = Path(file).stem if file else program
+    return {"argv": [found, *words[1:]], "launch": True}, file, name
 
 
 def script_config(
@@ -114,10 +202,16 @@ def script_config(
     """(the audit's Config, the ``exec`` target) for ``python train.py ARGS``."""
     from .config import PRESETS, Config, DataConfig, DeterminismConfig, FactoryConfig
 
-    argv, script, name = parse(words, command)
+    target, script, name = target_of(words, command)
+    argv = target["argv"]
     if preset not in PRESETS:
         raise ScriptError(f"--preset takes {', '.join(PRESETS)} (got {preset!r})")
-    sha = hashlib.sha256(Path(script).read_bytes()).hexdigest() if script else None
+    if target.get("notebook"):
+        from .notebook import code_sha256
+
+        sha = code_sha256(script)
+    else:
+        sha = hashlib.sha256(Path(script).read_bytes()).hexdigest() if script else None
     config = Config(
         name=name,
         seed=seed,
@@ -130,7 +224,9 @@ def script_config(
         base_dir=os.getcwd(),
         sha256=sha,
     )
-    target: dict[str, Any] = {"argv": argv, "max_steps": steps}
+    target["max_steps"] = steps
+    if target.get("launch"):
+        target["command"] = list(words)  # as the user gave it
     if argv[0] == "-m" and argv[1] in TORCHRUN_MODULES:
         job = parse_torchrun(argv[2:], command)
         target["torchrun"] = {"nproc_per_node": job.nproc_per_node, "fixed_port": job.fixed_port}
@@ -146,9 +242,20 @@ def resolve_target(
     Config and, for a script, its ``exec`` target."""
     usage = f"reprocheck {command} CONFIG, or reprocheck {command} -- python train.py ARGS"
     yaml = config_path is not None and Path(config_path).suffix.lower() in (".yaml", ".yml")
-    if config_path is not None and not yaml and (is_interpreter(str(config_path)) or extra):
-        # `-- python train.py` (or `-- bash train.sh`: said to be no Python script)
-        return script_config([str(config_path), *extra], command, **script)
+    word = str(config_path) if config_path is not None else ""
+    if (
+        config_path is not None
+        and not yaml
+        and (
+            extra
+            or is_interpreter(word)
+            or Path(word).suffix.lower() in (".ipynb", ".py", ".sh")
+            or (shutil.which(word) is not None and not os.path.isfile(word))
+            or (os.access(word, os.X_OK) and os.path.isfile(word))
+        )
+    ):
+        # `-- python train.py`, `-- nb.ipynb`, `-- bash run.sh`, `-- ./run.sh`
+        return script_config([word, *extra], command, **script)
     if config_path is None:
         raise ScriptError(f"give a config or a script: {usage}")
     if extra:

@@ -133,6 +133,57 @@ def _trained_leaves(tensor: torch.Tensor) -> list[torch.Tensor]:
     return leaves
 
 
+class LaunchFailed(SystemExit):
+    """The command a run launched (``bash run.sh``, ``accelerate launch …``) exited with a
+    failure status: the run failed as a script's ``sys.exit(status)`` fails it."""
+
+    def __init__(self, program: str, code: int) -> None:
+        super().__init__(code)
+        self.who = program
+
+
+class Created:
+    """The modules and optimizers made so far, in creation order, held by identity.
+
+    The registry is written from the ``__init__`` hook *before* the subclass's own
+    ``__init__`` has run, so it must never call anything of the object's: no ``__hash__``
+    or ``__eq__`` (torchmetrics' metrics hash their state, which does not exist yet), no
+    ``__getattr__``, no ``__bool__``. Entries are keyed by ``id()`` and dropped by a weak
+    reference's callback when the object dies, so a recycled id never names a dead object.
+    An object that takes no weak reference (``__slots__`` without ``__weakref__``) is left
+    unnumbered."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ReferenceType[Any], int]] = {}
+        self._serial = itertools.count()
+
+    def add(self, obj: Any) -> None:
+        key = id(obj)
+        if key in self._entries:  # a subclass's __init__ calling its parent's: made once
+            return
+        entries = self._entries
+
+        def forget(ref: weakref.ReferenceType[Any], key: int = key) -> None:
+            found = entries.get(key)
+            if found is not None and found[0] is ref:
+                del entries[key]
+
+        try:
+            ref = weakref.ref(obj, forget)
+        except TypeError:
+            return
+        entries[key] = (ref, next(self._serial))
+
+    def of_type(self, kind: type) -> list[Any]:
+        """The live objects of ``kind``, oldest first (``type()`` and the MRO only)."""
+        found = []
+        for ref, _ in sorted(self._entries.values(), key=lambda entry: entry[1]):
+            obj = ref()
+            if obj is not None and issubclass(type(obj), kind):
+                found.append(obj)
+        return found
+
+
 class Session:
     """What every recording process of one run shares: where traces go, the controls,
     the step limit. The script's own process creates it from the launcher's spec; a child
@@ -150,8 +201,7 @@ class Session:
         self.seeding: dict[int, list[dict[str, Any]]] = {}  # pid → its seeding calls
         # pid → the script's own calls that set a control (threads, deterministic algorithms)
         self.overrides: dict[int, list[dict[str, Any]]] = {}
-        self.created: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-        self.serial = itertools.count()
+        self.created = Created()  # modules and optimizers, by identity, in creation order
         # a compile leg (``--compile``): None (not asked: the script runs as written), False
         # (torch.compile returns its argument unchanged) or True (the script's compile
         # runs; a model the script never compiles is compiled in place with its optimizer)
@@ -242,7 +292,7 @@ class Session:
         if not self.compile_mode or self.compile_calls or not hasattr(torch.nn.Module, "compile"):
             return
         wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        modules = [m for m in list(self.created) if isinstance(m, torch.nn.Module)]
+        modules = self.created.of_type(torch.nn.Module)
         inner = {id(c) for m in modules for c in m._modules.values() if c is not None}
         pending = {
             id(m): m
@@ -368,9 +418,9 @@ class Session:
             original_init = cls.__init__
 
             def __init__(obj, *args, _original=original_init, _cls=cls, **kwargs):
-                # an unhashable or unweakrefable subclass is left unnumbered
-                with contextlib.suppress(TypeError):
-                    session.created.setdefault(obj, next(session.serial))
+                # by identity, before the subclass's __init__ has run: nothing of the
+                # object's own (its __hash__, __eq__, __getattr__) is called
+                session.created.add(obj)
                 _original(obj, *args, **kwargs)
                 if _cls is torch.optim.Optimizer:
                     session.optimizer_created(obj)
@@ -925,20 +975,14 @@ class ProcessRecorder:
 
     # -- models and names ----------------------------------------------------------------
     def _optimizers_created(self) -> list[torch.optim.Optimizer]:
-        created = self.session.created
-        return sorted(
-            (o for o in list(created) if isinstance(o, torch.optim.Optimizer)),
-            key=lambda o: created.get(o, -1),
-        )
+        return self.session.created.of_type(torch.optim.Optimizer)
 
     def _owners(self, wanted: set[int]) -> list[torch.nn.Module]:
         """The outermost modules (by creation order) that own any of these parameters."""
-        created = self.session.created
-        modules = [m for m in list(created) if isinstance(m, torch.nn.Module)]
+        modules = self.session.created.of_type(torch.nn.Module)
         inner = {id(child) for m in modules for child in m._modules.values() if child is not None}
         roots = [m for m in modules if id(m) not in inner]
-        owners = [m for m in roots if any(id(p) in wanted for p in m.parameters())]
-        return sorted(owners, key=lambda m: created.get(m, -1))
+        return [m for m in roots if any(id(p) in wanted for p in m.parameters())]
 
     def _fix_names(self, optimizer: torch.optim.Optimizer | None) -> None:
         """At step 0: the models, optimizers and their prefixes."""
@@ -1226,7 +1270,11 @@ def run_script(spec: dict[str, Any]) -> int:
         recorder._resume("forward")
 
     def body() -> None:
-        if target.get("function"):
+        if target.get("launch"):  # any command: what it starts records itself
+            code = subprocess.call(argv)
+            if code != 0:
+                raise LaunchFailed(os.path.basename(argv[0]), code)
+        elif target.get("function"):
             from ..usercode import resolve_callable
 
             resolve_callable(target["function"], spec.get("base_dir", "."))()

@@ -155,7 +155,7 @@ class RunContext:
             if status and not isinstance(exc, StepLimitReached):
                 self.finish(
                     "failed",
-                    f"the script exited with status {exc.code}",
+                    f"{getattr(exc, 'who', 'the script')} exited with status {exc.code}",
                     error_kind="exit",
                     failed_step=self.step_in_progress,
                 )
