@@ -2,7 +2,9 @@
 #   make demo   — create/refresh .venv, run the built-in demo audit
 #   make test   — create/refresh .venv, lint, run the test suite
 # TORCH picks the torch to install: the CPU build 2.13.0 by default,
-# e.g. `make test TORCH='torch>=2.4'` for another.
+# e.g. `make test TORCH='torch>=2.4'` for another. The frameworks the tests drive
+# (Lightning, transformers, accelerate) and IPython install next to it, with the installed
+# torch pinned (.venv/constraints.txt) so pip never swaps in another build.
 
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -19,7 +21,9 @@ venv:
 	if [ "$$(cat $(STAMP) 2>/dev/null)" != "$$want" ]; then \
 		echo "installing $(TORCH) and reprocheck[dev] into $(VENV)"; \
 		$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)" && \
-		$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]" && \
+		$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt && \
+		$(BIN)/python -m pip install -q --disable-pip-version-check -c $(VENV)/constraints.txt \
+			-e ".[dev,frameworks,notebook]" && \
 		echo "$$want" > $(STAMP); \
 	fi
 

@@ -459,6 +459,7 @@ DIFF_KEYS = (
     "replays",
     "replays_diverged",
     "replay_from",
+    "replay_error",
     "sketches",
 )
 ZOOM_KEYS = (

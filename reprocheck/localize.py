@@ -38,6 +38,24 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _ZOO_DIR = os.path.join(_PACKAGE_DIR, "zoo")
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
+
+def _library_dirs() -> tuple[str, ...]:
+    """Where installed packages and the standard library live: a frame there is a
+    framework's (Lightning, transformers, accelerate) or Python's, not the user's."""
+    import sysconfig
+
+    found = set()
+    for name in ("purelib", "platlib", "stdlib", "platstdlib"):
+        with contextlib.suppress(KeyError):
+            found.add(os.path.abspath(sysconfig.get_path(name)) + os.sep)
+    for folder in getattr(sys, "path", []):
+        if folder and os.path.basename(folder.rstrip(os.sep)) in ("site-packages", "dist-packages"):
+            found.add(os.path.abspath(folder) + os.sep)
+    return tuple(sorted(found))
+
+
+_LIBRARY_DIRS = _library_dirs()
+
 # aten ops whose output is drawn from a generator: a difference there is an RNG cause.
 RANDOM_OPS = (
     "rand",
@@ -60,8 +78,19 @@ RANDOM_OPS = (
 )
 
 
-# Ops that return uninitialized memory: their output is not digested.
-UNINITIALIZED = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+# Ops that return uninitialized memory: their output is not digested. ``set_`` points a
+# tensor at a storage — another tensor's (digested where it was made) or a fresh
+# ``UntypedStorage`` (torchmetrics' states, a DataLoader worker's batch in shared memory)
+# whose bytes are whatever the allocator left; ``resize_`` grows into such bytes.
+UNINITIALIZED = (
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "set_",
+    "resize_",
+)
 
 
 @dataclass
@@ -87,12 +116,13 @@ class OpRecord:
 
 
 _USER_FILE: dict[str, bool] = {}
+_OUTSIDE: dict[str, bool] = {}
 
 
-def is_user_file(filename: str) -> bool:
-    """Code of the user's: not torch, not reprocheck's machinery (the zoo counts as the
-    user's: its fixtures stand in for a user's model), not a frozen or generated module."""
-    known = _USER_FILE.get(filename)
+def is_outside_machinery(filename: str) -> bool:
+    """Not torch, not reprocheck's machinery (the zoo counts as the user's: its fixtures
+    stand in for a user's model), not a frozen or generated module."""
+    known = _OUTSIDE.get(filename)
     if known is None:
         path = os.path.abspath(filename)
         known = not (
@@ -102,13 +132,41 @@ def is_user_file(filename: str) -> bool:
             or os.path.basename(path) in ("contextlib.py", "runpy.py", "typing.py")
             or "importlib" in path
         )
+        _OUTSIDE[filename] = known
+    return known
+
+
+def is_user_file(filename: str) -> bool:
+    """Code of the user's: outside torch and reprocheck (:func:`is_outside_machinery`),
+    and outside installed packages and the standard library — a framework's frame
+    (Lightning's ``seed_everything``, accelerate's ``set_seed``) is not the user's line."""
+    known = _USER_FILE.get(filename)
+    if known is None:
+        path = os.path.abspath(filename)
+        known = is_outside_machinery(filename) and not path.startswith(_LIBRARY_DIRS)
         _USER_FILE[filename] = known
     return known
 
 
 def user_frame(stack: Sequence[traceback.FrameSummary]) -> traceback.FrameSummary | None:
-    """The innermost frame of user code in a traceback's stack."""
-    return next((frame for frame in reversed(stack) if is_user_file(frame.filename)), None)
+    """The innermost frame of user code in a traceback's stack; where every frame outside
+    torch and reprocheck is a library's (a script run from an installed package), the
+    innermost of those."""
+    frames = list(reversed(stack))
+    found = next((frame for frame in frames if is_user_file(frame.filename)), None)
+    if found is None:
+        found = next((frame for frame in frames if is_outside_machinery(frame.filename)), None)
+    return found
+
+
+def library_frame(stack: Sequence[traceback.FrameSummary]) -> traceback.FrameSummary | None:
+    """The framework's own frame beside the user's: the innermost frame outside torch and
+    reprocheck, where it is inside an installed package (None where the user's own line
+    made the call directly)."""
+    for frame in reversed(stack):
+        if is_outside_machinery(frame.filename):
+            return None if is_user_file(frame.filename) else frame
+    return None
 
 
 _LINES: dict[tuple[str, int], tuple[str, str | None]] = {}
@@ -126,6 +184,7 @@ def _caller(inside_backward: bool = False) -> tuple[str | None, str | None]:
     backward); the walk stops at the engine's entry (``torch.autograd.backward``), so
     the line that called ``loss.backward()`` is never taken for a backward op's."""
     frame = sys._getframe(1)
+    fallback = None  # the innermost library frame: the answer where no user frame runs
     while frame is not None:
         code_object = frame.f_code
         filename = code_object.co_filename
@@ -134,18 +193,24 @@ def _caller(inside_backward: bool = False) -> tuple[str | None, str | None]:
             and code_object.co_name in _ENGINE_ENTRIES
             and filename.startswith(_AUTOGRAD_DIR)
         ):
-            return None, None
+            break
         if is_user_file(filename):
-            key = (filename, frame.f_lineno)
-            found = _LINES.get(key)
-            if found is None:
-                relative = os.path.relpath(filename)
-                path = filename if relative.startswith("..") else relative
-                code = linecache.getline(filename, frame.f_lineno).strip() or None
-                found = _LINES[key] = (f"{path}:{frame.f_lineno}", code)
-            return found
+            return _line_of(filename, frame.f_lineno)
+        if fallback is None and is_outside_machinery(filename):
+            fallback = (filename, frame.f_lineno)
         frame = frame.f_back
-    return None, None
+    return _line_of(*fallback) if fallback else (None, None)
+
+
+def _line_of(filename: str, lineno: int) -> tuple[str, str | None]:
+    key = (filename, lineno)
+    found = _LINES.get(key)
+    if found is None:
+        from .runner.context import display_line  # a notebook's cell: "nb.ipynb · cell 7, line 2"
+
+        code = linecache.getline(filename, lineno).strip() or None
+        found = _LINES[key] = (display_line(filename, lineno), code)
+    return found
 
 
 def _leaves(values: Any, out: list[Any]) -> list[Any]:
@@ -267,12 +332,25 @@ class _Functions(TorchFunctionMode):
         if backward is None:
             known = context.node_where
             for out in _leaves(result, []):
-                node = getattr(out, "grad_fn", None) if isinstance(out, torch.Tensor) else None
+                node = _grad_fn(out) if isinstance(out, torch.Tensor) else None
                 if node is not None and node not in known:
                     known[node] = where  # holds the node: its identity stays its own
                     if _CURRENT_NODE is None:
                         _hook_node(node, where, context)
         return result
+
+
+def _grad_fn(tensor: torch.Tensor) -> Any:
+    """The tensor's autograd node, or None where its autograd metadata cannot be read.
+
+    Reading ``grad_fn`` of a view created under ``no_grad`` and since modified in place
+    raises (torch regenerates a view's node on a read after an in-place op, and forbids it
+    for such views): ``nn.Embedding(padding_idx=...)`` builds one in ``reset_parameters``
+    (``self.weight[self.padding_idx].fill_(0)``). Such an op is captured without its node."""
+    try:
+        return tensor.grad_fn
+    except RuntimeError:
+        return None
 
 
 # The autograd node running now (None outside backward): ties each backward op to the

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,13 @@ def _ipython_script(words: list[str]) -> list[str] | None:
     return None
 
 
+def launch_path() -> str:
+    """The ``PATH`` a launched command runs with: this interpreter's folder first, so
+    ``python``, ``torchrun`` and ``accelerate`` in it are the ones reprocheck runs with."""
+    here = os.path.dirname(sys.executable)
+    return os.pathsep.join(p for p in (here, os.environ.get("PATH")) if p)
+
+
 def _named_file(words: list[str]) -> str | None:
     """The file a launcher's command runs, that the audit is named after: its first
     argument that is a Python script, else the first that is a file (``run.sh``)."""
@@ -182,7 +190,7 @@ def target_of(words: list[str], command: str) -> tuple[dict[str, Any], str | Non
         raise ScriptError(
             f"run a script with its interpreter: reprocheck {command} -- python {words[0]} …"
         )
-    found = shutil.which(words[0])
+    found = shutil.which(words[0], path=launch_path())
     if found is None:
         raise ScriptError(f"no such command: {words[0]}")
     file = _named_file(words)
@@ -225,7 +233,7 @@ def script_config(
         sha256=sha,
     )
     target["max_steps"] = steps
-    if target.get("launch"):
+    if target.get("launch") or target.get("notebook"):
         target["command"] = list(words)  # as the user gave it
     if argv[0] == "-m" and argv[1] in TORCHRUN_MODULES:
         job = parse_torchrun(argv[2:], command)
@@ -249,12 +257,12 @@ def resolve_target(
         and (
             extra
             or is_interpreter(word)
-            or Path(word).suffix.lower() in (".ipynb", ".py", ".sh")
+            or Path(word).suffix.lower() == ".ipynb"
             or (shutil.which(word) is not None and not os.path.isfile(word))
-            or (os.access(word, os.X_OK) and os.path.isfile(word))
         )
     ):
-        # `-- python train.py`, `-- nb.ipynb`, `-- bash run.sh`, `-- ./run.sh`
+        # `-- python train.py`, `-- nb.ipynb`, `-- bash run.sh`, `-- accelerate launch …`
+        # (a file alone, `-- train.py`, stands where a config goes: said to be a script)
         return script_config([word, *extra], command, **script)
     if config_path is None:
         raise ScriptError(f"give a config or a script: {usage}")

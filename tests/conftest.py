@@ -27,6 +27,10 @@ torch.set_num_threads(1)
 # run whose hash seed is random, start fresh interpreters (tests/test_pool.py says which).
 os.environ.setdefault("REPROCHECK_POOL", "all")
 
+# The as-is pair after a reproducible verdict (two more runs, no preset) is on for users;
+# the tests of it turn it on (tests/test_entrances.py), the rest are about their verdict.
+os.environ.setdefault("REPROCHECK_AS_IS", "0")
+
 
 @dataclass
 class CliResult:

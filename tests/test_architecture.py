@@ -118,7 +118,7 @@ def test_help_text_wraps_paragraphs_at_the_terminal_width():
         ["--help"],
         ["exec", "--help"],
         ["run", "--bogus"],
-        ["exec", "--", "bash", "train.sh"],
+        ["exec", "--", "no-such-launcher", "train.sh"],
         ["doctor", "--", "python", "missing.py"],
         ["record", "-o", "g.sqlite"],
         ["check", "--against", "g.sqlite", "--format", "x", "--", "python", "a.py"],

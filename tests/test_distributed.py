@@ -18,6 +18,8 @@ from .conftest import ROOT, SCRIPTS, run_cli, script_line
 from .strict_json import load_strict
 
 SCRIPT = "ddp_train.py"
+# One torchrun job audit runs in the default suite (the clean DDP job); the planted cases
+# are `slow` (`make test-slow`), each still audited once and shared between its tests.
 TORCHRUN = ("torchrun", "--standalone", "--nproc_per_node", "2")
 
 
@@ -72,6 +74,7 @@ def test_a_clean_ddp_job_reproduces_and_its_replicas_are_identical(job):
     assert set(REPLICA_PHASES) <= set(report["legs"][0]["phases"])
 
 
+@pytest.mark.slow
 def test_a_scheduler_stepped_on_rank_0_only_splits_the_replicas_at_its_step(job):
     result = job("--sched-rank0")
     report = result.report
@@ -91,6 +94,7 @@ def test_a_scheduler_stepped_on_rank_0_only_splits_the_replicas_at_its_step(job)
     assert "every rank" in finding["fix"]
 
 
+@pytest.mark.slow
 def test_unsynced_batchnorm_buffers_are_named_while_parameters_agree(job):
     report = job("--batchnorm", "--no-broadcast-buffers").report
     split = report["replica_divergence"]
@@ -107,6 +111,7 @@ def test_unsynced_batchnorm_buffers_are_named_while_parameters_agree(job):
     assert report["exit_code"] == 1
 
 
+@pytest.mark.slow
 def test_batchnorm_with_ddps_buffer_broadcast_is_not_an_alarm(job):
     """DDP (default) copies rank 0's buffers in at each forward, so after a step each rank
     holds its own update of them: expected, not compared."""
@@ -115,6 +120,7 @@ def test_batchnorm_with_ddps_buffer_broadcast_is_not_an_alarm(job):
     assert report["replicas"]["identical"] and "buffers not compared" in report["replicas"]["note"]
 
 
+@pytest.mark.slow
 def test_dropout_reseeded_from_entropy_diverges_run_to_run_on_its_rank(job):
     result = job("--dropout", "0.3", "--entropy-dropout", options=())
     d = result.report["first_divergence"]
@@ -132,6 +138,7 @@ def test_dropout_reseeded_from_entropy_diverges_run_to_run_on_its_rank(job):
     assert "torch.seed()" in d["seeding"]
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_fails_the_audit_naming_the_rank_and_its_line(job):
     result = job("--fail-rank", "1", runs=1)
     assert result.code == 3 and result.report["verdict"] == "failed"
@@ -155,6 +162,7 @@ def _processes_running(marker: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_a_rank_stuck_in_a_collective_ends_at_the_timeout_with_every_rank(job):
     started = time.monotonic()
@@ -206,6 +214,7 @@ def test_torchrun_command_lines_that_name_no_script_are_usage_errors(words, mess
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_fsdp2_shards_are_compared_rank_by_rank_and_not_as_replicas(job):
     """fully_shard: each rank holds its shard of every parameter (a DTensor, recorded as its
     local shard); FSDP2's unsharded parameters, freed after backward, are no weights."""
@@ -222,11 +231,13 @@ def test_fsdp2_shards_are_compared_rank_by_rank_and_not_as_replicas(job):
         ]
 
 
+@pytest.mark.slow
 def test_fsdp2_with_one_rank_drawing_from_entropy_diverges_on_that_rank(job):
     d = job("--entropy-rank", "1", script="fsdp2_train.py").report["first_divergence"]
     assert (d["step"], d["phase"], d["tensor"], d["rank"]) == (1, "outputs", "output", 1)
 
 
+@pytest.mark.slow
 def test_a_config_trains_under_torchrun_with_distributed(tmp_path):
     """`distributed:` in a config: each run a torchrun job of the config's loop in DDP with
     a seeded DistributedSampler, recorded rank by rank, replicas checked."""
@@ -270,6 +281,7 @@ def test_bad_distributed_settings_are_config_errors(tmp_path, text, message):
     assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_hand_written_all_reduce_is_recorded_and_a_difference_placed_before_it(job):
     """The tutorial's average_gradients: each all_reduce's input and output are recorded
     (phase `comm`); noise added on rank 1 before the reduction is found there, at the
@@ -281,6 +293,7 @@ def test_hand_written_all_reduce_is_recorded_and_a_difference_placed_before_it(j
     assert (d["step"], d["phase"], d["tensor"], d["rank"]) == (1, "comm", "all_reduce:0.in", 1)
 
 
+@pytest.mark.slow
 def test_gradients_changed_on_one_rank_after_the_all_reduce_are_placed_after_it(job):
     report = job("--clip-rank", "0", script="allreduce_train.py").report
     split = report["replica_divergence"]
@@ -296,6 +309,7 @@ def test_gradients_changed_on_one_rank_after_the_all_reduce_are_placed_after_it(
     assert report["first_divergence"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_ctrl_c_stops_every_job_and_every_rank(tmp_path):
     """SIGINT while both runs' ranks wait in a collective: exit 130, a partial report, and

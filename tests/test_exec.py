@@ -154,11 +154,11 @@ def _noisy_main():
 @pytest.mark.parametrize(
     ("command", "needle"),
     [
-        (("--", "bash", "train.sh"), "exec runs a Python script"),
+        (("--", "no-such-launcher", "train.sh"), "no such command: no-such-launcher"),
         (("--", "python"), "no script given"),
         (("--", "python", "missing.py"), "no such script: missing.py"),
         (("--", "python", "-c", "print(1)"), "python option -c is not supported"),
-        ((), "exec runs a Python script"),
+        ((), "no command given"),
     ],
 )
 def test_exec_usage_errors(command, needle):

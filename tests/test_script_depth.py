@@ -51,6 +51,7 @@ def runs(tmp_path_factory) -> Runs:
 # -- attribution ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_set_ordered_vocabulary_is_attributed_to_pythonhashseed(tmp_path, monkeypatch):
     # --preset none leaves PYTHONHASHSEED as the environment has it: unset here
     monkeypatch.delenv("PYTHONHASHSEED", raising=False)
@@ -79,6 +80,7 @@ def test_a_set_ordered_vocabulary_is_attributed_to_pythonhashseed(tmp_path, monk
     assert [f["code"] for f in result.report["findings"]] == ["RC004"]
 
 
+@pytest.mark.slow
 def test_the_sorted_vocabulary_reproduces_without_a_hash_seed(tmp_path, monkeypatch):
     monkeypatch.delenv("PYTHONHASHSEED", raising=False)
     result = run_exec(
@@ -130,7 +132,7 @@ def test_doctor_on_the_fixed_script_finds_no_uninitialized_read(runs):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (("--", "bash", "x.sh"), "doctor runs a Python script"),
+        (("--", "no-such-launcher", "x.sh"), "no such command: no-such-launcher"),
         (("--", "python", "missing.py"), "no such script: missing.py"),
         (("configs/demo.yaml", "--", "python", "x.py"), "unexpected arguments"),
         ((), "give a config or a script"),

@@ -81,6 +81,19 @@ def register(app: typer.Typer) -> None:
             "seed, deterministic algorithms, one thread) to find the one that fixes it; a "
             "control the script overrides itself is said to be overridden.",
         ),
+        as_is: bool = typer.Option(
+            False,
+            "--as-is",
+            help="Audit the script as its user runs it: no preset (its own seeding, your "
+            "environment, a random PYTHONHASHSEED where your shell sets none).",
+        ),
+        as_is_check: bool = typer.Option(
+            True,
+            "--as-is-check/--no-as-is-check",
+            help="After a reproducible verdict under a preset, two more runs as is: where "
+            "they differ, a warning (RC030) says what the preset masked. Never changes the "
+            "exit code.",
+        ),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no report."),
     ) -> None:
         """Run a training script N times, unchanged, and report where the runs first differ.
@@ -102,8 +115,12 @@ def register(app: typer.Typer) -> None:
         replicas within a run with each other (docs/distributed.md). `--compile off,on`,
         `--env KEY=VALUE` and `--python PATH` add legs compared under the tolerance.
         """
-        from ..script import script_config
+        from ..script import ScriptError, script_config
 
+        if as_is:
+            if preset not in ("seeded", "none"):
+                raise ScriptError(f"--as-is runs with no preset: drop --preset {preset}")
+            preset = "none"
         # the command line first: a mistake in it is said before torch is imported
         config, target = script_config(
             list(ctx.args), "exec", repeats=repeats, steps=steps, preset=preset, seed=seed
@@ -129,6 +146,8 @@ def register(app: typer.Typer) -> None:
             attribute=attribute,
             exec=target,
         )
+        if not as_is_check or as_is:
+            options.as_is = False
         _terminate_as_interrupt()
         with RunProgress(quiet) as progress:
             prewarm_html()

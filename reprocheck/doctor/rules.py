@@ -362,6 +362,42 @@ RULES: tuple[Rule, ...] = (
         "`dynamic=False` and accept one graph per shape.",
         severity="warning",
     ),
+    Rule(
+        "RC030",
+        "preset-masks-script",
+        "Flags a script that reproduces under reprocheck's preset but not as its user runs "
+        "it: after a reproducible verdict, two more runs with no preset (the script's own "
+        "seeding, the user's environment, a random `PYTHONHASHSEED` where the shell sets "
+        "none) differ.",
+        "The preset seeds every generator and fixes the hash seed before the script's first "
+        "line, so it hides what the script leaves to chance: a model built before the "
+        "script seeds (Lightning's `seed_everything` placed one line late, a transformers "
+        "model built before `TrainingArguments(seed=…)` seeds), or an order taken from a "
+        "`set()` of strings. Run the way its user runs it, every run then differs.",
+        "model = Net()          # draws from torch's generator, not yet seeded\n"
+        "seed_everything(42)    # seeds what is left",
+        "Seed before anything draws: move the seeding call above the model's construction "
+        "(or pass `seed=` where the framework builds the model). For a hash-seed "
+        "difference, sort what you take from a `set` or `dict` of strings, or set "
+        "`PYTHONHASHSEED` in the launcher. `--as-is` makes the as-is runs the verdict.",
+        severity="warning",
+    ),
+    Rule(
+        "RC031",
+        "shared-working-files",
+        "Flags files that two runs of one audit both opened for writing at the same path "
+        "(a checkpoint folder, a log, a `best.pt`): the runs share a working directory.",
+        "The runs of an audit start in the folder the audit started in. A script that "
+        "writes a file and reads it back later (a resume, a best-model reload, a cache) "
+        "may read what the other run wrote, and two runs at once can overwrite each "
+        "other's files: the runs are then not independent, and an agreement between them "
+        "proves less.",
+        "torch.save(model.state_dict(), 'checkpoints/best.pt')  # the same path in every run",
+        "Give each run its own folder: `{run}` (the run's name) or `{run_dir}` (a fresh "
+        "folder in the audit's) in the command's arguments is replaced per run — "
+        "`reprocheck exec -- python train.py --output_dir out/{run}`.",
+        severity="warning",
+    ),
 )
 
 BY_CODE = {rule.code: rule for rule in RULES}

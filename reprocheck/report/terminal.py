@@ -380,9 +380,13 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
                 )
             )
     elif d.get("replay") == "failed":
+        why = d.get("replay_error")
         lines.append(
             _line(
-                "difference", "not measured: the replay of the divergent step failed", style=YELLOW
+                "difference",
+                "not measured: the replay of the divergent step failed"
+                + (f": {why}" if why else ""),
+                style=YELLOW,
             )
         )
     if d.get("op"):
@@ -600,6 +604,26 @@ def reproducible_line(report: dict[str, Any]) -> Text:
     return title
 
 
+def as_is_line(report: dict[str, Any]) -> Text | None:
+    """``as is  ✔ 2 runs with no preset agree`` / ``⚠ … differ at step 0 · weights``: the
+    script run the way its user runs it, after a reproducible verdict under a preset."""
+    section = report.get("as_is")
+    if not section:
+        return None
+    first = section.get("first_divergence")
+    hashseed = section.get("pythonhashseed")
+    how = f"2 runs with no preset (PYTHONHASHSEED {hashseed})"
+    if section["verdict"] == "reproducible":
+        return _line("as is", Text.assemble(("✔ ", GREEN), f"{how} agree"))
+    if first:
+        where = f"step {first['step']} · {first['phase']} · {first['tensor']}"
+        return _line(
+            "as is", Text.assemble(("⚠ ", YELLOW), f"{how} differ at {where} (RC030 below)")
+        )
+    why = section.get("reason") or section["verdict"]
+    return _line("as is", Text.assemble(("? ", DIM), f"{how}: {why}"))
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     """Print the whole report."""
     for line in header(report):
@@ -619,6 +643,9 @@ def render(report: dict[str, Any], console: Console) -> None:
             console.print(line)
     elif verdict == "reproducible":
         console.print(reproducible_line(report))
+        line = as_is_line(report)
+        if line is not None:
+            console.print(line)
     elif verdict == "diverged" and report["across_legs"]:
         console.print(Text("✘ DIVERGED across legs: outside the tolerance", style=RED))
     for line in replica_lines(report):
@@ -677,6 +704,7 @@ def render(report: dict[str, Any], console: Console) -> None:
                 if "attribution_s" in timings
                 else ""
             )
+            + (f", as is {timings['as_is_s']:.1f} s" if "as_is_s" in timings else "")
             + ")",
             style=DIM,
         )

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +32,7 @@ from .launch import Launcher, Leg, RunResult, plan_legs
 from .stages import Evidence, Latent, Measurement
 
 MIN_FREE_BYTES = 16 * 2**20
+AS_IS_ENV = "REPROCHECK_AS_IS"  # 0: no as-is runs after a reproducible verdict (the tests)
 
 
 class OutputError(Exception):
@@ -58,6 +59,9 @@ class AuditOptions:
     # ... from one of another thread count (an attribution control's two runs are
     # compared with each other alone; a probe compares thread counts: never)
     any_threads: bool = False
+    # a script's reproducible verdict under a preset: two more runs as its user runs it
+    # (no preset, the user's environment), a warning (RC030) where they differ
+    as_is: bool = field(default_factory=lambda: os.environ.get(AS_IS_ENV, "1") != "0")
 
 
 class Auditor:
@@ -352,6 +356,7 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
         # next ones replay from step 0 (state no checkpoint holds may be what differs)
         paths = _replay(launcher, leg, chosen, divergence, zoom, attempt, traces, attempt == 0)
         if len(paths) < 2:
+            measured["replay_error"] = _replay_error(launcher, chosen)
             break
         measured["replay_from"] = min(launcher.resumed.get(run, 0) for run in chosen)
         answer = launcher.analyse(
@@ -382,7 +387,21 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
             measured["replays_diverged"] = 1
             break
         measured["replays_diverged"] = 0
+    if measured["replay"] == "failed" and not measured.get("replay_error"):
+        measured["replay_error"] = (
+            f"the replays kept no {divergence.phase} · {divergence.tensor} at step "
+            f"{divergence.step}"
+        )
     return Measurement(diff=measured, zoom=found or {})
+
+
+def _replay_error(launcher: Launcher, runs: list[int]) -> str:
+    """Why the last capture of ``runs`` kept nothing: the first failed replay's error line."""
+    errors = getattr(launcher, "replay_errors", {})
+    run = next((run for run in runs if run in errors), None)
+    if run is None:
+        return "the replay kept no capture"
+    return f"run #{run}: {errors[run]}"
 
 
 def _measure_across(launcher: Launcher, a: Leg, b: Leg, where: dict[str, Any]) -> dict[str, Any]:
@@ -393,7 +412,12 @@ def _measure_across(launcher: Launcher, a: Leg, b: Leg, where: dict[str, Any]) -
         run = leg.runs[0].run
         paths = launcher.capture(leg, [run], where["step"], [(where["phase"], where["tensor"])])
         if run not in paths:
-            return {"step": where["step"], "tensor": where["tensor"], "replay": "failed"}
+            return {
+                "step": where["step"],
+                "tensor": where["tensor"],
+                "replay": "failed",
+                "replay_error": f"{leg.name}: {_replay_error(launcher, [run])}",
+            }
         captures.append(paths[run])
     answer = launcher.analyse(
         a, {"captures": captures, "key": capture_key(where["phase"], where["tensor"])}
@@ -643,9 +667,35 @@ def run_audit(
         timings["replicas_s"] = time.monotonic() - check_started
     if replicas is not None and replicas.divergence is not None:
         findings = [*findings, replica_finding(replicas.divergence)]
-    findings = [*findings, *map(_latent_finding, latent), *_observed_findings(active)]
+    findings = [
+        *findings,
+        *map(_latent_finding, latent),
+        *_observed_findings(active),
+        *_shared_files(active),
+    ]
     if golden is not None and golden.packages_differ:
         findings.append(_drift_finding(golden.packages_differ))
+    as_is = None
+    if (
+        options.as_is
+        and options.exec
+        and not options.exec.get("function")
+        and config.determinism.preset != "none"
+        and first is None
+        and not interrupted
+        and untrained is None
+        and not (golden is not None and golden.matches is False)
+        and not (replicas is not None and replicas.divergence is not None)
+        and all(run.status == "complete" for leg in active for run in leg.runs)
+    ):
+        as_is_started = time.monotonic()
+        try:
+            as_is = _as_is(config, options, active[0], folder)
+        except KeyboardInterrupt:
+            interrupted = True
+        timings["as_is_s"] = time.monotonic() - as_is_started
+        if as_is is not None and as_is.get("finding"):
+            findings.append(as_is.pop("finding"))
     timings["total_s"] = time.monotonic() - started
     return build_report(
         config,
@@ -664,7 +714,126 @@ def run_audit(
         golden=golden,
         command=_command(options.exec) if options.exec else None,
         replicas=replicas,
+        as_is=as_is,
     )
+
+
+def _as_is(config: Config, options: AuditOptions, leg: Leg, folder: Path) -> dict[str, Any]:
+    """Two runs of the script as its user runs it: no preset (its own seeding, the user's
+    environment; a random ``PYTHONHASHSEED`` where the shell sets none: those runs start
+    fresh). Where they differ, what made them: a generator drawn before the script seeded
+    it (read from the runs' seeding calls), or — proven by a pair with one fixed hash
+    seed that agrees — the hash seed."""
+    from ..config import PRESETS, DeterminismConfig
+    from ..doctor.probe import finding
+
+    variant = replace(
+        config,
+        repeats=2,
+        determinism=DeterminismConfig(preset="none", **PRESETS["none"]),
+        devices=(leg.device,),
+        threads=(leg.threads,),
+        compile=(leg.compile,),
+        environments=(leg.env,),
+    )
+    auditor = Auditor(options.exec)
+    report = auditor.audit(variant, folder / "as-is")
+    hashseed = os.environ.get("PYTHONHASHSEED")
+    section: dict[str, Any] = {
+        "verdict": report["verdict"],
+        "pythonhashseed": hashseed if hashseed is not None else "random",
+        "first_divergence": None,
+        "cause": None,
+    }
+    first = report.get("first_divergence")
+    if report["verdict"] != "diverged" or not first:
+        if report["verdict"] not in ("reproducible", "diverged"):
+            section["reason"] = report.get("reason")
+        return section
+    where = {key: first.get(key) for key in ("step", "phase", "tensor", "process")}
+    section["first_divergence"] = where
+    at = f"step {where['step']} · {where['phase']} · {where['tensor']}"
+    runs = [run for each in report["legs"] for run in each["runs"]]
+    # a draw before the script's seeding explains a difference from its first steps on
+    early = _drawn_before_seeding(runs) if (where["step"] or 0) <= 1 else None
+    if early is not None:
+        call, drawn = early
+        made = (
+            f"{drawn['model']} was built at {drawn['where']}"
+            if drawn.get("model")
+            else "torch's generator was drawn from"
+        )
+        section["cause"] = {"kind": "seeded-late", "call": call, "drawn_before": drawn}
+        message = (
+            f"as its user runs it (no preset) the runs differ at {at}: {made} before "
+            f"`{call['call']}({call['value']})` at {call['where']} seeded torch — the preset "
+            "seeded it before the script's first line"
+        )
+        line, _, inside = call["where"].partition(" (in ")
+        if inside:  # the framework's function the user's line reached (set_seed …)
+            seeding = f"call `{inside.split(',')[0]}({call['value']})` (now reached at {line})"
+        else:
+            seeding = f"move `{call['call']}({call['value']})` at {line}"
+        fix = (
+            f"seed before building the model: {seeding} above {drawn['where']}"
+            if drawn.get("where")
+            else f"seed before torch's generator is first drawn from: {seeding} earlier"
+        )
+    elif hashseed is None:
+        fixed = replace(
+            variant,
+            determinism=DeterminismConfig(
+                preset="none", **{**PRESETS["none"], "pythonhashseed": 0}
+            ),
+        )
+        check = auditor.audit(fixed, folder / "as-is-hashseed")
+        if check["verdict"] != "reproducible":
+            section["cause"] = {"kind": "unknown"}
+            message = (
+                f"as its user runs it (no preset) the runs differ at {at}; with one fixed "
+                "PYTHONHASHSEED they still differ: what the preset fixes that the script "
+                "leaves to chance was not found (rerun with `--as-is` to audit that way)"
+            )
+            fix = "rerun with `--as-is` to audit the script as its user runs it"
+        else:
+            section["cause"] = {"kind": "hash-seed"}
+            message = (
+                f"as its user runs it (no preset) the runs differ at {at}, and with one "
+                "fixed PYTHONHASHSEED they agree: the script depends on the hash seed (an "
+                "order taken from a set or dict of strings)"
+            )
+            fix = (
+                "sort what is taken from a set or dict of strings, or set PYTHONHASHSEED "
+                "in the launcher"
+            )
+    else:
+        section["cause"] = {"kind": "unknown"}
+        message = (
+            f"as its user runs it (no preset) the runs differ at {at}: the preset's seeding "
+            "hides it (rerun with `--as-is` to audit that way)"
+        )
+        fix = "rerun with `--as-is` to audit the script as its user runs it"
+    result = finding("RC030", message, evidence=section["cause"])
+    result["fix"] = fix
+    section["finding"] = result
+    return section
+
+
+def _drawn_before_seeding(runs: list[dict[str, Any]]) -> tuple[dict, dict] | None:
+    """The first seeding call of torch's generator that found it already drawn from, in
+    the as-is runs' traces (the script's own process first)."""
+    for run in runs:
+        paths = [run["trace"], *(p["trace"] for p in run.get("processes") or [] if p.get("trace"))]
+        for path in paths:
+            try:
+                with Trace(path) as trace:
+                    calls = trace.meta.get("seeding") or []
+            except TraceError:
+                continue
+            for call in calls:
+                if isinstance(call, dict) and call.get("drawn_before"):
+                    return call, call["drawn_before"]
+    return None
 
 
 def _command(target: dict[str, Any]) -> list[str]:
@@ -753,6 +922,42 @@ def _observed_findings(legs: list[Leg]) -> list[dict[str, Any]]:
                     )
                 _compile_findings(meta, path, found)
     return list(found.values())
+
+
+def _shared_files(legs: list[Leg]) -> list[dict[str, Any]]:
+    """RC031: files that two runs of a leg both opened for writing at one path (each
+    process's ``meta.written``): the runs shared a working directory."""
+    from ..doctor.probe import finding
+
+    def written(run: RunResult) -> set[str]:
+        paths: set[str] = set()
+        for path in run.processes.values():
+            try:
+                with Trace(path) as trace:
+                    paths.update(p for p in trace.meta.get("written") or [] if isinstance(p, str))
+            except TraceError:
+                continue
+        return paths
+
+    for leg in legs:
+        runs = [run for run in leg.runs if run.status != "pending"]
+        if len(runs) < 2:
+            continue
+        sets = [written(run) for run in runs]
+        shared = sorted(set.intersection(*sets) if all(sets) else set())
+        if not shared:
+            continue
+        shown = [
+            os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p for p in shared[:3]
+        ]
+        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+        message = (
+            f"every run wrote {', '.join(shown)}{more}: the runs share a working "
+            "directory, and a script that reads back what it wrote may read another run's "
+            "file"
+        )
+        return [finding("RC031", message, evidence={"paths": shared[:50], "count": len(shared)})]
+    return []
 
 
 _AUTOTUNE = ("max-autotune", "max_autotune", "coordinate_descent_tuning")

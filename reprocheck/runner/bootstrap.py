@@ -36,7 +36,12 @@ through the ``sitecustomize`` of :mod:`reprocheck.runner.child`. A process is na
 its rank (``rank0``: ``RANK`` in its environment), its index in
 ``torch.multiprocessing.spawn`` (``spawn0``), its ``multiprocessing`` identity (``mp1``,
 ``mp1-2``) or its creation order among the ``subprocess`` children of its parent
-(``sub1``). DataLoader workers never train and write none.
+(``sub1``). A bare ``os.fork()`` child is named by its creation order among its parent's
+bare forks (``fork1``, ``fork2``; a fork of ``fork1``: ``fork1-2``; of another child:
+``rank0.fork1``); forks that ``multiprocessing`` makes keep their ``mp`` names. A bare
+fork ends through ``os._exit``, which closes its trace; at ``--steps`` it runs on to its
+end unrecorded (it has no process object to end it cleanly). DataLoader workers never
+train and write none.
 """
 
 from __future__ import annotations
@@ -74,11 +79,21 @@ if TYPE_CHECKING:
     from ..localize import OpCapture
 
 PROCESS_ENV = "REPROCHECK_PROCESS"  # a subprocess child's name, given by its parent
+MAX_WRITTEN = 1000  # files noted per process (a bound on the trace's meta)
 MAX_PENDING_OUTPUTS = 256  # outputs kept for a step that has not come yet (a bound on memory)
+
+
+# A bare ``os.fork()`` child's name, set in the child by the fork hooks that
+# :meth:`Session.install` registers: ``name`` (``fork1``, ``fork1-2``, ``rank0.fork1``),
+# ``pending`` (the parent's name for the fork now under way), ``made`` (the bare forks this
+# process has made), ``hooked`` (the hooks are registered in this interpreter).
+_FORKS: dict[str, Any] = {"name": None, "pending": None, "made": 0, "hooked": False}
 
 
 def process_key() -> str:
     """This process's name among the run's processes (see the module's notes)."""
+    if _FORKS["name"] is not None:  # a bare os.fork() child: no other name is its own
+        return _FORKS["name"]
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return f"rank{env['RANK']}"
@@ -101,16 +116,28 @@ def _in_dataloader_worker() -> bool:
     return torch.utils.data.get_worker_info() is not None
 
 
+# wrappers a framework puts around the user's model, and the attribute holding it
+_WRAPPERS = {
+    "OptimizedModule": "_orig_mod",  # torch.compile
+    "DistributedDataParallel": "module",
+    "DataParallel": "module",
+    "FullyShardedDataParallel": "module",
+    "_FabricModule": "_original_module",  # Lightning Fabric's setup()
+    "DeepSpeedEngine": "module",
+}
+
+
 def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
-    """The module a wrapper trains: ``torch.compile``'s ``_orig_mod``, DDP's ``module``."""
+    """The module a wrapper trains: ``torch.compile``'s ``_orig_mod``, DDP's ``module``,
+    Fabric's ``_original_module``: every phase names a tensor by the user's model. Read
+    from the instance's own ``__dict__``/``_modules`` (no ``__getattr__`` of the wrapper)."""
     while True:
-        inner = getattr(module, "_orig_mod", None)
-        if inner is None and type(module).__name__ in (
-            "DistributedDataParallel",
-            "DataParallel",
-            "FullyShardedDataParallel",
-        ):
-            inner = getattr(module, "module", None)
+        attribute = _WRAPPERS.get(type(module).__name__)
+        if attribute is None and "_orig_mod" in module._modules:
+            attribute = "_orig_mod"
+        inner = None
+        if attribute is not None:
+            inner = module._modules.get(attribute, module.__dict__.get(attribute))
         if not isinstance(inner, torch.nn.Module):
             return module
         module = inner
@@ -156,6 +183,12 @@ class Created:
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ReferenceType[Any], int]] = {}
         self._serial = itertools.count()
+        self.where: dict[int, str | None] = {}  # serial → the user's line that made it
+
+    @property
+    def count(self) -> int:
+        """How many were made so far (the next serial)."""
+        return len(self.where)
 
     def add(self, obj: Any) -> None:
         key = id(obj)
@@ -172,7 +205,26 @@ class Created:
             ref = weakref.ref(obj, forget)
         except TypeError:
             return
-        entries[key] = (ref, next(self._serial))
+        serial = next(self._serial)
+        entries[key] = (ref, serial)
+        self.where[serial] = _construction_line(obj)
+
+    def made_since(self, serial: int, kind: type) -> list[tuple[Any, str | None]]:
+        """The live outermost objects of ``kind`` made at or after ``serial``, oldest
+        first, with the user's line that made each."""
+        found = [
+            (ref(), number)
+            for ref, number in sorted(self._entries.values(), key=lambda entry: entry[1])
+            if number >= serial
+        ]
+        alive = [(obj, number) for obj, number in found if issubclass(type(obj), kind)]
+        inner = {
+            id(child)
+            for obj, _ in alive
+            for child in getattr(obj, "_modules", {}).values()
+            if child is not None
+        }
+        return [(obj, self.where.get(number)) for obj, number in alive if id(obj) not in inner]
 
     def of_type(self, kind: type) -> list[Any]:
         """The live objects of ``kind``, oldest first (``type()`` and the MRO only)."""
@@ -182,6 +234,26 @@ class Created:
             if obj is not None and issubclass(type(obj), kind):
                 found.append(obj)
         return found
+
+
+def _construction_line(obj: Any) -> str | None:
+    """The user's line that constructed ``obj``: the innermost user frame outside the
+    ``__init__`` methods running on it (``model = Net()``, not ``super().__init__()``
+    inside ``Net``); compared by identity alone."""
+    from ..localize import _line_of, is_outside_machinery, is_user_file
+
+    frame = sys._getframe(2)
+    fallback = None
+    while frame is not None:
+        code = frame.f_code
+        if not (code.co_name == "__init__" and frame.f_locals.get("self") is obj):
+            filename = code.co_filename
+            if is_user_file(filename):
+                return _line_of(filename, frame.f_lineno)[0]
+            if fallback is None and is_outside_machinery(filename):
+                fallback = (filename, frame.f_lineno)
+        frame = frame.f_back
+    return _line_of(*fallback)[0] if fallback else None
 
 
 class Session:
@@ -199,6 +271,7 @@ class Session:
         self.recorders: dict[int, ProcessRecorder | None] = {}  # pid → its recorder
         self.subprocesses = itertools.count(1)
         self.seeding: dict[int, list[dict[str, Any]]] = {}  # pid → its seeding calls
+        self.written: dict[int, set[str]] = {}  # pid → the files it opened for writing
         # pid → the script's own calls that set a control (threads, deterministic algorithms)
         self.overrides: dict[int, list[dict[str, Any]]] = {}
         self.created = Created()  # modules and optimizers, by identity, in creation order
@@ -450,9 +523,11 @@ class Session:
             return result
 
         torch.Tensor.backward = backward
+        self._name_forks()
         self._name_subprocesses()
         self._watch_seeding()
         self._watch_controls()
+        self._watch_writes()
 
     def _watch_seeding(self) -> None:
         """Record every call that seeds or re-seeds a global generator (or builds a NumPy
@@ -465,10 +540,24 @@ class Session:
 
         session = self
 
-        def note(call: str, value: Any, drawn: Any = None) -> None:
-            session.seeding.setdefault(os.getpid(), []).append(
-                {"call": call, "value": value, "seed": drawn, "where": _caller()}
-            )
+        # torch's CPU generator as the last seeding (or the start) left it, and what had
+        # been made by then: a seeding call that finds it moved says what drew from it
+        # before it was seeded (a model built one line too early)
+        last = {"state": torch.default_generator.get_state(), "made": session.created.count}
+
+        def drawn_before() -> dict[str, Any] | None:
+            if torch.equal(torch.default_generator.get_state(), last["state"]):
+                return None
+            made = session.created.made_since(last["made"], torch.nn.Module)
+            owners = [(m, where) for m, where in made if next(m.parameters(), None) is not None]
+            model, where = owners[0] if owners else (None, None)
+            return {"model": type(model).__name__ if model is not None else None, "where": where}
+
+        def note(call: str, value: Any, drawn: Any = None, before: Any = None) -> None:
+            entry = {"call": call, "value": value, "seed": drawn, "where": _caller()}
+            if before is not None:
+                entry["drawn_before"] = before
+            session.seeding.setdefault(os.getpid(), []).append(entry)
 
         def plain(value: Any) -> Any:
             return value if value is None or isinstance(value, (int, float, str)) else repr(value)
@@ -480,19 +569,25 @@ class Session:
             if original is None:
                 return
 
+            torch_cpu = call in ("torch.manual_seed", "torch.seed")
+
             @functools.wraps(original)
             def seeded(*args: Any, **kwargs: Any) -> Any:
                 if inside:
                     return original(*args, **kwargs)
+                before = drawn_before() if torch_cpu else None
                 inside.append(True)
                 try:
                     result = original(*args, **kwargs)
                 finally:
                     inside.pop()
+                if torch_cpu:
+                    last.update(state=torch.default_generator.get_state())
+                    last.update(made=session.created.count)
                 if entropy(*args, **kwargs):
-                    note(call, "entropy", result if isinstance(result, int) else None)
+                    note(call, "entropy", result if isinstance(result, int) else None, before)
                 else:
-                    note(call, plain(_first_argument(args, kwargs)))
+                    note(call, plain(_first_argument(args, kwargs)), None, before)
                 return result
 
             setattr(owner, name, seeded)
@@ -547,6 +642,106 @@ class Session:
 
         wrap("set_num_threads")
         wrap("use_deterministic_algorithms")
+
+    def _name_forks(self) -> None:
+        """Each bare ``os.fork()`` child gets its name by creation order among its parent's
+        (``fork1``, ``fork2`` …; a fork of ``fork1``: ``fork1-2``; of another child:
+        ``rank0.fork1``). A fork made by ``multiprocessing`` (its processes, DataLoader
+        workers) or by ``subprocess`` (a ``preexec_fn``) is not counted: those have names
+        of their own, or never train. Registered once per interpreter: a forked child
+        inherits the hooks."""
+        if _FORKS["hooked"] or not hasattr(os, "register_at_fork"):
+            return
+        _FORKS["hooked"] = True
+        session = self
+
+        def before() -> None:
+            _FORKS["pending"] = None
+            caller = sys._getframe(1)
+            module = caller.f_globals.get("__name__", "") if caller is not None else ""
+            if module.startswith("multiprocessing") or module == "subprocess":
+                return
+            _FORKS["made"] += 1
+            made = _FORKS["made"]
+            if _FORKS["name"] is not None:
+                _FORKS["pending"] = f"{_FORKS['name']}-{made}"
+                return
+            rec = session.recorders.get(os.getpid())
+            parent = rec.key if rec is not None else process_key()
+            _FORKS["pending"] = f"fork{made}" if parent == "main" else f"{parent}.fork{made}"
+
+        def after_in_child() -> None:
+            _FORKS["name"], _FORKS["pending"], _FORKS["made"] = _FORKS["pending"], None, 0
+
+        def after_in_parent() -> None:
+            _FORKS["pending"] = None
+
+        os.register_at_fork(
+            before=before, after_in_child=after_in_child, after_in_parent=after_in_parent
+        )
+        original_exit = os._exit
+
+        @functools.wraps(original_exit)
+        def _exit(code: int) -> None:
+            # a bare fork ends through os._exit: no atexit, no multiprocessing finalizers
+            rec = session.recorders.get(os.getpid()) if _FORKS["name"] is not None else None
+            if rec is not None and not rec.finished:
+                with contextlib.suppress(Exception):
+                    if code == 0:
+                        rec.finish("complete")
+                    elif rec.context is not None:
+                        rec.finished = True
+                        rec.context.finish(
+                            "failed",
+                            f"{rec.key} exited with status {code}",
+                            error_kind="exit",
+                            failed_step=rec.context.step_in_progress,
+                            failed_at=time.time(),
+                        )
+            original_exit(code)
+
+        os._exit = _exit
+
+    def _watch_writes(self) -> None:
+        """Note every file the script opens for writing (``open``/``io.open`` in a write
+        mode, so ``torch.save`` and ``np.save`` to a path too), by absolute path, outside
+        the audit's own folder: runs that write the same path share a working directory,
+        and a script that reads back what it wrote (a resume, a best-model reload) may
+        read the other run's file."""
+        import builtins
+        import io
+
+        session, original = self, builtins.open
+        own = os.path.dirname(os.path.abspath(self.settings["trace"])) + os.sep
+
+        def note(file: Any) -> None:
+            with contextlib.suppress(TypeError, ValueError):
+                if isinstance(file, (str, bytes, os.PathLike)):
+                    path = os.path.abspath(os.fsdecode(file))
+                    if not path.startswith(own):
+                        written = session.written.setdefault(os.getpid(), set())
+                        if len(written) < MAX_WRITTEN:
+                            written.add(path)
+
+        @functools.wraps(original)
+        def opened(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            handle = original(file, mode, *args, **kwargs)
+            if isinstance(mode, str) and any(flag in mode for flag in "wax+"):
+                note(file)
+            return handle
+
+        builtins.open = opened
+        io.open = opened
+        save = torch.save  # its zip writer opens the path in C++, past `open`
+
+        @functools.wraps(save)
+        def saved(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+            result = save(obj, f, *args, **kwargs)
+            note(f)
+            return result
+
+        torch.save = saved
+        torch.serialization.save = saved
 
     def _name_subprocesses(self) -> None:
         """Each ``subprocess`` child gets its name (``sub1``, ``sub2`` … per parent) in its
@@ -653,6 +848,8 @@ class ProcessRecorder:
             "compile_options": self.session.compile_options,
             "dynamo_graphs": {"step1": self.graphs_at_step1, "end": _dynamo_graphs()},
             "observations": self.observations,
+            # the files this process opened for writing: two runs writing one path share it
+            "written": sorted(self.session.written.get(os.getpid(), ()))[:MAX_WRITTEN],
             **self._controls_in_effect(),
         }
 
@@ -916,6 +1113,11 @@ class ProcessRecorder:
         limit = self.session.max_steps
         if limit is not None and self.step >= limit:
             self.finish("complete")
+            if _FORKS["name"] is not None and self.key == _FORKS["name"]:
+                # a bare fork has no process object to end it cleanly (a SystemExit would
+                # unwind through its parent's frames): it runs on to its end, unrecorded
+                self.session.recorders[os.getpid()] = None
+                return
             raise StepLimitReached(0)
 
     def _state(self) -> None:
@@ -1198,11 +1400,27 @@ def rng_start() -> dict[str, str]:
 
 def _caller() -> str | None:
     """``file:line`` of the innermost frame of user code now running."""
-    from ..localize import user_frame
-    from .context import display_path
+    from ..localize import library_frame, user_frame
+    from .context import display_line
 
-    frame = user_frame(traceback.extract_stack())
-    return f"{display_path(frame.filename)}:{frame.lineno}" if frame else None
+    stack = traceback.extract_stack()
+    frame = user_frame(stack)
+    if frame is None:
+        return None
+    where = display_line(frame.filename, frame.lineno)  # a notebook's: "nb.ipynb · cell 7, line 2"
+    inner = library_frame(stack)  # the framework's own line (accelerate's set_seed …)
+    if inner is not None and inner is not frame:
+        where += f" (in {inner.name}, {_package_path(inner.filename)}:{inner.lineno})"
+    return where
+
+
+def _package_path(filename: str) -> str:
+    """``accelerate/utils/random.py`` from its installed path."""
+    parts = os.path.abspath(filename).split(os.sep)
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            return "/".join(parts[len(parts) - parts[::-1].index(marker) :])
+    return os.path.basename(filename)
 
 
 def _parameters(optimizers: list[torch.optim.Optimizer]) -> dict[int, torch.Tensor]:
@@ -1260,7 +1478,7 @@ def run_script(spec: dict[str, Any]) -> int:
     context.writer.set_meta(rng_start=rng_start())
     child.export(settings)  # its children record themselves too (and capture, if theirs)
     atexit.register(recorder.finish, "complete")  # a script that calls os-level exit paths
-    argv = list(target["argv"])
+    argv = run_arguments(list(target["argv"]), spec["trace"])
     if recorder.zoom_step is not None and recorder.zoom_step <= 1:
         # step 0 is committed only once step 1 has run its forward and backward (at its
         # optimizer step): a zoom of step 0 or 1 captures from the script's first line
@@ -1271,13 +1489,21 @@ def run_script(spec: dict[str, Any]) -> int:
 
     def body() -> None:
         if target.get("launch"):  # any command: what it starts records itself
-            code = subprocess.call(argv)
+            # `python`, `torchrun`, `accelerate` in the command are this interpreter's,
+            # as `-- python train.py` runs with it
+            from ..script import launch_path
+
+            code = subprocess.call(argv, env={**os.environ, "PATH": launch_path()})
             if code != 0:
                 raise LaunchFailed(os.path.basename(argv[0]), code)
         elif target.get("function"):
             from ..usercode import resolve_callable
 
             resolve_callable(target["function"], spec.get("base_dir", "."))()
+        elif target.get("notebook"):  # its code cells, in order, in this process
+            from ..notebook import run_notebook
+
+            run_notebook(argv[0], argv[1:])
         elif argv and argv[0] == "-m":
             sys.argv = argv[1:]
             runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
@@ -1293,6 +1519,34 @@ def run_script(spec: dict[str, Any]) -> int:
         recorder._pause()
         save_capture(capture, context.recorder, recorder.zoom_ops)
     return code
+
+
+def run_arguments(argv: list[str], trace: str) -> list[str]:
+    """The command's arguments for this run: ``{run}`` becomes the run's name (``cpu-r0``;
+    a replay's is its own, ``cpu-r0-replay1``) and ``{run_dir}`` a folder of its own in the
+    audit's folder (made here), so runs that write and read back files keep them apart
+    (``--output_dir out/{run}``); ``{port}`` a free TCP port (a rendezvous port per run)."""
+    if not any("{run" in word or "{port}" in word for word in argv):
+        return argv
+    stem = os.path.basename(trace)[: -len(".sqlite")]
+    folder = os.path.join(os.path.dirname(trace), "workdirs", stem)
+    if any("{run_dir}" in word for word in argv):
+        os.makedirs(folder, exist_ok=True)
+    port = _free_port() if any("{port}" in word for word in argv) else 0
+    return [
+        word.replace("{run_dir}", folder).replace("{run}", stem).replace("{port}", str(port))
+        for word in argv
+    ]
+
+
+def _free_port() -> int:
+    """A TCP port free on this machine now (the kernel's pick): ``{port}`` in a command,
+    so runs side by side each get their own rendezvous port."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def start_child(settings: dict[str, Any]) -> None:

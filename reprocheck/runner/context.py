@@ -34,7 +34,7 @@ def error_line(exc: BaseException) -> str:
     from ..localize import user_frame
 
     frame = user_frame(traceback.extract_tb(exc.__traceback__))
-    where = f" ({display_path(frame.filename)}:{frame.lineno} in {frame.name})" if frame else ""
+    where = f" ({display_line(frame.filename, frame.lineno)} in {frame.name})" if frame else ""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {message}{where}" if message else f"{type(exc).__name__}{where}"
 
@@ -43,6 +43,17 @@ def display_path(path: str) -> str:
     """A path relative to the working folder when it is below it."""
     relative = os.path.relpath(path)
     return path if relative.startswith("..") else relative
+
+
+def display_line(filename: str, lineno: int) -> str:
+    """``train.py:42``; a notebook cell's line (:mod:`reprocheck.notebook`'s filename
+    ``/abs/HW01.ipynb#cell7``) as ``HW01.ipynb · cell 7, line 12``."""
+    from ..notebook import cell_of
+
+    cell = cell_of(filename)
+    if cell is not None:
+        return f"{display_path(cell[0])} · cell {cell[1]}, line {lineno}"
+    return f"{display_path(filename)}:{lineno}"
 
 
 def run_meta(spec: dict[str, Any]) -> dict[str, Any]:

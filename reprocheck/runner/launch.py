@@ -232,6 +232,7 @@ class Launcher:
         self.extra_spec = extra_spec or {}  # e.g. {"exec": ...}: what each run executes
         self.resumed: dict[int, int] = {}  # run → the step its last capture started from
         self._replays: dict[int, str] = {}  # run → the trace of its last capture
+        self.replay_errors: dict[int, str] = {}  # run → why its last capture kept nothing
         self.progress = progress
         self._config_dict = config_to_dict(config)
         self._running: list[_Task] = []
@@ -367,7 +368,14 @@ class Launcher:
             tasks.append(_Task(leg, result, spec_path, env, fork=fork))
             outputs[run] = out
         self._execute(tasks, step, check_leg=False)
-        return {run: path for run, path in outputs.items() if os.path.exists(path)}
+        kept = {run: path for run, path in outputs.items() if os.path.exists(path)}
+        self.replay_errors = {
+            task.result.run: task.result.error
+            or f"the replay ended ({task.result.status}) without capturing step {step}"
+            for task in tasks
+            if task.result.run not in kept
+        }
+        return kept
 
     def analyse(self, leg: Leg, request: dict[str, Any]) -> dict[str, Any]:
         """Measure what replays kept (:mod:`.analysis`) in a fork of the leg's zygote, or

@@ -238,8 +238,9 @@ class Zygote:
                 return None
             self.pump(wait=0.05)
         request = {
-            "spec": spec_path,
-            "log": log_path,
+            # absolute: the fork opens them before it moves into the caller's folder
+            "spec": os.path.abspath(spec_path),
+            "log": os.path.abspath(log_path),
             "cwd": os.getcwd(),
             "env": env,
             "module": module,

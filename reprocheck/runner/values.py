@@ -126,6 +126,7 @@ def _process(name: str, path: str, planned: int, read: _TraceFacts) -> dict[str,
         ("spawn", "spawn"),
         ("mp", "multiprocessing"),
         ("sub", "subprocess"),
+        ("fork", "fork"),
     )
     for prefix, kind in kinds:
         tail = name.rsplit(".", 1)[-1]
@@ -191,6 +192,7 @@ def build_report(
     golden: GoldenCheck | None = None,
     command: list[str] | None = None,
     replicas: ReplicaCheck | None = None,
+    as_is: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the report; ``verdict`` and ``exit_code`` follow DESIGN.md's exit codes.
 
@@ -295,6 +297,8 @@ def build_report(
         "across_legs": [comparison_dict(c) for c in across],
         "findings": list(findings),
         "attribution": list(attribution),
+        # a script's reproducible verdict under a preset: its two runs as its user runs it
+        "as_is": as_is,
         "environment": _environment(legs, facts),
         "plot": _plot(legs, first, golden, facts),
         "golden": golden.to_dict() if golden is not None else None,
