@@ -341,3 +341,17 @@ def test_fabric_wrappers_are_looked_through_in_every_phase(audits):
         for phase in ("grads", "weights")
         for name in ("user_factors", "item_factors", "item_bias")
     }
+
+
+@pytest.mark.slow
+def test_the_as_is_pair_proves_a_hash_seed_dependence(audits):
+    result = audits("python", _script("char_vocab.py"), env=AS_IS)
+    assert result.code == 0, result.report
+    section = result.report["as_is"]
+    assert (section["first_divergence"]["step"], section["first_divergence"]["phase"]) == (
+        1,
+        "outputs",
+    )
+    assert section["cause"] == {"kind": "hash-seed"}
+    found = _finding(result.report, "RC030")
+    assert "with one fixed PYTHONHASHSEED they agree" in found["message"]

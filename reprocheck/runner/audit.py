@@ -228,7 +228,7 @@ def _evidence(leg: Leg, first: Divergence) -> Evidence:
             variability([t for t, _ in reached], [i for _, i in reached], first.step)
         ),
         generator=_generator(cause) if cause is not None else None,
-        seeding=_seeding(leg, cause) if cause is not None else None,
+        **_seeding_evidence(leg, cause),
     )
 
 
@@ -288,38 +288,112 @@ _GENERATORS = {
 }
 
 
-def _seeding(leg: Leg, latent: Divergence) -> str | None:
+def _seeding_evidence(leg: Leg, cause: Divergence | None) -> dict[str, Any]:
+    """Evidence's ``seeding`` (what to say) and ``seeding_call`` (the call, for the fix)."""
+    if cause is None:
+        return {"seeding": None, "seeding_call": None}
+    found: list[dict[str, Any]] = []
+    text = _seeding(leg, cause, found)
+    return {"seeding": text, "seeding_call": found[0] if found and text else None}
+
+
+def _seeding(leg: Leg, latent: Divergence, found: list[dict[str, Any]] | None = None) -> str | None:
     """The seeding call that made a generator differ between two runs, from the calls
-    each run's trace recorded (``meta.seeding``): its line, and both values."""
+    each run's trace recorded (``meta.seeding``): its line, and both values. The call
+    is appended to ``found``."""
+    found = [] if found is None else found
     family = latent.tensor.split(":")[0].split(".gauss")[0]
     calls, label = _SEEDS.get(family), _GENERATORS.get(family, latent.tensor)
     if calls is None or len(latent.runs) < 2:
         return None
     runs = [group[0] for group in latent.runs[:2]]
     by_run = {run.run: run for run in leg.runs}
-    made = []
+    made, complete = [], []
     for run in runs:
         try:
             with Trace(by_run[run].processes[latent.process]) as trace:
-                seeding = trace.meta.get("seeding") or []
+                seeding = trace.meta.get("seeding")
+                complete.append(trace.status == "complete")
         except (TraceError, KeyError):
             return None
-        made.append([c for c in seeding if c["call"].startswith(calls)])
+        if not isinstance(seeding, list):  # never written: nothing can be said of it
+            return None
+        made.append([c for c in seeding if isinstance(c, dict) and c["call"].startswith(calls)])
     a, b = made
     for x, y in zip(a, b):
         if x["value"] == "entropy" or y["value"] == "entropy":
             who = "every run" if x["value"] == y["value"] else f"run #{runs[1]}"
             call = x if x["value"] == "entropy" else y
+            found.append(call)
             return f"{who} re-seeded {label} from entropy at {call['where']} (`{call['call']}()`)"
         if x["value"] != y["value"]:
+            found.append(x)
             return f"`{x['call']}` got {x['value']} vs {y['value']} at {x['where']}"
     if len(a) != len(b):
         longer, run = (a, runs[0]) if len(a) > len(b) else (b, runs[1])
+        if not complete[1 if longer is a else 0]:
+            return None  # the other run stopped early: it may not have got there yet
         call = longer[min(len(a), len(b))]
+        found.append(call)
         return f"only run #{run} called `{call['call']}` (at {call['where']})"
+    if not a and not all(complete):
+        return None
     if not a:
         return f"the script never seeds {label}: it starts from entropy in every process"
     return None
+
+
+def _entropy_generators(leg: Leg, first: Divergence) -> list[dict[str, Any]]:
+    """RC015 from the seeding calls themselves, where nothing else named the cause: a
+    generator the script built from entropy (``np.random.default_rng()``, ``torch.seed()``)
+    in the process that diverged, at or before the divergent step, in every run compared —
+    a local generator (a collator's) whose state no trace records."""
+    from ..doctor.probe import finding
+
+    by_run = {run.run: run for run in leg.runs}
+    runs = [group[0] for group in first.runs[:2]]
+    calls: list[list[dict[str, Any]]] = []
+    for run in runs:
+        try:
+            with Trace(by_run[run].processes[first.process]) as trace:
+                seeding = trace.meta.get("seeding")
+        except (TraceError, KeyError):
+            return []
+        if not isinstance(seeding, list):
+            return []
+        calls.append(
+            [
+                c
+                for c in seeding
+                if isinstance(c, dict)
+                and c.get("value") == "entropy"
+                and (c.get("step") is None or c["step"] <= first.step)
+            ]
+        )
+    if len(calls) < 2 or not calls[0] or not calls[1]:
+        return []
+    call = calls[0][0]
+    message = (
+        f"`{call['call']}()` at {call['where']} builds a generator from entropy in every run: "
+        f"what it draws differs, and the runs part at step {first.step} · {first.phase}"
+    )
+    found = finding("RC015", message, evidence={"seeding": call})
+    found["fix"] = (
+        f"seed it: `{_fixed(call['call'])}` at {call['where']} (or derive it from your seed)"
+    )
+    return [found]
+
+
+def _fixed(call: str) -> str:
+    """The fixed-seed form of a seeding call: ``torch.seed`` → ``torch.manual_seed(0)``."""
+    fixed = {
+        "torch.seed": "torch.manual_seed(0)",
+        "torch.cuda.seed": "torch.cuda.manual_seed(0)",
+        "torch.cuda.seed_all": "torch.cuda.manual_seed_all(0)",
+        "np.random.default_rng": "np.random.default_rng(0)",
+        "np.random.SeedSequence": "np.random.SeedSequence(0)",
+    }
+    return fixed.get(call, f"{call}(0)")
 
 
 def _latent(legs: list[Leg]) -> list[Latent]:
@@ -661,6 +735,8 @@ def run_audit(
         findings, attribution, interrupted = _findings(
             config, options, leg, first, evidence, measurement, folder, timings
         )
+        if not any(f.get("severity") == "error" for f in findings):
+            findings = [*_entropy_generators(leg, first), *findings]
     check_started = time.monotonic()
     replicas = None if interrupted else check_legs(active)
     if replicas is not None:
@@ -1063,19 +1139,26 @@ def _findings(
         g = evidence.generator
         drawn = f" (drawn at {where})" if where else ""
         why = f": {evidence.seeding}" if evidence.seeding else ""
-        return (
-            [
-                finding(
-                    "RC015",
-                    f"generator {g['name']} differed between runs {_runs(g['runs'])} from step "
-                    f"{g['step']}{why}; what is drawn from it{drawn} differs from step "
-                    f"{first.step} on",
-                    evidence={**g, "seeding": evidence.seeding},
-                )
-            ],
-            [],
-            False,
+        found = finding(
+            "RC015",
+            f"generator {g['name']} differed between runs {_runs(g['runs'])} from step "
+            f"{g['step']}{why}; what is drawn from it{drawn} differs from step "
+            f"{first.step} on",
+            evidence={**g, "seeding": evidence.seeding},
         )
+        call = evidence.seeding_call
+        if call:  # the fix names the script's own call and line
+            if call.get("value") == "entropy":
+                found["fix"] = (
+                    f"`{call['call']}()` at {call['where']} seeds from entropy, other in every "
+                    f"run: remove it, or seed with a fixed value (`{_fixed(call['call'])}`)"
+                )
+            else:
+                found["fix"] = (
+                    f"`{call['call']}` at {call['where']} takes a value that differs between "
+                    "runs: pass it a fixed seed"
+                )
+        return [found], [], False
     if cause == "unseeded or re-seeded RNG":
         return (
             [finding("RC015", f"a generator seeded outside the configured seed draws at {where}")],

@@ -554,10 +554,19 @@ class Session:
             return {"model": type(model).__name__ if model is not None else None, "where": where}
 
         def note(call: str, value: Any, drawn: Any = None, before: Any = None) -> None:
+            rec = session.recorders.get(os.getpid())
             entry = {"call": call, "value": value, "seed": drawn, "where": _caller()}
+            # the step in progress when it was made (None: before the process trained)
+            entry["step"] = rec.step if rec is not None and rec.started else None
             if before is not None:
                 entry["drawn_before"] = before
-            session.seeding.setdefault(os.getpid(), []).append(entry)
+            calls = session.seeding.setdefault(os.getpid(), [])
+            calls.append(entry)
+            # into the trace as it happens: a run stopped by fail-fast, killed or crashed
+            # keeps the calls it made (a child's trace begins at its first step: then)
+            if rec is not None and rec.context is not None and not rec.finished:
+                with contextlib.suppress(Exception):
+                    rec.context.writer.set_meta(seeding=calls)
 
         def plain(value: Any) -> Any:
             return value if value is None or isinstance(value, (int, float, str)) else repr(value)
@@ -829,6 +838,9 @@ class ProcessRecorder:
     def _attach(self, context: RunContext) -> None:
         self.context = context
         context.on_finish = self._closing
+        calls = self.session.seeding.get(os.getpid())
+        if calls:  # the calls made before this process's trace began
+            context.writer.set_meta(seeding=calls)
 
     def _rec(self) -> StepRecorder:
         if self.context is None:  # a child's first step: its trace begins

@@ -18,6 +18,7 @@ class Evidence:
     variability: tuple[dict[str, Any], ...] = ()
     generator: dict[str, Any] | None = None
     seeding: str | None = None  # the call that made the generator differ, with its line
+    seeding_call: dict[str, Any] | None = None  # that call as the trace recorded it
 
 
 @dataclass(frozen=True)

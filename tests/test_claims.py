@@ -1,0 +1,61 @@
+"""What a report says is what the traces show: the seeding call that made the generators
+differ (written as the calls happen, so a run stopped by fail-fast keeps them), a
+generator built from entropy named with its line, and a fix that names the script's own
+call. Each script is audited once (module-scoped) and read by the tests that need it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import ScriptAudits, script_line
+
+
+@pytest.fixture(scope="module")
+def audits(tmp_path_factory) -> ScriptAudits:
+    return ScriptAudits(tmp_path_factory.mktemp("claims"))
+
+
+def _finding(report: dict, code: str) -> dict:
+    return next(f for f in report["findings"] if f["code"] == code)
+
+
+def test_a_reseed_mid_run_is_named_though_fail_fast_stopped_a_run(audits):
+    result = audits("late_reseed.py", options=("--no-measure",))
+    assert result.code == 1, result.report
+    report = result.report
+    first = report["first_divergence"]
+    assert (first["step"], first["phase"]) == (20, "outputs")
+    reseed = script_line("late_reseed.py", "            torch.seed()")
+    # run #1 was stopped by fail-fast: its seeding calls were in its trace all the same
+    assert first["seeding"] == (
+        f"every run re-seeded torch's CPU generator from entropy at {reseed} (`torch.seed()`)"
+    )
+    found = _finding(report, "RC015")
+    assert found["fix"] == (
+        f"`torch.seed()` at {reseed} seeds from entropy, other in every run: remove it, or "
+        "seed with a fixed value (`torch.manual_seed(0)`)"
+    )
+
+
+def test_a_collator_generator_built_from_entropy_is_named_with_its_line(audits):
+    result = audits("collate_entropy.py", options=("--no-measure",))
+    assert result.code == 1, result.report
+    report = result.report
+    first = report["first_divergence"]
+    assert (first["step"], first["phase"], first["tensor"]) == (1, "data", "input")
+    built = script_line("collate_entropy.py", "else np.random.default_rng()")
+    found = _finding(report, "RC015")
+    assert found["message"] == (
+        f"`np.random.default_rng()` at {built} builds a generator from entropy in every run: "
+        "what it draws differs, and the runs part at step 1 · data"
+    )
+    assert found["fix"] == (
+        f"seed it: `np.random.default_rng(0)` at {built} (or derive it from your seed)"
+    )
+
+
+def test_the_seeded_collator_reproduces_with_no_finding(audits):
+    result = audits("collate_entropy.py", "--seeded")
+    assert result.code == 0, result.report
+    assert result.report["findings"] == []
