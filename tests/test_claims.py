@@ -59,3 +59,19 @@ def test_the_seeded_collator_reproduces_with_no_finding(audits):
     result = audits("collate_entropy.py", "--seeded")
     assert result.code == 0, result.report
     assert result.report["findings"] == []
+
+
+# a race between two threads: it shows in most audits, not in every one (slow, not flaky CI)
+@pytest.mark.slow
+def test_batches_from_workers_are_data_and_the_zoom_names_the_steps_own_op(audits):
+    result = audits("token_table.py", "--workers", "4", options=("--threads", "2"))
+    assert result.code == 1, result.report
+    first = result.report["first_divergence"]
+    assert (first["step"], first["phase"], first["tensor"]) == (1, "grads", "table")
+    # not `aten.set_`/`aten.empty` where the workers' batches are unpickled
+    assert (first["op"], first["stage"], first["cause"]) == (
+        "aten.index_put",
+        "backward",
+        "nondeterministic op",
+    )
+    assert first["source"] == script_line("token_table.py", "rows = self.table[tokens]")

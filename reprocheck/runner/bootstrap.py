@@ -504,8 +504,19 @@ class Session:
         original_next = loader_iter.__next__
 
         def __next__(self_iter):
-            batch = original_next(self_iter)
             rec = session.recorder()
+            # a batch from worker processes is made there: here its tensors are only
+            # unpickled into shared storage (`set_`, `empty`, in an order the workers'
+            # timing decides), no op of the training step; the capture skips them and the
+            # batch is compared as data
+            stage = rec.stage if rec is not None and getattr(self_iter, "_num_workers", 0) else None
+            if stage is not None:
+                rec._pause()
+            try:
+                batch = original_next(self_iter)
+            finally:
+                if stage is not None:
+                    rec._resume(stage)
             if rec is not None:
                 rec.batches.append(batch)
             return batch

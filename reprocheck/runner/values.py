@@ -174,6 +174,30 @@ def _short(last_step: int | None, planned: int) -> str | None:
     return None
 
 
+def _strength(
+    legs: Sequence[Leg], first: Divergence | None, confidence: float
+) -> dict[str, Any] | None:
+    """``evidence``: k of N runs diverged, with the exact binomial interval of the rate.
+    A divergence between runs: N runs compared at its record, k outside the largest group
+    that agrees. None diverged: N is the complete runs of the leg with the fewest (every
+    leg's runs agreed with each other). None where no run completed."""
+    from ..evidence import statement
+
+    if first is not None and first.runs:
+        sizes = [len(group) for group in first.runs]
+        n, k = sum(sizes), sum(sizes) - max(sizes)
+        return {**statement(k, n, confidence), "leg": first.leg}
+    counts = [
+        (sum(run.status == "complete" for run in leg.runs), leg.name)
+        for leg in legs
+        if leg.status != "skipped"
+    ]
+    n, leg_name = min(counts, default=(0, None))
+    if n < 2:
+        return None
+    return {**statement(0, n, confidence), "leg": leg_name}
+
+
 def build_report(
     config: Config,
     legs: Sequence[Leg],
@@ -193,6 +217,7 @@ def build_report(
     command: list[str] | None = None,
     replicas: ReplicaCheck | None = None,
     as_is: dict[str, Any] | None = None,
+    confidence: float = 0.95,
 ) -> dict[str, Any]:
     """Assemble the report; ``verdict`` and ``exit_code`` follow DESIGN.md's exit codes.
 
@@ -295,6 +320,8 @@ def build_report(
             else None
         ),
         "across_legs": [comparison_dict(c) for c in across],
+        # what the runs prove: the divergence rate per run, bounded (reprocheck.evidence)
+        "evidence": _strength(legs, first, confidence),
         "findings": list(findings),
         "attribution": list(attribution),
         # a script's reproducible verdict under a preset: its two runs as its user runs it

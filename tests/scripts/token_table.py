@@ -7,7 +7,8 @@ backward accumulates rows through `index_put_(accumulate=True)`, which with more
 thread sums in a run-dependent order (torch 2.13, CPU). `--threads 1` in the audit, or
 `torch.use_deterministic_algorithms(True)`, makes it repeat. `--set-threads N` calls
 `torch.set_num_threads(N)` itself, as many scripts do: an audit's one-thread control is then
-overridden.
+overridden. `--workers N` loads the batches in N DataLoader worker processes (the zoom
+still names `index_put`, not the ops that unpickle the workers' batches).
 """
 
 import argparse
@@ -34,13 +35,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--set-threads", type=int, help="the script's own thread count")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     args = parser.parse_args()
     if args.set_threads:
         torch.set_num_threads(args.set_threads)
     torch.manual_seed(0)
     tokens = torch.randint(0, 16, (64, 256))
     labels = torch.randint(0, 4, (64,))
-    loader = DataLoader(TensorDataset(tokens, labels), batch_size=16, shuffle=False)
+    loader = DataLoader(
+        TensorDataset(tokens, labels), batch_size=16, shuffle=False, num_workers=args.workers
+    )
     model = TokenTable()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step, (x, y) in enumerate(loader, start=1):

@@ -1,0 +1,51 @@
+"""What N runs prove: exact binomial bounds, and the report's `evidence`."""
+
+from __future__ import annotations
+
+import pytest
+
+from reprocheck.evidence import percent, rate_interval, runs_for, statement
+
+
+def test_zero_of_n_gives_the_exact_one_sided_bound():
+    assert rate_interval(0, 59) == (0.0, pytest.approx(1 - 0.05 ** (1 / 59)))
+    assert statement(0, 59)["statement"] == "0 of 59 runs diverged: rate < 5% at 95%"
+    assert statement(0, 2)["statement"] == "0 of 2 runs diverged: rate < 78% at 95%"
+    assert runs_for(0.05) == 59 and runs_for(0.01) == 299 and runs_for(0.5) == 5
+
+
+def test_k_of_n_gives_the_clopper_pearson_interval():
+    # reference values (scipy.stats.beta.ppf) to 4 digits
+    low, high = rate_interval(1, 10)
+    assert (round(low, 4), round(high, 4)) == (0.0025, 0.445)
+    low, high = rate_interval(3, 23)
+    assert (round(low, 4), round(high, 4)) == (0.0278, 0.3359)
+    assert rate_interval(4, 4) == (pytest.approx(0.05**0.25), 1.0)
+    assert statement(1, 10)["statement"] == "1 of 10 runs diverged: rate 10% (0.25%–45% at 95%)"
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: rate_interval(3, 2), "0 ≤ k ≤ n"),
+        (lambda: rate_interval(0, 0), "n ≥ 1"),
+        (lambda: runs_for(0.0), "--max-rate must be between 0 and 1"),
+        (lambda: runs_for(0.05, 1.0), "--confidence must be between 0 and 1"),
+    ],
+)
+def test_out_of_range_values_say_which(call, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        call()
+
+
+def test_percent_keeps_two_significant_digits():
+    assert [percent(v) for v in (0.4455, 0.0495, 0.0025, 0.1)] == ["45%", "5%", "0.25%", "10%"]
+
+
+def test_a_reproducible_report_states_the_bound_for_its_runs(audit):
+    result = audit("demo.yaml")
+    assert result.code == 0
+    evidence = result.report["evidence"]
+    assert (evidence["runs"], evidence["diverged"], evidence["confidence"]) == (2, 0, 0.95)
+    assert evidence["rate_upper"] == pytest.approx(1 - 0.05**0.5)
+    assert evidence["statement"] == "0 of 2 runs diverged: rate < 78% at 95%"
