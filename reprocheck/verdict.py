@@ -17,6 +17,7 @@ def decide(
     untrained: str | None = None,
     diverged: bool = False,
     not_comparable: str | None = None,
+    not_verified: str | None = None,
 ) -> tuple[str, int, str | None]:
     """(verdict, exit code, reason) from what the audit found, strongest first: an
     interruption, a config error, a failed run, no training seen, a divergence (between
@@ -35,4 +36,6 @@ def decide(
         return "failed", EXIT_FAILED, not_comparable
     if not runs:
         return "failed", EXIT_USAGE, None
+    if not_verified:  # the runs agreed, but the audit could not have seen them differ
+        return "not_verified", EXIT_FAILED, not_verified
     return "reproducible", EXIT_REPRODUCIBLE, None

@@ -33,6 +33,7 @@ from .stages import Evidence, Latent, Measurement
 
 MIN_FREE_BYTES = 16 * 2**20
 AS_IS_ENV = "REPROCHECK_AS_IS"  # 0: no as-is runs after a reproducible verdict (the tests)
+CANARY_ENV = "REPROCHECK_CANARY"  # 0: no canary run after a reproducible verdict (the tests)
 
 
 class OutputError(Exception):
@@ -62,6 +63,9 @@ class AuditOptions:
     # a script's reproducible verdict under a preset: two more runs as its user runs it
     # (no preset, the user's environment), a warning (RC030) where they differ
     as_is: bool = field(default_factory=lambda: os.environ.get(AS_IS_ENV, "1") != "0")
+    # a reproducible verdict: one more run with one bit flipped after a step, which the
+    # comparison must find exactly there (reprocheck.canary); else NOT VERIFIED
+    canary: bool = field(default_factory=lambda: os.environ.get(CANARY_ENV, "1") != "0")
 
 
 class Auditor:
@@ -90,6 +94,8 @@ class Auditor:
             exec=self._target(config),
             fork_runs=True,
             any_threads=self.any_threads,
+            as_is=False,
+            canary=False,
         )
         return run_audit(config, options)
 
@@ -751,9 +757,27 @@ def run_audit(
     ]
     if golden is not None and golden.packages_differ:
         findings.append(_drift_finding(golden.packages_differ))
+    canary = None
+    if (
+        options.canary
+        and first is None
+        and not interrupted
+        and untrained is None
+        and active
+        and not (golden is not None and golden.matches is False)
+        and not (replicas is not None and replicas.divergence is not None)
+        and all(run.status == "complete" for leg in active for run in leg.runs)
+    ):
+        canary_started = time.monotonic()
+        try:
+            canary = _canary(launcher, config, options, active[0])
+        except KeyboardInterrupt:
+            interrupted = True
+        timings["canary_s"] = time.monotonic() - canary_started
     as_is = None
     if (
         options.as_is
+        and (canary is None or canary["caught"])
         and options.exec
         and not options.exec.get("function")
         and config.determinism.preset != "none"
@@ -791,7 +815,77 @@ def run_audit(
         command=_command(options.exec) if options.exec else None,
         replicas=replicas,
         as_is=as_is,
+        canary=canary,
     )
+
+
+def _canary(launcher: Launcher, config: Config, options: AuditOptions, leg: Leg) -> dict:
+    """One more run of the leg in which every process that trains flips the lowest bit of
+    its first trained tensor right before step ``c``'s weights are recorded (c = 1, or 0
+    for a run of one step). Compared with run 0, each process must differ first at exactly
+    step c · weights · that tensor; ``reached``: the phases of step c + 1 it changed."""
+    run0 = leg.runs[0]
+    step = 1 if run0.steps >= 2 else 0
+    trained = {name: path for name, path in run0.processes.items() if committed_steps(path) > step}
+    extra: dict[str, Any] = {"canary": {"step": step}}
+    if set(trained) <= {"main"}:  # one process: the canary run stops after step c + 1
+        if options.exec:
+            extra["exec"] = {**options.exec, "max_steps": step + 1}
+        else:
+            extra["steps"] = step + 1
+    result = launcher.extra_run(leg, ".canary", step + 1, **extra)
+    section: dict[str, Any] = {"step": step, "trace": result.trace, "processes": []}
+    if result.status != "complete":
+        section.update(caught=False, why=f"the canary run {result.status}: {result.error}")
+        return section
+    processes = result.processes
+    for name, path in sorted(trained.items()):
+        entry: dict[str, Any] = {"process": name, "tensor": None, "found": None, "reached": []}
+        section["processes"].append(entry)
+        other = processes.get(name)
+        if other is None:
+            entry["why"] = f"process {name} wrote no trace in the canary run"
+            continue
+        try:
+            with Trace(other) as trace:
+                planted = trace.meta.get("canary")
+        except TraceError as exc:
+            entry["why"] = str(exc)
+            continue
+        if not isinstance(planted, dict) or not planted.get("flipped"):
+            entry["why"] = f"process {name} flipped no bit at step {step}" + (
+                f" ({planted['why']})" if isinstance(planted, dict) and "why" in planted else ""
+            )
+            continue
+        entry["tensor"] = planted["tensor"]
+        found = first_divergence([path, other], partial=True)
+        if found is not None:
+            entry["found"] = {"step": found.step, "phase": found.phase, "tensor": found.tensor}
+        if committed_steps(path) > step + 1 and committed_steps(other) > step + 1:
+            differing = variability([path, other], [0, 1], step + 1)
+            entry["reached"] = sorted(
+                {d["phase"] for d in differing if d["phase"] in ("outputs", "loss", "grads")},
+                key=("outputs", "loss", "grads").index,
+            )
+        expected = {"step": step, "phase": "weights", "tensor": planted["tensor"]}
+        if entry["found"] != expected:
+            seen = entry["found"]
+            where = "" if name == "main" else f" of process {name}"
+            entry["why"] = (
+                f"a flipped bit in {planted['tensor']}{where} after step {step} was "
+                + (
+                    "not seen at all"
+                    if seen is None
+                    else f"seen at step {seen['step']} · {seen['phase']} · {seen['tensor']}"
+                )
+            )
+    missed = [entry["why"] for entry in section["processes"] if "why" in entry]
+    if not section["processes"]:
+        missed.append("no process of run 0 trained past step " + str(step))
+    section["caught"] = not missed
+    if missed:
+        section["why"] = "; ".join(missed)
+    return section
 
 
 def _as_is(config: Config, options: AuditOptions, leg: Leg, folder: Path) -> dict[str, Any]:

@@ -801,6 +801,7 @@ class ProcessRecorder:
         if context is not None:
             self._attach(context)
         self.step = 0
+        self.canary_planted = False  # the canary run's flipped bit (settings["canary"])
         self.started = False  # step 0 committed
         self.optimizer_seen = False  # steps are optimizer steps (else: hand-written updates)
         self.models: list[torch.nn.Module] = []
@@ -1145,6 +1146,9 @@ class ProcessRecorder:
 
     def _state(self) -> None:
         rec = self._rec()
+        canary = self.session.settings.get("canary")
+        if canary and canary["step"] == self.step and not self.canary_planted:
+            self._plant_canary(canary["step"])
         for model in self.models:
             tag = self.tags[id(model)]
             # the tensors themselves (keep_vars), not detached copies
@@ -1156,6 +1160,22 @@ class ProcessRecorder:
             tag = self.tags[id(optimizer)]
             rec.add_state("optimizer", optimizer_tensors(optimizer, names, tag))
         rec.add_state("rng", rng_states())
+
+    def _plant_canary(self, step: int) -> None:
+        """The canary run (:mod:`reprocheck.canary`): the lowest bit of the first trained
+        tensor this process records flipped right before step ``step``'s weights are."""
+        from ..canary import plant
+
+        self.canary_planted = True
+        named = [
+            (self.tags[id(model)] + name, value)
+            for model in self.models
+            for name, value in _unwrapped(model).state_dict(keep_vars=True).items()
+        ]
+        planted = plant([*named, *self.loose.values()], step)
+        self._rec()  # the trace exists by now (its weights are being recorded)
+        if self.context is not None:
+            self.context.writer.set_meta(canary=planted)
 
     def _optimizer_grads(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, Any]]:
         names = self._names()
@@ -1475,6 +1495,8 @@ def _child_settings(spec: dict[str, Any], applied: dict[str, Any]) -> dict[str, 
         "compile": spec.get("compile"),
         # a compiled leg's replay down the ladder: its torch.compile calls use this backend
         "compile_backend": (spec.get("capture") or {}).get("backend"),
+        # the canary run: every process flips one bit before this step's weights
+        "canary": spec.get("canary"),
     }
 
 

@@ -140,6 +140,7 @@ def train(
     resume: str | None = None,
     compile: bool = False,
     backend: str | None = None,
+    canary: dict[str, Any] | None = None,
 ) -> list[OpRecord]:
     """Run ``steps`` optimizer steps, recording step 0 and each step.
 
@@ -147,7 +148,9 @@ def train(
     return them; the other steps run untouched. ``depth``: ``module`` also records every
     module's output and grad_output, ``op`` every aten op's output, inside each step.
     ``checkpoints``: save the state every few steps (:mod:`.checkpoint`); ``resume``: a
-    replay that starts from that checkpoint instead of step 1.
+    replay that starts from that checkpoint instead of step 1. ``canary``: the canary
+    run (:mod:`reprocheck.canary`): one bit of the first weight flipped right before step
+    ``canary["step"]``'s weights are recorded; what was flipped is written into it.
     """
     capture = OpCapture(None) if zoom_step == 0 else None
     with capture.during("forward") if capture else contextlib.nullcontext():
@@ -165,6 +168,7 @@ def train(
     names = parameter_names(model)
 
     recorder.begin(0)
+    _canary(canary, 0, model)
     recorder.state(model, [optimizer], names)
     recorder.commit(0, None)
     if depth == "module":
@@ -217,11 +221,19 @@ def train(
         if custom_step is None:
             with part("optimizer"):
                 optimizer.step()
+        _canary(canary, step, model)
         recorder.state(model, [optimizer], names)
         recorder.commit(step, loss)
         if saver:
             saver.after_step(step, steps, model, optimizer)
     return capture.ops if capture and zoom_step is not None else []
+
+
+def _canary(canary: dict[str, Any] | None, step: int, model: torch.nn.Module) -> None:
+    if canary is not None and canary["step"] == step and "planted" not in canary:
+        from ..canary import plant
+
+        canary["planted"] = plant(model.state_dict(keep_vars=True).items(), step)
 
 
 def hook_modules(model: torch.nn.Module, recorder: StepRecorder) -> None:

@@ -218,6 +218,7 @@ def build_report(
     replicas: ReplicaCheck | None = None,
     as_is: dict[str, Any] | None = None,
     confidence: float = 0.95,
+    canary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the report; ``verdict`` and ``exit_code`` follow DESIGN.md's exit codes.
 
@@ -249,6 +250,11 @@ def build_report(
         or changed
         or (replicas is not None and replicas.divergence is not None),
         not_comparable=unknown_golden or (unknown[0].note if unknown else None),
+        not_verified=(
+            f"the canary was not caught: {canary.get('why')}"
+            if canary is not None and not canary["caught"]
+            else None
+        ),
     )
     by_leg = {d.leg: d for d in divergences}
     facts = _read_traces([leg for leg in legs if leg.status != "skipped"])
@@ -322,6 +328,8 @@ def build_report(
         "across_legs": [comparison_dict(c) for c in across],
         # what the runs prove: the divergence rate per run, bounded (reprocheck.evidence)
         "evidence": _strength(legs, first, confidence),
+        # a reproducible verdict's proof that a difference would have been seen
+        "canary": canary,
         "findings": list(findings),
         "attribution": list(attribution),
         # a script's reproducible verdict under a preset: its two runs as its user runs it
