@@ -19,24 +19,18 @@ from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperGroup
 
 from . import __version__, jsonout
+from .report.safe import clean, cut_all, safe
 from .verdict import EXIT_DIVERGED, EXIT_FAILED, EXIT_REPRODUCIBLE, EXIT_USAGE
 
-app = typer.Typer(
-    name="reprocheck",
-    help=(
-        "Audit PyTorch training for bitwise reproducibility: run a config N times under "
-        "identical seeding and report the first divergent step, phase and tensor.\n\n"
-        "Exit codes: 0 reproducible · 1 diverged · 2 usage or config error · "
-        "3 a run failed (crash, timeout, killed) · 130 interrupted."
-    ),
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+try:  # typer >= 0.20 carries its own click
+    from typer._click.exceptions import UsageError as ClickUsageError
+except ImportError:  # pragma: no cover - an older typer: click itself
+    from click.exceptions import UsageError as ClickUsageError
 
 stdout = Console(highlight=False, soft_wrap=True)
 if not stdout.is_terminal and "COLUMNS" not in os.environ:
@@ -52,9 +46,115 @@ class UsageError(Exception):
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    """Print one line on stderr and return the Exit to raise."""
-    stderr.print(f"reprocheck: error: {message}", markup=False, highlight=False)
+    """Print one line on stderr and return the Exit to raise (the message made safe: one
+    line, no escape sequence from a name in it, cut when long)."""
+    stderr.print(f"reprocheck: error: {safe(message)}", markup=False, highlight=False)
     return typer.Exit(code)
+
+
+class OneLineGroup(TyperGroup):
+    """The commands' group: a mistake click finds on the command line (a number out of its
+    range, a value that is no number, an unknown or missing option) is one line and exit 2,
+    like every other usage error, instead of click's usage box."""
+
+    def make_context(self, info_name: Any, args: Any, parent: Any = None, **extra: Any) -> Any:
+        raw = list(args)
+        try:
+            ctx = super().make_context(info_name, args, parent=parent, **extra)
+        except ClickUsageError as exc:
+            raise _one_line(exc, raw) from None
+        ctx.meta["reprocheck.argv"] = raw
+        return ctx
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ClickUsageError as exc:
+            raise _one_line(exc, ctx.meta.get("reprocheck.argv") or []) from None
+
+
+def _one_line(exc: Exception, argv: list[str]) -> Exception:
+    """click's usage error as one line (``reprocheck`` alone still prints its help)."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        return exc
+    message = _range_message(exc, argv)
+    if message is None:
+        message = exc.format_message().rstrip(".")  # type: ignore[attr-defined]
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            message += f" (see {ctx.command_path} -h)"
+    return fail(message)
+
+
+def out_of_range(option: str, value: Any, low: Any = None, high: Any = None) -> str:
+    """``-n: 0 is out of range 1..1000``, ``--jobs: 0 is out of range (at least 1)``: a number
+    outside its option's range, said as the config's own ranges are."""
+    if low is not None and high is not None:
+        return f"{option}: {value} is out of range {low:g}..{high:g}"
+    bound = f"at least {low:g}" if low is not None else f"at most {high:g}"
+    return f"{option}: {value} is out of range ({bound})"
+
+
+def _range_message(exc: Exception, argv: list[str]) -> str | None:
+    """A number click refused for its option's range, as :func:`out_of_range` says it;
+    None for any other mistake."""
+    param = getattr(exc, "param", None)
+    if param is None:
+        return None
+    low, high = getattr(param, "min", None), getattr(param, "max", None)
+    if low is None and high is None:  # an older typer: click's IntRange/FloatRange
+        bounds = getattr(param, "type", None)
+        low, high = getattr(bounds, "min", None), getattr(bounds, "max", None)
+    given = _given(argv, param)
+    if (low is None and high is None) or given is None:
+        return None
+    option, raw = given
+    try:
+        value = float(raw)
+    except ValueError:  # no number at all: click's own words
+        return None
+    if (low is not None and value < low) or (high is not None and value > high):
+        return out_of_range(option, raw, low, high)
+    return None
+
+
+def _given(argv: list[str], param: Any) -> tuple[str, str] | None:
+    """(the option as typed, its value) where ``param`` was last given on the command line
+    (``--steps 0``, ``--steps=0``, ``-j0``); ``--`` ends the options."""
+    names = [*getattr(param, "opts", ()), *getattr(param, "secondary_opts", ())]
+    found = None
+    index = 0
+    while index < len(argv) and argv[index] != "--":
+        token = argv[index]
+        index += 1
+        for name in names:
+            if token == name and index < len(argv):
+                found = (name, argv[index])
+                index += 1
+                break
+            if name.startswith("--") and token.startswith(name + "="):
+                found = (name, token[len(name) + 1 :])
+                break
+            if len(name) == 2 and len(token) > 2 and token.startswith(name):  # -j0
+                found = (name, token[2:])
+                break
+    return found
+
+
+app = typer.Typer(
+    name="reprocheck",
+    help=(
+        "Audit PyTorch training for bitwise reproducibility: run a config N times under "
+        "identical seeding and report the first divergent step, phase and tensor.\n\n"
+        "Exit codes: 0 reproducible · 1 diverged · 2 usage or config error · "
+        "3 a run failed (crash, timeout, killed) · 130 interrupted."
+    ),
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    cls=OneLineGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 
 def user_errors(command: F) -> F:
@@ -114,6 +214,43 @@ def _split_list(values: Optional[List[str]]) -> list[str] | None:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
+MAX_RATE_HELP = (
+    "Keep starting runs (up to -n, else as many as it takes) until N agreeing runs bound "
+    "the divergence rate below R at --confidence, or a run diverges: 5% (59 runs at 95%), "
+    "or 0.05."
+)
+CONFIDENCE_HELP = "Confidence of the evidence's rate bound: 95% (the default), or 0.99."
+
+
+def _fraction(value: Optional[str], option: str) -> float | None:
+    """``5%`` or ``0.05`` → 0.05; strictly between 0 and 1, else one line naming the option."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        number = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise UsageError(f"{option} takes a rate such as 5% or 0.05 (got {value!r})") from None
+    if not 0 < number < 1:
+        raise UsageError(f"{option}: {value} is out of range (between 0 and 100%)")
+    return number
+
+
+def rate_repeats(
+    repeats: int | None, max_rate: Optional[str], confidence: Optional[str], default: int
+) -> tuple[int | None, float]:
+    """(runs per leg, confidence): ``--max-rate R`` asks for the runs whose agreement bounds
+    the divergence rate below R (``-n`` caps them); without it, ``-n`` or ``default``."""
+    level = _fraction(confidence, "--confidence") or 0.95
+    rate = _fraction(max_rate, "--max-rate")
+    if rate is None:
+        return repeats if repeats is not None else default, level
+    from .evidence import runs_for
+
+    needed = runs_for(rate, level)
+    return (min(needed, repeats) if repeats is not None else needed), level
+
+
 def _threads(values: Optional[List[str]]) -> list[int] | None:
     items = _split_list(values)
     if items is None:
@@ -124,6 +261,62 @@ def _threads(values: Optional[List[str]]) -> list[int] | None:
         raise UsageError(
             f"--threads takes whole numbers, e.g. --threads 1,2 (got {','.join(items)})"
         ) from None
+
+
+def preflight(
+    files: Optional[dict[str, Any]] = None,
+    folders: Optional[dict[str, Any]] = None,
+    counts: Optional[dict[str, Any]] = None,
+) -> None:
+    """What a command was asked for, checked before anything runs (and before torch is
+    imported): every output ``files`` (option → path; ``--html`` may name a folder still to
+    create, ``--json -`` is stdout) can be written, every ``folders`` (``--out``) exists or can
+    be created, and every ``counts`` is at least 1. A problem is a UsageError naming the
+    option: one line, exit 2, no run started and no folder created."""
+    for option, value in (counts or {}).items():
+        if value is not None and value < 1:
+            raise UsageError(out_of_range(option, value, 1))
+    for option, path in (files or {}).items():
+        if path is None or (option == "--json" and str(path) == "-"):
+            continue
+        _check_file(option, os.fspath(path), create=option == "--html")
+    for option, path in (folders or {}).items():
+        if path is not None:
+            _check_folder(option, os.fspath(path), os.fspath(path))
+
+
+def _folder_text(path: str) -> str:
+    return os.path.join(path, "")  # `missing/`: said as a folder
+
+
+def _check_file(option: str, path: str, create: bool) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"{option}: a folder, not a file: {_folder_text(path)}")
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(folder):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"{option}: folder not writable: {_folder_text(folder)} (for {path})")
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise UsageError(f"{option}: file not writable: {path}")
+    elif os.path.exists(folder):
+        raise UsageError(f"{option}: not a folder: {folder} (for {path})")
+    elif create:  # the page's folder is made when it is written
+        _check_folder(option, folder, path)
+    else:
+        raise UsageError(f"{option}: no such folder: {_folder_text(folder)} (for {path})")
+
+
+def _check_folder(option: str, folder: str, path: str) -> None:
+    """``folder`` is a writable folder, or the nearest folder above it that exists is (the
+    audit makes the rest); ``path``: what the option named, said in the message."""
+    existing = folder
+    while not os.path.exists(existing):  # ends at `.` or `/`, which exist
+        existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+    where = "" if existing == path else f" (for {path})"
+    if not os.path.isdir(existing):
+        raise UsageError(f"{option}: not a folder: {existing}{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option}: folder not writable: {_folder_text(existing)}{where}")
 
 
 class RunProgress:
@@ -160,10 +353,10 @@ class RunProgress:
             return
         key = (result.leg, result.run)
         if key not in self.tasks:
-            self.tasks[key] = self.progress.add_task(
-                f"{result.leg} #{result.run}", total=total or None, status=""
+            self.tasks[key] = self.progress.add_task(  # the bar reads markup: escaped
+                escape(safe(f"{result.leg} #{result.run}", 200)), total=total or None, status=""
             )
-        status = "" if result.status in ("running", "complete") else result.status
+        status = "" if result.status in ("running", "complete") else escape(safe(result.status))
         self.progress.update(self.tasks[key], completed=done, total=total or None, status=status)
 
 
@@ -183,6 +376,11 @@ def _emit(
     from .report.json import write_report
     from .report.terminal import render
 
+    # long strings cut once, here: the page, the JSON, and whatever is written after
+    # (`check`'s JUnit, annotations, --format json) hold the same report
+    kept = cut_all(report)
+    report.clear()
+    report.update(kept)
     report["html"] = _write_html(report, html_path or Path(report["out_dir"]) / "report.html")
     write_report(report, Path(report["out_dir"]) / "report.json")
     if json_path is not None:
@@ -193,7 +391,7 @@ def _emit(
     if not quiet:
         render(report, stdout)
     elif report["verdict"] == "failed":  # a CI log still says why, in one line
-        print(f"reprocheck: {_failure_line(report)}", file=sys.stderr)
+        print(f"reprocheck: {safe(_failure_line(report))}", file=sys.stderr)
 
 
 def _write_html(report: dict[str, Any], path: Path) -> Optional[str]:
@@ -211,7 +409,7 @@ def _write_html(report: dict[str, Any], path: Path) -> Optional[str]:
     try:
         return str(write_html(report, path, rules))
     except Exception as exc:  # a page is a view, never the verdict
-        print(f"reprocheck: warning: {path} not written: {exc}", file=sys.stderr)
+        print(f"reprocheck: warning: {safe(f'{path} not written: {exc}')}", file=sys.stderr)
         return None
 
 
@@ -272,6 +470,8 @@ def run(
     repeats: Optional[int] = typer.Option(
         None, "-n", "--repeats", help="Runs per leg (config: repeats)."
     ),
+    max_rate: Optional[str] = typer.Option(None, "--max-rate", help=MAX_RATE_HELP),
+    confidence: Optional[str] = typer.Option(None, "--confidence", help=CONFIDENCE_HELP),
     device: Optional[List[str]] = typer.Option(
         None, "--device", help="Devices, e.g. cpu,cuda (config: devices)."
     ),
@@ -279,7 +479,7 @@ def run(
         None, "--threads", help="Thread counts, e.g. 1,2: one leg each."
     ),
     steps: Optional[int] = typer.Option(
-        None, "--steps", help="Optimizer steps per run (config: steps)."
+        None, "--steps", min=1, help="Optimizer steps per run (config: steps)."
     ),
     out: str = typer.Option("reports", "--out", help="Folder for traces and report.json."),
     json_path: Optional[Path] = typer.Option(
@@ -321,10 +521,12 @@ def run(
 
     Example: reprocheck run configs/demo.yaml -n 3 --threads 1,2
     """
+    preflight({"--json": json_path, "--html": html_path}, {"--out": out})
     from .configfile import apply_overrides, load_config
     from .runner.audit import AuditOptions, run_audit
 
     config = load_config(config_path)
+    repeats, level = rate_repeats(repeats, max_rate, confidence, config.repeats)
     config = apply_overrides(
         config,
         repeats=repeats,
@@ -352,6 +554,8 @@ def run(
         zoom=zoom,
         attribute=attribute,
         exec=target,
+        confidence=level,
+        max_rate=_fraction(max_rate, "--max-rate"),
     )
     _terminate_as_interrupt()
     with RunProgress(quiet or (json_path is not None and str(json_path) == "-")) as progress:
@@ -384,6 +588,7 @@ def compare(
     Exit 0 when they agree (bitwise, or within the tolerance), 1 when they do not, 2 when
     a file is not a readable trace or the traces come from different configs.
     """
+    preflight({"--json": json_path, "--html": html_path})
     from .compare import (
         compare_sketches,
         comparison_dict,
@@ -429,7 +634,7 @@ def compare(
         from .report.json import write_report
 
         if str(json_path) == "-":
-            sys.stdout.write(jsonout.dumps(result, indent=2, default=str) + "\n")
+            sys.stdout.write(jsonout.dumps(cut_all(result), indent=2, default=str) + "\n")
         else:
             write_report(result, json_path)
     if html_path is not None:
@@ -453,6 +658,7 @@ def _config_identity(config: Any) -> tuple:
 def _render_compare(result: dict[str, Any]) -> None:
     from rich.text import Text
 
+    result = clean(result)  # paths, errors and tensor names from the traces: made safe
     for path, (status, last, error) in result["ended"].items():
         steps = "no step committed" if last is None else f"steps 0–{last}"
         if status == "complete":

@@ -30,8 +30,9 @@ os.environ.setdefault("REPROCHECK_POOL", "all")
 # The as-is pair after a reproducible verdict (two more runs, no preset) is on for users;
 # the tests of it turn it on (tests/test_entrances.py), the rest are about their verdict.
 os.environ.setdefault("REPROCHECK_AS_IS", "0")
-# So is the canary run after a reproducible verdict (tests/test_canary.py turns it on).
+# So are the canary and observer runs after one (tests/test_canary.py turns them on).
 os.environ.setdefault("REPROCHECK_CANARY", "0")
+os.environ.setdefault("REPROCHECK_OBSERVER", "0")
 
 
 @dataclass

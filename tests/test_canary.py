@@ -4,10 +4,15 @@ in every process that trains; where it does not, the verdict is NOT VERIFIED (ex
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from rich.console import Console
 
 from reprocheck.canary import flip, pick, plant
+from reprocheck.report.junit import cases
+from reprocheck.report.terminal import render
 
 from .conftest import SCRIPTS, run_cli, write_config
 
@@ -59,6 +64,16 @@ def test_a_config_that_records_no_weights_is_not_verified(tmp_path):
         "the canary was not caught: a flipped bit in layers.0.weight after step 1 was not "
         "seen at all"
     )
+    console = Console(record=True, width=300)
+    render(result.report, console)
+    text = console.export_text()
+    assert "⚠ NOT VERIFIED  2 runs × 21 steps × 1 phase" in text
+    assert "canary      ✘ a flipped bit in layers.0.weight after step 1 was not seen" in text
+    assert {
+        "name": "verified",
+        "kind": "failure",
+        "failure": f"not verified: {result.report['reason']}",
+    } in cases(result.report)
 
 
 def test_a_scripts_canary_is_caught(tmp_path):
@@ -99,3 +114,74 @@ def test_every_process_of_a_multi_process_run_has_its_canary(command, processes,
     assert [p["process"] for p in canary["processes"]] == processes
     for entry in canary["processes"]:
         assert entry["found"] == {"step": 1, "phase": "weights", "tensor": entry["tensor"]}
+
+
+# -- the observer: recording must leave training alone ------------------------------------
+
+PLANTED_RECORDER = '''
+"""A planted defect for the test: reprocheck's recorder adds 1e-4 to every gradient it
+records, in place (a recorder that perturbs training). The observer run records no
+gradients, so it trains unperturbed."""
+import os
+
+if os.environ.get("PLANT_RECORDER_DEFECT"):
+    import torch
+
+    from reprocheck import recorder
+
+    _original = recorder.StepRecorder._add
+
+    def _add(self, phase, named):
+        named = list(named)
+        if phase == "grads":
+            with torch.no_grad():
+                for _, tensor in named:
+                    if tensor.is_floating_point():
+                        tensor.add_(1e-4)
+        return _original(self, phase, named)
+
+    recorder.StepRecorder._add = _add
+'''
+
+OBSERVER = {"REPROCHECK_OBSERVER": "1"}
+
+
+def test_the_observer_run_agrees_with_the_recorded_runs(audit):
+    result = audit("demo.yaml", env=OBSERVER)
+    assert result.code == 0, result.report
+    observer = result.report["observer"]
+    assert (observer["agrees"], observer["first_difference"]) == (True, None)
+
+
+def test_a_recorder_that_perturbs_training_is_not_verified(tmp_path):
+    (tmp_path / "plant").mkdir()
+    (tmp_path / "plant" / "sitecustomize.py").write_text(PLANTED_RECORDER)
+    report = tmp_path / "r.json"
+    env = {
+        **OBSERVER,
+        "PLANT_RECORDER_DEFECT": "1",
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(tmp_path / "plant"), os.environ.get("PYTHONPATH")) if p
+        ),
+    }
+    # the demo trains with SGD: a shifted gradient moves the weights (Adam's first steps
+    # are sign-like and may not show it)
+    result = run_cli(
+        "run", str(SCRIPTS.parent.parent / "configs" / "demo.yaml"), "-q", "--no-attribute",
+        "--out", str(tmp_path / "out"), "--json", str(report), env=env,
+    )  # fmt: skip
+    assert result.code == 3, result.report
+    report = result.report
+    assert report["verdict"] == "not_verified"
+    # both recorded runs shifted their gradients alike: they agree with each other
+    assert report["first_divergence"] is None
+    assert report["observer"]["first_difference"] == {
+        "step": 1,
+        "phase": "weights",
+        "tensor": "layers.0.weight",
+        "process": "main",
+    }
+    assert report["reason"] == (
+        "recording changed training: step 1 · weights · layers.0.weight differs from a run "
+        "that recorded only weights and optimizer state — a defect in reprocheck"
+    )

@@ -6,6 +6,8 @@ import pytest
 
 from reprocheck.evidence import percent, rate_interval, runs_for, statement
 
+from .conftest import SCRIPTS, run_cli
+
 
 def test_zero_of_n_gives_the_exact_one_sided_bound():
     assert rate_interval(0, 59) == (0.0, pytest.approx(1 - 0.05 ** (1 / 59)))
@@ -49,3 +51,52 @@ def test_a_reproducible_report_states_the_bound_for_its_runs(audit):
     assert (evidence["runs"], evidence["diverged"], evidence["confidence"]) == (2, 0, 0.95)
     assert evidence["rate_upper"] == pytest.approx(1 - 0.05**0.5)
     assert evidence["statement"] == "0 of 2 runs diverged: rate < 78% at 95%"
+
+
+def test_max_rate_finds_an_intermittent_source_and_gives_its_rate(tmp_path):
+    # about one run in ten is unlucky: 59 runs are asked for (5% at 95%), fail-fast stops
+    # them once one differs; the chance that none of 59 is unlucky is 0.9**59 = 0.2%
+    report = tmp_path / "r.json"
+    result = run_cli(
+        "exec", "-q", "--max-rate", "5%", "--no-attribute", "--no-measure",
+        "--out", str(tmp_path / "out"), "--json", str(report),
+        "--", "python", str(SCRIPTS / "intermittent.py"),
+    )  # fmt: skip
+    assert result.code == 1, result.report
+    first = result.report["first_divergence"]
+    assert (first["step"], first["phase"], first["tensor"]) == (2, "loss", "loss")
+    assert len(result.report["legs"][0]["runs"]) == 59
+    evidence = result.report["evidence"]
+    k, n = evidence["diverged"], evidence["runs"]
+    assert 1 <= k < n and evidence["rate"] == k / n
+    assert (evidence["rate_lower"], evidence["rate_upper"]) == pytest.approx(rate_interval(k, n))
+    assert evidence["statement"].startswith(f"{k} of {n} runs diverged: rate ")
+
+
+def test_max_rate_runs_until_the_bound_and_n_caps_it(audit):
+    result = audit("demo.yaml", "--max-rate", "50%")
+    assert result.code == 0, result.report
+    assert len(result.report["legs"][0]["runs"]) == 5
+    evidence = result.report["evidence"]
+    assert evidence["statement"] == "0 of 5 runs diverged: rate < 45% at 95%"
+    assert (evidence["max_rate"], evidence["reached"]) == (0.5, True)
+    capped = audit("demo.yaml", "--max-rate", "5%", "-n", "3")
+    assert len(capped.report["legs"][0]["runs"]) == 3
+    assert capped.report["evidence"]["statement"] == (
+        "0 of 3 runs diverged: rate < 63% at 95% — not below 5%: -n caps the runs"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--max-rate", "0"), "--max-rate: 0 is out of range (between 0 and 100%)"),
+        (("--max-rate", "five"), "--max-rate takes a rate such as 5% or 0.05 (got 'five')"),
+        (("--confidence", "100%"), "--confidence: 100% is out of range (between 0 and 100%)"),
+    ],
+)
+def test_bad_rates_are_one_line_exit_2(options, message, tmp_path):
+    for quiet in ((), ("-q",)):
+        result = run_cli("exec", *quiet, *options, "--", "python", "train.py", cwd=tmp_path)
+        assert result.code == 2
+        assert result.stderr.strip().splitlines() == [f"reprocheck: error: {message}"]

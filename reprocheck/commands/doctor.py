@@ -18,10 +18,12 @@ def register(app: typer.Typer) -> None:
         _terminate_as_interrupt,
         _write_html,
         fail,
+        preflight,
         stderr,
         stdout,
         user_errors,
     )
+    from ..report.safe import clean, cut_all, safe
 
     @app.command()
     @user_errors
@@ -71,6 +73,7 @@ def register(app: typer.Typer) -> None:
         Exit 0 when nothing is found, 1 when there are findings (`reprocheck explain CODE`),
         3 when a probe's run fails (its error and log are named).
         """
+        preflight({"--json": json_path, "--html": html_path}, {"--out": out})
         import dataclasses
 
         from ..script import resolve_target
@@ -89,7 +92,7 @@ def register(app: typer.Typer) -> None:
         if not quiet:
             stderr.print(
                 Text(
-                    f"doctor  {config.name}: probing {steps} steps in child processes …",
+                    f"doctor  {safe(config.name)}: probing {steps} steps in child processes …",
                     style="dim",
                 )
             )
@@ -122,7 +125,7 @@ def register(app: typer.Typer) -> None:
         }
         result["html"] = _write_html(result, html_path or folder / "report.html")
         if json_path is not None:
-            text = jsonout.dumps(result, indent=2, default=str) + "\n"
+            text = jsonout.dumps(cut_all(result), indent=2, default=str) + "\n"
             if str(json_path) == "-":
                 sys.stdout.write(text)
             else:
@@ -132,6 +135,7 @@ def register(app: typer.Typer) -> None:
         raise typer.Exit(1 if findings else 0)
 
     def _render(result: dict[str, Any]) -> None:
+        result = clean(result)  # names and messages from the probes' runs: made safe
         audit = result["audit"]
         if audit is not None:
             d = audit["first_divergence"]

@@ -12,15 +12,20 @@ def register(app: typer.Typer) -> None:
     from ..cli import (
         COMPILE_OPTION_HELP,
         COMPILE_SCRIPT_HELP,
+        CONFIDENCE_HELP,
         ENV_OPTION_HELP,
         HTML_OPTION_HELP,
+        MAX_RATE_HELP,
         PYTHON_OPTION_HELP,
         RunProgress,
         _emit,
+        _fraction,
         _split_list,
         _terminate_as_interrupt,
         _threads,
+        preflight,
         prewarm_html,
+        rate_repeats,
         user_errors,
     )
 
@@ -31,7 +36,16 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def exec_(
         ctx: typer.Context,
-        repeats: int = typer.Option(2, "-n", "--repeats", min=1, max=1000, help="Runs per leg."),
+        repeats: Optional[int] = typer.Option(
+            None,
+            "-n",
+            "--repeats",
+            min=1,
+            max=1000,
+            help="Runs per leg (2; with --max-rate: at most).",
+        ),
+        max_rate: Optional[str] = typer.Option(None, "--max-rate", help=MAX_RATE_HELP),
+        confidence: Optional[str] = typer.Option(None, "--confidence", help=CONFIDENCE_HELP),
         steps: Optional[int] = typer.Option(
             None, "--steps", min=1, help="Stop each run cleanly after K optimizer steps."
         ),
@@ -115,12 +129,14 @@ def register(app: typer.Typer) -> None:
         replicas within a run with each other (docs/distributed.md). `--compile off,on`,
         `--env KEY=VALUE` and `--python PATH` add legs compared under the tolerance.
         """
+        preflight({"--json": json_path, "--html": html_path}, {"--out": out})
         from ..script import ScriptError, script_config
 
         if as_is:
             if preset not in ("seeded", "none"):
                 raise ScriptError(f"--as-is runs with no preset: drop --preset {preset}")
             preset = "none"
+        repeats, level = rate_repeats(repeats, max_rate, confidence, 2)
         # the command line first: a mistake in it is said before torch is imported
         config, target = script_config(
             list(ctx.args), "exec", repeats=repeats, steps=steps, preset=preset, seed=seed
@@ -145,6 +161,8 @@ def register(app: typer.Typer) -> None:
             zoom=zoom,
             attribute=attribute,
             exec=target,
+            confidence=level,
+            max_rate=_fraction(max_rate, "--max-rate"),
         )
         if not as_is_check or as_is:
             options.as_is = False

@@ -1,10 +1,14 @@
-"""GitHub Actions workflow commands: the failures as ``::error`` annotations."""
+"""GitHub Actions workflow commands: the failures as ``::error`` annotations.
+
+Names and messages from the runs are made safe first (report/safe.py): no escape sequence
+reaches the log, and each annotation stays one line."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from .junit import cases
+from .safe import clean
 
 
 def _escape(text: str) -> str:
@@ -18,6 +22,7 @@ def _property(text: str) -> str:
 
 def annotations(report: dict[str, Any]) -> list[str]:
     """One ``::error`` line per failing case, ``::notice`` for a passing audit."""
+    report = clean(report)
     config = report["config"].get("path") or report["config"]["name"]
     lines = []
     for case in cases(report):

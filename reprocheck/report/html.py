@@ -2,9 +2,10 @@
 fetched, readable with JavaScript off.
 
 The page is rendered by Jinja2 with autoescaping on (names from user code — modules,
-tensors, source lines — are data, shown as text) from the report dict the JSON and the
-terminal also render (its ``plot`` holds each run's loss per step); it reads no trace.
-The plots are matplotlib figures inlined as SVG.
+tensors, source lines — are data, shown as text; their control characters shown escaped and
+a string past 4,096 characters cut, its length said: report/safe.py) from the report dict
+the JSON and the terminal also render (its ``plot`` holds each run's loss per step); it
+reads no trace. The plots are matplotlib figures inlined as SVG.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+
+from .safe import DATA_LIMIT, clean
 
 TEMPLATES = Path(__file__).parent / "templates"
 GROUP_COLOURS = ("#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b83280", "#718096")
@@ -216,6 +219,7 @@ def render_html(
     from jinja2 import Environment, FileSystemLoader, select_autoescape
     from markupsafe import Markup
 
+    report = clean(report, DATA_LIMIT, newlines=True)
     folder = folder or Path(report.get("out_dir") or ".")
     series = _series(report)
     comparisons = list(report.get("across_legs") or [])

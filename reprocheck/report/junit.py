@@ -1,11 +1,17 @@
 """JUnit XML for CI: one test case per leg (reproducible within the leg) and one per
-golden check; a failure's text is the divergence, as the terminal states it."""
+golden check; a failure's text is the divergence, as the terminal states it.
+
+Names and messages are made safe first (report/safe.py): a control character, which XML 1.0
+cannot hold even escaped, is written as ``\\x01``, so the file parses whatever the runs
+named."""
 
 from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
 from typing import Any
+
+from .safe import clean
 
 
 def _divergence_text(d: dict[str, Any]) -> str:
@@ -35,6 +41,11 @@ def cases(report: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"name": name, "failure": _divergence_text(d), "kind": "failure"})
         else:
             out.append({"name": name})
+    if report.get("canary") or report.get("observer"):  # the runs agreed: was it seen?
+        case = {"name": "verified"}
+        if report.get("verdict") == "not_verified":
+            case.update(failure=f"not verified: {report.get('reason')}", kind="failure")
+        out.append(case)
     for comparison in report.get("across_legs") or []:
         name = f"across_legs[{' vs '.join(comparison['pair'])}]"
         if comparison["within_tolerance"]:
@@ -72,6 +83,7 @@ def cases(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_junit(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Write the report as a JUnit XML file (testsuites/testsuite/testcase)."""
+    report = clean(report)
     items = cases(report)
     failures = sum(1 for c in items if c.get("kind") == "failure")
     errors = sum(1 for c in items if c.get("kind") == "error")

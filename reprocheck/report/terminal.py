@@ -1,7 +1,8 @@
 """The report for a person: the answer first, the evidence under it, one screen.
 
 Everything that comes from the user's world (tensor, module and file names, error
-messages) is printed as literal text, never interpreted as rich markup.
+messages) is printed as literal text, never interpreted as rich markup, with its control
+characters and escape sequences shown escaped and a long string cut (report/safe.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import __version__
+from .safe import clean
 
 GREEN, RED, DIM, YELLOW = "green", "bold red", "dim", "yellow"
 
@@ -336,6 +338,9 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
             Text(f"   ({len(d['runs'])} distinct records in {total} runs)", style=DIM),
         )
     )
+    evidence = report.get("evidence")
+    if evidence and d.get("compared", "runs") == "runs" and evidence.get("runs", 0) > 2:
+        lines.append(_line("evidence", evidence["statement"]))
     digests = Text()
     for group, digest in zip(d["runs"], d["digests"]):
         short = f"{digest[:4]}…{digest[-4:]}" if digest else "(no record)"
@@ -585,16 +590,19 @@ def _recorded_phases(report: dict[str, Any], legs: list[dict[str, Any]]) -> int:
     return len(report["config"]["record"])
 
 
-def reproducible_line(report: dict[str, Any]) -> Text:
+def reproducible_line(
+    report: dict[str, Any], title: str = "✔ REPRODUCIBLE", style: str = "bold green"
+) -> Text:
     """``✔ REPRODUCIBLE  2 runs × 21 steps × 7 phases · 1,102 digests bitwise identical``:
-    what the runs committed, never what was asked for."""
+    what the runs committed, never what was asked for (``⚠ NOT VERIFIED`` heads the same
+    line where the runs agreed but the audit could not have seen them differ)."""
     active = [leg for leg in report["legs"] if leg["status"] == "ok"]
     records = sum(leg["records"] for leg in active)
     runs = sum(len(leg["runs"]) for leg in active)
     steps = _committed_steps(active)
     phases = _recorded_phases(report, active)
     processes = _processes_per_run(active)
-    title = Text("✔ REPRODUCIBLE", style="bold green")
+    title = Text(title, style=style)
     title.append(
         f"  {runs} run{'s' if runs != 1 else ''} × "
         + (f"{processes} processes × " if processes > 1 else "")
@@ -602,6 +610,45 @@ def reproducible_line(report: dict[str, Any]) -> Text:
         f"{phases} phase{'s' if phases != 1 else ''} · {records:,} digests bitwise identical"
     )
     return title
+
+
+def evidence_lines(report: dict[str, Any]) -> list[Text]:
+    """What a verdict rests on: ``evidence  0 of 2 runs diverged: rate < 78% at 95%``,
+    the canary (caught, or missed) and the observer (agrees, or differs)."""
+    lines = []
+    evidence = report.get("evidence")
+    if evidence:
+        lines.append(_line("evidence", evidence["statement"]))
+    canary = report.get("canary")
+    if canary:
+        caught = [p for p in canary["processes"] if p.get("found") and "why" not in p]
+        if canary["caught"]:
+            first = caught[0]
+            where = f" in {len(caught)} processes" if len(caught) > 1 else ""
+            reached = sorted({phase for p in caught for phase in p.get("reached") or []})
+            text = Text.assemble(
+                ("✔ ", GREEN),
+                f"a flipped bit in {first['tensor']} after step {canary['step']} caught at "
+                f"step {canary['step']} · weights{where}"
+                + (
+                    f" (reached {', '.join(reached)} at step {canary['step'] + 1})"
+                    if reached
+                    else ""
+                ),
+            )
+        else:
+            text = Text.assemble(("✘ ", RED), canary.get("why") or "missed")
+        lines.append(_line("canary", text))
+    observer = report.get("observer")
+    if observer:
+        if observer["agrees"]:
+            text = Text.assemble(
+                ("✔ ", GREEN), "a run recording only weights and optimizer state agrees"
+            )
+        else:
+            text = Text.assemble(("✘ ", RED), observer.get("why") or "differs")
+        lines.append(_line("observer", text))
+    return lines
 
 
 def as_is_line(report: dict[str, Any]) -> Text | None:
@@ -625,7 +672,8 @@ def as_is_line(report: dict[str, Any]) -> Text | None:
 
 
 def render(report: dict[str, Any], console: Console) -> None:
-    """Print the whole report."""
+    """Print the whole report: every string of it made safe to show first."""
+    report = clean(report)
     for line in header(report):
         console.print(line)
     console.print()
@@ -643,8 +691,15 @@ def render(report: dict[str, Any], console: Console) -> None:
             console.print(line)
     elif verdict == "reproducible":
         console.print(reproducible_line(report))
+        for line in evidence_lines(report):
+            console.print(line)
         line = as_is_line(report)
         if line is not None:
+            console.print(line)
+    elif verdict == "not_verified":
+        console.print(reproducible_line(report, "⚠ NOT VERIFIED", "bold yellow"))
+        console.print(_line("reason", Text(report.get("reason") or "")))
+        for line in evidence_lines(report):
             console.print(line)
     elif verdict == "diverged" and report["across_legs"]:
         console.print(Text("✘ DIVERGED across legs: outside the tolerance", style=RED))
@@ -702,6 +757,11 @@ def render(report: dict[str, Any], console: Console) -> None:
             + (
                 f", attribution {timings['attribution_s']:.1f} s"
                 if "attribution_s" in timings
+                else ""
+            )
+            + (
+                f", canary and observer {timings['checks_s']:.1f} s"
+                if "checks_s" in timings
                 else ""
             )
             + (f", as is {timings['as_is_s']:.1f} s" if "as_is_s" in timings else "")

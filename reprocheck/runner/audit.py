@@ -34,6 +34,7 @@ from .stages import Evidence, Latent, Measurement
 MIN_FREE_BYTES = 16 * 2**20
 AS_IS_ENV = "REPROCHECK_AS_IS"  # 0: no as-is runs after a reproducible verdict (the tests)
 CANARY_ENV = "REPROCHECK_CANARY"  # 0: no canary run after a reproducible verdict (the tests)
+OBSERVER_ENV = "REPROCHECK_OBSERVER"  # 0: no observer run (the tests)
 
 
 class OutputError(Exception):
@@ -66,6 +67,11 @@ class AuditOptions:
     # a reproducible verdict: one more run with one bit flipped after a step, which the
     # comparison must find exactly there (reprocheck.canary); else NOT VERIFIED
     canary: bool = field(default_factory=lambda: os.environ.get(CANARY_ENV, "1") != "0")
+    # ... and one that records only the weights and optimizer state, which must end where
+    # the recorded runs did (recording left training alone); else NOT VERIFIED
+    observer: bool = field(default_factory=lambda: os.environ.get(OBSERVER_ENV, "1") != "0")
+    confidence: float = 0.95  # of the evidence's bound on the divergence rate
+    max_rate: float | None = None  # --max-rate: the bound the runs were asked to reach
 
 
 class Auditor:
@@ -96,6 +102,7 @@ class Auditor:
             any_threads=self.any_threads,
             as_is=False,
             canary=False,
+            observer=False,
         )
         return run_audit(config, options)
 
@@ -163,7 +170,7 @@ def _leg_divergence(leg: Leg) -> Divergence | None:
     for process, runs in _process_runs(leg).items():
         traces, ids = _traces(runs, process)
         if len(traces) >= 2:
-            divergence = first_divergence(traces, ids, partial=True)
+            divergence = first_divergence(traces, ids, partial=True, own=True)
             if divergence is not None:
                 found.append(replace(divergence, leg=leg.name, process=process))
         ended = [r for r in leg.runs if r.status in ("complete", "stopped")]
@@ -198,7 +205,7 @@ def _leg_latent(leg: Leg, process: str, last_step: int | None) -> Divergence | N
     traces, ids = _traces(_process_runs(leg).get(process, []), process)
     if len(traces) < 2:
         return None
-    found = first_divergence(traces, ids, partial=True, latent=True, last_step=last_step)
+    found = first_divergence(traces, ids, partial=True, latent=True, last_step=last_step, own=True)
     return replace(found, leg=leg.name, process=process) if found is not None else None
 
 
@@ -241,7 +248,7 @@ def _evidence(leg: Leg, first: Divergence) -> Evidence:
 def _rng_digests(path: str, step: int) -> tuple[dict[str, bytes], dict[str, str] | None]:
     """The generator states a trace recorded at ``step`` (name → digest), and those its
     script started with (``meta.rng_start``, hex; None where unknown)."""
-    with Trace(path) as trace:
+    with Trace(path, own=True) as trace:
         states = {r.name: r.digest for r in trace.records(step) if r.phase == "rng"}
         return states, trace.meta.get("rng_start")
 
@@ -317,7 +324,7 @@ def _seeding(leg: Leg, latent: Divergence, found: list[dict[str, Any]] | None = 
     made, complete = [], []
     for run in runs:
         try:
-            with Trace(by_run[run].processes[latent.process]) as trace:
+            with Trace(by_run[run].processes[latent.process], own=True) as trace:
                 seeding = trace.meta.get("seeding")
                 complete.append(trace.status == "complete")
         except (TraceError, KeyError):
@@ -361,7 +368,7 @@ def _entropy_generators(leg: Leg, first: Divergence) -> list[dict[str, Any]]:
     calls: list[list[dict[str, Any]]] = []
     for run in runs:
         try:
-            with Trace(by_run[run].processes[first.process]) as trace:
+            with Trace(by_run[run].processes[first.process], own=True) as trace:
                 seeding = trace.meta.get("seeding")
         except (TraceError, KeyError):
             return []
@@ -603,7 +610,11 @@ def _replay(
         # the capture exists, so the replay reached step k; a step it lacks is a mismatch
         try:
             differs = first_mismatch(
-                originals[run], launcher.replay_trace(run), step, launcher.resumed[run] + 1
+                originals[run],
+                launcher.replay_trace(run),
+                step,
+                launcher.resumed[run] + 1,
+                own=True,
             )
         except TraceError:
             return False
@@ -620,7 +631,7 @@ def variability(traces: list[str], run_ids: list[int], step: int) -> list[dict[s
 
     records: dict[int, dict[int, Any]] = {}
     for run, path in zip(run_ids, traces):
-        with Trace(path) as trace:
+        with Trace(path, own=True) as trace:
             for record in trace.records(step):
                 records.setdefault(record.seq, {})[run] = record
     out = []
@@ -721,6 +732,7 @@ def run_audit(
                     b.trace,
                     Tolerance(rtol=tolerance.rtol, atol=tolerance.atol),
                     (active[0].name, active[index].name),
+                    own=True,
                 )
             )
             where = across[-1].first_outside or across[-1].first_differing
@@ -757,9 +769,9 @@ def run_audit(
     ]
     if golden is not None and golden.packages_differ:
         findings.append(_drift_finding(golden.packages_differ))
-    canary = None
+    canary = observer = None
     if (
-        options.canary
+        (options.canary or options.observer)
         and first is None
         and not interrupted
         and untrained is None
@@ -768,16 +780,17 @@ def run_audit(
         and not (replicas is not None and replicas.divergence is not None)
         and all(run.status == "complete" for leg in active for run in leg.runs)
     ):
-        canary_started = time.monotonic()
+        checks_started = time.monotonic()
         try:
-            canary = _canary(launcher, config, options, active[0])
+            canary, observer = _self_checks(launcher, config, options, active[0])
         except KeyboardInterrupt:
             interrupted = True
-        timings["canary_s"] = time.monotonic() - canary_started
+        timings["checks_s"] = time.monotonic() - checks_started
     as_is = None
     if (
         options.as_is
         and (canary is None or canary["caught"])
+        and (observer is None or observer["agrees"])
         and options.exec
         and not options.exec.get("function")
         and config.determinism.preset != "none"
@@ -816,24 +829,88 @@ def run_audit(
         replicas=replicas,
         as_is=as_is,
         canary=canary,
+        observer=observer,
+        confidence=options.confidence,
+        max_rate=options.max_rate,
     )
 
 
-def _canary(launcher: Launcher, config: Config, options: AuditOptions, leg: Leg) -> dict:
-    """One more run of the leg in which every process that trains flips the lowest bit of
-    its first trained tensor right before step ``c``'s weights are recorded (c = 1, or 0
-    for a run of one step). Compared with run 0, each process must differ first at exactly
-    step c · weights · that tensor; ``reached``: the phases of step c + 1 it changed."""
+def _self_checks(
+    launcher: Launcher, config: Config, options: AuditOptions, leg: Leg
+) -> tuple[dict | None, dict | None]:
+    """The canary and the observer runs, side by side (each one forked run of the leg):
+    (the report's ``canary``, its ``observer``)."""
     run0 = leg.runs[0]
     step = 1 if run0.steps >= 2 else 0
-    trained = {name: path for name, path in run0.processes.items() if committed_steps(path) > step}
-    extra: dict[str, Any] = {"canary": {"step": step}}
-    if set(trained) <= {"main"}:  # one process: the canary run stops after step c + 1
-        if options.exec:
-            extra["exec"] = {**options.exec, "max_steps": step + 1}
-        else:
-            extra["steps"] = step + 1
-    result = launcher.extra_run(leg, ".canary", step + 1, **extra)
+    trained = {name: path for name, path in run0.processes.items() if committed_steps(path)}
+    runs: list[tuple[str, dict[str, Any]]] = []
+    if options.canary:
+        extra: dict[str, Any] = {"canary": {"step": step}}
+        if set(trained) <= {"main"}:  # one process: the canary run stops after step c + 1
+            if options.exec:
+                extra["exec"] = {**options.exec, "max_steps": step + 1}
+            else:
+                extra["steps"] = step + 1
+        runs.append((".canary", extra))
+    if options.observer:
+        runs.append((".observer", {"observer": True}))
+    results = dict(zip([suffix for suffix, _ in runs], launcher.extra_runs(leg, runs, step + 1)))
+    canary = _canary(results[".canary"], trained, step) if ".canary" in results else None
+    observer = _observer(results[".observer"], trained) if ".observer" in results else None
+    return canary, observer
+
+
+def _observer(result: RunResult, trained: dict[str, str]) -> dict[str, Any]:
+    """Run 0's weights and optimizer state at every step against the observer run's,
+    which recorded nothing else: the first record that differs, process by process."""
+    section: dict[str, Any] = {"trace": result.trace, "agrees": True, "first_difference": None}
+    if result.status != "complete":
+        section.update(agrees=False, why=f"the observer run {result.status}: {result.error}")
+        return section
+    for name, path in sorted(trained.items()):
+        other = result.processes.get(name)
+        if other is None:
+            section.update(agrees=False, why=f"process {name} wrote no trace in the observer run")
+            return section
+        found = _state_difference(path, other)
+        if found is not None:
+            where = "" if name == "main" else f" of process {name}"
+            section.update(
+                agrees=False,
+                first_difference={**found, "process": name},
+                why=(
+                    f"recording changed training: step {found['step']} · {found['phase']} · "
+                    f"{found['tensor']}{where} differs from a run that recorded only weights "
+                    "and optimizer state — a defect in reprocheck"
+                ),
+            )
+            return section
+    return section
+
+
+def _state_difference(recorded: str, observed: str) -> dict[str, Any] | None:
+    """The first (step, phase, tensor) whose weights or optimizer digest differs between a
+    recorded run and the observer run, over the steps both committed."""
+    with Trace(recorded, own=True) as a, Trace(observed, own=True) as b:
+        for step in sorted(set(a.steps) & set(b.steps)):
+            theirs = {
+                (r.phase, r.name): r.digest
+                for r in b.records(step)
+                if r.phase in ("weights", "optimizer")
+            }
+            for record in a.records(step):
+                key = (record.phase, record.name)
+                if key in theirs and theirs[key] != record.digest:
+                    return {"step": step, "phase": record.phase, "tensor": record.name}
+    return None
+
+
+def _canary(result: RunResult, trained: dict[str, str], step: int) -> dict[str, Any]:
+    """Each process of the canary run flipped the lowest bit of its first trained tensor
+    right before step ``c``'s weights were recorded (c = 1, or 0 for a run of one step).
+    Compared with run 0, each must differ first at exactly step c · weights · that
+    tensor; ``reached``: the phases of step c + 1 it changed."""
+    trained = {name: path for name, path in trained.items() if committed_steps(path) > step}
     section: dict[str, Any] = {"step": step, "trace": result.trace, "processes": []}
     if result.status != "complete":
         section.update(caught=False, why=f"the canary run {result.status}: {result.error}")
@@ -847,7 +924,7 @@ def _canary(launcher: Launcher, config: Config, options: AuditOptions, leg: Leg)
             entry["why"] = f"process {name} wrote no trace in the canary run"
             continue
         try:
-            with Trace(other) as trace:
+            with Trace(other, own=True) as trace:
                 planted = trace.meta.get("canary")
         except TraceError as exc:
             entry["why"] = str(exc)
@@ -858,7 +935,7 @@ def _canary(launcher: Launcher, config: Config, options: AuditOptions, leg: Leg)
             )
             continue
         entry["tensor"] = planted["tensor"]
-        found = first_divergence([path, other], partial=True)
+        found = first_divergence([path, other], partial=True, own=True)
         if found is not None:
             entry["found"] = {"step": found.step, "phase": found.phase, "tensor": found.tensor}
         if committed_steps(path) > step + 1 and committed_steps(other) > step + 1:
@@ -871,14 +948,13 @@ def _canary(launcher: Launcher, config: Config, options: AuditOptions, leg: Leg)
         if entry["found"] != expected:
             seen = entry["found"]
             where = "" if name == "main" else f" of process {name}"
-            entry["why"] = (
-                f"a flipped bit in {planted['tensor']}{where} after step {step} was "
-                + (
-                    "not seen at all"
-                    if seen is None
-                    else f"seen at step {seen['step']} · {seen['phase']} · {seen['tensor']}"
-                )
+            seen_text = (
+                "not seen at all"
+                if seen is None
+                else f"seen at step {seen['step']} · {seen['phase']} · {seen['tensor']}"
             )
+            entry["why"] = f"a flipped bit in {planted['tensor']}{where} after step {step} was "
+            entry["why"] += seen_text
     missed = [entry["why"] for entry in section["processes"] if "why" in entry]
     if not section["processes"]:
         missed.append("no process of run 0 trained past step " + str(step))
@@ -996,7 +1072,7 @@ def _drawn_before_seeding(runs: list[dict[str, Any]]) -> tuple[dict, dict] | Non
         paths = [run["trace"], *(p["trace"] for p in run.get("processes") or [] if p.get("trace"))]
         for path in paths:
             try:
-                with Trace(path) as trace:
+                with Trace(path, own=True) as trace:
                     calls = trace.meta.get("seeding") or []
             except TraceError:
                 continue
@@ -1065,7 +1141,7 @@ def _observed_findings(legs: list[Leg]) -> list[dict[str, Any]]:
         for run in leg.runs[:1]:
             for process, path in run.processes.items():
                 try:
-                    with Trace(path) as trace:
+                    with Trace(path, own=True) as trace:
                         meta = trace.meta
                 except TraceError:
                     continue
@@ -1103,7 +1179,7 @@ def _shared_files(legs: list[Leg]) -> list[dict[str, Any]]:
         paths: set[str] = set()
         for path in run.processes.values():
             try:
-                with Trace(path) as trace:
+                with Trace(path, own=True) as trace:
                     paths.update(p for p in trace.meta.get("written") or [] if isinstance(p, str))
             except TraceError:
                 continue
@@ -1273,7 +1349,7 @@ def _reference_run(leg: Leg) -> RunResult | None:
     for run in leg.runs:
         if run.status == "complete":
             try:
-                with Trace(run.trace):
+                with Trace(run.trace, own=True):
                     return run
             except TraceError:
                 continue

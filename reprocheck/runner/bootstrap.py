@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from ..localize import OpCapture
 
 PROCESS_ENV = "REPROCHECK_PROCESS"  # a subprocess child's name, given by its parent
+OBSERVED = ("weights", "optimizer")  # what the observer run records (no data, no grads …)
 MAX_WRITTEN = 1000  # files noted per process (a bound on the trace's meta)
 MAX_PENDING_OUTPUTS = 256  # outputs kept for a step that has not come yet (a bound on memory)
 
@@ -437,7 +438,9 @@ class Session:
         return RunContext(
             path,
             meta,
-            (*PHASES, "comm"),  # a script's collectives, where it makes any
+            # a script's collectives, where it makes any; the observer run (reprocheck's
+            # check that recording leaves training alone): weights and optimizer alone
+            tuple(self.settings.get("record") or (*PHASES, "comm")),
             with_sketch=self.with_sketch,
             capture=(window["step"], window["tensors"]) if window else None,
         )
@@ -1497,6 +1500,7 @@ def _child_settings(spec: dict[str, Any], applied: dict[str, Any]) -> dict[str, 
         "compile_backend": (spec.get("capture") or {}).get("backend"),
         # the canary run: every process flips one bit before this step's weights
         "canary": spec.get("canary"),
+        "record": OBSERVED if spec.get("observer") else None,
     }
 
 

@@ -55,7 +55,7 @@ def _read_traces(legs: Sequence[Leg]) -> dict[str, _TraceFacts]:
         for run in leg.runs:
             for path in run.processes.values():
                 try:
-                    with Trace(path) as trace:
+                    with Trace(path, own=True) as trace:
                         facts[path] = _TraceFacts(
                             trace.record_count(),
                             frozenset(trace.phases()),
@@ -174,14 +174,24 @@ def _short(last_step: int | None, planned: int) -> str | None:
     return None
 
 
+def _not_verified(canary: dict[str, Any] | None, observer: dict[str, Any] | None) -> str | None:
+    """Why agreeing runs prove nothing: recording changed training, or the canary was
+    missed (None: verified, or not checked)."""
+    if observer is not None and not observer["agrees"]:
+        return observer.get("why")
+    if canary is not None and not canary["caught"]:
+        return f"the canary was not caught: {canary.get('why')}"
+    return None
+
+
 def _strength(
-    legs: Sequence[Leg], first: Divergence | None, confidence: float
+    legs: Sequence[Leg], first: Divergence | None, confidence: float, max_rate: float | None
 ) -> dict[str, Any] | None:
     """``evidence``: k of N runs diverged, with the exact binomial interval of the rate.
     A divergence between runs: N runs compared at its record, k outside the largest group
     that agrees. None diverged: N is the complete runs of the leg with the fewest (every
     leg's runs agreed with each other). None where no run completed."""
-    from ..evidence import statement
+    from ..evidence import percent, statement
 
     if first is not None and first.runs:
         sizes = [len(group) for group in first.runs]
@@ -195,7 +205,13 @@ def _strength(
     n, leg_name = min(counts, default=(0, None))
     if n < 2:
         return None
-    return {**statement(0, n, confidence), "leg": leg_name}
+    found = {**statement(0, n, confidence), "leg": leg_name}
+    if max_rate is not None:  # --max-rate: was the bound reached (or -n too small)?
+        found["max_rate"] = max_rate
+        found["reached"] = found["rate_upper"] < max_rate
+        if not found["reached"]:
+            found["statement"] += f" — not below {percent(max_rate)}: -n caps the runs"
+    return found
 
 
 def build_report(
@@ -219,6 +235,8 @@ def build_report(
     as_is: dict[str, Any] | None = None,
     confidence: float = 0.95,
     canary: dict[str, Any] | None = None,
+    observer: dict[str, Any] | None = None,
+    max_rate: float | None = None,
 ) -> dict[str, Any]:
     """Assemble the report; ``verdict`` and ``exit_code`` follow DESIGN.md's exit codes.
 
@@ -250,11 +268,7 @@ def build_report(
         or changed
         or (replicas is not None and replicas.divergence is not None),
         not_comparable=unknown_golden or (unknown[0].note if unknown else None),
-        not_verified=(
-            f"the canary was not caught: {canary.get('why')}"
-            if canary is not None and not canary["caught"]
-            else None
-        ),
+        not_verified=_not_verified(canary, observer),
     )
     by_leg = {d.leg: d for d in divergences}
     facts = _read_traces([leg for leg in legs if leg.status != "skipped"])
@@ -327,9 +341,11 @@ def build_report(
         ),
         "across_legs": [comparison_dict(c) for c in across],
         # what the runs prove: the divergence rate per run, bounded (reprocheck.evidence)
-        "evidence": _strength(legs, first, confidence),
-        # a reproducible verdict's proof that a difference would have been seen
+        "evidence": _strength(legs, first, confidence, max_rate),
+        # a reproducible verdict's proof that a difference would have been seen, and that
+        # recording left training alone
         "canary": canary,
+        "observer": observer,
         "findings": list(findings),
         "attribution": list(attribution),
         # a script's reproducible verdict under a preset: its two runs as its user runs it
@@ -399,7 +415,7 @@ def _sketch_growth(
     if not all(p is not None and facts.get(p, _TraceFacts()).sketched for p in pair):
         return None
     try:
-        found = compare_sketches(pair[0], pair[1], Tolerance(), ("a", "b"))  # type: ignore[arg-type]
+        found = compare_sketches(pair[0], pair[1], Tolerance(), ("a", "b"), own=True)  # type: ignore[arg-type]
     except (TraceError, OSError):
         return None
     return [[step, rel] for step, rel in found.growth]
