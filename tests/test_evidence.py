@@ -100,3 +100,48 @@ def test_bad_rates_are_one_line_exit_2(options, message, tmp_path):
         result = run_cli("exec", *quiet, *options, "--", "python", "train.py", cwd=tmp_path)
         assert result.code == 2
         assert result.stderr.strip().splitlines() == [f"reprocheck: error: {message}"]
+
+
+def test_coverage_counts_each_phase_and_says_why_one_is_missing(audit, tmp_path):
+    result = audit("demo.yaml")
+    [entry] = result.report["coverage"]
+    assert (entry["leg"], entry["process"], entry["steps"], entry["complete"]) == (
+        "cpu-t1",
+        "main",
+        20,
+        True,
+    )
+    assert entry["tensors"] == {
+        "data": [2, 2],
+        "outputs": [1, 1],
+        "loss": [1, 1],
+        "grads": [6, 6],
+        "weights": [6, 6],
+        "optimizer": [6, 6],
+    }
+    script = tmp_path / "functional.py"
+    script.write_text(
+        "import torch\n"
+        "torch.manual_seed(0)\n"
+        "w = torch.zeros(4, 1, requires_grad=True)\n"
+        "opt = torch.optim.SGD([w], lr=0.1)\n"
+        "x, y = torch.randn(32, 4), torch.randn(32, 1)\n"
+        "for step in range(3):\n"
+        "    loss = (x @ w - y).pow(2).mean()\n"
+        "    opt.zero_grad()\n"
+        "    loss.backward()\n"
+        "    opt.step()\n"
+    )
+    report = tmp_path / "r.json"
+    result = run_cli(
+        "exec", "-q", "--no-attribute", "--out", str(tmp_path / "out"), "--json", str(report),
+        "--", "python", str(script),
+    )  # fmt: skip
+    assert result.code == 0, result.report
+    [entry] = result.report["coverage"]
+    assert entry["complete"] is False
+    assert sorted(entry["missing"]) == ["data", "optimizer", "outputs"]
+    assert entry["missing"]["data"] == (
+        "no DataLoader batch seen (data read another way is not recorded)"
+    )
+    assert entry["tensors"] == {"loss": [1, 1], "grads": [1, 1], "weights": [1, 1]}

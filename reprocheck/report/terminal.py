@@ -619,6 +619,16 @@ def evidence_lines(report: dict[str, Any]) -> list[Text]:
     evidence = report.get("evidence")
     if evidence:
         lines.append(_line("evidence", evidence["statement"]))
+    for entry in report.get("coverage") or []:
+        if entry["complete"]:
+            continue
+        where = "" if entry["process"] == "main" else f" (process {entry['process']})"
+        for phase, why in entry["missing"].items():
+            lines.append(
+                _line(
+                    "coverage", Text.assemble(("⚠ ", YELLOW), f"{phase} not recorded{where}: {why}")
+                )
+            )
     canary = report.get("canary")
     if canary:
         caught = [p for p in canary["processes"] if p.get("found") and "why" not in p]

@@ -8,6 +8,7 @@ decides the verdict; renderers (:mod:`reprocheck.report`) only render the dict i
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,75 @@ def _short(last_step: int | None, planned: int) -> str | None:
         done = last_step or 0
         return f"ended after {done} of {planned} steps"
     return None
+
+
+OBSERVABLE = ("data", "outputs", "loss", "grads", "weights", "optimizer")
+_WHY_MISSING = {
+    "data": "no DataLoader batch seen (data read another way is not recorded)",
+    "outputs": "no call of a model in training mode with gradients on (a forward under "
+    "no_grad, in eval(), or outside any nn.Module is not recorded)",
+    "loss": "backward() was never called on a scalar",
+    "grads": "no trained parameter received a gradient",
+    "weights": "no model with trained parameters was found",
+    "optimizer": "no optimizer state (an optimizer without state, or hand-written updates)",
+}
+_SAMPLED_STEPS = 200  # coverage reads at most this many steps of a trace (evenly spread)
+
+
+def _coverage(
+    config: Config, legs: Sequence[Leg], facts: dict[str, _TraceFacts]
+) -> list[dict[str, Any]]:
+    """What the recording saw: per leg and process of run 0, the tensors of each observable
+    phase at its training steps (fewest–most), and each phase never recorded with why."""
+    out = []
+    asked = set(config.record)
+    for leg in legs:
+        if leg.status == "skipped" or not leg.runs:
+            continue
+        for name, path in leg.runs[0].processes.items():
+            read = facts.get(path)
+            if read is None or not read.last_step:
+                continue
+            steps = list(range(1, read.last_step + 1))
+            if len(steps) > _SAMPLED_STEPS:
+                stride = len(steps) / _SAMPLED_STEPS
+                steps = sorted(
+                    {steps[int(i * stride)] for i in range(_SAMPLED_STEPS)} | {steps[-1]}
+                )
+            counts: dict[str, list[int]] = {phase: [] for phase in OBSERVABLE}
+            try:
+                with Trace(path, own=True) as trace:
+                    for step in steps:
+                        seen = Counter(r.phase for r in trace.records(step))
+                        for phase in OBSERVABLE:
+                            counts[phase].append(seen.get(phase, 0))
+            except TraceError:
+                continue
+            missing = {
+                phase: (
+                    _WHY_MISSING[phase]
+                    if phase in asked or not config.record
+                    else "not asked for (record: " + ", ".join(config.record) + ")"
+                )
+                for phase in OBSERVABLE
+                if not any(counts[phase])
+            }
+            out.append(
+                {
+                    "leg": leg.name,
+                    "process": name,
+                    "steps": read.last_step,
+                    "sampled": len(steps),
+                    "tensors": {
+                        phase: [min(values), max(values)]
+                        for phase, values in counts.items()
+                        if any(values)
+                    },
+                    "missing": missing,
+                    "complete": not missing,
+                }
+            )
+    return out
 
 
 def _not_verified(canary: dict[str, Any] | None, observer: dict[str, Any] | None) -> str | None:
@@ -342,6 +412,8 @@ def build_report(
         "across_legs": [comparison_dict(c) for c in across],
         # what the runs prove: the divergence rate per run, bounded (reprocheck.evidence)
         "evidence": _strength(legs, first, confidence, max_rate),
+        # what the recording saw at the training steps, and why a phase is missing
+        "coverage": _coverage(config, legs, facts),
         # a reproducible verdict's proof that a difference would have been seen, and that
         # recording left training alone
         "canary": canary,
