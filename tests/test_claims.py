@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import ScriptAudits, script_line
+from .conftest import ScriptAudits, run_cli, script_line
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,36 @@ def test_batches_from_workers_are_data_and_the_zoom_names_the_steps_own_op(audit
         "nondeterministic op",
     )
     assert first["source"] == script_line("token_table.py", "rows = self.table[tokens]")
+
+
+GRAD_NOISE = """
+import os
+import torch
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(16, 4), torch.randn(16, 1)
+noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+for step in range(3):
+    loss = (model(x) - y).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    model.weight.grad += 1e-3 * torch.rand(model.weight.shape, generator=noise)
+    opt.step()
+"""
+
+
+def test_the_page_says_why_it_draws_no_loss_gap_and_shows_no_none(tmp_path):
+    script = tmp_path / "grad_noise.py"
+    script.write_text(GRAD_NOISE)
+    page = tmp_path / "report.html"
+    result = run_cli(
+        "exec", "-q", "--no-attribute", "--no-measure", "--steps", "1",
+        "--out", str(tmp_path / "out"), "--html", str(page), "--", "python", str(script),
+    )  # fmt: skip
+    assert result.code == 1, result.stderr
+    html = page.read_text()
+    # step 1's losses agree (its gradients differ): the |Δ loss| panel says so, not an
+    # empty log axis
+    assert "no |Δ loss| to draw: the losses the two groups recorded are equal" in html
+    assert ">None<" not in html and ">[]<" not in html

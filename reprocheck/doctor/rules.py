@@ -134,7 +134,7 @@ RULES: tuple[Rule, ...] = (
         "CPU reductions (sum, matmul, conv, index_put accumulation) split work by thread; "
         "another thread count gives other last bits, which training amplifies.",
         "torch.set_num_threads(os.cpu_count())",
-        "Fix `torch.set_num_threads(n)` (the config's `threads`), and compare other thread "
+        "Set `torch.set_num_threads(n)` once (the config's `threads`), and compare other thread "
         "counts under a tolerance, never bitwise.",
     ),
     Rule(

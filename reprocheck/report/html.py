@@ -132,6 +132,23 @@ def growth_svg(report: dict[str, Any], series: dict[str, Any]) -> str | None:
         if shown and sketched:
             bottom.plot([], [], color="#c53030", label="|Δ loss|")
             bottom.legend(loc="best", fontsize=8, frameon=False)
+        if not shown and not sketched:  # no empty log axis: say why there is no curve
+            bottom.set_yscale("linear")
+            bottom.set_yticks([])
+            bottom.text(
+                0.5,
+                0.5,
+                "no |Δ loss| to draw: the losses the two groups recorded are equal at every "
+                "step both reached (the divergence is in other tensors)"
+                if common
+                else "no |Δ loss| to draw: the two groups share no step with a recorded loss",
+                transform=bottom.transAxes,
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="#4a5568",
+                wrap=True,
+            )
         bottom.set_ylabel(f"Δ #{groups[0][0]} vs #{groups[1][0]}")
         bottom.set_xlabel("step")
         for ax in (top, bottom):
@@ -235,6 +252,8 @@ def render_html(
         autoescape=select_autoescape(["html", "j2"]),
         trim_blocks=True,
         lstrip_blocks=True,
+        # a value that is missing reads "—", never `None` or `[]`
+        finalize=lambda value: "—" if value is None or value == [] or value == {} else value,
     )
     env.filters["rel"] = lambda path: _relative(path, folder)
     template = env.get_template("report.html.j2")
