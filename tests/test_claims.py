@@ -7,6 +7,7 @@ call. Each script is audited once (module-scoped) and read by the tests that nee
 from __future__ import annotations
 
 import pytest
+import torch
 
 from .conftest import ScriptAudits, run_cli, script_line
 
@@ -108,3 +109,38 @@ def test_the_page_says_why_it_draws_no_loss_gap_and_shows_no_none(tmp_path):
     # empty log axis
     assert "no |Δ loss| to draw: the losses the two groups recorded are equal" in html
     assert ">None<" not in html and ">[]<" not in html
+
+
+BATCHNORM = """
+import torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(16, 4), torch.randn(16, 1)
+for step in range(2):
+    loss = (model(x) - y).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_step_0_is_the_state_before_the_first_forward(tmp_path):
+    from reprocheck.fingerprint import fingerprint
+    from reprocheck.trace import Trace
+
+    script = tmp_path / "bn.py"
+    script.write_text(BATCHNORM)
+    report = tmp_path / "r.json"
+    result = run_cli(
+        "exec", "-q", "-n", "1", "--no-attribute", "--out", str(tmp_path / "out"),
+        "--json", str(report), "--", "python", str(script),
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    with Trace(result.report["legs"][0]["runs"][0]["trace"]) as trace:
+        step0 = {r.name: r.digest for r in trace.records(0) if r.phase == "weights"}
+        step1 = {r.name: r.digest for r in trace.records(1) if r.phase == "weights"}
+    # the running statistics as BatchNorm1d made them, not as the first forward left them
+    assert step0["1.running_mean"] == fingerprint(torch.zeros(8)).value
+    assert step0["1.running_var"] == fingerprint(torch.ones(8)).value
+    assert step1["1.running_mean"] != step0["1.running_mean"]

@@ -19,8 +19,10 @@ accumulated gradients into, held by no optimizer — change between one ``backwa
 the next outermost model call or ``backward()``. ``.data`` updates leave the parameters'
 version counters unchanged, so the change is found from the parameters' digests taken
 when ``backward()`` returns. Gradient accumulation (several backward calls per update)
-keeps one step per update. Step 0 (the state before the first update) is taken at the
-first step's pre-hook, or, for hand-written updates, when the first ``backward()`` returns.
+keeps one step per update. Step 0 (the state before the first forward) is taken at the
+first step's pre-hook, or, for hand-written updates, when the first ``backward()`` returns,
+with the buffers each model's first outermost call found (a forward moves batch norm's
+running statistics: that belongs to step 1).
 
 **Models** are the outermost modules that own trained parameters (parameters in an
 optimizer, or leaves that received gradients): a loss module, a frozen copy loaded for
@@ -804,6 +806,8 @@ class ProcessRecorder:
         if context is not None:
             self._attach(context)
         self.step = 0
+        self.called: set[int] = set()  # modules called (outermost) before step 0
+        self.first_buffers: dict[int, torch.Tensor] = {}  # id → its value before a forward
         self.canary_planted = False  # the canary run's flipped bit (settings["canary"])
         self.started = False  # step 0 committed
         self.optimizer_seen = False  # steps are optimizer steps (else: hand-written updates)
@@ -924,6 +928,8 @@ class ProcessRecorder:
     # -- what the hooks report -------------------------------------------------------------
     def enter_module(self, module: torch.nn.Module) -> None:
         if self.depth == 0:
+            if not self.started and id(module) not in self.called:
+                self._keep_buffers(module)
             if self.snapshot is not None:
                 self._hand_update_step()
             if not torch.is_grad_enabled() and module.training:
@@ -932,6 +938,17 @@ class ProcessRecorder:
                 self._pause()
                 self._resume("forward")
         self.depth += 1
+
+    def _keep_buffers(self, module: torch.nn.Module) -> None:
+        """Step 0 is the state before the first forward: a forward moves buffers (batch
+        norm's running statistics) before the first optimizer step takes step 0, so each
+        module's buffers are kept as its first outermost call finds them, and step 0
+        records those (the forward's change belongs to step 1)."""
+        self.called.add(id(module))
+        with torch.no_grad():
+            for buffer in module.buffers():
+                if id(buffer) not in self.first_buffers and buffer.is_floating_point():
+                    self.first_buffers[id(buffer)] = buffer.detach().clone()
 
     def _note_compiled_random_ops(self) -> None:
         """A compiled model with dropout in training mode while inductor draws its own
@@ -1089,6 +1106,7 @@ class ProcessRecorder:
         self._state()
         rec.commit(0, None)
         self.started = True
+        self.first_buffers = {}  # step 0 is recorded: the first forward's copies go
         # a run stopped by fail-fast never closes its trace: what is in effect, said now
         rec.writer.set_meta(**self._controls_in_effect(), distributed=self._distributed())
         self._window_after(0)
@@ -1152,11 +1170,13 @@ class ProcessRecorder:
         canary = self.session.settings.get("canary")
         if canary and canary["step"] == self.step and not self.canary_planted:
             self._plant_canary(canary["step"])
+        before = self.first_buffers if self.step == 0 else {}
         for model in self.models:
             tag = self.tags[id(model)]
-            # the tensors themselves (keep_vars), not detached copies
+            # the tensors themselves (keep_vars), not detached copies; at step 0, buffers
+            # as the first forward found them
             state = _unwrapped(model).state_dict(keep_vars=True)
-            rec.add_state("weights", ((tag + k, v) for k, v in state.items()))
+            rec.add_state("weights", ((tag + k, before.get(id(v), v)) for k, v in state.items()))
         rec.add_state("weights", self.loose.values())
         names = self._names()
         for optimizer in self.optimizers:
