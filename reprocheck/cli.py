@@ -519,6 +519,12 @@ def run(
 ) -> None:
     """Run CONFIG N times per leg and report the first divergent step, phase and tensor.
 
+    REPRODUCIBLE (exit 0) states its evidence (k of N runs, the bound of the divergence
+    rate; `--max-rate 5%` runs until it is below 5%), a canary (a flipped bit the audit
+    must find) and an observer run (recording must leave training alone); DIVERGED (exit
+    1); NOT VERIFIED (exit 3): the runs agreed but the canary was missed or recording
+    changed training.
+
     Example: reprocheck run configs/demo.yaml -n 3 --threads 1,2
     """
     preflight({"--json": json_path, "--html": html_path}, {"--out": out})

@@ -128,6 +128,17 @@ def register(app: typer.Typer) -> None:
         one job, every rank is compared with the same rank of the other runs, and the
         replicas within a run with each other (docs/distributed.md). `--compile off,on`,
         `--env KEY=VALUE` and `--python PATH` add legs compared under the tolerance.
+
+        Any launcher works: `-- accelerate launch train.py`, `-- bash run.sh`, `-- srun …`,
+        a notebook (`-- HW01.ipynb`); `{run}`, `{run_dir}` and `{port}` in the command give
+        each run its own folder or port.
+
+        Verdicts: REPRODUCIBLE (exit 0) states what it rests on: k of N runs diverged with
+        the bound of the rate (`--max-rate 5%` keeps starting runs until it is below 5%),
+        a canary (a flipped bit the audit must find) and an observer run (recording must
+        leave training alone); then two runs as is (no preset) say what the preset masked
+        (RC030, a warning). DIVERGED (exit 1). NOT VERIFIED (exit 3): the runs agreed but
+        the canary was missed or recording changed training.
         """
         preflight({"--json": json_path, "--html": html_path}, {"--out": out})
         from ..script import ScriptError, script_config
