@@ -382,7 +382,11 @@ def _emit(
     report.clear()
     report.update(kept)
     report["html"] = _write_html(report, html_path or Path(report["out_dir"]) / "report.html")
-    write_report(report, Path(report["out_dir"]) / "report.json")
+    folder_json = Path(report["out_dir"]) / "report.json"
+    try:
+        write_report(report, folder_json)
+    except OSError as exc:  # a full disk: the report goes where it can, the exit code stands
+        print(f"reprocheck: warning: {safe(f'{folder_json} not written: {exc}')}", file=sys.stderr)
     if json_path is not None:
         if str(json_path) == "-":
             sys.stdout.write(jsonout.dumps(report, indent=2, default=str) + "\n")

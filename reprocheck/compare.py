@@ -14,10 +14,18 @@ import re
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .trace import Record, Trace, TraceError, split_digests, unpack_ids
+from .trace import (
+    DB_ERRORS,
+    Record,
+    Trace,
+    TraceError,
+    attach_traces,
+    query_error,
+    split_digests,
+    unpack_ids,
+)
 
 if TYPE_CHECKING:  # torch is imported where tensors are compared: a verdict reads no tensor
     import torch
@@ -41,12 +49,10 @@ class Divergence:
     process: str = "main"  # which of each run's processes (``main``, ``mp1``, ``rank0`` …)
 
 
-def _connect(*paths: str) -> sqlite3.Connection:
-    """An in-memory connection with each trace attached read-only as t0, t1, ..."""
-    db = sqlite3.connect(":memory:", uri=True)
-    for index, path in enumerate(paths):
-        db.execute(f"ATTACH DATABASE ? AS t{index}", (Path(path).resolve().as_uri() + "?mode=ro",))
-    return db
+def _connect(*paths: str, own: bool = False) -> sqlite3.Connection:
+    """An in-memory connection with each trace attached read-only as t0, t1, ...: inert and
+    bounded as a :class:`Trace` is (``immutable`` unless the audit's ``own``)."""
+    return attach_traces(paths, own)
 
 
 def _tensor_table(db: sqlite3.Connection, alias: str) -> list[tuple]:
@@ -56,42 +62,52 @@ def _tensor_table(db: sqlite3.Connection, alias: str) -> list[tuple]:
 
 
 def first_mismatch(
-    path_a: str, path_b: str, last_step: int, from_step: int = 0, latent: bool = False
+    path_a: str,
+    path_b: str,
+    last_step: int,
+    from_step: int = 0,
+    latent: bool = False,
+    own: bool = False,
 ) -> tuple[int, int] | None:
     """(step, seq) of the first record, in steps ``from_step..last_step``, where two traces
-    differ: among the observable records, or with ``latent`` among the generator states."""
+    differ: among the observable records, or with ``latent`` among the generator states.
+    ``own``: both are the audit's own traces (see :class:`Trace`)."""
     try:
-        return _first_mismatch(path_a, path_b, last_step, from_step, latent)
-    except sqlite3.DatabaseError as exc:
+        db = _connect(path_a, path_b, own=own)
+    except DB_ERRORS as exc:
+        raise query_error(f"{path_a} or {path_b}", None, exc, "not a reprocheck trace") from None
+    try:
+        return _first_mismatch(db, last_step, from_step, latent)
+    except DB_ERRORS as exc:
+        raise query_error(f"{path_a} or {path_b}", db, exc) from None
+    except ValueError as exc:  # a blob the readers' checks did not see (a live trace's)
         raise TraceError(f"{path_a} or {path_b}: corrupted trace ({exc})") from None
+    finally:
+        db.close()
 
 
 def _first_mismatch(
-    path_a: str, path_b: str, last_step: int, from_step: int, latent: bool
+    db: sqlite3.Connection, last_step: int, from_step: int, latent: bool
 ) -> tuple[int, int] | None:
-    db = _connect(path_a, path_b)
     ids, digests = ("latent_tensors", "latent_digests") if latent else ("tensors", "digests")
-    try:
-        same_ids = _tensor_table(db, "t0") == _tensor_table(db, "t1")
-        # One join over the steps: equal blobs mean every record of the step is equal.
-        # Where tensor ids were assigned differently, the id blobs differ while the
-        # records may not: then each step is compared by what the ids stand for.
-        same = f"y.{digests} = x.{digests} AND y.{ids} = x.{ids}" if same_ids else "0"
-        query = (
-            f"SELECT x.step, x.{ids}, x.{digests}, y.{ids}, y.{digests}, length(x.tensors) "
-            "FROM t0.records x LEFT JOIN t1.records y ON y.step = x.step "
-            f"WHERE x.step BETWEEN ? AND ? AND NOT coalesce({same}, 0) ORDER BY x.step"
-        )
-        keys = None if same_ids else [_tensor_keys(db, "t0"), _tensor_keys(db, "t1")]
-        rows = db.execute(query, (from_step, last_step))
-        for step, ids_a, digests_a, ids_b, digests_b, observed_bytes in rows:
-            seq = _first_difference(ids_a, digests_a, ids_b, digests_b, keys)
-            if seq is not None:  # latent records are numbered after the observable ones
-                return step, seq + (observed_bytes // 4 if latent else 0)
-            if same_ids:
-                raise sqlite3.DatabaseError(f"step {step}: unequal blobs with equal records")
-    finally:
-        db.close()
+    same_ids = _tensor_table(db, "t0") == _tensor_table(db, "t1")
+    # One join over the steps: equal blobs mean every record of the step is equal.
+    # Where tensor ids were assigned differently, the id blobs differ while the
+    # records may not: then each step is compared by what the ids stand for.
+    same = f"y.{digests} = x.{digests} AND y.{ids} = x.{ids}" if same_ids else "0"
+    query = (
+        f"SELECT x.step, x.{ids}, x.{digests}, y.{ids}, y.{digests}, length(x.tensors) "
+        "FROM t0.records x LEFT JOIN t1.records y ON y.step = x.step "
+        f"WHERE x.step BETWEEN ? AND ? AND NOT coalesce({same}, 0) ORDER BY x.step"
+    )
+    keys = None if same_ids else [_tensor_keys(db, "t0"), _tensor_keys(db, "t1")]
+    rows = db.execute(query, (from_step, last_step))
+    for step, ids_a, digests_a, ids_b, digests_b, observed_bytes in rows:
+        seq = _first_difference(ids_a, digests_a, ids_b, digests_b, keys)
+        if seq is not None:  # latent records are numbered after the observable ones
+            return step, seq + (observed_bytes // 4 if latent else 0)
+        if same_ids:
+            raise sqlite3.DatabaseError(f"step {step}: unequal blobs with equal records")
     return None
 
 
@@ -135,6 +151,7 @@ def first_divergence(
     from_step: int = 0,
     latent: bool = False,
     last_step: int | None = None,
+    own: bool = False,
 ) -> Divergence | None:
     """The first divergence among a leg's traces, over the steps they all committed.
 
@@ -142,14 +159,15 @@ def first_divergence(
     instead (evidence for a cause, or a latent finding). ``partial``: traces may still be
     running or not exist yet (fail-fast polling); the unreadable ones are left out instead
     of raising. ``from_step``: the steps before it are known to agree (fail-fast checks only
-    what is new). ``last_step``: look no further than this step.
+    what is new). ``last_step``: look no further than this step. ``own``: the traces are
+    the audit's own runs' (see :class:`Trace`); any other trace is read as hostile input.
     """
     run_ids = list(run_ids) if run_ids is not None else list(range(len(traces)))
     opened: list[tuple[int, Trace]] = []
     try:
         for run, path in zip(run_ids, traces):
             try:
-                opened.append((run, Trace(path)))
+                opened.append((run, Trace(path, own=own)))
             except TraceError:
                 if not partial:
                     raise
@@ -160,7 +178,8 @@ def first_divergence(
         last = last if last_step is None else min(last, last_step)
         reference = opened[0][1]
         mismatches = [
-            first_mismatch(reference.path, t.path, last, from_step, latent) for _, t in opened[1:]
+            first_mismatch(reference.path, t.path, last, from_step, latent, own)
+            for _, t in opened[1:]
         ]
         found = [m for m in mismatches if m is not None]
         if not found:
@@ -295,20 +314,12 @@ class LegComparison:
 
 
 def compare_sketches(
-    path_a: str, path_b: str, tolerance: Tolerance, pair: tuple[str, str]
+    path_a: str, path_b: str, tolerance: Tolerance, pair: tuple[str, str], own: bool = False
 ) -> LegComparison:
-    """Compare two traces under a tolerance, from the sketches both recorded."""
-    try:
-        return _compare_sketches(path_a, path_b, tolerance, pair)
-    except sqlite3.DatabaseError as exc:
-        raise TraceError(f"{path_a} or {path_b}: corrupted trace ({exc})") from None
-
-
-def _compare_sketches(
-    path_a: str, path_b: str, tolerance: Tolerance, pair: tuple[str, str]
-) -> LegComparison:
+    """Compare two traces under a tolerance, from the sketches both recorded (``own``: the
+    audit's own runs' traces, see :class:`Trace`)."""
     result = LegComparison(pair=pair, tolerance=tolerance.describe())
-    with Trace(path_a) as a, Trace(path_b) as b:
+    with Trace(path_a, own=own) as a, Trace(path_b, own=own) as b:
         same_hasher = a.meta.get("hasher") == b.meta.get("hasher")
         last_step = min(a.last_step if a.steps else -1, b.last_step if b.steps else -1)
         shared = sorted(set(a.steps) & set(b.steps))

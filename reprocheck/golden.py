@@ -11,6 +11,10 @@ the environment, no tensors — small enough to commit.
   first divergent step, phase and tensor, and how far apart their sketches are;
 * another environment → under the config's tolerance, from the sketches: the first
   step and tensor that leave it, the worst difference, and its growth over the steps.
+
+A golden is hostile input (a pull request may change it): it is read as a foreign trace
+(see :class:`~reprocheck.trace.Trace`: read-only, immutable, no SQL from it run, bounded),
+and one without a training step (step 1 or later) is no pass: exit 3 before any run.
 """
 
 from __future__ import annotations
@@ -26,13 +30,19 @@ from . import jsonout
 from .compare import Tolerance, compare_sketches, comparison_dict, divergence_dict, first_divergence
 from .config import Config
 from .trace import Trace, TraceError, recover
+from .verdict import EXIT_FAILED, EXIT_USAGE
 
 # What must agree for a bitwise comparison to be fair.
 ENVIRONMENT_KEYS = ("torch", "cpu_capability", "threads", "cuda", "cudnn", "device", "hasher")
 
 
 class GoldenError(Exception):
-    """A golden trace that cannot be used for this check (exit 2)."""
+    """A golden trace that cannot be used for this check: exit 2, or ``exit_code`` (3 for a
+    golden that holds nothing to check against)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def reference_trace(report: dict[str, Any]) -> str | None:
@@ -56,6 +66,7 @@ def write_golden(trace_path: str, golden_path: str | os.PathLike, config: Config
     if os.path.exists(temporary):
         os.remove(temporary)
     recover(trace_path)  # a stopped run's last logged steps
+    script = _recorded_script(trace_path)  # read (and checked) before it is copied
     source = sqlite3.connect(trace_path)
     try:
         source.execute("VACUUM INTO ?", (temporary,))
@@ -73,7 +84,7 @@ def write_golden(trace_path: str, golden_path: str | os.PathLike, config: Config
                             "recorded": time.time(),
                             "config_sha256": config.sha256,
                             "from": trace_path,
-                            "script": _recorded_script(trace_path),
+                            "script": script,
                         }
                     ),
                 )
@@ -82,7 +93,7 @@ def write_golden(trace_path: str, golden_path: str | os.PathLike, config: Config
     db.execute("PRAGMA journal_mode=DELETE")
     db.close()
     os.replace(temporary, golden)
-    with Trace(golden) as trace:
+    with Trace(golden) as trace:  # read back as any golden is: a foreign trace
         steps, records = len(trace.steps), trace.record_count()
     size = os.path.getsize(golden)
     return {
@@ -110,13 +121,22 @@ def precheck(golden_path: str, config: Config, command: list[str] | None, any_co
     """Before any run: is this golden one of this config (or script)? GoldenError if not."""
     with _open_golden(golden_path) as golden:
         _check_identity(golden, golden_path, config, command, any_config)
+        _check_trained(golden, golden_path)
 
 
 def _open_golden(golden_path: str) -> Trace:
+    """The golden, read as the foreign trace it is (never written, no file made beside it)."""
     try:
-        return Trace(golden_path)
+        return Trace(golden_path, own=False)
     except TraceError as exc:
         raise GoldenError(str(exc)) from None
+
+
+def _check_trained(golden: Trace, golden_path: str) -> None:
+    """A golden without a training step (none, or step 0 alone: the state before any
+    optimizer step) checks nothing: no pass, exit 3."""
+    if not any(step >= 1 for step in golden.steps):
+        raise GoldenError(f"{golden_path}: the golden holds no training step", EXIT_FAILED)
 
 
 def _check_identity(
@@ -127,13 +147,13 @@ def _check_identity(
             f"{golden_path} is a run's trace, not a golden trace — make one with "
             "`reprocheck record CONFIG -o golden.sqlite` (or `… -- python train.py`)"
         )
-    name = (golden.meta.get("config") or {}).get("name")
+    name = golden.meta_object("config").get("name")
     if name != config.name and not any_config:
         raise GoldenError(
             f"{golden_path} is the golden trace of config {name!r}, not {config.name!r} — "
             "record one for this config, or pass --any-config"
         )
-    theirs = (golden.meta.get("golden") or {}).get("script")
+    theirs = golden.meta_object("golden").get("script")
     if (theirs is None) != (command is None):
         kind = "a script's" if theirs is not None else "a config's"
         raise GoldenError(
@@ -152,7 +172,7 @@ def _check_identity(
 def _script_changes(golden: Trace, current: Trace, config: Config) -> dict[str, list[Any]]:
     """What changed in a script's command since its golden (:func:`precheck` made sure
     both are a script's, and the same script unless ``--any-config``)."""
-    theirs = (golden.meta.get("golden") or {}).get("script")
+    theirs = golden.meta_object("golden").get("script")
     ours = script_identity(current.meta.get("command"))
     if theirs is None or ours is None:
         return {}
@@ -161,7 +181,7 @@ def _script_changes(golden: Trace, current: Trace, config: Config) -> dict[str, 
         changes["script"] = [theirs["script"], ours["script"]]
     if theirs["arguments"] != ours["arguments"]:
         changes["arguments"] = [theirs["arguments"], ours["arguments"]]
-    recorded = (golden.meta.get("golden") or {}).get("config_sha256")
+    recorded = golden.meta_object("golden").get("config_sha256")
     if recorded != config.sha256:
         changes["script_sha256"] = [recorded, config.sha256]
     return changes
@@ -181,12 +201,12 @@ def _package_drift(
 
 
 def _recorded_script(trace_path: str) -> dict[str, Any] | None:
-    with Trace(trace_path) as trace:
+    with Trace(trace_path, own=True) as trace:  # the audit's own run
         return script_identity(trace.meta.get("command"))
 
 
 def environment_of(trace: Trace) -> dict[str, Any]:
-    env = trace.meta.get("environment") or {}
+    env = trace.meta_object("environment")
     facts = {key: env.get(key) for key in ENVIRONMENT_KEYS}
     facts["device"] = trace.meta.get("device")
     facts["hasher"] = trace.meta.get("hasher")
@@ -230,8 +250,10 @@ def check_against(
     golden_path: str, current_path: str, config: Config, any_config: bool
 ) -> GoldenCheck:
     """Compare a fresh run's trace with the golden: bitwise or under tolerance."""
+    # the run is over: its trace, finished, is read as the golden is (immutable)
     with _open_golden(golden_path) as golden, Trace(current_path) as current:
         _check_identity(golden, golden_path, config, current.meta.get("command"), any_config)
+        _check_trained(golden, golden_path)
         if golden.status not in ("complete", "stopped"):
             raise GoldenError(f"{golden_path}: golden trace ended early ({golden.status})")
         changes = _script_changes(golden, current, config)

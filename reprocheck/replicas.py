@@ -106,7 +106,8 @@ def check_run(leg: str, run: int, rank_traces: dict[int, str]) -> tuple[ReplicaC
     with contextlib.ExitStack() as stack:
         try:
             traces = {
-                r: stack.enter_context(Trace(path)) for r, path in sorted(rank_traces.items())
+                r: stack.enter_context(Trace(path, own=True))
+                for r, path in sorted(rank_traces.items())
             }
         except TraceError as exc:
             return ReplicaCheck(False, f"a rank's trace cannot be read: {exc}"), None

@@ -131,15 +131,15 @@ def test_readers_of_a_live_trace_see_folded_steps_and_finish_folds_all(tmp_path)
     writer = TraceWriter(tmp_path / "t.sqlite", {})
     _steps(writer, range(3))  # well within a fold interval: still in the log
     assert os.path.getsize(step_log_path(writer.path)) > 0
-    with Trace(writer.path) as trace:
+    with Trace(writer.path, own=True) as trace:
         assert trace.steps == []  # the live writer holds the log; nothing is half-read
     writer.fold()
-    with Trace(writer.path) as trace:
+    with Trace(writer.path, own=True) as trace:
         assert trace.steps == [0, 1, 2]
     _steps(writer, range(3, 5))
     writer.finish("complete")
     assert not os.path.exists(step_log_path(writer.path))
-    with Trace(writer.path) as trace:
+    with Trace(writer.path, own=True) as trace:
         assert trace.steps == [0, 1, 2, 3, 4]
         assert trace.losses() == {s: float(s) for s in range(5)}
         assert trace.find(4, "weights", "w").digest == bytes([4]) * 16
@@ -159,7 +159,7 @@ def test_a_dead_writers_log_is_folded_once_and_a_torn_frame_is_dropped(tmp_path)
     os.close(writer._log)  # the writer dies: its lock goes with it
     assert recover(writer.path) == 6
     assert not os.path.exists(log)
-    with Trace(writer.path) as trace:
+    with Trace(writer.path, own=True) as trace:
         assert trace.steps == [0, 1, 2, 3, 4, 5]
         assert trace.record_count() == 6
         assert [trace.find(s, "weights", "w").digest[0] for s in trace.steps] == list(range(6))
@@ -192,7 +192,7 @@ time.sleep(60)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         os.kill(child, 0)  # the child lives on
-        with Trace(path) as trace:
+        with Trace(path, own=True) as trace:
             assert trace.steps == [0, 1, 2, 3, 4]
     finally:
         os.kill(child, signal.SIGKILL)
@@ -210,7 +210,7 @@ def test_logged_steps_are_folded_in_a_hang_and_when_due(tmp_path, monkeypatch):
     deadline = time.monotonic() + 10
     while os.path.getsize(log) and time.monotonic() < deadline:
         time.sleep(0.01)
-    with Trace(writer.path) as trace:
+    with Trace(writer.path, own=True) as trace:
         assert trace.steps == [0, 1]
     monkeypatch.setattr(trace_module, "FOLD_SECONDS", 100.0)
     monkeypatch.setattr(trace_module, "FOLD_STEPS", 3)
@@ -219,7 +219,7 @@ def test_logged_steps_are_folded_in_a_hang_and_when_due(tmp_path, monkeypatch):
     assert os.path.getsize(log) > 0
     _steps(writer, range(4, 5))  # the third step waiting: folded by the write itself
     assert os.path.getsize(log) == 0
-    with Trace(writer.path) as trace:
+    with Trace(writer.path, own=True) as trace:
         assert trace.steps == [0, 1, 2, 3, 4]
     writer.finish("complete")
 

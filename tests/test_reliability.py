@@ -259,7 +259,9 @@ def test_unwritable_out_is_exit_2_before_any_run(tmp_path):
     blocker.write_text("not a folder")
     result = run_cli("run", str(CONFIGS / "demo.yaml"), "--out", str(blocker / "sub"), "-q")
     assert result.code == 2
-    assert result.stderr.startswith("reprocheck: error: cannot create output folder")
+    assert result.stderr == (
+        f"reprocheck: error: --out: not a folder: {blocker} (for {blocker / 'sub'})\n"
+    )
     assert result.stderr.count("\n") == 1
     assert not list(tmp_path.glob("**/*.sqlite"))
 

@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         _split_list,
         _terminate_as_interrupt,
         _threads,
+        fail,
+        preflight,
         prewarm_html,
         stdout,
         user_errors,
@@ -94,6 +96,7 @@ def register(app: typer.Typer) -> None:
         it, then run `reprocheck check CONFIG --against golden.sqlite` (or `reprocheck check
         --against golden.sqlite -- python train.py ARGS`) on every change.
         """
+        preflight({"--output": output}, {"--out": out}, {"-n": repeats, "--steps": steps})
         from ..script import resolve_target
 
         # the target first: a mistake in the command line is said before torch is imported
@@ -105,7 +108,12 @@ def register(app: typer.Typer) -> None:
         )
         _emit(report, None, quiet)
         if report["verdict"] != "reproducible":
-            stdout.print(Text("no golden trace written: the audit did not reproduce", style="red"))
+            why = (
+                "the audit was not verified (the runs agreed, but see its reason)"
+                if report["verdict"] == "not_verified"
+                else "the audit did not reproduce"
+            )
+            stdout.print(Text(f"no golden trace written: {why}", style="red"))
             raise typer.Exit(report["exit_code"])
         reference = reference_trace(report)
         if reference is None:
@@ -155,6 +163,11 @@ def register(app: typer.Typer) -> None:
         golden belongs to its path; changed arguments or script content are listed in the
         report, and the runs compared all the same.
         """
+        preflight(
+            {"--junit": junit, "--json": json_path, "--html": html_path},
+            {"--out": out},
+            {"-n": repeats, "--steps": steps},
+        )
         from ..script import resolve_target
 
         if output_format not in ("text", "github", "json"):
@@ -164,10 +177,12 @@ def register(app: typer.Typer) -> None:
         config, target = resolve_target(config_path, list(ctx.args), "check")
         from ..golden import GoldenError, precheck
 
-        try:  # a golden that is not this config's (or script's) is said before any run
+        # a golden that is not this config's (or script's), or holds no training step (exit
+        # 3), is said before any run
+        try:
             precheck(str(against), config, target["argv"] if target else None, any_config)
         except GoldenError as exc:
-            raise UsageError(str(exc)) from None
+            raise fail(str(exc), exc.exit_code) from None
         machine = output_format != "text"
         try:
             config, report = _audit(
@@ -185,7 +200,7 @@ def register(app: typer.Typer) -> None:
                 any_config=any_config,
             )
         except GoldenError as exc:
-            raise UsageError(str(exc)) from None
+            raise fail(str(exc), exc.exit_code) from None
         _emit(report, json_path, quiet or machine, html_path)
         if junit is not None:
             from ..report.junit import write_junit

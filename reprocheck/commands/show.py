@@ -1,4 +1,8 @@
-"""``reprocheck show TRACE [--step K]``: look inside one run's trace."""
+"""``reprocheck show TRACE [--step K]``: look inside one run's trace.
+
+A trace is a file anyone may have written: every string read from it (names, error,
+environment) is shown made safe (report/safe.py), escape sequences escaped and a long
+string cut."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from rich.text import Text
 
 def register(app: typer.Typer) -> None:
     from ..cli import UsageError, stdout, user_errors
+    from ..report.safe import safe
 
     @app.command()
     @user_errors
@@ -27,32 +32,40 @@ def register(app: typer.Typer) -> None:
         """
         from ..trace import Trace
 
-        with Trace(trace_path) as trace:
+        # read as a foreign trace: read-only, never written, nothing made beside it
+        with Trace(trace_path, own=False) as trace:
             meta = trace.meta
-            env = meta.get("environment") or {}
-            config = meta.get("config") or {}
+            env = trace.meta_object("environment")
+            config = trace.meta_object("config")
             steps = f"steps 0–{trace.last_step}" if trace.steps else "no step committed"
             if step is not None and step not in trace.steps:
                 raise UsageError(f"{trace_path} has no step {step} ({steps})")
-            head = Text(f"{trace_path}", style="bold")
+            head = Text(safe(trace_path), style="bold")
             stdout.print(head)
             steps = f"steps 0–{trace.last_step}" if trace.steps else "no step committed"
             status = Text(
-                f"  {config.get('name')} · leg {meta.get('leg')} · run #{meta.get('run')} · "
+                f"  {safe(config.get('name'))} · leg {safe(meta.get('leg'))} · "
+                f"run #{safe(meta.get('run'))} · "
             )
-            status.append(f"{trace.status}", style="green" if trace.status == "complete" else "red")
-            status.append(f" · {steps} · {trace.record_count():,} records · {meta.get('hasher')}")
+            status.append(
+                safe(trace.status), style="green" if trace.status == "complete" else "red"
+            )
+            status.append(
+                f" · {steps} · {trace.record_count():,} records · {safe(meta.get('hasher'))}"
+            )
             stdout.print(status)
             stdout.print(
                 Text(
-                    f"  torch {env.get('torch')} · python {env.get('python')} · "
-                    f"{env.get('cpu')} ({env.get('cpu_capability')}) · "
-                    f"threads {env.get('threads')}",
+                    safe(
+                        f"  torch {env.get('torch')} · python {env.get('python')} · "
+                        f"{env.get('cpu')} ({env.get('cpu_capability')}) · "
+                        f"threads {env.get('threads')}"
+                    ),
                     style="dim",
                 )
             )
             if trace.error:
-                stdout.print(Text(f"  error: {trace.error}", style="red"))
+                stdout.print(Text(f"  error: {safe(trace.error)}", style="red"))
             if step is None:
                 _steps_table(trace)
                 return
@@ -65,10 +78,10 @@ def register(app: typer.Typer) -> None:
                 sketch = record.sketch
                 table.add_row(
                     str(record.seq),
-                    record.phase,
-                    Text(record.name),
-                    record.shape_text,
-                    record.dtype,
+                    Text(safe(record.phase)),
+                    Text(safe(record.name)),
+                    Text(safe(record.shape_text)),
+                    Text(safe(record.dtype)),
                     record.digest.hex()[:16],
                     f"{sketch[0]:.6g}" if sketch else "–",
                     f"{sketch[2]:.6g}" if sketch else "–",
@@ -79,8 +92,7 @@ def register(app: typer.Typer) -> None:
         table = Table(box=None, pad_edge=False)
         for column in ("step", "records", "loss", "ms"):
             table.add_column(column, justify="right")
-        rows = trace.db.execute("SELECT step, records, loss, wall_s FROM steps ORDER BY step")
-        for number, records, loss, wall in rows:
+        for number, records, loss, wall in trace.step_rows():
             table.add_row(
                 str(number),
                 str(records),

@@ -181,7 +181,7 @@ def _in_effect(report: dict[str, Any]) -> dict[str, Any]:
     for leg in report.get("legs") or []:
         for run in leg.get("runs") or []:
             try:
-                with Trace(run["trace"]) as trace:
+                with Trace(run["trace"], own=True) as trace:
                     meta = trace.meta
             except (TraceError, KeyError, TypeError):
                 continue

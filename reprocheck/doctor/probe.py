@@ -203,7 +203,7 @@ def sensitivity(
         if len(runs) > 1 and report["verdict"] != "reproducible":
             return False, None
         traces.append(runs[0]["trace"])
-    found = first_divergence(traces)
+    found = first_divergence(traces, own=True)
     if found is None:
         return False, None
     return True, {"step": found.step, "phase": found.phase, "tensor": found.tensor}
@@ -236,7 +236,7 @@ def _capture_failure(trace: str) -> str:
     """Why an op-scan run produced nothing, from its trace (or its log)."""
     log = os.path.splitext(trace)[0] + ".log"
     try:
-        with Trace(trace) as opened:
+        with Trace(trace, own=True) as opened:
             error = opened.error or f"the run ended {opened.status}"
     except TraceError:
         error = "the run did not start"

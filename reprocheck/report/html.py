@@ -283,6 +283,10 @@ def write_html(
     path.parent.mkdir(parents=True, exist_ok=True)
     text = render_html(report, path.parent, rules)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:  # (a full disk): no half a page left behind
+        temporary.unlink(missing_ok=True)
+        raise
     return path

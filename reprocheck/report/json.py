@@ -7,6 +7,7 @@ The data is kept as it is (JSON escapes control characters itself), but a string
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -18,7 +19,12 @@ def write_report(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Write the JSON report atomically (a reader never sees half a file)."""
     path = os.fspath(path)
     temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        jsonout.dump(cut_all(report), handle, indent=2, default=str)
-        handle.write("\n")
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            jsonout.dump(cut_all(report), handle, indent=2, default=str)
+            handle.write("\n")
+        os.replace(temporary, path)
+    except BaseException:  # (a full disk): no half a file left behind
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise

@@ -5,11 +5,14 @@ A *driver* says where a run's steps begin and end — the config loop
 the Python API (:class:`reprocheck.Recorder`). The context owns the rest, once: the trace
 (its meta, its status, how it finishes), the step recorder with its capture window, and
 what an error becomes — a failed trace with its error line and exit status 3, a config
-error with exit 2, a script's ``sys.exit(n)`` with the status it gave.
+error with exit 2, a script's ``sys.exit(n)`` with the status it gave, a full disk under
+the trace with "no space left on device while writing TRACE" and
+:data:`~reprocheck.runner.worker.EXIT_NO_SPACE` (the trace may not take even that).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -19,8 +22,9 @@ from typing import Any, Callable
 from ..config import ConfigError
 from ..fingerprint import hasher_name
 from ..recorder import StepRecorder
-from ..trace import TraceWriter
+from ..trace import TraceFull, TraceWriter
 from ..verdict import EXIT_FAILED, EXIT_USAGE
+from .worker import EXIT_NO_SPACE, quiet_output
 
 EXIT_OK = 0
 
@@ -119,8 +123,13 @@ class RunContext:
         if self.finished:
             return
         if self.on_finish is not None:
-            meta = {**self.on_finish(status), **meta}
+            with contextlib.suppress(TraceFull):  # (what it records the full disk refuses)
+                meta = {**self.on_finish(status), **meta}
         self.finished = True
+        if self.writer.full is not None:  # whatever else happened, the run ends with its cause
+            status, error = "failed", str(self.writer.full)
+            meta.update(error_kind="no_space")
+            meta.setdefault("failed_step", self.step_in_progress)
         from ..determinism import package_versions
 
         meta.setdefault("packages", package_versions())  # what the run imported, versioned
@@ -134,16 +143,21 @@ class RunContext:
         accelerator = next((d for d in devices if d != "cpu"), None)
         if accelerator is not None:  # the hasher the model's tensors went through
             meta.setdefault("hasher", hashers[accelerator])
-        self.writer.finish(status, error, records=self.recorder.records, hashers=hashers, **meta)
+        with contextlib.suppress(TraceFull):  # (the trace says what it could; the status the rest)
+            self.writer.finish(
+                status, error, records=self.recorder.records, hashers=hashers, **meta
+            )
 
     def fail(self, exc: BaseException) -> int:
         """The run raised: its traceback to the log, its error line to the trace; exit 3
         (2 for a config error the run met: a factory that returned the wrong thing)."""
         if isinstance(exc, ConfigError):
             self.finish("failed", f"config error: {exc}", error_kind="config")
-            print(f"reprocheck: config error: {exc}", file=sys.stderr)
+            with contextlib.suppress(OSError):  # (a log on a full disk)
+                print(f"reprocheck: config error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            traceback.print_exc()
         kind = "interrupted" if isinstance(exc, KeyboardInterrupt) else "exception"
         self.finish(
             "failed",
@@ -158,7 +172,15 @@ class RunContext:
 
     def run(self, body: Callable[[], Any]) -> int:
         """Run the driver's ``body``; the trace then says how it ended, and the result is
-        the process's exit status."""
+        the process's exit status (:data:`EXIT_NO_SPACE` once the trace's disk was full,
+        whatever the script made of the error: the launcher says why from that alone)."""
+        code = self._run(body)
+        if self.writer.full is not None:
+            quiet_output()  # the log is on that disk too: the exit must not fail flushing it
+            return EXIT_NO_SPACE
+        return code
+
+    def _run(self, body: Callable[[], Any]) -> int:
         try:
             body()
         except SystemExit as exc:  # the script's own sys.exit, or the step limit
@@ -174,7 +196,10 @@ class RunContext:
         except BaseException as exc:
             return self.fail(exc)
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            except OSError:  # the log's disk is full
+                quiet_output()
         self.finish("complete")
         return EXIT_OK

@@ -9,6 +9,7 @@ the leg as soon as two of them disagree.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -24,8 +25,17 @@ from typing import Any, Callable
 
 from ..config import Config, config_to_dict
 from ..determinism import child_environment, torch_source
-from ..trace import Trace, TraceError, committed_steps, leave_wal, mark_ended
+from ..trace import (
+    Trace,
+    TraceError,
+    _read_log,
+    committed_steps,
+    leave_wal,
+    mark_ended,
+    step_log_path,
+)
 from . import checkpoint, pool
+from .worker import EXIT_NO_SPACE
 
 POLL_S = 0.05
 FAIL_FAST_EVERY_S = 0.5
@@ -268,8 +278,16 @@ class Launcher:
             **extra,
         }
         spec_path = self.out_dir / f"{stem}.spec.json"
-        spec_path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
         result = RunResult(leg.name, run, str(trace), str(self.out_dir / f"{stem}.log"))
+        try:
+            spec_path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            with contextlib.suppress(OSError):
+                spec_path.unlink()  # half a spec
+            result.status = "failed"  # never started (the scheduler passes it by)
+            result.error = f"no space left on device while writing {spec_path}"
         return result, str(spec_path)
 
     def _checkpoint_prefix(self, leg: Leg, run: int) -> str:
@@ -377,6 +395,22 @@ class Launcher:
         }
         return kept
 
+    def extra_runs(
+        self, leg: Leg, runs: Sequence[tuple[str, dict[str, Any]]], until: int
+    ) -> list[RunResult]:
+        """More runs of ``leg`` beside the verdict's, never part of it (the canary, the
+        observer), side by side: each (suffix, what joins its spec), numbered after the
+        verdict's, forked where the pool serves; ``until``: the step progress counts to."""
+        env = self._environment(leg)
+        tasks = []
+        for suffix, extra in runs:
+            result, spec_path = self._spec(leg, self.config.repeats, suffix, **extra)
+            if os.path.exists(result.trace):
+                os.remove(result.trace)
+            tasks.append(_Task(leg, result, spec_path, env, fork=pool.usable(env, leg.device)))
+        self._execute(tasks, until, check_leg=False)
+        return [task.result for task in tasks]
+
     def analyse(self, leg: Leg, request: dict[str, Any]) -> dict[str, Any]:
         """Measure what replays kept (:mod:`.analysis`) in a fork of the leg's zygote, or
         in this process where torch is imported already or no zygote can serve (this
@@ -386,10 +420,18 @@ class Launcher:
             self._analyses += 1
             stem = self.out_dir / f"{leg.name}.analysis-{self._analyses}"
             out = str(stem) + ".out.json"
-            Path(str(stem) + ".json").write_text(json.dumps({**request, "out": out}), "utf-8")
-            process = pool.spawn(
-                env, str(stem) + ".json", str(stem) + ".log", module=f"{__package__}.analysis"
-            )
+            try:
+                Path(str(stem) + ".json").write_text(json.dumps({**request, "out": out}), "utf-8")
+            except OSError as exc:  # a full disk: measured here instead, where no file is needed
+                if exc.errno != errno.ENOSPC:
+                    raise
+                with contextlib.suppress(OSError):
+                    os.remove(str(stem) + ".json")
+                process = None
+            else:
+                process = pool.spawn(
+                    env, str(stem) + ".json", str(stem) + ".log", module=f"{__package__}.analysis"
+                )
             if process is not None:
                 try:
                     code = process.wait(timeout=self.timeout)
@@ -421,7 +463,7 @@ class Launcher:
                 for task in list(queue):
                     if len(self._running) >= self.jobs:
                         break
-                    if task.result.status == "stopped":
+                    if task.result.status in ("stopped", "failed"):  # (failed: never started)
                         queue.remove(task)
                     elif not (task.fork and pool.warming(task.env, self.any_threads)):
                         queue.remove(task)
@@ -477,22 +519,31 @@ class Launcher:
                 task.env, task.spec_path, task.result.log, any_threads=self.any_threads
             )
             if task.process is not None:
+                pool.track(task.process.pid)  # (its session: the reaper's, if the audit dies)
                 task.started = time.monotonic()
                 task.result.status = "running"
                 task.result.forked = True
                 self._running.append(task)
                 return
-        log = open(task.result.log, "wb")  # noqa: SIM115 - handed to the child, closed on exit
+        try:
+            log = open(task.result.log, "wb")  # noqa: SIM115 - handed to the child, closed on exit
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            task.result.status = "failed"  # never started: the disk is full
+            task.result.error = f"no space left on device while writing {task.result.log}"
+            return
         task.process = subprocess.Popen(
             [task.env.get(pool.PYTHON_ENV) or sys.executable, "-m", "reprocheck.runner.worker"]
             + [task.spec_path],
-            env=task.env,
+            env=pool.audit_env(task.env),  # it dies with the audit, and what it starts too
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches the parent, which stops the children
         )
         log.close()
+        pool.track(task.process.pid)
         task.watch()
         task.started = time.monotonic()
         task.result.status = "running"
@@ -512,6 +563,7 @@ class Launcher:
             return
         self._running.remove(task)
         task.unwatch()
+        pool.untrack(task.process.pid)
         result.exit_code = code
         self._settle(result, code)
         if self.progress:
@@ -523,18 +575,22 @@ class Launcher:
         for path in result.processes.values():
             leave_wal(path)
         try:
-            with Trace(result.trace) as trace:
+            with Trace(result.trace, own=True) as trace:
                 result.steps = len(trace.steps)
                 status, error, kind = trace.status, trace.error, trace.meta.get("error_kind")
         except TraceError:
             status, error, kind = "running", None, None
+        result.steps = max(result.steps, kept_steps(result.trace))  # (a log left unfolded)
         if not result.steps:  # the script's process only launched (torchrun, mp.spawn)
             children = [p for name, p in result.processes.items() if name != "main"]
-            result.steps = max((committed_steps(p) for p in children), default=0)
+            result.steps = max((kept_steps(p) for p in children), default=0)
         if not (status == "complete" and code == 0):
             result.log_tail = log_tail(result.log, 12).split(" | ")
         if status == "complete" and code == 0:
             result.status = "complete"
+        elif code == EXIT_NO_SPACE:  # its trace's disk is full: it may not have said so there
+            result.status = "failed"
+            result.error = error or f"no space left on device while writing {result.trace}"
         elif kind == "config" or code == 2:
             result.status = "config_error"
             result.error = error or log_tail(result.log)
@@ -565,6 +621,7 @@ class Launcher:
                 os.kill(task.process.pid, signal.SIGKILL)
         task.process.wait()
         task.unwatch()
+        pool.untrack(task.process.pid)
         if task in self._running:
             self._running.remove(task)
         result = task.result
@@ -600,7 +657,10 @@ class Launcher:
             verified = self._verified.get(traces, -1)
             if common <= verified:
                 continue
-            if first_divergence(list(traces), partial=True, from_step=verified + 1) is None:
+            if (
+                first_divergence(list(traces), partial=True, from_step=verified + 1, own=True)
+                is None
+            ):
                 self._verified[traces] = common
                 continue
             for task in leg_tasks:
@@ -640,6 +700,22 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def kept_steps(path: str) -> int:
+    """The steps a finished run's trace kept, exactly: those committed to SQLite and the
+    whole frames of a step log its writer could not fold (a full disk leaves it there, and
+    a reader cannot fold it either). 0 when there is no trace."""
+    steps: set[int] = set()
+    with contextlib.suppress(TraceError), Trace(path, own=True) as trace:
+        steps.update(trace.steps)
+    with contextlib.suppress(OSError):
+        fd = os.open(step_log_path(path), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            steps.update(logged.step for logged in _read_log(fd, os.fstat(fd).st_size))
+        finally:
+            os.close(fd)
+    return len(steps)
+
+
 def _first_failed_child(result: RunResult) -> str | None:
     """``rank1: RuntimeError: … (train.py:72 in _run_batch)``: the error of the child
     process that failed first (a rank that raised; the others then fail in the collective
@@ -648,7 +724,7 @@ def _first_failed_child(result: RunResult) -> str | None:
     for name, path in result.processes.items():
         if name == "main" or not os.path.exists(path):
             continue
-        with contextlib.suppress(TraceError), Trace(path) as trace:
+        with contextlib.suppress(TraceError), Trace(path, own=True) as trace:
             if trace.status == "failed" and trace.error:
                 failed.append((trace.meta.get("failed_at") or float("inf"), name, trace.error))
     if not failed:

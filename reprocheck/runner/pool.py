@@ -36,7 +36,9 @@ a divergence a fresh process shows:
   from a live zygote of another count and sets torch's count: both its runs then share
   NumPy's count, whose splitting is fixed run to run, and torch runs at the control's;
 - **the zygote's end**: a fork dies with it (``PR_SET_PDEATHSIG``), and is reported
-  killed, rather than running on unseen;
+  killed, rather than running on unseen; the zygote dies with the audit, and a *reaper*
+  ends whatever the audit's runs started once the audit has gone, SIGKILL included
+  (:func:`audit_env`; docs/architecture.md, "When the audit dies");
 - **CUDA** cannot be used in a fork of a process that initialised it: only CPU runs fork
   (the zygote never touches CUDA), a CUDA leg always starts fresh; and only on Linux
   (elsewhere a fork of a process that loaded torch's native libraries is not safe).
@@ -55,9 +57,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import importlib
 import json
 import os
+import secrets
 import select
 import signal
 import subprocess
@@ -73,6 +77,12 @@ POOL_ENV = "REPROCHECK_POOL"
 # a leg run by another Python (``--python PATH``): never a fork of this one's zygote
 PYTHON_ENV = "REPROCHECK_PYTHON"
 READY_TIMEOUT_S = 120.0
+# Every process an audit starts carries its token in this variable (an audit within a run:
+# its own after its parents'), which the audit's reaper finds them by once it has gone
+AUDIT_ENV = "REPROCHECK_AUDIT"
+# the pid of the process that started this one from its main thread: die with it
+DEATH_ENV = "REPROCHECK_DIE_WITH"
+SWEEP_S = 10.0  # the reaper's longest sweep
 MAX_ZYGOTES = 4  # warm servers kept at once (each holds torch: ~300 MB, shared with forks)
 
 # Variables read while an interpreter starts or torch, NumPy and their libraries load:
@@ -120,6 +130,193 @@ def usable(env: dict[str, str], device: str) -> bool:
     return device == "cpu" and seed.isdigit()  # a random hash seed needs its own start
 
 
+# ---------------------------------------------------------------- the audit's end
+#
+# Whatever the audit's process starts must not outlive it, SIGKILL of it included. The
+# processes it starts itself (a zygote, a fresh run) die with it by PR_SET_PDEATHSIG, and
+# a zygote's forks with the zygote; that is the kernel's, instant, and needs nothing of
+# the audit. What they start in turn (a torchrun agent and its ranks, each in a session of
+# its own; a script's subprocesses) is ended by the *reaper*: a small process of the
+# audit's, holding the read end of a pipe whose write end only the audit holds. At the
+# pipe's end (the audit has exited, or was killed) it kills every process that carries
+# the audit's token in its environment (:data:`AUDIT_ENV`) and every member of the
+# sessions of the runs, sweeping until a few rounds find none. Where there is no /proc
+# (not Linux) it kills the process groups the audit named to it (:func:`track`), and
+# where there is no prctl the reaper alone ends them.
+
+_LIFELINE: dict[str, Any] = {"fd": None, "token": None, "owner": None, "process": None}
+_LIFELINE_LOCK = threading.Lock()
+
+
+def _lifeline() -> str | None:
+    """This audit's token, its reaper started on first use (None if it cannot be)."""
+    with _LIFELINE_LOCK:
+        if _LIFELINE["owner"] == os.getpid():
+            return _LIFELINE["token"]
+        token = f"{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            read, write = os.pipe()  # not inherited across exec: only this process writes
+        except OSError:
+            return None
+        env = {k: v for k, v in os.environ.items() if k != DEATH_ENV}
+        # isolated (-I -S): no sitecustomize, PYTHONPATH or .pth of the user's runs in it
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = f"import sys; sys.path.insert(0, {root!r}); from {__name__} import reap; reap"
+        code += f"({token!r})"
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", code],
+                env=env,
+                stdin=read,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's Ctrl-C to the audit's group spares it
+            )
+        except OSError:
+            os.close(write)
+            return None
+        finally:
+            os.close(read)
+        os.set_blocking(write, False)  # a message it has no room for is dropped, not waited on
+        _LIFELINE.update(fd=write, token=token, owner=os.getpid(), process=process)
+        return token
+
+
+def _forget_lifeline() -> None:
+    """In a fork of the audit's process: the pipe is the audit's alone (a fork holding it
+    would keep it open after the audit died); a fork that audits starts its own."""
+    if _LIFELINE["fd"] is not None:
+        with contextlib.suppress(OSError):
+            os.close(_LIFELINE["fd"])
+    _LIFELINE.update(fd=None, token=None, owner=None, process=None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_lifeline)
+
+
+def audit_env(env: dict[str, str], die_with: bool = True) -> dict[str, str]:
+    """``env`` for a process this audit starts: carrying the audit's token (the reaper finds
+    it, and everything it starts, by that) and, with ``die_with`` and when started from the
+    main thread, told to die with this process (:func:`die_with_parent`). Only the main
+    thread: PR_SET_PDEATHSIG fires when the *thread* that started the process ends, and an
+    attribution's threads end while the zygotes they started serve on."""
+    out = dict(env)
+    out.pop(DEATH_ENV, None)
+    token = _lifeline()
+    tokens = out.get(AUDIT_ENV, "").split()
+    if token and token not in tokens:
+        out[AUDIT_ENV] = " ".join([*tokens, token])
+    if die_with and threading.current_thread() is threading.main_thread():
+        out[DEATH_ENV] = str(os.getpid())
+    return out
+
+
+def _tell(message: str) -> None:
+    fd = _LIFELINE["fd"] if _LIFELINE["owner"] == os.getpid() else None
+    if fd is not None:
+        with contextlib.suppress(OSError):  # full (dropped: /proc still finds it), or gone
+            os.write(fd, message.encode() + b"\n")
+
+
+def track(pid: int) -> None:
+    """A run's process (a session of its own) for the reaper to end if the audit dies."""
+    _tell(f"+{pid}")
+
+
+def untrack(pid: int) -> None:
+    """The run ended and was waited for (its pid may be reused from now on)."""
+    _tell(f"-{pid}")
+
+
+def die_with_parent() -> None:
+    """At the start of a process the audit started: die with the audit, where it asked for
+    that (:func:`audit_env`); the variable is not passed on to this process's children."""
+    parent = os.environ.pop(DEATH_ENV, "")
+    if parent.isdigit():
+        _die_with(int(parent))
+
+
+def reap(token: str) -> None:
+    """The reaper's loop: read the groups the audit names until its end of the pipe closes
+    (the audit has ended, however), then end everything of its audit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    groups: set[int] = set()
+    pending = b""
+    while True:
+        try:
+            chunk = os.read(0, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            text = line.decode(errors="replace").strip()
+            if text[1:].isdigit():
+                (groups.add if text[0] == "+" else groups.discard)(int(text[1:]))
+    _sweep(token, groups)
+
+
+def _sweep(token: str, groups: set[int]) -> None:
+    """Kill every process of the audit ``token`` names: its token in their environment, or
+    in the sessions and groups of the runs; until three rounds in a row find none."""
+    me = os.getpid()
+    if not os.path.isdir("/proc"):  # no /proc: the groups the audit named, and no more
+        for pid in groups:
+            for kill in (os.killpg, os.kill):
+                with contextlib.suppress(OSError):
+                    kill(pid, signal.SIGKILL)
+        return
+    sessions = set(groups)
+    quiet, deadline = 0, time.monotonic() + SWEEP_S
+    while quiet < 3 and time.monotonic() < deadline:
+        doomed = []
+        for pid, (state, group, session) in _process_table().items():
+            if pid == me or state in ("Z", "X"):  # (a zombie has ended: its parent reaps it)
+                continue
+            if session in sessions or group in sessions or _carries(pid, token):
+                doomed.append(pid)
+                if session == pid:  # a run, a rank: its session's members go with it
+                    sessions.add(pid)
+        for pid in doomed:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        quiet = 0 if doomed else quiet + 1
+        time.sleep(0.02)
+
+
+def _process_table() -> dict[int, tuple[str, int, int]]:
+    """pid → (state, process group, session) of every process, from /proc."""
+    table = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+                table[int(entry)] = (fields[0].decode(), int(fields[2]), int(fields[3]))
+            except (OSError, IndexError, ValueError):
+                continue  # ended meanwhile
+    return table
+
+
+def _carries(pid: int, token: str) -> bool:
+    """Does the process's environment (as it started) name the audit's token?"""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            environ = handle.read()
+    except OSError:  # ended, or not ours to read
+        return False
+    prefix = AUDIT_ENV.encode() + b"="
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            return token.encode() in item[len(prefix) :].split()
+    return False
+
+
 class PooledProcess:
     """A forked run, as the launcher sees a ``subprocess.Popen``: pid, poll, wait."""
 
@@ -156,7 +353,7 @@ class Zygote:
         self.env = env
         self.process = subprocess.Popen(
             [sys.executable, "-m", "reprocheck.runner.pool"],
-            env=env,
+            env=audit_env(env),  # it dies with the audit (its forks die with it)
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -242,7 +439,7 @@ class Zygote:
             "spec": os.path.abspath(spec_path),
             "log": os.path.abspath(log_path),
             "cwd": os.getcwd(),
-            "env": env,
+            "env": audit_env(env, die_with=False),  # (a fork dies with the zygote)
             "module": module,
         }
         with self._fork_lock:
@@ -433,7 +630,12 @@ def _child(request: dict[str, Any], parent: int) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter has them
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as exc:  # a full disk: its output goes nowhere, its trace says the rest
+        if exc.errno != errno.ENOSPC:
+            raise
+        log = os.open(os.devnull, os.O_WRONLY)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(log, 1)
@@ -478,6 +680,7 @@ def _child(request: dict[str, Any], parent: int) -> int:
 def serve() -> None:
     """The zygote's loop: one JSON request per line on stdin → fork; pids and exit codes
     as JSON lines on stdout. Ends at the end of its input."""
+    die_with_parent()
     out = sys.stdout.buffer
     _warm()
     atexit.unregister(shutdown)  # the zygote's own registry is empty; its forks inherit it

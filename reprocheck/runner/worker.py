@@ -2,18 +2,36 @@
 
 The spec (written by :mod:`reprocheck.runner.launch`) names the config, the leg (device,
 threads), the run index and the trace path. Exit status: 0 complete, 2 config error,
-3 the training raised. Whatever happens, the trace says so in ``meta.status``
+3 the training raised, :data:`EXIT_NO_SPACE` the disk holding the trace is full (the trace
+may not have been able to say so itself). Otherwise, the trace says so in ``meta.status``
 (:class:`reprocheck.runner.context.RunContext` owns that); this module picks the driver —
 the config loop, or an unchanged script — and saves what a replay captured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from typing import Any
 
 from ..verdict import EXIT_USAGE as EXIT_CONFIG
+
+EXIT_NO_SPACE = 28  # (ENOSPC's number) the launcher reads it as "no space left on device"
+
+
+def quiet_output() -> None:
+    """The run's log cannot take more (its disk is full): what the process still prints
+    goes nowhere, so that no write fails again, nor the exit's flush (which would make the
+    exit status 120)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 def run(spec: dict[str, Any]) -> int:
@@ -42,12 +60,15 @@ def run(spec: dict[str, Any]) -> int:
             # a compile leg: was inductor's cache warm when this run started
             **({"compile_cache_warm": compile_cache_warm()} if spec.get("compile") else {}),
         },
-        config.record,
+        # the observer run records the state alone: it must end where the others do
+        ("weights", "optimizer") if spec.get("observer") else config.record,
         with_sketch=bool(spec.get("with_sketch")),
         depth=depth,
         capture=(capture["step"], capture["tensors"]) if capture else None,
         extra_phases=("forward", "backward") if depth != "step" else (),
     )
+
+    canary = dict(spec["canary"]) if spec.get("canary") else None
 
     def body() -> None:
         ops = train(
@@ -61,7 +82,10 @@ def run(spec: dict[str, Any]) -> int:
             resume=capture.get("resume") if capture else None,
             compile=bool(spec.get("compile")),
             backend=capture.get("backend") if capture else None,
+            canary=canary,
         )
+        if canary is not None and "planted" in canary:
+            context.writer.set_meta(canary=canary["planted"])
         if capture:
             save_capture(capture, context.recorder, ops)
 
@@ -98,9 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m reprocheck.runner.worker SPEC.json", file=sys.stderr)
         return EXIT_CONFIG
+    from .pool import die_with_parent
+
+    die_with_parent()  # a fresh run: it dies with the audit (a fork: with its zygote)
     with open(argv[0], encoding="utf-8") as handle:
         spec = json.load(handle)
     from ..config import ConfigError
+    from ..trace import TraceFull
 
     try:
         if "exec" in spec:  # `reprocheck exec` / `audit`: a script or function, unchanged
@@ -111,7 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # before the trace exists: the launcher reads our stderr
         print(f"reprocheck: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except TraceFull:  # the trace could not even be created: the exit status says why
+        quiet_output()
+        return EXIT_NO_SPACE
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # the log's disk is full
+        quiet_output()
+    sys.exit(code)
