@@ -142,6 +142,7 @@ class ScriptAudits:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)  # --json's folder must exist (preflight)
         self.done: dict[tuple[str, ...], CliResult] = {}
 
     def __call__(self, script: str, *args: str, options: tuple[str, ...] = ()) -> CliResult:

@@ -222,7 +222,7 @@ def test_persistent_views_follow_every_change_of_the_tensor(hasher, tmp_path):
         recorder.add_state("weights", [("param", param), ("state", state)])
         recorder.commit(step, None)
         writer.fold()
-        with Trace(writer.path) as trace:
+        with Trace(writer.path, own=True) as trace:  # still being written: our own
             return [r.digest for r in trace.records(step)]
 
     changes = [

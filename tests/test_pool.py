@@ -119,6 +119,8 @@ def test_a_verdicts_run_0_starts_fresh_and_its_other_runs_fork(tmp_path, monkeyp
     ]
 
 
+# slow: the thread-count zygotes are also exercised by the one-thread control test below
+@pytest.mark.slow
 def test_each_thread_count_forks_from_a_zygote_of_its_own_count(tmp_path, monkeypatch):
     # NumPy's OpenBLAS sizes its pool from OMP_NUM_THREADS when `import torch` loads it,
     # so a fork computes a count's bits only from a zygote started with that count. Here

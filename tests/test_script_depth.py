@@ -98,6 +98,8 @@ def test_the_sorted_vocabulary_reproduces_without_a_hash_seed(tmp_path, monkeypa
 # -- doctor -- python ----------------------------------------------------------------------
 
 
+# slow: the doctor's probes keep a default test each (tests/test_doctor.py, the RC020 case above)
+@pytest.mark.slow
 def test_doctor_names_each_cuda_nondeterministic_op_of_a_script_with_itsscript_line(runs):
     result, found = runs.doctor("segment_pool.py")
     assert result.code == 1, result.stderr
@@ -123,6 +125,8 @@ def test_doctor_finds_a_read_of_uninitialized_memory(runs):
     assert by_code["RC020"]["evidence"]["step"] == 1
 
 
+# slow: the doctor's probes keep a default test each (tests/test_doctor.py, the RC020 case above)
+@pytest.mark.slow
 def test_doctor_on_the_fixed_script_finds_no_uninitialized_read(runs):
     result, found = runs.doctor("uninit_buffer.py", "--zeros")
     assert result.code in (0, 1), result.stderr

@@ -157,6 +157,8 @@ def test_a_forked_worker_seeded_from_entropy_diverges_in_its_own_process(audits)
 # -- generators: observable versus latent (nanoGPT, makemore) ----------------------------
 
 
+# slow: mp.spawn's recording stays in the default suite (training in spawned workers)
+@pytest.mark.slow
 def test_a_divergence_in_a_spawned_worker_is_replayed_and_zoomed_there(audits):
     result = audits("spawn_train.py", "--steps", "3", "--reseed", "1:2")
     assert result.code == 1, result.report
