@@ -21,7 +21,8 @@ venv:
 	if [ "$$(cat $(STAMP) 2>/dev/null)" != "$$want" ]; then \
 		echo "installing $(TORCH) and reprocheck[dev] into $(VENV)"; \
 		$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)" && \
-		$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt && \
+		$(BIN)/python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" \
+			> $(VENV)/constraints.txt && \
 		$(BIN)/python -m pip install -q --disable-pip-version-check -c $(VENV)/constraints.txt \
 			-e ".[dev,frameworks,notebook]" && \
 		echo "$$want" > $(STAMP); \

@@ -251,6 +251,26 @@ def test_lightning_fit_with_self_log_and_torchmetrics_reproduces(audits):
     assert [run["steps"] for run in report["legs"][0]["runs"]] == [4, 4]
 
 
+def test_a_transformers_trainer_reproduces_and_names_its_seeding_by_the_users_line(audits):
+    _needs("transformers")
+    result = audits("python", _script("hf_trainer.py"))
+    assert result.code == 0, result.report
+    report = result.report
+    assert [m["type"] for m in report["config"]["models"]] == ["BertForSequenceClassification"]
+    assert [o["type"] for o in report["config"]["optimizers"]] == ["AdamW"]
+    # 4 optimizer steps of the Trainer's loop
+    assert [run["steps"] for run in report["legs"][0]["runs"]] == [4, 4]
+    with Trace(report["legs"][0]["runs"][0]["trace"]) as trace:
+        seeding = trace.meta["seeding"]
+    first = script_line("hf_trainer.py", "set_seed(42)")
+    trainer = script_line("hf_trainer.py", "trainer = Trainer(")
+    calls = [(c["call"], c["where"].split(" (in ")[0]) for c in seeding]
+    # the user's lines: their own set_seed, then the one TrainingArguments(seed=) makes
+    assert ("torch.manual_seed", first) in calls and ("torch.manual_seed", trainer) in calls
+    assert all(" (in set_seed, transformers/" in c["where"] for c in seeding)
+
+
+@pytest.mark.slow
 def test_a_transformers_trainer_model_built_before_its_seed_is_named(audits):
     _needs("transformers")
     result = audits("python", _script("hf_trainer.py"), "--late-seed", env=AS_IS)

@@ -138,7 +138,7 @@ def growth_svg(report: dict[str, Any], series: dict[str, Any]) -> str | None:
             bottom.text(
                 0.5,
                 0.5,
-                "no |Δ loss| to draw: the losses the two groups recorded are equal at every "
+                "no |Δ loss| to draw: the losses the two groups recorded are equal at every\n"
                 "step both reached (the divergence is in other tensors)"
                 if common
                 else "no |Δ loss| to draw: the two groups share no step with a recorded loss",
@@ -147,7 +147,6 @@ def growth_svg(report: dict[str, Any], series: dict[str, Any]) -> str | None:
                 va="center",
                 fontsize=8,
                 color="#4a5568",
-                wrap=True,
             )
         bottom.set_ylabel(f"Δ #{groups[0][0]} vs #{groups[1][0]}")
         bottom.set_xlabel("step")
