@@ -485,6 +485,7 @@ ZOOM_KEYS = (
     "op_index",
     "ops_captured",
     "ops_window",
+    "made_by",
     "rung",
     "ladder",
     "compiled_output",

@@ -108,6 +108,7 @@ class OpRecord:
     generator: bool = False  # drew from a random generator
     forward_line: bool = False  # a backward op: ``source`` is the forward line of its node
     scalars: list[str] = field(default_factory=list)  # its number arguments, as repr()
+    shapes: list[list[int]] = field(default_factory=list)  # its tensor outputs' shapes
 
     @property
     def base(self) -> str:
@@ -431,6 +432,7 @@ class _Dispatch(TorchDispatchMode):
                 # a Python number passed to the op (a scale, an epsilon, a dropout p): two
                 # runs may differ there with every tensor input equal
                 [repr(v) for v in leaves if type(v) in (int, float, complex)],
+                [list(v.shape) for v in _leaves(out, []) if isinstance(v, torch.Tensor)],
             )
         )
         return out
@@ -581,16 +583,28 @@ def classify(a: OpRecord, b: OpRecord, step: int, phase: str) -> tuple[str, str]
 
 
 def localize(
-    a: Sequence[OpRecord], b: Sequence[OpRecord], step: int, phase: str
+    a: Sequence[OpRecord],
+    b: Sequence[OpRecord],
+    step: int,
+    phase: str,
+    tensor: str | None = None,
+    shape: Sequence[int] | None = None,
 ) -> dict[str, Any] | None:
-    """module, op, source, cause and the op's index for the first divergent op."""
+    """module, op, source, cause and the op's index for the first divergent op. Where
+    that op makes no tensor of the divergent tensor's ``shape`` (it belongs to another
+    tensor: a bias's gradient before a weight's, in backward order), ``made_by`` names
+    the first differing op that makes one too."""
     index = first_divergent_op(a, b)
     if index is None or index >= min(len(a), len(b)):
         return None
     x, y = a[index], b[index]
     backward = x.stage == "backward"
     cause, detail = classify(x, y, step, phase)
+    made_by = _made_by(a, b, index, shape) if tensor is not None and shape is not None else None
+    if made_by is not None:
+        made_by["tensor"] = tensor
     return {
+        "made_by": made_by,
         "op_index": index,
         "ops_captured": [len(a), len(b)],
         "op": x.base,
@@ -603,6 +617,33 @@ def localize(
         "cause_detail": detail,
         "ops_window": _window(a, b, index),
     }
+
+
+def _made_by(
+    a: Sequence[OpRecord], b: Sequence[OpRecord], index: int, shape: Sequence[int]
+) -> dict[str, Any] | None:
+    """Where the first divergent op (``index``) makes no tensor of ``shape`` but records
+    its output shapes, the first later op whose outputs differ and include one of that
+    shape (None where the first divergent op makes such a tensor, or none is found)."""
+    wanted = list(shape)
+    if not a[index].shapes or wanted in a[index].shapes:
+        return None
+    for i in range(index + 1, min(len(a), len(b))):
+        x, y = a[i], b[i]
+        kept = slice(SCRATCH_OUTPUTS.get(x.base))
+        if wanted in x.shapes and (x.op != y.op or x.outputs[kept] != y.outputs[kept]):
+            return {
+                "op_index": i,
+                "op": x.base,
+                "stage": x.stage,
+                "module": x.module,
+                "source": x.source,
+                "code": x.code,
+                "source_is_forward_line": x.stage == "backward" and x.forward_line,
+                "shape": wanted,
+                "first_shapes": a[index].shapes,
+            }
+    return None
 
 
 OPS_AROUND = 5  # ops shown before and after the first divergent one (the HTML report)

@@ -144,3 +144,23 @@ def test_step_0_is_the_state_before_the_first_forward(tmp_path):
     assert step0["1.running_mean"] == fingerprint(torch.zeros(8)).value
     assert step0["1.running_var"] == fingerprint(torch.ones(8)).value
     assert step1["1.running_mean"] != step0["1.running_mean"]
+
+
+# a race between two threads: it shows in most audits, not in every one (slow, not flaky CI)
+@pytest.mark.slow
+def test_the_op_that_made_the_divergent_tensor_is_named_beside_the_first_differing_op(audits):
+    result = audits("factorization.py", options=("--threads", "2"))
+    assert result.code == 1, result.report
+    first = result.report["first_divergence"]
+    assert (first["step"], first["phase"], first["tensor"]) == (1, "grads", "user_factors")
+    # backward runs in reverse: the item factors' gradient is accumulated (and differs) first
+    assert (first["op"], first["stage"]) == ("aten.index_put", "backward")
+    assert first["source"] == script_line("factorization.py", "v = self.item_factors[items]")
+    made = first["made_by"]
+    assert (made["tensor"], made["op"], made["shape"], made["first_shapes"]) == (
+        "user_factors",
+        "aten.index_put",
+        [64, 32],
+        [[16, 32]],
+    )
+    assert made["source"] == script_line("factorization.py", "u = self.user_factors[users]")

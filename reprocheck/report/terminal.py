@@ -404,6 +404,21 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
         if d.get("source_is_forward_line"):
             source.append("   (the forward line of this backward op)", style=DIM)
         lines.append(_line("source", source))
+    made = d.get("made_by")
+    if made:  # the first differing op belongs to another tensor: the one that made ours
+        shapes = ", ".join(f"({', '.join(map(str, s))})" for s in made["first_shapes"])
+        line = Text(f"{made['tensor']}: op {made['op']} ({made['stage']}) at {made['source']}")
+        if made.get("code"):
+            line.append(f"   {made['code']}", style=DIM)
+        lines.append(_line("made by", line))
+        lines.append(
+            _line(
+                "",
+                f"the op above makes another tensor (shape {shapes}); this one made "
+                f"{made['tensor']} (shape ({', '.join(map(str, made['shape']))}))",
+                style=DIM,
+            )
+        )
     if d.get("cause"):
         cause = Text(d["cause"], style="bold")
         if d.get("cause_detail"):

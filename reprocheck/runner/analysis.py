@@ -53,7 +53,14 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
         for path in request["ops"]:
             with open(path, encoding="utf-8") as handle:
                 ops.append(from_json(json.load(handle)))
-        answer["located"] = localize(ops[0], ops[1], request["step"], request["phase"])
+        answer["located"] = localize(
+            ops[0],
+            ops[1],
+            request["step"],
+            request["phase"],
+            request.get("tensor"),
+            request.get("shape"),
+        )
     return answer
 
 

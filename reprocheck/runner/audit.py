@@ -454,6 +454,10 @@ def _measure(launcher: Launcher, leg: Leg, divergence: Divergence, zoom: bool) -
                 "ops": [paths[run] + ".ops.json" for run in chosen] if zoom else None,
                 "step": divergence.step,
                 "phase": divergence.phase,
+                # the zoom names the op that made this tensor where the first differing
+                # op belongs to another
+                "tensor": divergence.tensor,
+                "shape": list(divergence.shape),
             },
         )
         measured_now = answer["found"]  # op-depth records keep no tensor
