@@ -164,3 +164,51 @@ def test_the_op_that_made_the_divergent_tensor_is_named_beside_the_first_differi
         [[16, 32]],
     )
     assert made["source"] == script_line("factorization.py", "u = self.user_factors[users]")
+
+
+COMPILED_NOISE = """
+import random
+import torch
+from torch import nn
+torch.manual_seed(0)
+scale = random.SystemRandom().uniform(0.9, 1.1)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.fc(x) * scale
+
+
+model = torch.compile(Net())
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+x, y = torch.randn(16, 8), torch.randn(16, 1)
+for step in range(3):
+    loss = (model(x) - y).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+@pytest.mark.slow  # torch.compile: ~15 s
+def test_a_script_that_compiles_itself_says_the_capture_ran_eager(tmp_path):
+    script = tmp_path / "compiled_noise.py"
+    script.write_text(COMPILED_NOISE)
+    report = tmp_path / "r.json"
+    result = run_cli(
+        "exec", "-q", "--no-attribute", "--out", str(tmp_path / "out"), "--json", str(report),
+        "--", "python", str(script),
+    )  # fmt: skip
+    assert result.code == 1, result.report
+    first = result.report["first_divergence"]
+    assert (first["step"], first["phase"], first["op"], first["cause"]) == (
+        1,
+        "outputs",
+        "aten.mul",
+        "a Python value differs",
+    )
+    assert first["rung"].startswith("eager (op capture): the model ran torch.compile'd")

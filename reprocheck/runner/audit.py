@@ -569,6 +569,21 @@ def _graph_output(launcher: Launcher, leg: Leg, divergence: Divergence) -> dict 
     return first_difference(records[0], records[1])
 
 
+def _ran_compiled(leg: Leg) -> bool:
+    """Whether run 0 of the leg ran a model torch.compile'd (its trace's ``compiled``)."""
+    run = leg.runs[0] if leg.runs else None
+    if run is None:
+        return False
+    for path in run.processes.values():
+        try:
+            with Trace(path, own=True) as trace:
+                if trace.meta.get("compiled") is True:
+                    return True
+        except TraceError:
+            continue
+    return False
+
+
 def _rung_text(ladder: dict[str, str]) -> str:
     """Where down the ladder (inductor → aot_eager → eager) the divergence disappears."""
     if ladder["aot_eager"] == "repeats":
@@ -717,6 +732,14 @@ def run_audit(
                 graph = _graph_output(launcher, leg, first)
                 if graph is not None:  # what the compiled code itself computed, first apart
                     measurement.zoom["compiled_output"] = graph
+            elif options.zoom and measurement.zoom.get("op") and _ran_compiled(leg):
+                # the script compiles its model itself (no --compile leg): the op capture
+                # ran the compiled regions eagerly, and the report says on which rung
+                measurement.zoom["rung"] = (
+                    "eager (op capture): the model ran torch.compile'd, and the op capture "
+                    "runs its compiled regions eagerly; `--compile on` replays down the "
+                    "ladder from inductor"
+                )
         except KeyboardInterrupt:
             interrupted = True
         timings["measure_s"] = time.monotonic() - measure_started
