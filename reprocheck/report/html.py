@@ -26,7 +26,11 @@ def _series(report: dict[str, Any]) -> dict[str, Any]:
     """The report's plot data as {run: {step: loss}} (a non-finite loss is left out)."""
     plot = report.get("plot") or {}
     runs = [
-        {"run": r["run"], "losses": {s: v for s, v in r["losses"] if v is not None}}
+        {
+            "run": r["run"],
+            "losses": {s: v for s, v in r["losses"] if v is not None},
+            "status": r.get("status"),
+        }
         for r in plot.get("runs") or []
     ]
     golden = {s: v for s, v in plot.get("golden") or [] if v is not None}
@@ -64,6 +68,8 @@ def growth_svg(report: dict[str, Any], series: dict[str, Any]) -> str | None:
     runs = [r for r in series["runs"] if r["losses"]]
     if not runs:
         return None
+    # a run stopped before it recorded a loss still has a place in the legend
+    unseen = [r["run"] for r in series["runs"] if not r["losses"]]
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -90,8 +96,13 @@ def growth_svg(report: dict[str, Any], series: dict[str, Any]) -> str | None:
             [run["losses"][s] for s in steps],
             color=colour,
             lw=1.2,
-            label=f"run #{run['run']}",
+            # a run stopped early (fail-fast) may hold a step or two: marked, never lost
+            marker="." if len(steps) < 60 else None,
+            label=f"run #{run['run']}"
+            + (f" (stopped at step {steps[-1]})" if run.get("status") == "stopped" else ""),
         )
+    for number in unseen:
+        top.plot([], [], color="#a0aec0", lw=1.2, label=f"run #{number} (no loss recorded)")
     if series.get("golden"):
         steps = sorted(series["golden"])
         top.plot(

@@ -464,7 +464,9 @@ def _plot(
         if not trained(path):
             path = next((p for p in run.processes.values() if trained(p)), run.trace)
         paths[run.run] = path
-        runs.append({"run": run.run, "losses": facts.get(path, _TraceFacts()).losses})
+        runs.append(
+            {"run": run.run, "losses": facts.get(path, _TraceFacts()).losses, "status": run.status}
+        )
     reference = _golden_losses(golden.golden) if golden is not None and golden.golden else None
     return {
         "leg": leg.name,
