@@ -37,6 +37,16 @@ def test_a_reseed_mid_run_is_named_though_fail_fast_stopped_a_run(audits):
         f"`torch.seed()` at {reseed} seeds from entropy, other in every run: remove it, or "
         "seed with a fixed value (`torch.manual_seed(0)`)"
     )
+    # the page's loss plot keeps a run fail-fast stopped early, marked and named
+    import copy
+
+    from reprocheck.report.html import render_html
+
+    early = copy.deepcopy(report)
+    late = early["plot"]["runs"][1]
+    late["status"], late["losses"] = "stopped", late["losses"][:3]
+    page = render_html(early)
+    assert f"run #{late['run']} (stopped at step 2)" in page
 
 
 def test_a_collator_generator_built_from_entropy_is_named_with_its_line(audits):
