@@ -88,9 +88,19 @@ def growth_svg(report: dict[str, Any], series: dict[str, Any]) -> str | None:
         layout="constrained",
     )
     top = axes[0][0]
+    # many runs (`--max-rate`): one legend entry per group that agrees, not one per run
+    many = len(runs) > 8
+    labelled: set[int] = set()
     for run in runs:
         steps = sorted(run["losses"])
-        colour = GROUP_COLOURS[group_of.get(run["run"], 0) % len(GROUP_COLOURS)]
+        group = group_of.get(run["run"], 0)
+        colour = GROUP_COLOURS[group % len(GROUP_COLOURS)]
+        size = sum(1 for r in runs if group_of.get(r["run"], 0) == group)
+        more = f" and {size - 1} more agreeing" if many and size > 1 else ""
+        name = f"run #{run['run']}{more}"
+        if many and (group in labelled and run.get("status") != "stopped"):
+            name = None
+        labelled.add(group)
         top.plot(
             steps,
             [run["losses"][s] for s in steps],
@@ -98,11 +108,14 @@ def growth_svg(report: dict[str, Any], series: dict[str, Any]) -> str | None:
             lw=1.2,
             # a run stopped early (fail-fast) may hold a step or two: marked, never lost
             marker="." if len(steps) < 60 else None,
-            label=f"run #{run['run']}"
+            label=None
+            if name is None
+            else name
             + (f" (stopped at step {steps[-1]})" if run.get("status") == "stopped" else ""),
         )
-    for number in unseen:
-        top.plot([], [], color="#a0aec0", lw=1.2, label=f"run #{number} (no loss recorded)")
+    if unseen:  # one entry however many (fail-fast stops runs not yet started)
+        who = f"run #{unseen[0]}" if len(unseen) == 1 else f"{len(unseen)} runs"
+        top.plot([], [], color="#a0aec0", lw=1.2, label=f"{who} (no loss recorded)")
     if series.get("golden"):
         steps = sorted(series["golden"])
         top.plot(
