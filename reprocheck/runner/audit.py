@@ -303,57 +303,63 @@ _GENERATORS = {
 
 def _seeding_evidence(leg: Leg, cause: Divergence | None) -> dict[str, Any]:
     """Evidence's ``seeding`` (what to say) and ``seeding_call`` (the call, for the fix)."""
-    if cause is None:
-        return {"seeding": None, "seeding_call": None}
-    found: list[dict[str, Any]] = []
-    text = _seeding(leg, cause, found)
-    return {"seeding": text, "seeding_call": found[0] if found and text else None}
+    text, call = _seeding(leg, cause) if cause is not None else (None, None)
+    return {"seeding": text, "seeding_call": call}
 
 
-def _seeding(leg: Leg, latent: Divergence, found: list[dict[str, Any]] | None = None) -> str | None:
-    """The seeding call that made a generator differ between two runs, from the calls
-    each run's trace recorded (``meta.seeding``): its line, and both values. The call
-    is appended to ``found``."""
-    found = [] if found is None else found
-    family = latent.tensor.split(":")[0].split(".gauss")[0]
-    calls, label = _SEEDS.get(family), _GENERATORS.get(family, latent.tensor)
-    if calls is None or len(latent.runs) < 2:
-        return None
-    runs = [group[0] for group in latent.runs[:2]]
+def _seeding_calls(
+    leg: Leg, divergence: Divergence
+) -> list[tuple[list[dict[str, Any]], bool]] | None:
+    """The seeding calls the first run of each of the divergence's first two groups
+    recorded (``meta.seeding``) in its process, each with whether that run completed;
+    None where a trace cannot say (unreadable, or the calls never written)."""
     by_run = {run.run: run for run in leg.runs}
-    made, complete = [], []
-    for run in runs:
+    found = []
+    for group in divergence.runs[:2]:
         try:
-            with Trace(by_run[run].processes[latent.process], own=True) as trace:
-                seeding = trace.meta.get("seeding")
-                complete.append(trace.status == "complete")
+            with Trace(by_run[group[0]].processes[divergence.process], own=True) as trace:
+                seeding, complete = trace.meta.get("seeding"), trace.status == "complete"
         except (TraceError, KeyError):
             return None
         if not isinstance(seeding, list):  # never written: nothing can be said of it
             return None
-        made.append([c for c in seeding if isinstance(c, dict) and c["call"].startswith(calls)])
-    a, b = made
+        found.append(([c for c in seeding if isinstance(c, dict)], complete))
+    return found
+
+
+def _seeding(leg: Leg, latent: Divergence) -> tuple[str | None, dict[str, Any] | None]:
+    """The seeding call that made a generator differ between two runs, from the calls
+    each run's trace recorded (``meta.seeding``): (what to say, with its line and both
+    values; the call), or (None, None)."""
+    family = latent.tensor.split(":")[0].split(".gauss")[0]
+    calls, label = _SEEDS.get(family), _GENERATORS.get(family, latent.tensor)
+    if calls is None or len(latent.runs) < 2:
+        return None, None
+    runs = [group[0] for group in latent.runs[:2]]
+    read = _seeding_calls(leg, latent)
+    if read is None:
+        return None, None
+    a, b = ([c for c in made if c["call"].startswith(calls)] for made, _ in read)
+    complete = [done for _, done in read]
     for x, y in zip(a, b):
         if x["value"] == "entropy" or y["value"] == "entropy":
             who = "every run" if x["value"] == y["value"] else f"run #{runs[1]}"
             call = x if x["value"] == "entropy" else y
-            found.append(call)
-            return f"{who} re-seeded {label} from entropy at {call['where']} (`{call['call']}()`)"
+            return (
+                f"{who} re-seeded {label} from entropy at {call['where']} (`{call['call']}()`)",
+                call,
+            )
         if x["value"] != y["value"]:
-            found.append(x)
-            return f"`{x['call']}` got {x['value']} vs {y['value']} at {x['where']}"
+            return f"`{x['call']}` got {x['value']} vs {y['value']} at {x['where']}", x
     if len(a) != len(b):
         longer, run = (a, runs[0]) if len(a) > len(b) else (b, runs[1])
         if not complete[1 if longer is a else 0]:
-            return None  # the other run stopped early: it may not have got there yet
+            return None, None  # the other run stopped early: it may not have got there yet
         call = longer[min(len(a), len(b))]
-        found.append(call)
-        return f"only run #{run} called `{call['call']}` (at {call['where']})"
-    if not a and not all(complete):
-        return None
-    if not a:
-        return f"the script never seeds {label}: it starts from entropy in every process"
-    return None
+        return f"only run #{run} called `{call['call']}` (at {call['where']})", call
+    if not a and all(complete):
+        return f"the script never seeds {label}: it starts from entropy in every process", None
+    return None, None
 
 
 def _entropy_generators(leg: Leg, first: Divergence) -> list[dict[str, Any]]:
@@ -363,27 +369,18 @@ def _entropy_generators(leg: Leg, first: Divergence) -> list[dict[str, Any]]:
     a local generator (a collator's) whose state no trace records."""
     from ..doctor.probe import finding
 
-    by_run = {run.run: run for run in leg.runs}
-    runs = [group[0] for group in first.runs[:2]]
-    calls: list[list[dict[str, Any]]] = []
-    for run in runs:
-        try:
-            with Trace(by_run[run].processes[first.process], own=True) as trace:
-                seeding = trace.meta.get("seeding")
-        except (TraceError, KeyError):
-            return []
-        if not isinstance(seeding, list):
-            return []
-        calls.append(
-            [
-                c
-                for c in seeding
-                if isinstance(c, dict)
-                and c.get("value") == "entropy"
-                and (c.get("step") is None or c["step"] <= first.step)
-            ]
-        )
-    if len(calls) < 2 or not calls[0] or not calls[1]:
+    read = _seeding_calls(leg, first)
+    if read is None or len(read) < 2:
+        return []
+    calls = [
+        [
+            c
+            for c in made
+            if c.get("value") == "entropy" and (c.get("step") is None or c["step"] <= first.step)
+        ]
+        for made, _ in read
+    ]
+    if not calls[0] or not calls[1]:
         return []
     call = calls[0][0]
     message = (
@@ -796,17 +793,19 @@ def run_audit(
     ]
     if golden is not None and golden.packages_differ:
         findings.append(_drift_finding(golden.packages_differ))
-    canary = observer = None
-    if (
-        (options.canary or options.observer)
-        and first is None
+    # every run of every leg completed and agreed (with the golden, between replicas):
+    # a reproducible verdict, which the self-checks and the as-is pair test further
+    agreed = (
+        first is None
         and not interrupted
         and untrained is None
-        and active
+        and bool(active)
         and not (golden is not None and golden.matches is False)
         and not (replicas is not None and replicas.divergence is not None)
         and all(run.status == "complete" for leg in active for run in leg.runs)
-    ):
+    )
+    canary = observer = None
+    if agreed and (options.canary or options.observer):
         checks_started = time.monotonic()
         try:
             canary, observer = _self_checks(launcher, config, options, active[0])
@@ -815,18 +814,14 @@ def run_audit(
         timings["checks_s"] = time.monotonic() - checks_started
     as_is = None
     if (
-        options.as_is
+        agreed
+        and not interrupted  # (a Ctrl-C during the self-checks)
+        and options.as_is
         and (canary is None or canary["caught"])
         and (observer is None or observer["agrees"])
         and options.exec
         and not options.exec.get("function")
         and config.determinism.preset != "none"
-        and first is None
-        and not interrupted
-        and untrained is None
-        and not (golden is not None and golden.matches is False)
-        and not (replicas is not None and replicas.divergence is not None)
-        and all(run.status == "complete" for leg in active for run in leg.runs)
     ):
         as_is_started = time.monotonic()
         try:
@@ -869,7 +864,12 @@ def _self_checks(
     (the report's ``canary``, its ``observer``)."""
     run0 = leg.runs[0]
     step = 1 if run0.steps >= 2 else 0
-    trained = {name: path for name, path in run0.processes.items() if committed_steps(path)}
+    # run 0's processes that trained: name → (trace, steps committed)
+    trained = {
+        name: (path, steps)
+        for name, path in run0.processes.items()
+        if (steps := committed_steps(path))
+    }
     runs: list[tuple[str, dict[str, Any]]] = []
     if options.canary:
         extra: dict[str, Any] = {"canary": {"step": step}}
@@ -887,14 +887,14 @@ def _self_checks(
     return canary, observer
 
 
-def _observer(result: RunResult, trained: dict[str, str]) -> dict[str, Any]:
+def _observer(result: RunResult, trained: dict[str, tuple[str, int]]) -> dict[str, Any]:
     """Run 0's weights and optimizer state at every step against the observer run's,
     which recorded nothing else: the first record that differs, process by process."""
     section: dict[str, Any] = {"trace": result.trace, "agrees": True, "first_difference": None}
     if result.status != "complete":
         section.update(agrees=False, why=f"the observer run {result.status}: {result.error}")
         return section
-    for name, path in sorted(trained.items()):
+    for name, (path, _) in sorted(trained.items()):
         other = result.processes.get(name)
         if other is None:
             section.update(agrees=False, why=f"process {name} wrote no trace in the observer run")
@@ -932,18 +932,18 @@ def _state_difference(recorded: str, observed: str) -> dict[str, Any] | None:
     return None
 
 
-def _canary(result: RunResult, trained: dict[str, str], step: int) -> dict[str, Any]:
+def _canary(result: RunResult, trained: dict[str, tuple[str, int]], step: int) -> dict[str, Any]:
     """Each process of the canary run flipped the lowest bit of its first trained tensor
     right before step ``c``'s weights were recorded (c = 1, or 0 for a run of one step).
     Compared with run 0, each must differ first at exactly step c · weights · that
     tensor; ``reached``: the phases of step c + 1 it changed."""
-    trained = {name: path for name, path in trained.items() if committed_steps(path) > step}
+    trained = {name: entry for name, entry in trained.items() if entry[1] > step}
     section: dict[str, Any] = {"step": step, "trace": result.trace, "processes": []}
     if result.status != "complete":
         section.update(caught=False, why=f"the canary run {result.status}: {result.error}")
         return section
     processes = result.processes
-    for name, path in sorted(trained.items()):
+    for name, (path, steps) in sorted(trained.items()):
         entry: dict[str, Any] = {"process": name, "tensor": None, "found": None, "reached": []}
         section["processes"].append(entry)
         other = processes.get(name)
@@ -965,7 +965,7 @@ def _canary(result: RunResult, trained: dict[str, str], step: int) -> dict[str, 
         found = first_divergence([path, other], partial=True, own=True)
         if found is not None:
             entry["found"] = {"step": found.step, "phase": found.phase, "tensor": found.tensor}
-        if committed_steps(path) > step + 1 and committed_steps(other) > step + 1:
+        if steps > step + 1 and committed_steps(other) > step + 1:
             differing = variability([path, other], [0, 1], step + 1)
             entry["reached"] = sorted(
                 {d["phase"] for d in differing if d["phase"] in ("outputs", "loss", "grads")},
@@ -1220,9 +1220,9 @@ def _shared_files(legs: list[Leg]) -> list[dict[str, Any]]:
         shared = sorted(set.intersection(*sets) if all(sets) else set())
         if not shared:
             continue
-        shown = [
-            os.path.relpath(p) if not os.path.relpath(p).startswith("..") else p for p in shared[:3]
-        ]
+        # relative to the folder the audit ran in where below it (context.display_path's
+        # rule; that module is the runs' and imports torch)
+        shown = [p if (r := os.path.relpath(p)).startswith("..") else r for p in shared[:3]]
         more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
         message = (
             f"every run wrote {', '.join(shown)}{more}: the runs share a working "
