@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import zip_longest
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -177,13 +177,17 @@ _AUTOGRAD_DIR = os.path.join(_TORCH_DIR, "autograd")
 _ENGINE_ENTRIES = frozenset(("_engine_run_backward", "backward", "grad"))
 
 
-def _caller(inside_backward: bool = False) -> tuple[str | None, str | None]:
+def _caller(
+    inside_backward: bool = False, skip: Callable[[Any], bool] | None = None
+) -> tuple[str | None, str | None]:
     """(file:line, code) of the innermost user frame now running. Walks the frames
     directly: far cheaper than formatting a traceback for every op.
 
     ``inside_backward``: only frames the autograd engine called (a custom Function's
     backward); the walk stops at the engine's entry (``torch.autograd.backward``), so
-    the line that called ``loss.backward()`` is never taken for a backward op's."""
+    the line that called ``loss.backward()`` is never taken for a backward op's.
+    ``skip``: frames it is true of are passed over (the ``__init__`` frames of an object
+    being built, for the line that built it)."""
     frame = sys._getframe(1)
     fallback = None  # the innermost library frame: the answer where no user frame runs
     while frame is not None:
@@ -195,6 +199,9 @@ def _caller(inside_backward: bool = False) -> tuple[str | None, str | None]:
             and filename.startswith(_AUTOGRAD_DIR)
         ):
             break
+        if skip is not None and skip(frame):
+            frame = frame.f_back
+            continue
         if is_user_file(filename):
             return _line_of(filename, frame.f_lineno)
         if fallback is None and is_outside_machinery(filename):
@@ -533,11 +540,28 @@ class OpCapture:
 SCRATCH_OUTPUTS = {"aten.mkldnn_rnn_layer": 3, "aten._cudnn_rnn": 3, "aten.miopen_rnn": 3}
 
 
+def _differ(x: OpRecord, y: OpRecord) -> bool:
+    """The two runs' op at one index differs: another op, or other (leading) outputs."""
+    kept = slice(SCRATCH_OUTPUTS.get(x.base))
+    return x.op != y.op or x.outputs[kept] != y.outputs[kept]
+
+
+def _where(x: OpRecord) -> dict[str, Any]:
+    """An op as a report names it: op, stage, module, its source line and code."""
+    return {
+        "op": x.base,
+        "stage": x.stage,
+        "module": x.module,
+        "source": x.source,
+        "code": x.code,
+        "source_is_forward_line": x.stage == "backward" and x.forward_line,
+    }
+
+
 def first_divergent_op(a: Sequence[OpRecord], b: Sequence[OpRecord]) -> int | None:
     """Index of the first op whose name or output digests differ between two captures."""
     for index, (x, y) in enumerate(zip(a, b)):
-        kept = slice(SCRATCH_OUTPUTS.get(x.base))
-        if x.op != y.op or x.outputs[kept] != y.outputs[kept]:
+        if _differ(x, y):
             return index
     if len(a) != len(b):
         return min(len(a), len(b))
@@ -598,7 +622,6 @@ def localize(
     if index is None or index >= min(len(a), len(b)):
         return None
     x, y = a[index], b[index]
-    backward = x.stage == "backward"
     cause, detail = classify(x, y, step, phase)
     made_by = _made_by(a, b, index, shape) if tensor is not None and shape is not None else None
     if made_by is not None:
@@ -607,12 +630,7 @@ def localize(
         "made_by": made_by,
         "op_index": index,
         "ops_captured": [len(a), len(b)],
-        "op": x.base,
-        "stage": x.stage,
-        "module": x.module,
-        "source": x.source,
-        "code": x.code,
-        "source_is_forward_line": backward and x.forward_line,
+        **_where(x),
         "cause": cause,
         "cause_detail": detail,
         "ops_window": _window(a, b, index),
@@ -629,17 +647,10 @@ def _made_by(
     if not a[index].shapes or wanted in a[index].shapes:
         return None
     for i in range(index + 1, min(len(a), len(b))):
-        x, y = a[i], b[i]
-        kept = slice(SCRATCH_OUTPUTS.get(x.base))
-        if wanted in x.shapes and (x.op != y.op or x.outputs[kept] != y.outputs[kept]):
+        if wanted in a[i].shapes and _differ(a[i], b[i]):
             return {
                 "op_index": i,
-                "op": x.base,
-                "stage": x.stage,
-                "module": x.module,
-                "source": x.source,
-                "code": x.code,
-                "source_is_forward_line": x.stage == "backward" and x.forward_line,
+                **_where(a[i]),
                 "shape": wanted,
                 "first_shapes": a[index].shapes,
             }
@@ -653,8 +664,7 @@ def _window(a: Sequence[OpRecord], b: Sequence[OpRecord], index: int) -> list[di
     """The ops around the first divergent one: each with whether the two runs agree on it."""
     out = []
     for i in range(max(0, index - OPS_AROUND), min(len(a), len(b), index + OPS_AROUND + 1)):
-        x, y = a[i], b[i]
-        kept = slice(SCRATCH_OUTPUTS.get(x.base))
+        x = a[i]
         out.append(
             {
                 "index": i,
@@ -662,7 +672,7 @@ def _window(a: Sequence[OpRecord], b: Sequence[OpRecord], index: int) -> list[di
                 "stage": x.stage,
                 "module": x.module,
                 "source": x.source,
-                "match": x.op == y.op and x.outputs[kept] == y.outputs[kept],
+                "match": not _differ(x, b[i]),
             }
         )
     return out

@@ -184,14 +184,9 @@ class Created:
     unnumbered."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ReferenceType[Any], int]] = {}
-        self._serial = itertools.count()
-        self.where: dict[int, str | None] = {}  # serial → the user's line that made it
-
-    @property
-    def count(self) -> int:
-        """How many were made so far (the next serial)."""
-        return len(self.where)
+        # id → (a weak reference, its serial, the user's line that made it)
+        self._entries: dict[int, tuple[weakref.ReferenceType[Any], int, str | None]] = {}
+        self.count = 0  # how many were made so far (the next serial)
 
     def add(self, obj: Any) -> None:
         key = id(obj)
@@ -208,55 +203,47 @@ class Created:
             ref = weakref.ref(obj, forget)
         except TypeError:
             return
-        serial = next(self._serial)
-        entries[key] = (ref, serial)
-        self.where[serial] = _construction_line(obj)
+        entries[key] = (ref, self.count, _construction_line(obj))
+        self.count += 1
+
+    def _live(self, kind: type, since: int = 0) -> list[tuple[Any, str | None]]:
+        """(object, its line) of the live objects of ``kind`` made at or after serial
+        ``since``, oldest first (``type()`` and the MRO only)."""
+        found = []
+        for ref, serial, where in sorted(self._entries.values(), key=lambda entry: entry[1]):
+            obj = ref() if serial >= since else None
+            if obj is not None and issubclass(type(obj), kind):
+                found.append((obj, where))
+        return found
+
+    def of_type(self, kind: type) -> list[Any]:
+        """The live objects of ``kind``, oldest first."""
+        return [obj for obj, _ in self._live(kind)]
 
     def made_since(self, serial: int, kind: type) -> list[tuple[Any, str | None]]:
         """The live outermost objects of ``kind`` made at or after ``serial``, oldest
         first, with the user's line that made each."""
-        found = [
-            (ref(), number)
-            for ref, number in sorted(self._entries.values(), key=lambda entry: entry[1])
-            if number >= serial
-        ]
-        alive = [(obj, number) for obj, number in found if issubclass(type(obj), kind)]
-        inner = {
-            id(child)
-            for obj, _ in alive
-            for child in getattr(obj, "_modules", {}).values()
-            if child is not None
-        }
-        return [(obj, self.where.get(number)) for obj, number in alive if id(obj) not in inner]
+        made = self._live(kind, serial)
+        roots = {id(m) for m in outermost([m for m, _ in made])}
+        return [(obj, where) for obj, where in made if id(obj) in roots]
 
-    def of_type(self, kind: type) -> list[Any]:
-        """The live objects of ``kind``, oldest first (``type()`` and the MRO only)."""
-        found = []
-        for ref, _ in sorted(self._entries.values(), key=lambda entry: entry[1]):
-            obj = ref()
-            if obj is not None and issubclass(type(obj), kind):
-                found.append(obj)
-        return found
+
+def outermost(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The modules none of the others holds as a direct child, in their order."""
+    inner = {id(child) for m in modules for child in m._modules.values() if child is not None}
+    return [m for m in modules if id(m) not in inner]
 
 
 def _construction_line(obj: Any) -> str | None:
     """The user's line that constructed ``obj``: the innermost user frame outside the
     ``__init__`` methods running on it (``model = Net()``, not ``super().__init__()``
     inside ``Net``); compared by identity alone."""
-    from ..localize import _line_of, is_outside_machinery, is_user_file
+    from ..localize import _caller as user_line
 
-    frame = sys._getframe(2)
-    fallback = None
-    while frame is not None:
-        code = frame.f_code
-        if not (code.co_name == "__init__" and frame.f_locals.get("self") is obj):
-            filename = code.co_filename
-            if is_user_file(filename):
-                return _line_of(filename, frame.f_lineno)[0]
-            if fallback is None and is_outside_machinery(filename):
-                fallback = (filename, frame.f_lineno)
-        frame = frame.f_back
-    return _line_of(*fallback)[0] if fallback else None
+    def constructing(frame: Any) -> bool:
+        return frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is obj
+
+    return user_line(skip=constructing)[0]
 
 
 class Session:
@@ -368,13 +355,10 @@ class Session:
         if not self.compile_mode or self.compile_calls or not hasattr(torch.nn.Module, "compile"):
             return
         wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        modules = self.created.of_type(torch.nn.Module)
-        inner = {id(c) for m in modules for c in m._modules.values() if c is not None}
         pending = {
             id(m): m
-            for m in modules
-            if id(m) not in inner
-            and getattr(m, "_compiled_call_impl", None) is None
+            for m in outermost(self.created.of_type(torch.nn.Module))
+            if getattr(m, "_compiled_call_impl", None) is None
             and id(m) not in self.compiled_in_place
             and any(id(p) in wanted for p in m.parameters())
         }
@@ -607,8 +591,9 @@ class Session:
                 finally:
                     inside.pop()
                 if torch_cpu:
-                    last.update(state=torch.default_generator.get_state())
-                    last.update(made=session.created.count)
+                    last.update(
+                        state=torch.default_generator.get_state(), made=session.created.count
+                    )
                 if entropy(*args, **kwargs):
                     note(call, "entropy", result if isinstance(result, int) else None, before)
                 else:
@@ -1167,37 +1152,34 @@ class ProcessRecorder:
 
     def _state(self) -> None:
         rec = self._rec()
+        # the tensors themselves (keep_vars), not detached copies, then the trained tensors
+        # no module owns
+        weights = [
+            (self.tags[id(model)] + name, value)
+            for model in self.models
+            for name, value in _unwrapped(model).state_dict(keep_vars=True).items()
+        ]
+        weights += self.loose.values()
         canary = self.session.settings.get("canary")
         if canary and canary["step"] == self.step and not self.canary_planted:
-            self._plant_canary(canary["step"])
-        before = self.first_buffers if self.step == 0 else {}
-        for model in self.models:
-            tag = self.tags[id(model)]
-            # the tensors themselves (keep_vars), not detached copies; at step 0, buffers
-            # as the first forward found them
-            state = _unwrapped(model).state_dict(keep_vars=True)
-            rec.add_state("weights", ((tag + k, before.get(id(v), v)) for k, v in state.items()))
-        rec.add_state("weights", self.loose.values())
+            self._plant_canary(weights, canary["step"])
+        before = self.first_buffers if self.step == 0 else {}  # buffers before a forward
+        rec.add_state("weights", ((name, before.get(id(v), v)) for name, v in weights))
         names = self._names()
         for optimizer in self.optimizers:
             tag = self.tags[id(optimizer)]
             rec.add_state("optimizer", optimizer_tensors(optimizer, names, tag))
         rec.add_state("rng", rng_states())
 
-    def _plant_canary(self, step: int) -> None:
+    def _plant_canary(self, weights: list[tuple[str, Any]], step: int) -> None:
         """The canary run (:mod:`reprocheck.canary`): the lowest bit of the first trained
-        tensor this process records flipped right before step ``step``'s weights are."""
+        tensor of ``weights`` (what this process records, in order) flipped right before
+        step ``step``'s weights are recorded; the trace says which."""
         from ..canary import plant
 
         self.canary_planted = True
-        named = [
-            (self.tags[id(model)] + name, value)
-            for model in self.models
-            for name, value in _unwrapped(model).state_dict(keep_vars=True).items()
-        ]
-        planted = plant([*named, *self.loose.values()], step)
-        self._rec()  # the trace exists by now (its weights are being recorded)
-        if self.context is not None:
+        planted = plant(weights, step)
+        if self.context is not None:  # (it exists: _state opened it)
             self.context.writer.set_meta(canary=planted)
 
     def _optimizer_grads(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, Any]]:
@@ -1247,9 +1229,7 @@ class ProcessRecorder:
 
     def _owners(self, wanted: set[int]) -> list[torch.nn.Module]:
         """The outermost modules (by creation order) that own any of these parameters."""
-        modules = self.session.created.of_type(torch.nn.Module)
-        inner = {id(child) for m in modules for child in m._modules.values() if child is not None}
-        roots = [m for m in modules if id(m) not in inner]
+        roots = outermost(self.session.created.of_type(torch.nn.Module))
         return [m for m in roots if any(id(p) in wanted for p in m.parameters())]
 
     def _fix_names(self, optimizer: torch.optim.Optimizer | None) -> None:
