@@ -238,17 +238,18 @@ def _fraction(value: Optional[str], option: str) -> float | None:
 
 def rate_repeats(
     repeats: int | None, max_rate: Optional[str], confidence: Optional[str], default: int
-) -> tuple[int | None, float]:
-    """(runs per leg, confidence): ``--max-rate R`` asks for the runs whose agreement bounds
-    the divergence rate below R (``-n`` caps them); without it, ``-n`` or ``default``."""
+) -> tuple[int | None, float, float | None]:
+    """(runs per leg, confidence, the rate asked for): ``--max-rate R`` asks for the runs
+    whose agreement bounds the divergence rate below R (``-n`` caps them); without it,
+    ``-n`` or ``default``."""
     level = _fraction(confidence, "--confidence") or 0.95
     rate = _fraction(max_rate, "--max-rate")
     if rate is None:
-        return repeats if repeats is not None else default, level
+        return (repeats if repeats is not None else default), level, None
     from .evidence import runs_for
 
     needed = runs_for(rate, level)
-    return (min(needed, repeats) if repeats is not None else needed), level
+    return (min(needed, repeats) if repeats is not None else needed), level, rate
 
 
 def _threads(values: Optional[List[str]]) -> list[int] | None:
@@ -536,7 +537,7 @@ def run(
     from .runner.audit import AuditOptions, run_audit
 
     config = load_config(config_path)
-    repeats, level = rate_repeats(repeats, max_rate, confidence, config.repeats)
+    repeats, level, rate = rate_repeats(repeats, max_rate, confidence, config.repeats)
     config = apply_overrides(
         config,
         repeats=repeats,
@@ -565,7 +566,7 @@ def run(
         attribute=attribute,
         exec=target,
         confidence=level,
-        max_rate=_fraction(max_rate, "--max-rate"),
+        max_rate=rate,
     )
     _terminate_as_interrupt()
     with RunProgress(quiet or (json_path is not None and str(json_path) == "-")) as progress:

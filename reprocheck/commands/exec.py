@@ -19,7 +19,6 @@ def register(app: typer.Typer) -> None:
         PYTHON_OPTION_HELP,
         RunProgress,
         _emit,
-        _fraction,
         _split_list,
         _terminate_as_interrupt,
         _threads,
@@ -147,7 +146,7 @@ def register(app: typer.Typer) -> None:
             if preset not in ("seeded", "none"):
                 raise ScriptError(f"--as-is runs with no preset: drop --preset {preset}")
             preset = "none"
-        repeats, level = rate_repeats(repeats, max_rate, confidence, 2)
+        repeats, level, rate = rate_repeats(repeats, max_rate, confidence, 2)
         # the command line first: a mistake in it is said before torch is imported
         config, target = script_config(
             list(ctx.args), "exec", repeats=repeats, steps=steps, preset=preset, seed=seed
@@ -173,7 +172,7 @@ def register(app: typer.Typer) -> None:
             attribute=attribute,
             exec=target,
             confidence=level,
-            max_rate=_fraction(max_rate, "--max-rate"),
+            max_rate=rate,
         )
         if not as_is_check or as_is:
             options.as_is = False

@@ -23,10 +23,10 @@ from ..compare import (
     comparison_dict,
     divergence_dict,
 )
-from ..config import TRACE_PHASES, Config
+from ..config import PHASES, TRACE_PHASES, Config
 from ..golden import GoldenCheck
 from ..replicas import ReplicaCheck, rank_of
-from ..trace import Trace, TraceError
+from ..trace import LATENT_PHASES, Trace, TraceError
 from ..verdict import FAILED_RUN, decide
 from .launch import Leg, RunResult
 from .stages import Evidence, Measurement
@@ -47,16 +47,24 @@ class _TraceFacts:
     error: str | None = None  # why it could not be read
     losses: list[list[Any]] = field(default_factory=list)  # [step, loss] pairs
     sketched: bool = False
+    # run 0's traces (the report's coverage): each observable phase's tensors per
+    # training step read, and how many steps were read
+    counts: dict[str, list[int]] | None = None
+    sampled: int = 0
 
 
 def _read_traces(legs: Sequence[Leg]) -> dict[str, _TraceFacts]:
-    """Every process trace of every run that ran, each opened once."""
+    """Every process trace of every run that ran, each opened once (run 0's also read for
+    the coverage, :func:`_phase_counts`)."""
     facts = {}
     for leg in legs:
-        for run in leg.runs:
+        for index, run in enumerate(leg.runs):
             for path in run.processes.values():
                 try:
                     with Trace(path, own=True) as trace:
+                        counts, sampled = (
+                            _phase_counts(trace) if index == 0 and trace.last_step else (None, 0)
+                        )
                         facts[path] = _TraceFacts(
                             trace.record_count(),
                             frozenset(trace.phases()),
@@ -65,10 +73,27 @@ def _read_traces(legs: Sequence[Leg]) -> dict[str, _TraceFacts]:
                             trace.meta,
                             losses=[[step, loss] for step, loss in sorted(trace.losses().items())],
                             sketched=trace.has_sketches,
+                            counts=counts,
+                            sampled=sampled,
                         )
                 except TraceError as exc:
                     facts[path] = _TraceFacts(error=str(exc))
     return facts
+
+
+def _phase_counts(trace: Trace) -> tuple[dict[str, list[int]], int]:
+    """Each observable phase's tensors at the trace's training steps (at most
+    :data:`_SAMPLED_STEPS` of them, evenly spread, the last included), and how many."""
+    steps = list(range(1, (trace.last_step or 0) + 1))
+    if len(steps) > _SAMPLED_STEPS:
+        stride = len(steps) / _SAMPLED_STEPS
+        steps = sorted({steps[int(i * stride)] for i in range(_SAMPLED_STEPS)} | {steps[-1]})
+    counts: dict[str, list[int]] = {phase: [] for phase in OBSERVABLE}
+    for step in steps:
+        seen = Counter(r.phase for r in trace.records(step))
+        for phase in OBSERVABLE:
+            counts[phase].append(seen.get(phase, 0))
+    return counts, len(steps)
 
 
 def _environment(legs: Sequence[Leg], facts: dict[str, _TraceFacts]) -> dict[str, Any]:
@@ -175,7 +200,7 @@ def _short(last_step: int | None, planned: int) -> str | None:
     return None
 
 
-OBSERVABLE = ("data", "outputs", "loss", "grads", "weights", "optimizer")
+OBSERVABLE = tuple(phase for phase in PHASES if phase not in LATENT_PHASES)
 _WHY_MISSING = {
     "data": "no DataLoader batch seen (data read another way is not recorded)",
     "outputs": "no call of a model in training mode with gradients on (a forward under "
@@ -200,23 +225,9 @@ def _coverage(
             continue
         for name, path in leg.runs[0].processes.items():
             read = facts.get(path)
-            if read is None or not read.last_step:
+            if read is None or read.counts is None:
                 continue
-            steps = list(range(1, read.last_step + 1))
-            if len(steps) > _SAMPLED_STEPS:
-                stride = len(steps) / _SAMPLED_STEPS
-                steps = sorted(
-                    {steps[int(i * stride)] for i in range(_SAMPLED_STEPS)} | {steps[-1]}
-                )
-            counts: dict[str, list[int]] = {phase: [] for phase in OBSERVABLE}
-            try:
-                with Trace(path, own=True) as trace:
-                    for step in steps:
-                        seen = Counter(r.phase for r in trace.records(step))
-                        for phase in OBSERVABLE:
-                            counts[phase].append(seen.get(phase, 0))
-            except TraceError:
-                continue
+            counts = read.counts
             missing = {
                 phase: (
                     _WHY_MISSING[phase]
@@ -231,7 +242,7 @@ def _coverage(
                     "leg": leg.name,
                     "process": name,
                     "steps": read.last_step,
-                    "sampled": len(steps),
+                    "sampled": read.sampled,
                     "tensors": {
                         phase: [min(values), max(values)]
                         for phase, values in counts.items()
