@@ -162,10 +162,18 @@ def test_files_every_run_wrote_at_one_path_are_reported(audits, tmp_path_factory
 
 def test_run_in_the_arguments_gives_each_run_its_own_folder(audits, tmp_path_factory):
     folder = tmp_path_factory.mktemp("own")
-    result = audits("python", _script("checkpoint_dir.py"), "--output_dir", "out/{run}", cwd=folder)
+    command = ("python", _script("checkpoint_dir.py"), "--output_dir", "out/{run}")
+    result = audits(*command, cwd=folder, env=AS_IS)
     assert result.code == 0, result.report
     assert [f["code"] for f in result.report["findings"]] == []
-    assert sorted(os.listdir(folder / "out")) == ["cpu-r0", "cpu-r1"]
+    assert result.report["as_is"]["verdict"] == "reproducible"
+    # the as-is pair's runs are named apart from the audit's own: none reads another's files
+    assert sorted(os.listdir(folder / "out")) == [
+        "as-is-cpu-r0",
+        "as-is-cpu-r1",
+        "cpu-r0",
+        "cpu-r1",
+    ]
     assert sorted(os.listdir(folder / "out" / "cpu-r0")) == ["ckpt.pt", "train.log"]
     # the command as the user gave it: a golden of it matches whichever run recorded it
     assert result.report["config"]["command"][-1] == "out/{run}"

@@ -83,11 +83,14 @@ class Auditor:
         self.exec = exec
         self.any_threads = any_threads  # attribution's controls: see AuditOptions
 
-    def _target(self, config: Config) -> dict[str, Any] | None:
-        # a script's run ends after the variant's steps (0: the script's own length)
+    def _target(self, config: Config, out: str | os.PathLike) -> dict[str, Any] | None:
+        # a script's run ends after the variant's steps (0: the script's own length); its
+        # `{run}` is prefixed with the folder's name (`as-is-cpu-r0`, `control-0-cpu-r0`),
+        # so it never names a folder a run of the audit itself (`cpu-r0`) wrote
         if self.exec is None:
             return None
-        return {**self.exec, "max_steps": config.steps or None}
+        prefix = f"{self.exec.get('run_prefix', '')}{Path(out).name}-"
+        return {**self.exec, "max_steps": config.steps or None, "run_prefix": prefix}
 
     def audit(self, config: Config, out: str | os.PathLike, fail_fast: bool = True) -> dict:
         """The report of an audit of ``config`` into ``out``: no replay, no attribution."""
@@ -97,7 +100,7 @@ class Auditor:
             zoom=False,
             attribute=False,
             fail_fast=fail_fast,
-            exec=self._target(config),
+            exec=self._target(config, out),
             fork_runs=True,
             any_threads=self.any_threads,
             as_is=False,
@@ -110,7 +113,7 @@ class Auditor:
         """Run 0 of the config's first leg, with every aten op of step 1 captured: (the
         capture's path, or None if the run failed; the replay's trace)."""
         leg = plan_legs(config)[0]
-        target = self._target(config)
+        target = self._target(config, folder)
         launcher = Launcher(
             config,
             folder,

@@ -1527,7 +1527,7 @@ def run_script(spec: dict[str, Any]) -> int:
     context.writer.set_meta(rng_start=rng_start())
     child.export(settings)  # its children record themselves too (and capture, if theirs)
     atexit.register(recorder.finish, "complete")  # a script that calls os-level exit paths
-    argv = run_arguments(list(target["argv"]), spec["trace"])
+    argv = run_arguments(list(target["argv"]), spec["trace"], target.get("run_prefix", ""))
     if recorder.zoom_step is not None and recorder.zoom_step <= 1:
         # step 0 is committed only once step 1 has run its forward and backward (at its
         # optimizer step): a zoom of step 0 or 1 captures from the script's first line
@@ -1570,14 +1570,16 @@ def run_script(spec: dict[str, Any]) -> int:
     return code
 
 
-def run_arguments(argv: list[str], trace: str) -> list[str]:
+def run_arguments(argv: list[str], trace: str, prefix: str = "") -> list[str]:
     """The command's arguments for this run: ``{run}`` becomes the run's name (``cpu-r0``;
-    a replay's is its own, ``cpu-r0-replay1``) and ``{run_dir}`` a folder of its own in the
-    audit's folder (made here), so runs that write and read back files keep them apart
-    (``--output_dir out/{run}``); ``{port}`` a free TCP port (a rendezvous port per run)."""
+    a replay's is its own, ``cpu-r0.replay-s1``; a run of the audit's as-is pair or of an
+    attribution control is ``prefix``ed with its folder's name, ``as-is-cpu-r0``) and
+    ``{run_dir}`` a folder of its own in the audit's folder (made here), so runs that write
+    and read back files keep them apart (``--output_dir out/{run}``); ``{port}`` a free
+    TCP port (a rendezvous port per run)."""
     if not any("{run" in word or "{port}" in word for word in argv):
         return argv
-    stem = os.path.basename(trace)[: -len(".sqlite")]
+    stem = prefix + os.path.basename(trace)[: -len(".sqlite")]
     folder = os.path.join(os.path.dirname(trace), "workdirs", stem)
     if any("{run_dir}" in word for word in argv):
         os.makedirs(folder, exist_ok=True)
