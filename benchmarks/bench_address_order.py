@@ -61,7 +61,7 @@ def forked(count: int) -> tuple[list[str], int]:
     os.environ["REPROCHECK_POOL"] = "all"
     os.environ["PYTHONHASHSEED"] = "0"
     sys.path.insert(0, str(ROOT))
-    from reprocheck.runner.launch import Launcher, plan_legs
+    from reprocheck.parent.launch import Launcher, plan_legs
     from reprocheck.script import script_config
 
     config, target = script_config(["python", str(SCRIPT)], "exec", repeats=count)

@@ -191,7 +191,7 @@ def whole_runs(repeats: int, folder: str) -> dict[str, float]:
     plain = (
         "import torch; torch.set_num_threads(1)\n"
         "from reprocheck.configfile import load_config\n"
-        "from reprocheck.runner import loop\n"
+        "from reprocheck.child import loop\n"
         f"c = load_config({str(ROOT / 'configs' / 'demo.yaml')!r})\n"
         "torch.manual_seed(0); m = loop.build_model(c, torch.device('cpu'))\n"
         "d = loop.build_data(c); o = loop.build_optimizer(c, m); s = loop.batches(d, 'cpu')\n"

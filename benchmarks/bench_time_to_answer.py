@@ -77,7 +77,7 @@ def _fork_start(folder: Path) -> float:
     from reprocheck.config import config_to_dict
     from reprocheck.configfile import load_config
     from reprocheck.determinism import child_environment
-    from reprocheck.runner import pool
+    from reprocheck.parent import pool
 
     config = load_config(ROOT / "configs" / "demo.yaml")
     env = child_environment(config.determinism, 1)

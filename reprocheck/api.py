@@ -51,8 +51,8 @@ class Recorder:
         self._recorder: StepRecorder | None = None
 
     def __enter__(self) -> Recorder:
+        from .child.context import RunContext
         from .determinism import environment_snapshot
-        from .runner.context import RunContext
 
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self._context = RunContext(
@@ -100,7 +100,7 @@ class Recorder:
         if error is None:
             self._context.finish("complete")
         else:  # the exception goes on to the caller; the trace says where it happened
-            from .runner.context import error_line
+            from .child.context import error_line
 
             self._context.finish(
                 "failed",
@@ -129,7 +129,7 @@ def audit(
     run in the children).
     """
     from .config import PRESETS, Config, DataConfig, DeterminismConfig, FactoryConfig
-    from .runner.audit import AuditOptions, run_audit
+    from .parent.audit import AuditOptions, run_audit
 
     module = sys.modules.get(train_fn.__module__)
     if "<locals>" in train_fn.__qualname__ or module is None:

@@ -187,7 +187,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from .script import ScriptError
     from .trace import TraceError
 
-    audit = sys.modules.get("reprocheck.runner.audit")
+    audit = sys.modules.get("reprocheck.parent.audit")
     output = (audit.OutputError,) if audit is not None else ()
     return (ConfigError, TraceError, ScriptError, UsageError, ValueError, *output)
 
@@ -534,7 +534,7 @@ def run(
     """
     preflight({"--json": json_path, "--html": html_path}, {"--out": out})
     from .configfile import apply_overrides, load_config
-    from .runner.audit import AuditOptions, run_audit
+    from .parent.audit import AuditOptions, run_audit
 
     config = load_config(config_path)
     repeats, level, rate = rate_repeats(repeats, max_rate, confidence, config.repeats)

@@ -37,6 +37,7 @@ from .config import (
     OptimizerConfig,
     ToleranceConfig,
 )
+from .contract import PYTHON_ENV
 from .usercode import _IDENT, split_factory
 
 MAX_YAML_NODES = 100_000  # past this an alias bomb is refused, not expanded
@@ -764,7 +765,7 @@ def apply_overrides(
         path = shutil.which(interpreter) or interpreter
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             raise ConfigError(f"--python {interpreter}: no such interpreter")
-        leg = (("REPROCHECK_PYTHON", os.path.abspath(path)),)
+        leg = ((PYTHON_ENV, os.path.abspath(path)),)
         known = changes.get("environments", config.environments)
         if leg not in known:
             changes["environments"] = (*known, leg)

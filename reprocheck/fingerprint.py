@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .contract import HASHER_ENV
+
 try:
     import xxhash
 except ImportError:  # the pure-torch fallback serves
@@ -67,7 +69,7 @@ class Sketch:
 
 
 # REPROCHECK_HASHER=torch runs the device-side digest on CPU too (tests of the CUDA path).
-_FORCE_TORCHMIX = xxhash is None or os.environ.get("REPROCHECK_HASHER") == "torch"
+_FORCE_TORCHMIX = xxhash is None or os.environ.get(HASHER_ENV) == "torch"
 
 
 def _use_torchmix(device: torch.device) -> bool:

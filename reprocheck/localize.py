@@ -11,7 +11,7 @@ During the captured step three layers watch the same computation:
   digests its inputs and outputs. An op that runs while a node's pre-hook has fired is a
   backward op: it is given the forward line that created that node.
 
-Only the divergent step is captured (see :mod:`reprocheck.runner.audit`), so the cost of
+Only the divergent step is captured (see :mod:`reprocheck.parent.audit`), so the cost of
 stacks and digests for every op is paid once, not at every step.
 """
 
@@ -214,7 +214,7 @@ def _line_of(filename: str, lineno: int) -> tuple[str, str | None]:
     key = (filename, lineno)
     found = _LINES.get(key)
     if found is None:
-        from .runner.context import display_line  # a notebook's cell: "nb.ipynb · cell 7, line 2"
+        from .child.context import display_line  # a notebook's cell: "nb.ipynb · cell 7, line 2"
 
         code = linecache.getline(filename, lineno).strip() or None
         found = _LINES[key] = (display_line(filename, lineno), code)

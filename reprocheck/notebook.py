@@ -12,7 +12,7 @@ labelled ``In [N]``; markdown, raw and empty code cells are not counted. Cell N'
 compiled with the filename ``/abs/path/HW01.ipynb#cellN`` (its source is registered in
 :mod:`linecache` under that name), so tracebacks show the cell's lines, and reprocheck
 names a line of it ``HW01.ipynb · cell N, line L`` (:func:`cell_of`,
-:func:`reprocheck.runner.context.display_line`).
+:func:`reprocheck.child.context.display_line`).
 
 **IPython syntax.** Where IPython is installed, each cell is first transformed by IPython's
 own machinery (``InteractiveShell.transform_cell``, the shell's namespace being the
@@ -178,7 +178,7 @@ def _needs_ipython(source: str, name: str) -> None:
     one line that says so (no IPython here)."""
     for lineno, line in enumerate(source.splitlines(), start=1):
         if _IPYTHON_LINE.match(line):
-            from .runner.context import display_line
+            from .child.context import display_line
 
             text = line.strip()
             text = text if len(text) <= 40 else text[:39] + "…"

@@ -32,7 +32,7 @@ def audit_config(
 ) -> dict[str, Any]:
     """Audit a config (each run in its own process) and return the JSON report as a dict."""
     from .configfile import apply_overrides, load_config
-    from .runner.audit import AuditOptions, run_audit
+    from .parent.audit import AuditOptions, run_audit
 
     loaded = apply_overrides(
         load_config(config), repeats=repeats, steps=steps, devices=devices, threads=threads

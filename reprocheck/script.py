@@ -275,12 +275,12 @@ def resolve_target(
 
 def distributed_target(config: Any) -> dict[str, Any]:
     """The ``exec`` target of a config with ``distributed:``: each run one torchrun job of
-    :mod:`reprocheck.runner.ddp` on the config's file."""
+    :mod:`reprocheck.child.ddp` on the config's file."""
     if not config.path:
         raise ScriptError("a distributed config must be a file (torchrun reads it in each rank)")
     d = config.distributed
     job = ["--standalone", "--nproc_per_node", str(d.nproc_per_node)]
-    module = ["-m", "reprocheck.runner.ddp", os.path.abspath(config.path), "--backend", d.backend]
+    module = ["-m", "reprocheck.child.ddp", os.path.abspath(config.path), "--backend", d.backend]
     return {
         "argv": ["-m", "torch.distributed.run", *job, *module],
         "max_steps": config.steps or None,

@@ -64,26 +64,45 @@ def _area(module: str) -> str:
     return parts[1] if len(parts) > 1 else "reprocheck"
 
 
-def test_runner_doctor_and_report_import_in_one_direction():
-    edges = {
+def _edges() -> set[tuple[str, str]]:
+    return {
         (_area(a), _area(b))
         for a, targets in package_imports().items()
         for b in targets
         if _area(a) != _area(b)
     }
-    areas = {"runner", "doctor", "report"}
+
+
+def test_parent_and_child_never_import_each_other():
+    # the audit's process (parent/) and each run's processes (child/) share only what
+    # both import: the contract of the boundary (reprocheck/contract.py) and the
+    # top-level modules (trace, fingerprint, config …)
+    edges = _edges()
+    assert ("parent", "child") not in edges and ("child", "parent") not in edges
+    for module, targets in package_imports().items():
+        if _area(module) == "contract":
+            assert {_area(t) for t in targets} <= {"contract"}, f"the contract imports {targets}"
+
+
+def test_the_doctor_and_the_report_import_in_one_direction():
+    edges = _edges()
+    areas = {"parent", "child", "doctor", "report"}
     among = {(a, b) for a, b in edges if a in areas and b in areas}
-    assert among == {("runner", "doctor")}, among  # the runner hands the doctor its auditor
-    assert not any(a == "doctor" and b == "runner" for a, b in edges)
+    assert among == {("parent", "doctor")}, among  # the parent hands the doctor its auditor
 
 
-def test_renderers_read_no_traces_and_no_runner():
+def test_renderers_read_no_traces_and_no_runs():
     allowed = {"reprocheck", "reprocheck.jsonout"}
     for module, targets in package_imports().items():
         if _area(module) != "report":
             continue
         outside = {t for t in targets if _area(t) != "report" and t not in allowed}
         assert not outside, f"{module} imports {sorted(outside)}"
+        path = ROOT.joinpath(*module.split("."))
+        source = (
+            path.with_suffix(".py") if path.with_suffix(".py").exists() else path / "__init__.py"
+        ).read_text()
+        assert "sqlite3" not in source, f"{module} opens a trace"
 
 
 def module_table() -> str:

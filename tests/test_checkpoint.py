@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from reprocheck.runner import checkpoint
+from reprocheck import checkpoint
 
 
 def _setup(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

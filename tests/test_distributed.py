@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from reprocheck.parent.audit import AuditOptions, _jobs
 from reprocheck.replicas import REPLICA_PHASES
-from reprocheck.runner.audit import AuditOptions, _jobs
 from reprocheck.script import ScriptError, script_config
 
 from .conftest import ROOT, SCRIPTS, run_cli, script_line

@@ -154,7 +154,7 @@ def test_killing_the_audit_ends_its_zygote_its_forks_and_what_they_started(tmp_p
         env={"REPROCHECK_POOL": "all"},
     )
     assert len(marked) == 4  # two runs, two detached sleepers: all below the audit, all gone
-    assert any(command.endswith("-m reprocheck.runner.pool ") for command in started.values())
+    assert any(command.endswith("-m reprocheck.child.zygote ") for command in started.values())
 
 
 @linux_only

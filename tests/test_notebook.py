@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from reprocheck.child.context import display_line, error_line
 from reprocheck.localize import is_user_file
 from reprocheck.notebook import cell_filename, cell_of, code_sha256
-from reprocheck.runner.context import display_line, error_line
 from reprocheck.script import ScriptError, target_of
 from reprocheck.trace import Trace
 

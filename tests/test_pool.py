@@ -1,4 +1,4 @@
-"""The warm pool (reprocheck/runner/pool.py): a forked run is a fresh run, bit for bit, and
+"""The warm pool (reprocheck/parent/pool.py): a forked run is a fresh run, bit for bit, and
 shows every divergence a fresh interpreter shows — entropy-seeded generators and address
 order included — while the runs that make a verdict still start fresh."""
 
@@ -17,8 +17,8 @@ import pytest
 from reprocheck.compare import first_divergence
 from reprocheck.config import DeterminismConfig
 from reprocheck.configfile import load_config
-from reprocheck.runner import pool
-from reprocheck.runner.launch import Launcher, plan_legs
+from reprocheck.parent import pool
+from reprocheck.parent.launch import Launcher, plan_legs
 from reprocheck.script import script_config
 from reprocheck.trace import Trace
 
@@ -201,7 +201,7 @@ def test_a_zygote_that_never_gets_ready_is_stopped_and_the_runs_start_fresh(tmp_
     hang.mkdir()
     (hang / "sitecustomize.py").write_text(
         "import time\n"
-        "if b'reprocheck.runner.pool' in open('/proc/self/cmdline', 'rb').read():\n"
+        "if b'reprocheck.parent.pool' in open('/proc/self/cmdline', 'rb').read():\n"
         "    time.sleep(10**6)\n"
     )
     monkeypatch.setenv("REPROCHECK_POOL", "1")

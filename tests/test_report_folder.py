@@ -10,9 +10,9 @@ from rich.console import Console
 
 from reprocheck.compare import first_divergence
 from reprocheck.configfile import apply_overrides, load_config
+from reprocheck.parent.audit import AuditOptions, run_audit
 from reprocheck.report.json import write_report
 from reprocheck.report.terminal import render
-from reprocheck.runner.audit import AuditOptions, run_audit
 from reprocheck.trace import Trace, committed_steps
 
 from .conftest import CONFIGS

@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         # the target first: a mistake in the command line is said before torch is imported
         config, target = resolve_target(config_path, list(ctx.args), "doctor")
         from ..doctor.probe import ProbeError, dynamic_findings, static_findings
-        from ..runner.audit import AuditOptions, Auditor, make_audit_dir, run_audit
+        from ..parent.audit import AuditOptions, Auditor, make_audit_dir, run_audit
         from ..verdict import EXIT_FAILED
 
         # a script's probes run its first `steps` steps, then stop it

@@ -152,7 +152,7 @@ def register(app: typer.Typer) -> None:
             list(ctx.args), "exec", repeats=repeats, steps=steps, preset=preset, seed=seed
         )
         from ..configfile import apply_overrides as _overrides
-        from ..runner.audit import AuditOptions, run_audit
+        from ..parent.audit import AuditOptions, run_audit
 
         config = _overrides(
             config,

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         config, target, repeats, steps, device, threads, out, jobs, timeout, quiet, **golden
     ):
         from ..configfile import apply_overrides
-        from ..runner.audit import AuditOptions, run_audit
+        from ..parent.audit import AuditOptions, run_audit
 
         config = apply_overrides(
             config,

@@ -159,7 +159,7 @@ def gpu_risk_findings(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class Auditor(Protocol):
-    """What probes and attribution rerun (``reprocheck.runner.audit.Auditor``): given to
+    """What probes and attribution rerun (``reprocheck.parent.audit.Auditor``): given to
     them by their caller, so the doctor imports no runner."""
 
     def audit(self, config: Config, out: str | os.PathLike, fail_fast: bool = True) -> dict:

@@ -1,7 +1,7 @@
 """A config's training as one rank of a ``torchrun`` job (``distributed:`` in a config).
 
 ``reprocheck run`` starts each run as ``torchrun --standalone --nproc_per_node N -m
-reprocheck.runner.ddp CONFIG``; every rank runs this module under the bootstrap, which
+reprocheck.child.ddp CONFIG``; every rank runs this module under the bootstrap, which
 records it as it records any script (one trace per rank, replicas checked afterwards).
 The model is wrapped in ``DistributedDataParallel``, the config's Dataset split by a
 ``DistributedSampler`` seeded with the config's seed (``set_epoch`` every epoch), and the
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..config import Config, ConfigError
+from ..contract import CHILD_ENV
 from .loop import build_dataset, build_model, build_optimizer, resolve_loss, split_batch, to_device
 
 
@@ -29,7 +30,7 @@ def _config(path: str) -> Config:
     """The audited variant (from the bootstrap's settings) or the config file itself."""
     from ..configfile import config_from_dict, load_config
 
-    settings = os.environ.get("REPROCHECK_CHILD")
+    settings = os.environ.get(CHILD_ENV)
     meta = json.loads(settings).get("meta", {}) if settings else {}
     if meta.get("config"):
         return config_from_dict(
@@ -89,7 +90,7 @@ def train(config: Config, backend: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reprocheck.runner.ddp")
+    parser = argparse.ArgumentParser(prog="python -m reprocheck.child.ddp")
     parser.add_argument("config", help="the config file")
     parser.add_argument("--backend", default=None, help="gloo | nccl (default: the config's)")
     args = parser.parse_args(argv)

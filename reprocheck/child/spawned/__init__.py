@@ -1,11 +1,11 @@
 """Recording in the Python processes a recorded script starts.
 
-A forked child inherits the hooks of :mod:`reprocheck.runner.bootstrap` with its parent's
+A forked child inherits the hooks of :mod:`reprocheck.child.bootstrap` with its parent's
 memory. A process that starts a fresh interpreter (``torch.multiprocessing.spawn``,
 ``multiprocessing`` with ``spawn``/``forkserver``, ``subprocess`` running Python, a
 ``torchrun`` rank) gets them from the ``sitecustomize`` module in this folder, which
 :func:`export` puts first on ``PYTHONPATH`` together with the run's settings in
-:data:`~reprocheck.runner.bootstrap.CHILD_ENV`. The hooks are installed once the child
+:data:`~reprocheck.child.bootstrap.CHILD_ENV`. The hooks are installed once the child
 imports torch, so a Python child that never does (a helper script) pays nothing.
 """
 
@@ -18,8 +18,9 @@ import os
 import sys
 from typing import Any
 
+from ...contract import CHILD_ENV
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-CHILD_ENV = "REPROCHECK_CHILD"
 
 
 def export(settings: dict[str, Any]) -> None:

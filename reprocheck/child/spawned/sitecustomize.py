@@ -1,5 +1,5 @@
 """Put on PYTHONPATH by reprocheck for the processes a recorded script starts: a child
-Python interpreter records its training too (see :mod:`reprocheck.runner.child`). Any
+Python interpreter records its training too (see :mod:`reprocheck.child.spawned`). Any
 other ``sitecustomize`` further down the path still runs."""
 
 import importlib.machinery
@@ -9,11 +9,15 @@ import sys
 
 
 def _record_this_process() -> None:
-    settings = os.environ.get("REPROCHECK_CHILD")
+    try:
+        from reprocheck.contract import CHILD_ENV
+    except Exception:  # another interpreter, without reprocheck: nothing to record with
+        return
+    settings = os.environ.get(CHILD_ENV)
     if not settings:
         return
     try:
-        from reprocheck.runner.child import activate
+        from reprocheck.child.spawned import activate
 
         activate(settings)
     except Exception as exc:  # never break the user's child process

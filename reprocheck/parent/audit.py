@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import checkpoint
 from ..compare import (
     Divergence,
     Tolerance,
@@ -23,18 +24,14 @@ from ..compare import (
     first_mismatch,
 )
 from ..config import Config
+from ..contract import AS_IS_ENV, CANARY_ENV, OBSERVER_ENV, capture_key
 from ..replicas import check_legs
 from ..replicas import finding as replica_finding
 from ..trace import Trace, TraceError, committed_steps
-from . import checkpoint
-from .analysis import capture_key
 from .launch import Launcher, Leg, RunResult, plan_legs
 from .stages import Evidence, Latent, Measurement
 
 MIN_FREE_BYTES = 16 * 2**20
-AS_IS_ENV = "REPROCHECK_AS_IS"  # 0: no as-is runs after a reproducible verdict (the tests)
-CANARY_ENV = "REPROCHECK_CANARY"  # 0: no canary run after a reproducible verdict (the tests)
-OBSERVER_ENV = "REPROCHECK_OBSERVER"  # 0: no observer run (the tests)
 
 
 class OutputError(Exception):

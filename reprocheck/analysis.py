@@ -4,8 +4,8 @@ The audit's own process reads traces (digests) and never needs torch for a verdi
 tensors a replay kept (``.pt``) and the ops it captured need it. Importing torch there
 costs ~0.8 s of CPU, and doing it while replays or attribution controls train would take
 CPU from runs whose thread races are the thing measured. So the measurement runs as a
-fork of the leg's warm zygote (:meth:`~reprocheck.runner.launch.Launcher.analyse`,
-``python -m reprocheck.runner.analysis REQUEST``) and hands back JSON; where no zygote
+fork of the leg's warm zygote (:meth:`~reprocheck.parent.launch.Launcher.analyse`,
+``python -m reprocheck.analysis REQUEST``) and hands back JSON; where no zygote
 can serve (CUDA, ``REPROCHECK_POOL=0``, a random hash seed) it runs in the audit's process.
 
 A request names the replays' capture files and the record: ``{"captures": [a, b], "key":
@@ -23,11 +23,6 @@ import sys
 from typing import Any
 
 
-def capture_key(phase: str, tensor: str) -> str:
-    """The key a replay keeps a record's tensor under in its ``.pt`` capture."""
-    return f"{phase}\t{tensor}"
-
-
 def _captured(path: str, key: str) -> Any:
     """The tensor a replay kept under ``key`` (None: the record keeps none)."""
     import torch
@@ -37,9 +32,9 @@ def _captured(path: str, key: str) -> Any:
 
 def measure(request: dict[str, Any]) -> dict[str, Any]:
     """Measure one request (see the module's docstring)."""
-    from ..compare import numeric_diff
-    from ..fingerprint import fingerprint, sketch
-    from ..localize import from_json, localize
+    from .compare import numeric_diff
+    from .fingerprint import fingerprint, sketch
+    from .localize import from_json, localize
 
     tensors = [_captured(path, request["key"]) for path in request["captures"]]
     found = len(tensors) == 2 and all(t is not None for t in tensors)
@@ -65,7 +60,7 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m reprocheck.runner.analysis REQUEST``: the answer to ``REQUEST["out"]``."""
+    """``python -m reprocheck.analysis REQUEST``: the answer to ``REQUEST["out"]``."""
     (path,) = sys.argv[1:] if argv is None else argv
     with open(path, encoding="utf-8") as handle:
         request = json.load(handle)

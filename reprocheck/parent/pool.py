@@ -2,9 +2,9 @@
 
 A fresh worker spends seconds before the user's first line: importing torch, NumPy and
 reprocheck, and ``torch._dynamo`` (pulled in by the first ``optimizer.step()``). A *zygote*
-— ``python -m reprocheck.runner.pool``, started with a run's environment — does that once;
+— ``python -m reprocheck.parent.pool``, started with a run's environment — does that once;
 each run it is asked for is a ``fork()`` of it that then executes
-``reprocheck.runner.worker SPEC`` as a fresh worker would.
+``reprocheck.child.worker SPEC`` as a fresh worker would.
 
 A fork inherits more than a fresh interpreter starts with, and each difference could hide
 a divergence a fresh process shows:
@@ -44,7 +44,7 @@ a divergence a fresh process shows:
   (elsewhere a fork of a process that loaded torch's native libraries is not safe).
 
 Of the runs whose comparison *is* the verdict, run 0 of each leg starts a fresh
-interpreter and the others fork (:class:`~reprocheck.runner.launch.Launcher`), so every
+interpreter and the others fork (:class:`~reprocheck.parent.launch.Launcher`), so every
 fork is compared with a fresh process and nothing a fork inherits can make the runs agree
 with one another; ``REPROCHECK_POOL=all`` forks run 0 too (the test suite's setting). The
 replays, attribution controls, doctor probes and the measurement of what replays kept
@@ -57,8 +57,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
-import importlib
 import json
 import os
 import secrets
@@ -70,18 +68,9 @@ import threading
 import time
 from typing import Any
 
-# REPROCHECK_POOL: "1" (default) every run forks but run 0 of each leg of a verdict; "all":
-# that one too (faster; address order then rests on the fork's padding alone); "0": every
-# run in a fresh interpreter
-POOL_ENV = "REPROCHECK_POOL"
-# a leg run by another Python (``--python PATH``): never a fork of this one's zygote
-PYTHON_ENV = "REPROCHECK_PYTHON"
+from ..contract import AUDIT_ENV, DEATH_ENV, POOL_ENV, PYTHON_ENV, THREAD_VARS, thread_count
+
 READY_TIMEOUT_S = 120.0
-# Every process an audit starts carries its token in this variable (an audit within a run:
-# its own after its parents'), which the audit's reaper finds them by once it has gone
-AUDIT_ENV = "REPROCHECK_AUDIT"
-# the pid of the process that started this one from its main thread: die with it
-DEATH_ENV = "REPROCHECK_DIE_WITH"
 SWEEP_S = 10.0  # the reaper's longest sweep
 MAX_ZYGOTES = 4  # warm servers kept at once (each holds torch: ~300 MB, shared with forks)
 
@@ -97,16 +86,6 @@ STARTUP_PREFIXES = (
 def startup_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """The part of an environment a zygote must have been started with."""
     return tuple(sorted((k, v) for k, v in env.items() if k.startswith(STARTUP_PREFIXES)))
-
-
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def thread_count(env: dict[str, str]) -> int | None:
-    """The run's thread count, where both :data:`THREAD_VARS` name the same one."""
-    values = {env.get(name, "") for name in THREAD_VARS}
-    value = values.pop() if len(values) == 1 else ""
-    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def _any_count(key: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
@@ -229,14 +208,6 @@ def untrack(pid: int) -> None:
     _tell(f"-{pid}")
 
 
-def die_with_parent() -> None:
-    """At the start of a process the audit started: die with the audit, where it asked for
-    that (:func:`audit_env`); the variable is not passed on to this process's children."""
-    parent = os.environ.pop(DEATH_ENV, "")
-    if parent.isdigit():
-        _die_with(int(parent))
-
-
 def reap(token: str) -> None:
     """The reaper's loop: read the groups the audit names until its end of the pipe closes
     (the audit has ended, however), then end everything of its audit."""
@@ -352,7 +323,7 @@ class Zygote:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "reprocheck.runner.pool"],
+            [sys.executable, "-m", "reprocheck.child.zygote"],
             env=audit_env(env),  # it dies with the audit (its forks die with it)
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -560,179 +531,3 @@ def shutdown() -> None:
         _ZYGOTES.clear()
     for each in zygotes:
         each.close()
-
-
-# ------------------------------------------------------------------------- the server
-
-
-def _warm() -> None:
-    """What every run imports before its first step (never CUDA: forks could not use it)."""
-    import numpy  # noqa: F401
-    import torch
-    import torch.utils.data
-
-    with contextlib.suppress(Exception):  # what the first optimizer.step() imports
-        import torch._dynamo
-    for module in ("fingerprint", "localize", "recorder", "trace", "runner.bootstrap"):
-        importlib.import_module(f"reprocheck.{module}")
-    for module in ("loop", "worker", "analysis"):
-        importlib.import_module(f"reprocheck.runner.{module}")
-    importlib.import_module("reprocheck.compare")
-
-    torch.zeros(1).add_(1)  # one op: the dispatcher's first-call set-up, single-threaded
-
-
-_KEEP: list[Any] = []  # the fork's padding, alive for the run's lifetime
-_EXITS: dict[int, int] = {}  # the zygote's pidfd of each fork (readable once it ended) → pid
-
-
-def _vary() -> None:
-    """Give this fork what a fresh interpreter would have of its own: generators seeded
-    from entropy, and addresses that differ from its siblings'."""
-    import mmap
-    import random
-
-    import numpy as np
-    import torch
-
-    chance = random.SystemRandom()
-    for size in range(0, 513, 16):  # every obmalloc size class: a random count of blocks,
-        blocks = [bytes(max(size - 33, 0)) for _ in range(chance.randrange(16, 256))]
-        chance.shuffle(blocks)
-        _KEEP.extend(blocks[: len(blocks) // 2])
-        del blocks  # and holes in random places, which the next objects fill
-    for _ in range(chance.randrange(1, 16)):  # the heap beyond the small-object arenas
-        _KEEP.append(bytearray(chance.randrange(513, 1 << 18)))
-    _KEEP.append(mmap.mmap(-1, chance.randrange(1, 4096) * mmap.PAGESIZE))  # mmap's base
-    random.seed()
-    np.random.seed()
-    torch.seed()
-
-
-def _die_with(parent: int) -> None:
-    """Be killed when the zygote ends (Linux's ``PR_SET_PDEATHSIG``): a run the launcher
-    can no longer hear the end of must not run on unseen."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # it had ended already
-        os._exit(128 + signal.SIGKILL)
-
-
-def _child(request: dict[str, Any], parent: int) -> int:
-    _die_with(parent)
-    for fd in _EXITS:  # its siblings' pidfds are the zygote's, not the run's
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _EXITS.clear()
-    os.setsid()
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a fresh interpreter has them
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    try:
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    except OSError as exc:  # a full disk: its output goes nowhere, its trace says the rest
-        if exc.errno != errno.ENOSPC:
-            raise
-        log = os.open(os.devnull, os.O_WRONLY)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
-    os.close(null)
-    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own descriptors
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    count = thread_count(request["env"])
-    if count is not None and count != thread_count(dict(os.environ)):
-        import torch  # a zygote of another count: torch's as the run's variables say
-
-        torch.set_num_threads(count)
-    os.environ.clear()  # the run's own environment (its start-up part is the zygote's)
-    os.environ.update(request["env"])
-    os.chdir(request["cwd"])
-    sys.path[0] = request["cwd"]  # as `python -m reprocheck.runner.worker` has it
-    _vary()
-    program = importlib.import_module(request.get("module") or f"{__package__}.worker")
-    sys.argv = [program.__file__, request["spec"]]
-    try:
-        code = program.main([request["spec"]])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    # an interpreter's exit, in its order: non-daemon threads, atexit, the streams
-    with contextlib.suppress(BaseException):
-        threading._shutdown()  # type: ignore[attr-defined]
-    with contextlib.suppress(BaseException):
-        atexit._run_exitfuncs()
-    with contextlib.suppress(BaseException):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    return code
-
-
-def serve() -> None:
-    """The zygote's loop: one JSON request per line on stdin → fork; pids and exit codes
-    as JSON lines on stdout. Ends at the end of its input."""
-    die_with_parent()
-    out = sys.stdout.buffer
-    _warm()
-    atexit.unregister(shutdown)  # the zygote's own registry is empty; its forks inherit it
-
-    def say(message: dict[str, Any]) -> None:
-        with contextlib.suppress(BrokenPipeError, OSError):  # the launcher has gone
-            out.write((json.dumps(message) + "\n").encode())
-            out.flush()
-
-    say({"ready": True})
-    pending = b""
-    running: set[int] = set()
-    exits = _EXITS
-    stdin = sys.stdin.buffer.fileno()
-    open_input = True
-    while open_input or running:  # at the end of input: once its forks have ended
-        # woken by a request or a fork's end; without pidfds, a fork's end is seen by polling
-        watched = [stdin] if open_input else []
-        timeout = 0.5 if len(exits) == len(running) else 0.02
-        readable, _, _ = select.select(watched + list(exits), [], [], timeout)
-        if stdin in readable:
-            chunk = os.read(stdin, 65536)
-            if not chunk:
-                open_input = False
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if not line.strip():
-                    continue
-                request = json.loads(line)
-                sys.stdout.flush()
-                parent = os.getpid()
-                pid = os.fork()
-                if pid == 0:
-                    code = 1
-                    try:
-                        code = _child(request, parent)
-                    finally:
-                        os._exit(code if 0 <= code < 256 else 1)
-                running.add(pid)
-                with contextlib.suppress(AttributeError, OSError):
-                    exits[os.pidfd_open(pid)] = pid
-                say({"pid": pid})
-        for pid in list(running):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                running.discard(pid)
-                for fd in [fd for fd, each in exits.items() if each == pid]:
-                    os.close(fd)
-                    del exits[fd]
-                say({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
-
-
-if __name__ == "__main__":
-    serve()

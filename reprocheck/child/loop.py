@@ -14,12 +14,12 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .. import checkpoint
 from ..config import Config, ConfigError
 from ..determinism import dataloader_generator, seed_worker
 from ..localize import OpCapture, OpRecord
 from ..recorder import StepRecorder, batch_tensors, flatten, parameter_names
 from ..usercode import resolve_callable
-from . import checkpoint
 
 
 def build_model(config: Config, device: torch.device) -> torch.nn.Module:

@@ -1,10 +1,10 @@
-"""One run, in its own process: ``python -m reprocheck.runner.worker SPEC.json``.
+"""One run, in its own process: ``python -m reprocheck.child.worker SPEC.json``.
 
-The spec (written by :mod:`reprocheck.runner.launch`) names the config, the leg (device,
+The spec (written by :mod:`reprocheck.parent.launch`) names the config, the leg (device,
 threads), the run index and the trace path. Exit status: 0 complete, 2 config error,
 3 the training raised, :data:`EXIT_NO_SPACE` the disk holding the trace is full (the trace
 may not have been able to say so itself). Otherwise, the trace says so in ``meta.status``
-(:class:`reprocheck.runner.context.RunContext` owns that); this module picks the driver —
+(:class:`reprocheck.child.context.RunContext` owns that); this module picks the driver —
 the config loop, or an unchanged script — and saves what a replay captured.
 """
 
@@ -16,9 +16,8 @@ import os
 import sys
 from typing import Any
 
+from ..contract import EXIT_NO_SPACE
 from ..verdict import EXIT_USAGE as EXIT_CONFIG
-
-EXIT_NO_SPACE = 28  # (ENOSPC's number) the launcher reads it as "no space left on device"
 
 
 def quiet_output() -> None:
@@ -35,7 +34,7 @@ def quiet_output() -> None:
 
 
 def run(spec: dict[str, Any]) -> int:
-    """A config's run: the training recipe of :mod:`reprocheck.runner.loop`."""
+    """A config's run: the training recipe of :mod:`reprocheck.child.loop`."""
     import torch
 
     from ..configfile import config_from_dict
@@ -98,8 +97,8 @@ def save_capture(capture: dict[str, Any], recorder: Any, ops: list[Any]) -> None
     import torch
 
     from .. import jsonout
+    from ..contract import capture_key
     from ..localize import to_json
-    from .analysis import capture_key
 
     torch.save(
         {capture_key(*record): tensor for record, tensor in recorder.captured.items()},
@@ -120,9 +119,9 @@ def save_capture(capture: dict[str, Any], recorder: Any, ops: list[Any]) -> None
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m reprocheck.runner.worker SPEC.json", file=sys.stderr)
+        print("usage: python -m reprocheck.child.worker SPEC.json", file=sys.stderr)
         return EXIT_CONFIG
-    from .pool import die_with_parent
+    from .zygote import die_with_parent
 
     die_with_parent()  # a fresh run: it dies with the audit (a fork: with its zygote)
     with open(argv[0], encoding="utf-8") as handle:

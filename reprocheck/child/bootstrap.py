@@ -34,7 +34,7 @@ is fixed at step 0, and a model or optimizer first seen later gets the next numb
 own beside the run's (``<run>-<process>.sqlite``): forked children inherit these hooks;
 spawned ones (``torch.multiprocessing.spawn``, ``multiprocessing`` with ``spawn`` or
 ``forkserver``, ``subprocess`` running Python, ``torchrun`` ranks) install them at start-up
-through the ``sitecustomize`` of :mod:`reprocheck.runner.child`. A process is named by
+through the ``sitecustomize`` of :mod:`reprocheck.child.spawned`. A process is named by
 its rank (``rank0``: ``RANK`` in its environment), its index in
 ``torch.multiprocessing.spawn`` (``spawn0``), its ``multiprocessing`` identity (``mp1``,
 ``mp1-2``) or its creation order among the ``subprocess`` children of its parent
@@ -67,6 +67,7 @@ import torch
 
 from ..compiled import resolve as resolve_backend
 from ..config import PHASES, DeterminismConfig
+from ..contract import PROCESS_ENV
 from ..fingerprint import fingerprint
 from ..recorder import (
     StepRecorder,
@@ -80,7 +81,7 @@ from .context import RunContext, StepLimitReached
 if TYPE_CHECKING:
     from ..localize import OpCapture
 
-PROCESS_ENV = "REPROCHECK_PROCESS"  # a subprocess child's name, given by its parent
+
 OBSERVED = ("weights", "optimizer")  # what the observer run records (no data, no grads …)
 MAX_WRITTEN = 1000  # files noted per process (a bound on the trace's meta)
 MAX_PENDING_OUTPUTS = 256  # outputs kept for a step that has not come yet (a bound on memory)
@@ -1507,7 +1508,7 @@ def _child_settings(spec: dict[str, Any], applied: dict[str, Any]) -> dict[str, 
 def run_script(spec: dict[str, Any]) -> int:
     """The worker's path for ``reprocheck exec`` / ``audit``: 0 complete, 3 the script failed."""
     from ..determinism import apply_controls_for
-    from . import child
+    from . import spawned
 
     target = spec["exec"]
     controls = DeterminismConfig(**spec["config"]["determinism"])
@@ -1525,7 +1526,7 @@ def run_script(spec: dict[str, Any]) -> int:
     session.install()
     # the generators as the script finds them: one it never moves explains no divergence
     context.writer.set_meta(rng_start=rng_start())
-    child.export(settings)  # its children record themselves too (and capture, if theirs)
+    spawned.export(settings)  # its children record themselves too (and capture, if theirs)
     atexit.register(recorder.finish, "complete")  # a script that calls os-level exit paths
     argv = run_arguments(list(target["argv"]), spec["trace"], target.get("run_prefix", ""))
     if recorder.zoom_step is not None and recorder.zoom_step <= 1:

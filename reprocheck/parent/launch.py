@@ -1,7 +1,7 @@
 """N runs × legs, each run in its own process: scheduling, timeouts, progress, fail-fast.
 
 The parent never imports user code. It writes one spec per run, starts
-``python -m reprocheck.runner.worker SPEC`` with the leg's environment, polls the
+``python -m reprocheck.child.worker SPEC`` with the leg's environment, polls the
 traces for progress, and — with fail-fast — compares a leg's runs while they go, stopping
 the leg as soon as two of them disagree.
 """
@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import checkpoint
 from ..config import Config, config_to_dict
+from ..contract import EXIT_NO_SPACE
 from ..determinism import child_environment, torch_source
 from ..trace import (
     Trace,
@@ -34,8 +36,7 @@ from ..trace import (
     mark_ended,
     step_log_path,
 )
-from . import checkpoint, pool
-from .worker import EXIT_NO_SPACE
+from . import pool
 
 POLL_S = 0.05
 FAIL_FAST_EVERY_S = 0.5
@@ -430,7 +431,7 @@ class Launcher:
                 process = None
             else:
                 process = pool.spawn(
-                    env, str(stem) + ".json", str(stem) + ".log", module=f"{__package__}.analysis"
+                    env, str(stem) + ".json", str(stem) + ".log", module="reprocheck.analysis"
                 )
             if process is not None:
                 try:
@@ -448,7 +449,7 @@ class Launcher:
                         with contextlib.suppress(OSError):
                             os.remove(str(stem) + done)
                     return answer
-        from . import analysis
+        from .. import analysis
 
         return analysis.measure(request)
 
@@ -534,7 +535,7 @@ class Launcher:
             task.result.error = f"no space left on device while writing {task.result.log}"
             return
         task.process = subprocess.Popen(
-            [task.env.get(pool.PYTHON_ENV) or sys.executable, "-m", "reprocheck.runner.worker"]
+            [task.env.get(pool.PYTHON_ENV) or sys.executable, "-m", "reprocheck.child.worker"]
             + [task.spec_path],
             env=pool.audit_env(task.env),  # it dies with the audit, and what it starts too
             stdin=subprocess.DEVNULL,

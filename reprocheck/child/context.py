@@ -1,13 +1,13 @@
 """One run, in its process: the context every driver shares.
 
 A *driver* says where a run's steps begin and end — the config loop
-(:mod:`reprocheck.runner.loop`), the script hooks (:mod:`reprocheck.runner.bootstrap`),
+(:mod:`reprocheck.child.loop`), the script hooks (:mod:`reprocheck.child.bootstrap`),
 the Python API (:class:`reprocheck.Recorder`). The context owns the rest, once: the trace
 (its meta, its status, how it finishes), the step recorder with its capture window, and
 what an error becomes — a failed trace with its error line and exit status 3, a config
 error with exit 2, a script's ``sys.exit(n)`` with the status it gave, a full disk under
 the trace with "no space left on device while writing TRACE" and
-:data:`~reprocheck.runner.worker.EXIT_NO_SPACE` (the trace may not take even that).
+:data:`~reprocheck.child.worker.EXIT_NO_SPACE` (the trace may not take even that).
 """
 
 from __future__ import annotations

@@ -1,1 +1,0 @@
-"""Runs: scheduling (launch), one run per process (worker), the training recipe (loop)."""
