@@ -129,6 +129,7 @@ def audit(
     run in the children).
     """
     from .config import PRESETS, Config, DataConfig, DeterminismConfig, FactoryConfig
+    from .contract import Function
     from .parent.audit import AuditOptions, run_audit
 
     module = sys.modules.get(train_fn.__module__)
@@ -157,6 +158,6 @@ def audit(
         timeout=timeout,
         measure=False,
         zoom=False,
-        exec={"argv": [], "function": target, "max_steps": steps},
+        target=Function(function=target, max_steps=steps),
     )
     return run_audit(config, options)

@@ -23,6 +23,8 @@ import re
 import shutil
 from typing import TYPE_CHECKING, Any
 
+from .contract import CheckpointPlan
+
 if TYPE_CHECKING:  # the runs save and load; the parent that plans them imports no torch
     import torch
 
@@ -32,13 +34,13 @@ BUDGET_BYTES = 512 * 2**20  # ... and as many kept per run as fit in this (all, 
 MIN_KEEP = 2  # a state too large to keep two of is not checkpointed (replays from step 0)
 
 
-def plan(steps: int, prefix: str, runs: int = 1) -> dict[str, Any] | None:
+def plan(steps: int, prefix: str, runs: int = 1) -> CheckpointPlan | None:
     """The spec entry of a run: every how many steps, how many kept, file prefix, and how
     many runs of the audit share the disk (each keeps to its part of the free space)."""
     if steps < 3:  # a resume needs c ≤ k − 2 with c ≥ 1
         return None
     every = max(1, -(-steps // CHECKPOINTS_PER_RUN))
-    return {"every": every, "keep": CHECKPOINTS_PER_RUN, "prefix": prefix, "runs": runs}
+    return CheckpointPlan(every=every, keep=CHECKPOINTS_PER_RUN, prefix=prefix, runs=runs)
 
 
 def path_for(prefix: str, step: int) -> str:

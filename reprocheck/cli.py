@@ -550,7 +550,9 @@ def run(
     )
     if depth not in ("step", "module", "op"):
         raise UsageError(f"--depth takes step, module or op (got {depth!r})")
-    target = None
+    from .contract import Recipe, Target
+
+    target: Target = Recipe()
     if config.distributed is not None:  # each run a torchrun job of the config's loop
         from .script import distributed_target
 
@@ -564,7 +566,7 @@ def run(
         depth=depth,
         zoom=zoom,
         attribute=attribute,
-        exec=target,
+        target=target,
         confidence=level,
         max_rate=rate,
     )

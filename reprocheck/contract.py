@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Union
 
 # ------------------------------------------------------------------ the environment
@@ -61,6 +61,9 @@ def thread_count(env: dict[str, str]) -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
+# what the observer run records: the state alone (no data, outputs, loss or gradients)
+OBSERVED = ("weights", "optimizer")
+
 # ------------------------------------------------------------------ exit statuses
 
 EXIT_NO_SPACE = 28  # (ENOSPC's number) the launcher reads it as "no space left on device"
@@ -85,7 +88,6 @@ _ROLES = (
     ("sub", "subprocess"),
     ("fork", "fork"),
 )
-_NUMBERED = re.compile(r"^(rank|spawn|mp|sub|fork|pid)((?:\d+-)*\d+)$")
 
 
 @dataclass(frozen=True)
@@ -156,24 +158,25 @@ def process_trace(run_trace: str, process: str) -> str:
     return f"{run_trace[: -len(TRACE_SUFFIX)]}-{process}{TRACE_SUFFIX}"
 
 
-def process_traces(run_trace: str) -> dict[str, str]:
-    """Every process trace of a run that exists: name → path (``main`` first)."""
-    found: dict[str, str] = {}
-    if os.path.exists(run_trace):
-        found[MAIN] = run_trace
+def child_traces(run_trace: str) -> dict[str, str]:
+    """The traces a run's child processes wrote beside its own (``<run>-<name>.sqlite``):
+    name → path, in natural name order (``mp2`` before ``mp10``)."""
     stem = run_trace[: -len(TRACE_SUFFIX)] + "-"
     folder = os.path.dirname(run_trace) or "."
     try:
-        entries = sorted(os.listdir(folder))
+        entries = sorted(os.listdir(folder), key=_natural)
     except OSError:
-        return found
+        return {}
+    found = {}
     for entry in entries:
         path = os.path.join(folder, entry)
         if path.startswith(stem) and entry.endswith(TRACE_SUFFIX):
-            name = path[len(stem) : -len(TRACE_SUFFIX)]
-            if all(_NUMBERED.match(part) for part in name.split(".")):
-                found[name] = path
+            found[path[len(stem) : -len(TRACE_SUFFIX)]] = path
     return found
+
+
+def _natural(text: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
 
 
 def run_stem(trace: str) -> str:
@@ -312,12 +315,10 @@ class CheckpointPlan:
 
 @dataclass(frozen=True)
 class Canary:
-    """The canary run: one bit of one weight flipped after ``step`` (``planted``: what the
-    run says it did, in its trace)."""
+    """The canary run: one bit of one trained tensor flipped right before ``step``'s
+    weights are recorded (:mod:`reprocheck.canary`; what was flipped: the trace's meta)."""
 
     step: int
-    tensor: str | None = None
-    bit: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return _plain(self)
@@ -467,6 +468,7 @@ __all__ = [
     "EXIT_NO_SPACE",
     "HASHER_ENV",
     "MAIN",
+    "OBSERVED",
     "OBSERVER_ENV",
     "POOL_ENV",
     "PROCESS_ENV",
@@ -482,10 +484,9 @@ __all__ = [
     "Script",
     "Target",
     "TorchrunJob",
-    "asdict",
     "capture_key",
+    "child_traces",
     "process_trace",
-    "process_traces",
     "run_stem",
     "target_from_json",
     "thread_count",

@@ -14,6 +14,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from .contract import ProcessName
 from .trace import Trace, TraceError
 
 REPLICA_PHASES = ("grads", "weights", "optimizer")  # what data parallelism keeps equal
@@ -185,8 +186,8 @@ def check_run(leg: str, run: int, rank_traces: dict[int, str]) -> tuple[ReplicaC
 
 
 def rank_of(process: str) -> int | None:
-    """``rank3`` → 3 (a torchrun rank's process name, see the bootstrap); else None."""
-    return int(process[4:]) if process.startswith("rank") and process[4:].isdigit() else None
+    """``rank3`` → 3 (a torchrun rank's process name); else None."""
+    return ProcessName(process).rank
 
 
 def check_legs(legs: list[Any]) -> ReplicaCheck | None:

@@ -11,9 +11,11 @@ import hashlib
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from .contract import Script, TorchrunJob
 
 
 class ScriptError(Exception):
@@ -164,8 +166,8 @@ def parse(words: list[str], command: str) -> tuple[list[str], str | None, str]:
     return argv, script, Path(script).stem
 
 
-def target_of(words: list[str], command: str) -> tuple[dict[str, Any], str | None, str]:
-    """The words after ``--`` → (the ``exec`` target, the file whose content identifies
+def target_of(words: list[str], command: str) -> tuple[Script, str | None, str]:
+    """The words after ``--`` → (the target each run executes, the file whose content identifies
     the audit, the audit's name). A Python script (or ``-m`` module, or torchrun job) runs
     in the run's own process; a notebook's code cells run there in order
     (:mod:`reprocheck.notebook`); any other command (``bash run.sh``, ``accelerate launch
@@ -180,12 +182,12 @@ def target_of(words: list[str], command: str) -> tuple[dict[str, Any], str | Non
         if not os.path.isfile(path):
             raise ScriptError(f"no such notebook: {notebook}")
         rest = words[words.index(notebook) + 1 :] if words[0] == notebook else []
-        return {"argv": [path, *rest], "notebook": True}, path, Path(path).stem
+        return Script(argv=(path, *rest), notebook=True), path, Path(path).stem
     words = _ipython_script(words) or words
     program = os.path.basename(words[0])
     if is_interpreter(words[0]) or program == "torchrun":
         argv, script, name = parse(words, command)
-        return {"argv": argv}, script, name
+        return Script(argv=tuple(argv)), script, name
     if program.lower().endswith(".py"):
         raise ScriptError(
             f"run a script with its interpreter: reprocheck {command} -- python {words[0]} …"
@@ -195,7 +197,7 @@ def target_of(words: list[str], command: str) -> tuple[dict[str, Any], str | Non
         raise ScriptError(f"no such command: {words[0]}")
     file = _named_file(words)
     name = Path(file).stem if file else program
-    return {"argv": [found, *words[1:]], "launch": True}, file, name
+    return Script(argv=(found, *words[1:]), launch=True), file, name
 
 
 def script_config(
@@ -206,15 +208,15 @@ def script_config(
     steps: int | None = None,
     preset: str = "seeded",
     seed: int = 0,
-) -> tuple[Any, dict[str, Any]]:
-    """(the audit's Config, the ``exec`` target) for ``python train.py ARGS``."""
+) -> tuple[Any, Script]:
+    """(the audit's Config, the target each run executes) for ``python train.py ARGS``."""
     from .config import PRESETS, Config, DataConfig, DeterminismConfig, FactoryConfig
 
     target, script, name = target_of(words, command)
-    argv = target["argv"]
+    argv = target.argv
     if preset not in PRESETS:
         raise ScriptError(f"--preset takes {', '.join(PRESETS)} (got {preset!r})")
-    if target.get("notebook"):
+    if target.notebook:
         from .notebook import code_sha256
 
         sha = code_sha256(script)
@@ -232,22 +234,27 @@ def script_config(
         base_dir=os.getcwd(),
         sha256=sha,
     )
-    target["max_steps"] = steps
-    if target.get("launch") or target.get("notebook"):
-        target["command"] = list(words)  # as the user gave it
+    target = replace(target, max_steps=steps)
+    if target.launch or target.notebook:
+        target = replace(target, command=tuple(words))  # as the user gave it
     if argv[0] == "-m" and argv[1] in TORCHRUN_MODULES:
-        job = parse_torchrun(argv[2:], command)
-        target["torchrun"] = {"nproc_per_node": job.nproc_per_node, "fixed_port": job.fixed_port}
-        target["command"] = list(words)  # as the user gave it (`torchrun …`)
+        job = parse_torchrun(list(argv[2:]), command)
+        target = TorchrunJob(
+            argv=target.argv,
+            max_steps=steps,
+            command=tuple(words),  # as the user gave it (`torchrun …`)
+            nproc_per_node=job.nproc_per_node,
+            fixed_port=job.fixed_port,
+        )
     return config, target
 
 
 def resolve_target(
     config_path: Path | None, extra: list[str], command: str, **script: Any
-) -> tuple[Any, dict[str, Any] | None]:
+) -> tuple[Any, Script | None]:
     """A command's target: ``CONFIG`` (a YAML config) or ``-- python train.py ARGS`` (then
     click hands over ``python`` as CONFIG and the rest as extra arguments). Returns the
-    Config and, for a script, its ``exec`` target."""
+    Config and, for a script, the target each run executes."""
     usage = f"reprocheck {command} CONFIG, or reprocheck {command} -- python train.py ARGS"
     yaml = config_path is not None and Path(config_path).suffix.lower() in (".yaml", ".yml")
     word = str(config_path) if config_path is not None else ""
@@ -273,17 +280,18 @@ def resolve_target(
     return load_config(config_path), None
 
 
-def distributed_target(config: Any) -> dict[str, Any]:
-    """The ``exec`` target of a config with ``distributed:``: each run one torchrun job of
+def distributed_target(config: Any) -> TorchrunJob:
+    """The target of a config with ``distributed:``: each run one torchrun job of
     :mod:`reprocheck.child.ddp` on the config's file."""
     if not config.path:
         raise ScriptError("a distributed config must be a file (torchrun reads it in each rank)")
     d = config.distributed
     job = ["--standalone", "--nproc_per_node", str(d.nproc_per_node)]
     module = ["-m", "reprocheck.child.ddp", os.path.abspath(config.path), "--backend", d.backend]
-    return {
-        "argv": ["-m", "torch.distributed.run", *job, *module],
-        "max_steps": config.steps or None,
-        "torchrun": {"nproc_per_node": d.nproc_per_node, "fixed_port": False},
-        "command": ["torchrun", *job, *module],
-    }
+    return TorchrunJob(
+        argv=("-m", "torch.distributed.run", *job, *module),
+        max_steps=config.steps or None,
+        command=("torchrun", *job, *module),
+        nproc_per_node=d.nproc_per_node,
+        fixed_port=False,
+    )

@@ -184,10 +184,10 @@ def test_repeats_run_side_by_side_only_where_each_job_finds_its_own_port():
     config, target = script_config(
         ["torchrun", "--standalone", "--nproc_per_node", "2", script], "exec"
     )
-    assert target["torchrun"] == {"nproc_per_node": 2, "fixed_port": False}
-    assert target["argv"][:2] == ["-m", "torch.distributed.run"]
-    assert _jobs(config, AuditOptions(exec=target, jobs=4)) == 4
-    assert _jobs(config, AuditOptions(exec=target)) is None  # as for any script: cores ÷ threads
+    assert (target.nproc_per_node, target.fixed_port) == (2, False)
+    assert target.argv[:2] == ("-m", "torch.distributed.run")
+    assert _jobs(config, AuditOptions(target=target, jobs=4)) == 4
+    assert _jobs(config, AuditOptions(target=target)) is None  # as for any script: cores ÷ threads
     for fixed in (
         ["torchrun", "--nproc_per_node", "2", script],  # static rendezvous, port 29500
         ["torchrun", "--nproc_per_node", "2", "--master-port", "29611", script],
@@ -195,8 +195,8 @@ def test_repeats_run_side_by_side_only_where_each_job_finds_its_own_port():
          "--rdzv-backend", "c10d", script],
     ):  # fmt: skip
         config, target = script_config(fixed, "exec")
-        assert target["torchrun"]["fixed_port"] is True
-        assert _jobs(config, AuditOptions(exec=target, jobs=4)) == 1
+        assert target.fixed_port is True
+        assert _jobs(config, AuditOptions(target=target, jobs=4)) == 1
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from reprocheck.contract import Script
 from reprocheck.report.terminal import render
 from reprocheck.script import ScriptError, target_of
 from reprocheck.trace import Trace
@@ -231,9 +232,9 @@ def test_launcher_forms_name_the_audit_after_the_script(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("")
     target, file, name = target_of(["bash", "-c", "true", str(script)], "exec")
-    assert (target["launch"], file, name) == (True, str(script), "train")
+    assert (target.launch, file, name) == (True, str(script), "train")
     target, file, name = target_of(["python", "-m", "IPython", str(script), "--lr", "1"], "exec")
-    assert target == {"argv": [str(script), "--lr", "1"]}
+    assert target == Script(argv=(str(script), "--lr", "1"))
     assert name == "train"
     with pytest.raises(ScriptError, match="is a notebook"):
         target_of(["python", str(tmp_path / "nb.ipynb")], "exec")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from reprocheck.child.context import display_line, error_line
+from reprocheck.contract import Script
 from reprocheck.localize import is_user_file
 from reprocheck.notebook import cell_filename, cell_of, code_sha256
 from reprocheck.script import ScriptError, target_of
@@ -178,14 +179,14 @@ def test_planted_noise_in_a_cell_is_named_by_its_cell_and_line(tmp_path):
 def test_every_front_door_of_a_notebook_is_the_same_target(words, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = str(write_notebook(tmp_path / "nb.ipynb", homework()).resolve())
-    assert target_of(words, "exec") == ({"argv": [path], "notebook": True}, path, "nb")
+    assert target_of(words, "exec") == (Script(argv=(path,), notebook=True), path, "nb")
 
 
 def test_a_notebooks_arguments_follow_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = str(write_notebook(tmp_path / "nb.ipynb", homework()).resolve())
     target, _, _ = target_of(["nb.ipynb", "--lr", "0.1"], "exec")
-    assert target == {"argv": [path, "--lr", "0.1"], "notebook": True}
+    assert target == Script(argv=(path, "--lr", "0.1"), notebook=True)
 
 
 @pytest.mark.parametrize("quiet", [(), ("-q",)], ids=["terminal", "quiet"])

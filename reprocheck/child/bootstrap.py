@@ -61,13 +61,25 @@ import time
 import traceback
 import weakref
 from collections import Counter
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from ..compiled import resolve as resolve_backend
 from ..config import PHASES, DeterminismConfig
-from ..contract import PROCESS_ENV
+from ..contract import (
+    MAIN,
+    OBSERVED,
+    PROCESS_ENV,
+    Capture,
+    ChildSettings,
+    Function,
+    ProcessName,
+    RunSpec,
+    process_trace,
+    run_stem,
+)
 from ..fingerprint import fingerprint
 from ..recorder import (
     StepRecorder,
@@ -82,7 +94,6 @@ if TYPE_CHECKING:
     from ..localize import OpCapture
 
 
-OBSERVED = ("weights", "optimizer")  # what the observer run records (no data, no grads …)
 MAX_WRITTEN = 1000  # files noted per process (a bound on the trace's meta)
 MAX_PENDING_OUTPUTS = 256  # outputs kept for a step that has not come yet (a bound on memory)
 
@@ -100,7 +111,7 @@ def process_key() -> str:
         return _FORKS["name"]
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return f"rank{env['RANK']}"
+        return ProcessName.rank_name(env["RANK"])
     import multiprocessing
 
     process = multiprocessing.current_process()
@@ -110,9 +121,9 @@ def process_key() -> str:
         and len(args) > 1
         and isinstance(args[1], int)
     ):
-        return f"spawn{args[1]}"  # torch.multiprocessing.spawn's process index (its rank)
+        return ProcessName.spawn_name(args[1])  # torch.multiprocessing.spawn's index (rank)
     if process._identity:
-        return "mp" + "-".join(map(str, process._identity))
+        return ProcessName.multiprocessing_name(process._identity)
     return env.get(PROCESS_ENV) or f"pid{os.getpid()}"
 
 
@@ -252,13 +263,13 @@ class Session:
     the step limit. The script's own process creates it from the launcher's spec; a child
     process from the settings its parent left in the environment (:mod:`.child`)."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: ChildSettings) -> None:
         self.settings = settings
-        self.trace_base = settings["trace"][: -len(".sqlite")]
-        self.max_steps = settings.get("max_steps")
-        self.with_sketch = bool(settings.get("with_sketch"))
+        self.trace = settings.trace
+        self.max_steps = settings.max_steps
+        self.with_sketch = settings.with_sketch
         # a replay (the zoom): keep the named tensors of step k, and every op of it
-        self.capture: dict[str, Any] | None = settings.get("capture")
+        self.capture: Capture | None = settings.capture
         self.recorders: dict[int, ProcessRecorder | None] = {}  # pid → its recorder
         self.subprocesses = itertools.count(1)
         self.seeding: dict[int, list[dict[str, Any]]] = {}  # pid → its seeding calls
@@ -269,8 +280,8 @@ class Session:
         # a compile leg (``--compile``): None (not asked: the script runs as written), False
         # (torch.compile returns its argument unchanged) or True (the script's compile
         # runs; a model the script never compiles is compiled in place with its optimizer)
-        self.compile_mode: bool | None = settings.get("compile")
-        self.compile_backend: str | None = settings.get("compile_backend")
+        self.compile_mode: bool | None = settings.compile
+        self.compile_backend: str | None = settings.compile_backend
         self.cache_warm: bool | None = None
         if self.compile_mode:
             from ..determinism import compile_cache_warm
@@ -387,11 +398,11 @@ class Session:
 
         module_type.__call__ = __call__  # type: ignore[method-assign]
 
-    def window(self, key: str) -> dict[str, Any] | None:
+    def window(self, key: str) -> Capture | None:
         """A replay's capture, if it is this process's (``main``, or the child that
         diverged: ``spawn1``, ``rank0`` …)."""
         capture = self.capture
-        return capture if capture and capture.get("process", "main") == key else None
+        return capture if capture and capture.process == key else None
 
     def recorder(self) -> ProcessRecorder | None:
         """This process's recorder; a child that trains gets one (and a trace) now."""
@@ -408,28 +419,28 @@ class Session:
 
         env = os.environ
         meta = {
-            **self.settings["meta"],
+            **self.settings.meta,
             "process": key,
             "rank": int(env["RANK"]) if "RANK" in env else None,
             "local_rank": int(env["LOCAL_RANK"]) if "LOCAL_RANK" in env else None,
             "world_size": int(env["WORLD_SIZE"]) if "WORLD_SIZE" in env else None,
             "steps_planned": self.max_steps,
-            "environment": environment_snapshot(self.settings.get("applied")),
+            "environment": environment_snapshot(self.settings.applied),
             # a spawned child's generators at its start (a fork's are its parent's: unknown)
-            "rng_start": self.settings.get("rng_start"),
+            "rng_start": self.settings.rng_start,
             # a compile leg: was inductor's cache warm when this process started
             "compile_cache_warm": self.cache_warm,
         }
-        path = path or f"{self.trace_base}-{key}.sqlite"
+        path = path or process_trace(self.trace, key)
         window = self.window(key)
         return RunContext(
             path,
             meta,
             # a script's collectives, where it makes any; the observer run (reprocheck's
             # check that recording leaves training alone): weights and optimizer alone
-            tuple(self.settings.get("record") or (*PHASES, "comm")),
+            tuple(self.settings.record or (*PHASES, "comm")),
             with_sketch=self.with_sketch,
-            capture=(window["step"], window["tensors"]) if window else None,
+            capture=(window.step, window.tensors) if window else None,
         )
 
     # -- hooks: installed once per interpreter, each asks for this process's recorder ----
@@ -679,7 +690,7 @@ class Session:
                 return
             rec = session.recorders.get(os.getpid())
             parent = rec.key if rec is not None else process_key()
-            _FORKS["pending"] = f"fork{made}" if parent == "main" else f"{parent}.fork{made}"
+            _FORKS["pending"] = ProcessName.fork_name(parent, made)
 
         def after_in_child() -> None:
             _FORKS["name"], _FORKS["pending"], _FORKS["made"] = _FORKS["pending"], None, 0
@@ -723,7 +734,7 @@ class Session:
         import io
 
         session, original = self, builtins.open
-        own = os.path.dirname(os.path.abspath(self.settings["trace"])) + os.sep
+        own = os.path.dirname(os.path.abspath(self.settings.trace)) + os.sep
 
         def note(file: Any) -> None:
             with contextlib.suppress(TypeError, ValueError):
@@ -763,9 +774,9 @@ class Session:
         @functools.wraps(original_init)
         def __init__(popen, args, *rest, **kwargs):
             parent = session.recorders.get(os.getpid())
-            prefix = f"{parent.key}." if parent is not None and parent.key != "main" else ""
+            prefix = f"{parent.key}." if parent is not None and parent.key != MAIN else ""
             env = dict(os.environ if kwargs.get("env") is None else kwargs["env"])
-            env[PROCESS_ENV] = f"{prefix}sub{next(session.subprocesses)}"
+            env[PROCESS_ENV] = prefix + ProcessName.subprocess_name(next(session.subprocesses))
             kwargs["env"] = env
             original_init(popen, args, *rest, **kwargs)
 
@@ -794,7 +805,7 @@ class ProcessRecorder:
         self.step = 0
         self.called: set[int] = set()  # modules called (outermost) before step 0
         self.first_buffers: dict[int, torch.Tensor] = {}  # id → its value before a forward
-        self.canary_planted = False  # the canary run's flipped bit (settings["canary"])
+        self.canary_planted = False  # the canary run's flipped bit (settings.canary)
         self.started = False  # step 0 committed
         self.optimizer_seen = False  # steps are optimizer steps (else: hand-written updates)
         self.models: list[torch.nn.Module] = []
@@ -822,16 +833,16 @@ class ProcessRecorder:
         # a replay's op capture of one step, in the process that diverged: the window, and
         # its stage
         self.window = session.window(key)
-        self.zoom_step = self.window["step"] if self.window and self.window.get("ops") else None
+        self.zoom_step = self.window.step if self.window and self.window.ops else None
         self.ops: OpCapture | None = None
         self.stage: str | None = None
-        if key != "main" and self.zoom_step is not None and self.zoom_step <= 1:
+        if key != MAIN and self.zoom_step is not None and self.zoom_step <= 1:
             # a child's steps 0 and 1: from its first hook on (its recorder is made there)
             from ..localize import OpCapture
 
             self.ops = OpCapture(None)
             self._resume("forward")
-        if key != "main":
+        if key != MAIN:
             # a forked child ends through os._exit (no atexit): multiprocessing's
             # finalizers still run; a spawned child or subprocess ends through atexit
             import multiprocessing.util
@@ -1161,9 +1172,9 @@ class ProcessRecorder:
             for name, value in _unwrapped(model).state_dict(keep_vars=True).items()
         ]
         weights += self.loose.values()
-        canary = self.session.settings.get("canary")
-        if canary and canary["step"] == self.step and not self.canary_planted:
-            self._plant_canary(weights, canary["step"])
+        canary = self.session.settings.canary
+        if canary and canary.step == self.step and not self.canary_planted:
+            self._plant_canary(weights, canary.step)
         before = self.first_buffers if self.step == 0 else {}  # buffers before a forward
         rec.add_state("weights", ((name, before.get(id(v), v)) for name, v in weights))
         names = self._names()
@@ -1327,7 +1338,7 @@ class ProcessRecorder:
         if self.context is None:
             self.finished = True
             return
-        if self.key != "main" and self.window is not None and status == "complete":
+        if self.key != MAIN and self.window is not None and status == "complete":
             from .worker import save_capture  # a child's replay: its capture, at its end
 
             self._pause()
@@ -1483,52 +1494,44 @@ def _known(item: Any, items: list[Any]) -> bool:
     return any(item is other for other in items)
 
 
-def _child_settings(spec: dict[str, Any], applied: dict[str, Any]) -> dict[str, Any]:
-    from .context import run_meta
-
-    return {
-        "trace": spec["trace"],
-        "max_steps": spec["exec"].get("max_steps"),
-        "with_sketch": bool(spec.get("with_sketch")),
-        "meta": {**run_meta(spec), "command": spec["exec"]["argv"]},
-        "applied": applied,
-        "controls": spec["config"]["determinism"],
-        "seed": spec["config"]["seed"],
-        "threads": spec.get("threads"),
-        "capture": spec.get("capture"),
-        "compile": spec.get("compile"),
-        # a compiled leg's replay down the ladder: its torch.compile calls use this backend
-        "compile_backend": (spec.get("capture") or {}).get("backend"),
-        # the canary run: every process flips one bit before this step's weights
-        "canary": spec.get("canary"),
-        "record": OBSERVED if spec.get("observer") else None,
-    }
-
-
-def run_script(spec: dict[str, Any]) -> int:
+def run_script(spec: RunSpec) -> int:
     """The worker's path for ``reprocheck exec`` / ``audit``: 0 complete, 3 the script failed."""
     from ..determinism import apply_controls_for
     from . import spawned
 
-    target = spec["exec"]
-    controls = DeterminismConfig(**spec["config"]["determinism"])
-    applied = apply_controls_for(controls, spec["config"]["seed"], spec.get("threads"))
-    settings = _child_settings(spec, applied)
-    capture = spec.get("capture")
-    if capture and capture.get("process", "main") == "main":
+    target = spec.target
+    controls = DeterminismConfig(**spec.config["determinism"])
+    applied = apply_controls_for(controls, spec.config["seed"], spec.threads)
+    capture = spec.capture
+    settings = ChildSettings(
+        trace=spec.trace,
+        meta={**spec.meta, "command": list(getattr(target, "argv", ()))},
+        controls=spec.config["determinism"],
+        seed=spec.config["seed"],
+        applied=applied,
         # a replay ends with the captured step; one of a child's step runs the script to
         # its end: a worker stopped early never hands its parent what it waits for
-        settings["max_steps"] = capture["step"]
+        max_steps=capture.step if capture and capture.process == MAIN else target.max_steps,
+        with_sketch=spec.with_sketch,
+        threads=spec.threads,
+        capture=capture,
+        compile=spec.compile,
+        # a compiled leg's replay down the ladder: its torch.compile calls use this backend
+        compile_backend=capture.backend if capture else None,
+        # the canary run: every process flips one bit before this step's weights
+        canary=spec.canary,
+        record=OBSERVED if spec.observer else None,
+    )
     session = Session(settings)
-    context = session.context("main", spec["trace"])
-    recorder = ProcessRecorder(session, "main", context)
+    context = session.context(MAIN, spec.trace)
+    recorder = ProcessRecorder(session, MAIN, context)
     session.recorders[os.getpid()] = recorder
     session.install()
     # the generators as the script finds them: one it never moves explains no divergence
     context.writer.set_meta(rng_start=rng_start())
     spawned.export(settings)  # its children record themselves too (and capture, if theirs)
     atexit.register(recorder.finish, "complete")  # a script that calls os-level exit paths
-    argv = run_arguments(list(target["argv"]), spec["trace"], target.get("run_prefix", ""))
+    argv = run_arguments(list(getattr(target, "argv", ())), spec.trace, target.run_prefix)
     if recorder.zoom_step is not None and recorder.zoom_step <= 1:
         # step 0 is committed only once step 1 has run its forward and backward (at its
         # optimizer step): a zoom of step 0 or 1 captures from the script's first line
@@ -1538,7 +1541,11 @@ def run_script(spec: dict[str, Any]) -> int:
         recorder._resume("forward")
 
     def body() -> None:
-        if target.get("launch"):  # any command: what it starts records itself
+        if isinstance(target, Function):
+            from ..usercode import resolve_callable
+
+            resolve_callable(target.function, spec.base_dir)()
+        elif target.launch:  # any command: what it starts records itself
             # `python`, `torchrun`, `accelerate` in the command are this interpreter's,
             # as `-- python train.py` runs with it
             from ..script import launch_path
@@ -1546,11 +1553,7 @@ def run_script(spec: dict[str, Any]) -> int:
             code = subprocess.call(argv, env={**os.environ, "PATH": launch_path()})
             if code != 0:
                 raise LaunchFailed(os.path.basename(argv[0]), code)
-        elif target.get("function"):
-            from ..usercode import resolve_callable
-
-            resolve_callable(target["function"], spec.get("base_dir", "."))()
-        elif target.get("notebook"):  # its code cells, in order, in this process
+        elif target.notebook:  # its code cells, in order, in this process
             from ..notebook import run_notebook
 
             run_notebook(argv[0], argv[1:])
@@ -1580,7 +1583,7 @@ def run_arguments(argv: list[str], trace: str, prefix: str = "") -> list[str]:
     TCP port (a rendezvous port per run)."""
     if not any("{run" in word or "{port}" in word for word in argv):
         return argv
-    stem = prefix + os.path.basename(trace)[: -len(".sqlite")]
+    stem = prefix + run_stem(trace)
     folder = os.path.join(os.path.dirname(trace), "workdirs", stem)
     if any("{run_dir}" in word for word in argv):
         os.makedirs(folder, exist_ok=True)
@@ -1601,14 +1604,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_child(settings: dict[str, Any]) -> None:
+def start_child(settings: ChildSettings) -> None:
     """In a Python process the script started (spawned, not forked): apply the controls
     and install the hooks; it records itself once it trains."""
     from ..determinism import apply_controls_for
 
-    controls = DeterminismConfig(**settings["controls"])
-    applied = apply_controls_for(controls, settings["seed"], settings.get("threads"))
-    settings = {**settings, "applied": applied, "rng_start": rng_start()}
+    controls = DeterminismConfig(**settings.controls)
+    applied = apply_controls_for(controls, settings.seed, settings.threads)
+    settings = replace(settings, applied=applied, rng_start=rng_start())
     session = Session(settings)
     session.install()
     atexit.register(session.finish_all, "complete")

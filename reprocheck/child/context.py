@@ -60,25 +60,13 @@ def display_line(filename: str, lineno: int) -> str:
     return f"{display_path(filename)}:{lineno}"
 
 
-def run_meta(spec: dict[str, Any]) -> dict[str, Any]:
-    """What every trace says about its run, from the launcher's spec."""
-    return {
-        "config": spec["config"],
-        "config_path": spec.get("config_path"),
-        "leg": spec["leg"],
-        "run": spec["run"],
-        "device": spec["device"],
-        "threads": spec.get("threads"),
-        "steps_planned": spec.get("steps"),
-    }
-
-
 class RunContext:
     """The trace and step recorder of one run (or one process of a run).
 
-    ``meta`` is what the driver knows of the run (see :func:`run_meta`); the context adds
-    the phases, the depth, whether sketches are taken and, at :meth:`finish`, the records
-    written and the hasher each device's tensors went through (``hashers``).
+    ``meta`` is what the driver knows of the run (:attr:`reprocheck.contract.RunSpec.meta`);
+    the context adds the phases, the depth, whether sketches are taken and, at
+    :meth:`finish`, the records written and the hasher each device's tensors went
+    through (``hashers``).
     """
 
     def __init__(

@@ -12,7 +12,6 @@ the audited variant's (the bootstrap's settings carry it); by hand, the file giv
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from ..config import Config, ConfigError
-from ..contract import CHILD_ENV
+from ..contract import CHILD_ENV, ChildSettings
 from .loop import build_dataset, build_model, build_optimizer, resolve_loss, split_batch, to_device
 
 
@@ -31,7 +30,7 @@ def _config(path: str) -> Config:
     from ..configfile import config_from_dict, load_config
 
     settings = os.environ.get(CHILD_ENV)
-    meta = json.loads(settings).get("meta", {}) if settings else {}
+    meta = ChildSettings.imported(settings).meta if settings else {}
     if meta.get("config"):
         return config_from_dict(
             meta["config"], path=path, base_dir=os.path.dirname(os.path.abspath(path))

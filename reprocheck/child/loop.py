@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import checkpoint
 from ..config import Config, ConfigError
+from ..contract import CheckpointPlan
 from ..determinism import dataloader_generator, seed_worker
 from ..localize import OpCapture, OpRecord
 from ..recorder import StepRecorder, batch_tensors, flatten, parameter_names
@@ -136,7 +137,7 @@ def train(
     steps: int,
     zoom_step: int | None = None,
     depth: str = "step",
-    checkpoints: dict[str, Any] | None = None,
+    checkpoints: CheckpointPlan | None = None,
     resume: str | None = None,
     compile: bool = False,
     backend: str | None = None,
@@ -183,7 +184,13 @@ def train(
             next(stream)
         checkpoint.restore(state, model, optimizer)
         first = state["step"] + 1
-    saver = checkpoint.Checkpointer(**checkpoints) if checkpoints else None
+    saver = (
+        checkpoint.Checkpointer(
+            checkpoints.every, checkpoints.keep, checkpoints.prefix, checkpoints.runs
+        )
+        if checkpoints
+        else None
+    )
     for step in range(first, steps + 1):
         recorder.begin(step)
         if step == zoom_step or depth == "op":

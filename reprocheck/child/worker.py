@@ -11,12 +11,11 @@ the config loop, or an unchanged script — and saves what a replay captured.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from typing import Any
 
-from ..contract import EXIT_NO_SPACE
+from ..contract import EXIT_NO_SPACE, OBSERVED, Capture, RunSpec, capture_key
 from ..verdict import EXIT_USAGE as EXIT_CONFIG
 
 
@@ -33,54 +32,53 @@ def quiet_output() -> None:
             stream.flush()
 
 
-def run(spec: dict[str, Any]) -> int:
+def run(spec: RunSpec) -> int:
     """A config's run: the training recipe of :mod:`reprocheck.child.loop`."""
     import torch
 
     from ..configfile import config_from_dict
     from ..determinism import apply_controls, compile_cache_warm, environment_snapshot
     from ..fingerprint import hasher_name
-    from .context import RunContext, run_meta
+    from .context import RunContext
     from .loop import train
 
-    config = config_from_dict(
-        spec["config"], path=spec.get("config_path"), base_dir=spec["base_dir"]
-    )
-    device = torch.device(spec["device"])
-    applied = apply_controls(config, spec["device"], spec.get("threads"))
-    capture = spec.get("capture")
-    depth = spec.get("depth", "step")
+    config = config_from_dict(spec.config, path=spec.config_path, base_dir=spec.base_dir)
+    device = torch.device(spec.device)
+    applied = apply_controls(config, spec.device, spec.threads)
+    capture = spec.capture
+    depth = spec.depth
     context = RunContext(
-        spec["trace"],
+        spec.trace,
         {
-            **run_meta(spec),
+            **spec.meta,
             "hasher": hasher_name(device),
             "environment": environment_snapshot(applied),
             # a compile leg: was inductor's cache warm when this run started
-            **({"compile_cache_warm": compile_cache_warm()} if spec.get("compile") else {}),
+            **({"compile_cache_warm": compile_cache_warm()} if spec.compile else {}),
         },
         # the observer run records the state alone: it must end where the others do
-        ("weights", "optimizer") if spec.get("observer") else config.record,
-        with_sketch=bool(spec.get("with_sketch")),
+        OBSERVED if spec.observer else config.record,
+        with_sketch=spec.with_sketch,
         depth=depth,
-        capture=(capture["step"], capture["tensors"]) if capture else None,
+        capture=(capture.step, capture.tensors) if capture else None,
         extra_phases=("forward", "backward") if depth != "step" else (),
     )
 
-    canary = dict(spec["canary"]) if spec.get("canary") else None
+    # the loop notes in it what it planted (the trace's meta.canary)
+    canary = {"step": spec.canary.step} if spec.canary else None
 
     def body() -> None:
         ops = train(
             config,
             device,
             context.recorder,
-            capture["step"] if capture else spec["steps"],
-            zoom_step=capture["step"] if capture and capture.get("ops") else None,
+            capture.step if capture else spec.steps,
+            zoom_step=capture.step if capture and capture.ops else None,
             depth=depth,
-            checkpoints=None if capture else spec.get("checkpoints"),
-            resume=capture.get("resume") if capture else None,
-            compile=bool(spec.get("compile")),
-            backend=capture.get("backend") if capture else None,
+            checkpoints=None if capture else spec.checkpoints,
+            resume=capture.resume if capture else None,
+            compile=bool(spec.compile),
+            backend=capture.backend if capture else None,
             canary=canary,
         )
         if canary is not None and "planted" in canary:
@@ -91,28 +89,27 @@ def run(spec: dict[str, Any]) -> int:
     return context.run(body)
 
 
-def save_capture(capture: dict[str, Any], recorder: Any, ops: list[Any]) -> None:
+def save_capture(capture: Capture, recorder: Any, ops: list[Any]) -> None:
     """A replay's capture: the kept tensors (``.pt``) and, for a zoom, every op of the
     step (``.ops.json``) and what ran it (``.env.json``)."""
     import torch
 
     from .. import jsonout
-    from ..contract import capture_key
     from ..localize import to_json
 
     torch.save(
         {capture_key(*record): tensor for record, tensor in recorder.captured.items()},
-        capture["out"],
+        capture.out,
     )
-    if capture.get("backend") == "reprocheck-digest":  # the compiled graphs' outputs
+    if capture.backend == "reprocheck-digest":  # the compiled graphs' outputs
         from ..compiled import RECORDS
 
-        with open(capture["out"] + ".graphs.json", "w", encoding="utf-8") as handle:
+        with open(capture.out + ".graphs.json", "w", encoding="utf-8") as handle:
             jsonout.dump(RECORDS, handle)
-    if capture.get("ops"):
-        with open(capture["out"] + ".ops.json", "w", encoding="utf-8") as handle:
+    if capture.ops:
+        with open(capture.out + ".ops.json", "w", encoding="utf-8") as handle:
             jsonout.dump(to_json(ops), handle)
-        with open(capture["out"] + ".env.json", "w", encoding="utf-8") as handle:
+        with open(capture.out + ".env.json", "w", encoding="utf-8") as handle:
             jsonout.dump({"compiled": recorder.compiled}, handle)
 
 
@@ -124,13 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     from .zygote import die_with_parent
 
     die_with_parent()  # a fresh run: it dies with the audit (a fork: with its zygote)
-    with open(argv[0], encoding="utf-8") as handle:
-        spec = json.load(handle)
+    spec = RunSpec.read(argv[0])
     from ..config import ConfigError
     from ..trace import TraceFull
 
     try:
-        if "exec" in spec:  # `reprocheck exec` / `audit`: a script or function, unchanged
+        if spec.target.is_script:  # `reprocheck exec` / `audit`: a script or function, unchanged
             from .bootstrap import run_script
 
             return run_script(spec)

@@ -76,6 +76,7 @@ def register(app: typer.Typer) -> None:
         preflight({"--json": json_path, "--html": html_path}, {"--out": out})
         import dataclasses
 
+        from ..contract import Recipe
         from ..script import resolve_target
 
         # the target first: a mistake in the command line is said before torch is imported
@@ -97,13 +98,14 @@ def register(app: typer.Typer) -> None:
                 )
             )
         try:
-            findings += dynamic_findings(Auditor(target), probed, folder, steps)
+            findings += dynamic_findings(Auditor(target or Recipe()), probed, folder, steps)
         except ProbeError as exc:  # a probe that ran nothing found nothing: say so, exit 3
             raise fail(str(exc), EXIT_FAILED) from None
         audit: dict[str, Any] | None = None
         if attribute:
             audit = run_audit(
-                config, AuditOptions(out=str(folder / "audit"), attribute=True, exec=target)
+                config,
+                AuditOptions(out=str(folder / "audit"), attribute=True, target=target or Recipe()),
             )
             for item in audit["findings"]:
                 if item not in findings:
@@ -111,7 +113,7 @@ def register(app: typer.Typer) -> None:
         result = {
             "schema": "reprocheck.doctor/1",
             "config": {"name": config.name, "path": config.path},
-            "command": ["python", *target["argv"]] if target else None,
+            "command": ["python", *target.argv] if target else None,
             "findings": findings,
             "exit_code": 1 if findings else 0,
             "out_dir": str(folder),

@@ -170,7 +170,7 @@ def register(app: typer.Typer) -> None:
             measure=measure,
             zoom=zoom,
             attribute=attribute,
-            exec=target,
+            target=target,
             confidence=level,
             max_rate=rate,
         )

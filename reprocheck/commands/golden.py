@@ -59,14 +59,14 @@ def register(app: typer.Typer) -> None:
         # no attribution here: a golden check answers "did the numerics change?"; run
         # `reprocheck run --attribute` or `doctor` to ask why a config does not reproduce
         if target is not None and steps is not None:  # a script stops after its K-th step
-            target = {**target, "max_steps": steps}
+            target = target.with_steps(steps)
         options = AuditOptions(
             out=out,
             jobs=jobs,
             timeout=timeout,
             sketch=True,
             attribute=False,
-            exec=target,
+            **({"target": target} if target is not None else {}),
             **golden,
         )
         _terminate_as_interrupt()
@@ -180,7 +180,7 @@ def register(app: typer.Typer) -> None:
         # a golden that is not this config's (or script's), or holds no training step (exit
         # 3), is said before any run
         try:
-            precheck(str(against), config, target["argv"] if target else None, any_config)
+            precheck(str(against), config, list(target.argv) if target else None, any_config)
         except GoldenError as exc:
             raise fail(str(exc), exc.exit_code) from None
         machine = output_format != "text"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import Config
+from ..contract import Target
 from ..trace import Trace, TraceError
 from .probe import Auditor, finding
 
@@ -122,10 +123,10 @@ def attribute(
                 pool.submit(auditor.audit, variant, folder / f"control-{first + index}")
                 for index, (_, _, variant) in enumerate(batch)
             ]
-            for (label, code, variant), future in zip(batch, futures):
+            for (label, code, _), future in zip(batch, futures):
                 report = future.result()
                 item = {"control": label, "code": code, "verdict": report["verdict"]}
-                by = overridden(code, variant, report)
+                by = overridden(code, auditor.target, report)
                 if by is not None:  # the script undid the control: its runs say nothing of it
                     item.update(verdict="overridden", overridden_by=by)
                 tried.append(item)
@@ -200,7 +201,7 @@ def _call(calls: list[dict[str, Any]], name: str) -> str:
     return f"`{name}({last['value']})` at {last['where']}"
 
 
-def overridden(code: str | None, variant: Config, report: dict[str, Any]) -> str | None:
+def overridden(code: str | None, target: Target, report: dict[str, Any]) -> str | None:
     """The script's own call that undid a control in the variant's run (its
     ``torch.set_num_threads``, its own seeding …), or None if the control held. A thread
     count or deterministic-algorithms setting the script changed is read from what was in
@@ -209,7 +210,7 @@ def overridden(code: str | None, variant: Config, report: dict[str, Any]) -> str
 
     Only a script (``reprocheck exec``) sets controls of its own; a config's recipe never
     does, so for configs this is always None."""
-    if variant.model.factory != "exec" or code is None:
+    if not target.is_script or code is None:
         return None
     seen = _in_effect(report)
     effective, calls = seen["effective"], seen["overrides"]

@@ -12,6 +12,7 @@ from typing import Any, Callable, Protocol
 
 from ..compare import first_divergence
 from ..config import Config
+from ..contract import Target
 from ..trace import Trace, TraceError
 from .rules import BY_CODE
 
@@ -160,7 +161,10 @@ def gpu_risk_findings(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class Auditor(Protocol):
     """What probes and attribution rerun (``reprocheck.parent.audit.Auditor``): given to
-    them by their caller, so the doctor imports no runner."""
+    them by their caller, so the doctor imports no runner. ``target``: what each run
+    executes (:mod:`reprocheck.contract`)."""
+
+    target: Target
 
     def audit(self, config: Config, out: str | os.PathLike, fail_fast: bool = True) -> dict:
         """The report of an audit of ``config`` into ``out``."""

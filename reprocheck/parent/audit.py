@@ -24,7 +24,17 @@ from ..compare import (
     first_mismatch,
 )
 from ..config import Config
-from ..contract import AS_IS_ENV, CANARY_ENV, OBSERVER_ENV, capture_key
+from ..contract import (
+    AS_IS_ENV,
+    CANARY_ENV,
+    OBSERVER_ENV,
+    Canary,
+    Function,
+    Recipe,
+    Target,
+    TorchrunJob,
+    capture_key,
+)
 from ..replicas import check_legs
 from ..replicas import finding as replica_finding
 from ..trace import Trace, TraceError, committed_steps
@@ -49,7 +59,7 @@ class AuditOptions:
     zoom: bool = True  # after a divergence, replay the step at op depth (localize.py)
     attribute: bool = True  # after a divergence, find the control that fixes it (doctor)
     sketch: bool = False  # numeric sketches in every trace (golden traces); else only across legs
-    exec: dict[str, Any] | None = None  # `reprocheck exec`: the command each run executes
+    target: Target = field(default_factory=Recipe)  # what each run executes
     golden: str | None = None  # `reprocheck check`: compare run 0 with this golden trace
     any_config: bool = False  # ... even when it is another config's
     # the runs may fork from a warm zygote (runner/pool.py): an attribution control's or a
@@ -73,21 +83,20 @@ class AuditOptions:
 
 class Auditor:
     """What the doctor's probes and attribution rerun, handed to them (they import no
-    runner): a whole audit of a config variant, or one step's op capture. ``exec``: the
-    script each run executes (``reprocheck exec``), None for a config's own recipe."""
+    runner): a whole audit of a config variant, or one step's op capture. ``target``: what
+    each run executes (a script's, or a config's own recipe)."""
 
-    def __init__(self, exec: dict[str, Any] | None = None, any_threads: bool = False) -> None:
-        self.exec = exec
+    def __init__(self, target: Target | None = None, any_threads: bool = False) -> None:
+        self.target: Target = target if target is not None else Recipe()
         self.any_threads = any_threads  # attribution's controls: see AuditOptions
 
-    def _target(self, config: Config, out: str | os.PathLike) -> dict[str, Any] | None:
+    def _target(self, config: Config, out: str | os.PathLike) -> Target:
         # a script's run ends after the variant's steps (0: the script's own length); its
         # `{run}` is prefixed with the folder's name (`as-is-cpu-r0`, `control-0-cpu-r0`),
         # so it never names a folder a run of the audit itself (`cpu-r0`) wrote
-        if self.exec is None:
-            return None
-        prefix = f"{self.exec.get('run_prefix', '')}{Path(out).name}-"
-        return {**self.exec, "max_steps": config.steps or None, "run_prefix": prefix}
+        if not self.target.is_script:
+            return self.target
+        return self.target.with_steps(config.steps or None).prefixed(f"{Path(out).name}-")
 
     def audit(self, config: Config, out: str | os.PathLike, fail_fast: bool = True) -> dict:
         """The report of an audit of ``config`` into ``out``: no replay, no attribution."""
@@ -97,7 +106,7 @@ class Auditor:
             zoom=False,
             attribute=False,
             fail_fast=fail_fast,
-            exec=self._target(config, out),
+            target=self._target(config, out),
             fork_runs=True,
             any_threads=self.any_threads,
             as_is=False,
@@ -110,12 +119,11 @@ class Auditor:
         """Run 0 of the config's first leg, with every aten op of step 1 captured: (the
         capture's path, or None if the run failed; the replay's trace)."""
         leg = plan_legs(config)[0]
-        target = self._target(config, folder)
         launcher = Launcher(
             config,
             folder,
             fail_fast=False,
-            extra_spec={"exec": target} if target else None,
+            target=self._target(config, folder),
             fork_runs=True,
         )
         paths = launcher.capture(leg, [0], 1, [], ops=True)
@@ -690,7 +698,7 @@ def run_audit(
         fail_fast=options.fail_fast,
         depth=options.depth,
         progress=progress,
-        extra_spec={"exec": options.exec} if options.exec else None,
+        target=options.target,
         checkpoints=options.measure,  # a replay then starts near the divergent step
         fork_runs=options.fork_runs,
         any_threads=options.any_threads,
@@ -819,8 +827,8 @@ def run_audit(
         and options.as_is
         and (canary is None or canary["caught"])
         and (observer is None or observer["agrees"])
-        and options.exec
-        and not options.exec.get("function")
+        and options.target.is_script
+        and not isinstance(options.target, Function)
         and config.determinism.preset != "none"
     ):
         as_is_started = time.monotonic()
@@ -847,7 +855,7 @@ def run_audit(
         attribution=attribution,
         untrained=untrained,
         golden=golden,
-        command=_command(options.exec) if options.exec else None,
+        command=options.target.shown() if options.target.is_script else None,
         replicas=replicas,
         as_is=as_is,
         canary=canary,
@@ -872,10 +880,10 @@ def _self_checks(
     }
     runs: list[tuple[str, dict[str, Any]]] = []
     if options.canary:
-        extra: dict[str, Any] = {"canary": {"step": step}}
+        extra: dict[str, Any] = {"canary": Canary(step)}
         if set(trained) <= {"main"}:  # one process: the canary run stops after step c + 1
-            if options.exec:
-                extra["exec"] = {**options.exec, "max_steps": step + 1}
+            if options.target.is_script:
+                extra["target"] = options.target.with_steps(step + 1)
             else:
                 extra["steps"] = step + 1
         runs.append((".canary", extra))
@@ -1009,7 +1017,7 @@ def _as_is(config: Config, options: AuditOptions, leg: Leg, folder: Path) -> dic
         compile=(leg.compile,),
         environments=(leg.env,),
     )
-    auditor = Auditor(options.exec)
+    auditor = Auditor(options.target)
     report = auditor.audit(variant, folder / "as-is")
     hashseed = os.environ.get("PYTHONHASHSEED")
     section: dict[str, Any] = {
@@ -1109,22 +1117,15 @@ def _drawn_before_seeding(runs: list[dict[str, Any]]) -> tuple[dict, dict] | Non
     return None
 
 
-def _command(target: dict[str, Any]) -> list[str]:
-    """A script's command line as the user gave it (a function: none)."""
-    if target.get("command"):
-        return list(target["command"])
-    return ["python", *target["argv"]] if target.get("argv") else []
-
-
 def _jobs(config: Config, options: AuditOptions) -> int | None:
     """Runs at a time. A ``torchrun`` job's repeats run side by side only where each can
     find its own port (``--standalone``, an endpoint on port 0); a fixed rendezvous port
     makes them run one after another, and so does a GPU leg (each job's ranks take every
     device it names)."""
-    job = (options.exec or {}).get("torchrun")
-    if job is None:
+    job = options.target
+    if not isinstance(job, TorchrunJob):
         return options.jobs
-    if job["fixed_port"] or any(d != "cpu" for d in config.devices):
+    if job.fixed_port or any(d != "cpu" for d in config.devices):
         return 1
     return options.jobs
 
@@ -1142,7 +1143,7 @@ def _untrained_reason(config: Config, options: AuditOptions, legs: list[Leg]) ->
     """Why an audit that saw no training step cannot pass, and what to do."""
     processes = sorted({name for leg in legs for run in leg.runs for name in run.processes})
     where = f" in {len(processes)} processes" if len(processes) > 1 else ""
-    if options.exec:
+    if options.target.is_script:
         return (
             f"no training step recorded{where}: reprocheck looked for optimizer.step() calls "
             "and for updates of the parameters backward() gave gradients to; the script "
@@ -1316,7 +1317,7 @@ def _findings(
         started = time.monotonic()
         try:
             found, tried = attribute(
-                Auditor(options.exec, any_threads=True),
+                Auditor(options.target, any_threads=True),
                 config,
                 leg.device,
                 leg.threads,

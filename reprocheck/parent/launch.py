@@ -12,20 +12,19 @@ import contextlib
 import errno
 import json
 import os
-import re
 import select
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from .. import checkpoint
 from ..config import Config, config_to_dict
-from ..contract import EXIT_NO_SPACE
+from ..contract import EXIT_NO_SPACE, MAIN, Capture, Recipe, RunSpec, Target, child_traces
 from ..determinism import child_environment, torch_source
 from ..trace import (
     Trace,
@@ -71,25 +70,7 @@ class RunResult:
     def processes(self) -> dict[str, str]:
         """Every trace of the run by process name: ``main`` (the run's own), then its
         children in name order (``mp1``, ``rank0``, ``sub1``)."""
-        return {"main": self.trace, **self.children}
-
-
-def child_traces(trace: str) -> dict[str, str]:
-    """The traces a run's child processes wrote beside its own: ``<run>-<name>.sqlite``."""
-    stem = trace[: -len(".sqlite")] + "-"
-    folder = os.path.dirname(trace) or "."
-    found = {}
-    with contextlib.suppress(OSError):
-        for entry in sorted(os.listdir(folder), key=_natural):
-            path = os.path.join(folder, entry)
-            if path.startswith(stem) and entry.endswith(".sqlite"):
-                found[path[len(stem) : -len(".sqlite")]] = path
-    return found
-
-
-def _natural(text: str) -> tuple:
-    """``mp2`` before ``mp10``."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+        return {MAIN: self.trace, **self.children}
 
 
 @dataclass
@@ -227,7 +208,7 @@ class Launcher:
         fail_fast: bool = True,
         depth: str = "step",
         progress: Callable[[RunResult, int, int], None] | None = None,
-        extra_spec: dict[str, Any] | None = None,
+        target: Target | None = None,
         checkpoints: bool = False,
         fork_runs: bool = False,
         any_threads: bool = False,
@@ -240,7 +221,7 @@ class Launcher:
         self.with_sketch = with_sketch
         self.fail_fast = fail_fast
         self.depth = depth
-        self.extra_spec = extra_spec or {}  # e.g. {"exec": ...}: what each run executes
+        self.target: Target = target if target is not None else Recipe()  # what runs
         self.resumed: dict[int, int] = {}  # run → the step its last capture started from
         self._replays: dict[int, str] = {}  # run → the trace of its last capture
         self.replay_errors: dict[int, str] = {}  # run → why its last capture kept nothing
@@ -261,27 +242,27 @@ class Launcher:
     def _spec(self, leg: Leg, run: int, suffix: str = "", **extra: Any) -> tuple[RunResult, str]:
         stem = f"{leg.name}-r{run}{suffix}"
         trace = self.out_dir / f"{stem}.sqlite"
-        spec = {
-            "config": self._config_dict,
-            "config_path": self.config.path,
-            "base_dir": os.path.abspath(self.config.base_dir),
-            "leg": leg.name,
-            "device": leg.device,
-            "threads": leg.threads,
+        spec = RunSpec(
+            config=self._config_dict,
+            config_path=self.config.path,
+            base_dir=os.path.abspath(self.config.base_dir),
+            leg=leg.name,
+            device=leg.device,
+            threads=leg.threads,
             # None: no compile setting asked for (a script's own torch.compile runs as written)
-            "compile": leg.compile,
-            "run": run,
-            "steps": self.config.steps,
-            "trace": str(trace.resolve()),
-            "with_sketch": self.with_sketch,
-            "depth": self.depth,
-            **self.extra_spec,
-            **extra,
-        }
+            compile=leg.compile,
+            run=run,
+            steps=self.config.steps,
+            trace=str(trace.resolve()),
+            target=self.target,
+            with_sketch=self.with_sketch,
+            depth=self.depth,
+        )
+        spec = replace(spec, **extra)
         spec_path = self.out_dir / f"{stem}.spec.json"
         result = RunResult(leg.name, run, str(trace), str(self.out_dir / f"{stem}.log"))
         try:
-            spec_path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
+            spec.write(str(spec_path))
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
@@ -308,7 +289,7 @@ class Launcher:
             env = self._environment(leg)
             for run in range(self.config.repeats):
                 saves = None
-                if self.checkpoints and "exec" not in self.extra_spec:
+                if self.checkpoints and not self.target.is_script:
                     saves = checkpoint.plan(
                         self.config.steps, self._checkpoint_prefix(leg, run), total_runs
                     )
@@ -339,7 +320,7 @@ class Launcher:
         ops: bool = False,
         attempt: int = 0,
         resume: bool = False,
-        process: str = "main",
+        process: str = MAIN,
         backend: str | None = None,
     ) -> dict[int, str]:
         """Replay runs up to ``step`` and keep the named tensors' values: run → .pt path.
@@ -364,18 +345,17 @@ class Launcher:
                 + (f"-{backend}" if backend else "")
             )
             out = str((self.out_dir / f"{leg.name}-r{run}.capture-{tag}.pt").resolve())
-            capture = {
-                "step": step,
-                "tensors": [list(t) for t in tensors],
-                "out": out,
-                "ops": ops,
-                "process": process,
-                "backend": backend,
-            }
             prefix = self._checkpoint_prefix(leg, run)
             found = checkpoint.newest(prefix, step - 2) if resume else None
-            if found:
-                capture["resume"] = found[1]
+            capture = Capture(
+                step=step,
+                tensors=tuple((phase, tensor) for phase, tensor in tensors),
+                out=out,
+                ops=ops,
+                process=process,
+                backend=backend,
+                resume=found[1] if found else None,
+            )
             self.resumed[run] = found[0] if found else 0
             self._replays[run] = str(self.out_dir / f"{leg.name}-r{run}.replay-{tag}.sqlite")
             result, spec_path = self._spec(leg, run, f".replay-{tag}", capture=capture)
@@ -583,7 +563,7 @@ class Launcher:
             status, error, kind = "running", None, None
         result.steps = max(result.steps, kept_steps(result.trace))  # (a log left unfolded)
         if not result.steps:  # the script's process only launched (torchrun, mp.spawn)
-            children = [p for name, p in result.processes.items() if name != "main"]
+            children = [p for name, p in result.processes.items() if name != MAIN]
             result.steps = max((kept_steps(p) for p in children), default=0)
         if not (status == "complete" and code == 0):
             result.log_tail = log_tail(result.log, 12).split(" | ")
@@ -723,7 +703,7 @@ def _first_failed_child(result: RunResult) -> str | None:
     it left, or are stopped by their launcher), when one raised."""
     failed = []
     for name, path in result.processes.items():
-        if name == "main" or not os.path.exists(path):
+        if name == MAIN or not os.path.exists(path):
             continue
         with contextlib.suppress(TraceError), Trace(path, own=True) as trace:
             if trace.status == "failed" and trace.error:

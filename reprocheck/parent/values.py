@@ -24,8 +24,9 @@ from ..compare import (
     divergence_dict,
 )
 from ..config import PHASES, TRACE_PHASES, Config
+from ..contract import ProcessName
 from ..golden import GoldenCheck
-from ..replicas import ReplicaCheck, rank_of
+from ..replicas import ReplicaCheck
 from ..trace import LATENT_PHASES, Trace, TraceError
 from ..verdict import FAILED_RUN, decide
 from .launch import Leg, RunResult
@@ -146,18 +147,8 @@ def _leg_records(leg: Leg, facts: dict[str, _TraceFacts]) -> tuple[int, list[str
 
 def _process(name: str, path: str, planned: int, read: _TraceFacts) -> dict[str, Any]:
     """One process of a run: its role, rank or creation index, trace and steps."""
-    role, number = "script", None
-    kinds = (
-        ("rank", "rank"),
-        ("spawn", "spawn"),
-        ("mp", "multiprocessing"),
-        ("sub", "subprocess"),
-        ("fork", "fork"),
-    )
-    for prefix, kind in kinds:
-        tail = name.rsplit(".", 1)[-1]
-        if tail.startswith(prefix) and tail[len(prefix) :].split("-")[-1].isdigit():
-            role, number = kind, int(tail[len(prefix) :].split("-")[-1])
+    process = ProcessName(name)
+    role, number = process.role, process.number
     out: dict[str, Any] = {"name": name, "role": role, "trace": path, "steps": None}
     out["rank" if role in ("rank", "spawn") else "index"] = number
     out["steps"], out["status"] = read.last_step, read.status
@@ -524,7 +515,7 @@ def _first_divergence(
             generator=evidence.generator,
             seeding=evidence.seeding,
         )
-        rank = rank_of(first.process.rsplit(".", 1)[-1])
+        rank = ProcessName(first.process).rank
         if rank is not None:  # rank r of one run against rank r of the others
             values["rank"] = rank
         return {"compared": "runs", **values}

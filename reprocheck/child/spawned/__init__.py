@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
-import json
 import os
 import sys
 from typing import Any
 
-from ...contract import CHILD_ENV
+from ...contract import CHILD_ENV, ChildSettings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def export(settings: dict[str, Any]) -> None:
+def export(settings: ChildSettings) -> None:
     """Make every Python process started from now on record itself under ``settings``."""
-    os.environ[CHILD_ENV] = json.dumps(settings, default=str)
+    os.environ[CHILD_ENV] = settings.export()
     path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, path) if p)
 
@@ -56,7 +55,7 @@ class _AfterTorchImport(importlib.abc.MetaPathFinder):
 
 def activate(text: str) -> None:
     """In a fresh child interpreter (from ``sitecustomize``): record once torch is in."""
-    settings = json.loads(text)
+    settings = ChildSettings.imported(text)
 
     def start() -> None:
         from ..bootstrap import start_child
