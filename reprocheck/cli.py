@@ -614,9 +614,9 @@ def compare(
     parsed = parse_tolerance(tolerance)
     with Trace(trace_a) as a, Trace(trace_b) as b:
         ended = {str(t.path): (t.status, t.last_step, t.error) for t in (a, b)}
-        hashers = (a.meta.get("hasher"), b.meta.get("hasher"))
-        identities = [_config_identity(t.meta.get("config")) for t in (a, b)]
-        names = [(t.meta.get("config") or {}).get("name") for t in (a, b)]
+        hashers = (a.run_meta.hasher, b.run_meta.hasher)
+        identities = [_config_identity(t.run_meta.config) for t in (a, b)]
+        names = [(t.run_meta.config or {}).get("name") for t in (a, b)]
     if identities[0] != identities[1] and not any_config:
         raise UsageError(
             f"the traces come from different configs ({names[0]!r} vs {names[1]!r}): "

@@ -320,7 +320,7 @@ def compare_sketches(
     audit's own runs' traces, see :class:`Trace`)."""
     result = LegComparison(pair=pair, tolerance=tolerance.describe())
     with Trace(path_a, own=own) as a, Trace(path_b, own=own) as b:
-        same_hasher = a.meta.get("hasher") == b.meta.get("hasher")
+        same_hasher = a.run_meta.hasher == b.run_meta.hasher
         last_step = min(a.last_step if a.steps else -1, b.last_step if b.steps else -1)
         shared = sorted(set(a.steps) & set(b.steps))
         # record by record (same place, same phase, name and shape), step by step

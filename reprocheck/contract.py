@@ -16,9 +16,10 @@ this module and never each other.
 Every value is a frozen dataclass with a JSON round trip (``to_json``/``from_json``):
 the spec is written as JSON by the parent and read back by the child, and the same
 version of reprocheck is on both sides (an unknown key is an error, never ignored).
-The run's *trace meta* (what the child writes about its run, read by the parent) is typed
-in :mod:`reprocheck.trace` (:class:`~reprocheck.trace.RunMeta`), since a trace is also
-read long after the run, from a file that may come from anywhere.
+The run's *trace meta* (what the child writes about its run, read by the parent and by
+``show``, ``compare`` and ``check``) is :class:`RunMeta`: a trace is also read long after
+the run, from a file that may come from anywhere, so reading it keeps only values of the
+right kind.
 """
 
 from __future__ import annotations
@@ -405,6 +406,11 @@ class ChildSettings:
     record: tuple[str, ...] | None = None  # the phases recorded (the observer's), else all
     rng_start: dict[str, Any] | None = None  # a child's generators as it found them
 
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """The audited config (``config_to_dict``), as the run's meta carries it."""
+        return self.meta.get("config")
+
     def to_json(self) -> dict[str, Any]:
         return _plain(self)
 
@@ -418,6 +424,90 @@ class ChildSettings:
     @classmethod
     def imported(cls, text: str) -> ChildSettings:
         return cls.from_json(json.loads(text))
+
+
+# ------------------------------------------------------------------ the trace's meta
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """What a run's trace says about it (its ``meta`` table), as the parent and the readers
+    of traces use it. Written by the child (:mod:`reprocheck.child`), read back from a file
+    that may come from anywhere: :meth:`of` keeps a value only where it has the field's
+    JSON kind (anything else reads as absent); the trace reader has already refused the
+    values whose kind ``show``/``compare``/``check`` depend on (``reprocheck.trace``)."""
+
+    # the run
+    schema: str | None = None
+    schema_version: int | None = None
+    status: str | None = None  # complete | failed | stopped; None: running, or killed
+    error: str | None = None
+    error_kind: str | None = None  # "config" (exit 2) …
+    failed_at: float | None = None
+    config: dict[str, Any] | None = None
+    config_path: str | None = None
+    leg: str | None = None
+    run: int | None = None
+    device: Any = None  # a string, or a list of strings (a process on several devices)
+    threads: int | None = None
+    steps_planned: int | None = None
+    command: list[str] | None = None
+    hasher: str | None = None
+    environment: dict[str, Any] | None = None
+    packages: dict[str, Any] | None = None
+    golden: dict[str, Any] | None = None
+    # the process (a script's child processes)
+    process: str | None = None
+    rank: int | None = None
+    local_rank: int | None = None
+    world_size: int | None = None
+    distributed: dict[str, Any] | None = None  # the process group: buffers, sync_buffers …
+    # what the script did (the rules read it)
+    rng_start: dict[str, Any] | None = None  # each generator's state digest at its start
+    seeding: list[Any] | None = None  # its seeding calls, with their lines
+    observations: list[Any] | None = None  # rule observations (RCxxx), with their lines
+    written: list[Any] | None = None  # files it opened for writing
+    effective: dict[str, Any] | None = None  # controls in effect at its first step
+    overrides: list[Any] | None = None  # its own calls that set a control
+    exec: dict[str, Any] | None = None  # what each name prefix stands for (models …)
+    # compile
+    compiled: bool | None = None
+    compile_settings: dict[str, Any] | None = None
+    compile_cache_warm: bool | None = None
+    compile_options: list[Any] | None = None
+    dynamo_graphs: dict[str, Any] | None = None
+    # the canary run: what it flipped
+    canary: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, meta: dict[str, Any]) -> RunMeta:
+        values = {}
+        for name, kinds in _META_KINDS.items():
+            value = meta.get(name)
+            if value is not None and (kinds is None or _fits(value, kinds)):
+                values[name] = value
+        return cls(**values)
+
+
+def _fits(value: Any, kinds: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in kinds:
+        return False  # JSON true is no number
+    return isinstance(value, kinds)
+
+
+_KINDS_OF = {
+    "str | None": (str,),
+    "int | None": (int,),
+    "float | None": (int, float),
+    "bool | None": (bool,),
+    "dict[str, Any] | None": (dict,),
+    "list[str] | None": (list,),
+    "list[Any] | None": (list,),
+    "Any": None,
+}
+_META_KINDS: dict[str, tuple[type, ...] | None] = {
+    f.name: _KINDS_OF[str(f.type)] for f in fields(RunMeta)
+}
 
 
 # ------------------------------------------------------------------ the JSON round trip
@@ -480,6 +570,7 @@ __all__ = [
     "Function",
     "ProcessName",
     "Recipe",
+    "RunMeta",
     "RunSpec",
     "Script",
     "Target",

@@ -142,18 +142,18 @@ def _check_trained(golden: Trace, golden_path: str) -> None:
 def _check_identity(
     golden: Trace, golden_path: str, config: Config, command: list[str] | None, any_config: bool
 ) -> None:
-    if "golden" not in golden.meta:
+    if golden.run_meta.golden is None:
         raise GoldenError(
             f"{golden_path} is a run's trace, not a golden trace — make one with "
             "`reprocheck record CONFIG -o golden.sqlite` (or `… -- python train.py`)"
         )
-    name = golden.meta_object("config").get("name")
+    name = (golden.run_meta.config or {}).get("name")
     if name != config.name and not any_config:
         raise GoldenError(
             f"{golden_path} is the golden trace of config {name!r}, not {config.name!r} — "
             "record one for this config, or pass --any-config"
         )
-    theirs = golden.meta_object("golden").get("script")
+    theirs = (golden.run_meta.golden or {}).get("script")
     if (theirs is None) != (command is None):
         kind = "a script's" if theirs is not None else "a config's"
         raise GoldenError(
@@ -172,8 +172,8 @@ def _check_identity(
 def _script_changes(golden: Trace, current: Trace, config: Config) -> dict[str, list[Any]]:
     """What changed in a script's command since its golden (:func:`precheck` made sure
     both are a script's, and the same script unless ``--any-config``)."""
-    theirs = golden.meta_object("golden").get("script")
-    ours = script_identity(current.meta.get("command"))
+    theirs = (golden.run_meta.golden or {}).get("script")
+    ours = script_identity(current.run_meta.command)
     if theirs is None or ours is None:
         return {}
     changes: dict[str, list[Any]] = {}
@@ -181,7 +181,7 @@ def _script_changes(golden: Trace, current: Trace, config: Config) -> dict[str, 
         changes["script"] = [theirs["script"], ours["script"]]
     if theirs["arguments"] != ours["arguments"]:
         changes["arguments"] = [theirs["arguments"], ours["arguments"]]
-    recorded = golden.meta_object("golden").get("config_sha256")
+    recorded = (golden.run_meta.golden or {}).get("config_sha256")
     if recorded != config.sha256:
         changes["script_sha256"] = [recorded, config.sha256]
     return changes
@@ -202,14 +202,14 @@ def _package_drift(
 
 def _recorded_script(trace_path: str) -> dict[str, Any] | None:
     with Trace(trace_path, own=True) as trace:  # the audit's own run
-        return script_identity(trace.meta.get("command"))
+        return script_identity(trace.run_meta.command)
 
 
 def environment_of(trace: Trace) -> dict[str, Any]:
-    env = trace.meta_object("environment")
+    env = trace.run_meta.environment or {}
     facts = {key: env.get(key) for key in ENVIRONMENT_KEYS}
-    facts["device"] = trace.meta.get("device")
-    facts["hasher"] = trace.meta.get("hasher")
+    facts["device"] = trace.run_meta.device
+    facts["hasher"] = trace.run_meta.hasher
     return facts
 
 
@@ -252,12 +252,12 @@ def check_against(
     """Compare a fresh run's trace with the golden: bitwise or under tolerance."""
     # the run is over: its trace, finished, is read as the golden is (immutable)
     with _open_golden(golden_path) as golden, Trace(current_path) as current:
-        _check_identity(golden, golden_path, config, current.meta.get("command"), any_config)
+        _check_identity(golden, golden_path, config, current.run_meta.command, any_config)
         _check_trained(golden, golden_path)
         if golden.status not in ("complete", "stopped"):
             raise GoldenError(f"{golden_path}: golden trace ended early ({golden.status})")
         changes = _script_changes(golden, current, config)
-        drift = _package_drift(golden.meta.get("packages"), current.meta.get("packages"))
+        drift = _package_drift(golden.run_meta.packages, current.run_meta.packages)
         theirs, ours = environment_of(golden), environment_of(current)
     result = GoldenCheck(
         golden=golden_path, current=current_path, changes=changes, packages_differ=drift

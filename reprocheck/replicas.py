@@ -118,14 +118,14 @@ def check_run(leg: str, run: int, rank_traces: dict[int, str]) -> tuple[ReplicaC
             return ReplicaCheck(False, "the ranks share no recorded step 0"), None
         buffers = set()
         for t in traces.values():
-            buffers |= set(((t.meta.get("distributed") or {}).get("buffers")) or [])
+            buffers |= set(((t.run_meta.distributed or {}).get("buffers")) or [])
         first = {r: _step_records(t, 0) for r, t in traces.items()}
 
         def parameters(records: dict[tuple[str, str], bytes]) -> dict[tuple[str, str], bytes]:
             # step 0 is taken once the first forward has run: buffers may have moved
             return {k: v for k, v in records.items() if k[0] == "weights" and k[1] not in buffers}
 
-        synced = any((t.meta.get("distributed") or {}).get("sync_buffers") for t in traces.values())
+        synced = any((t.run_meta.distributed or {}).get("sync_buffers") for t in traces.values())
         if synced:  # DDP copies rank 0's buffers in at each forward: after it they differ
             first = {r: _without(records, buffers) for r, records in first.items()}
         start = parameters(first[ranks[0]])

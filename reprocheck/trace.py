@@ -64,6 +64,7 @@ from typing import Any, NamedTuple
 
 from . import jsonout
 from .config import TRACE_PHASES
+from .contract import RunMeta
 
 try:
     import fcntl
@@ -1162,27 +1163,19 @@ class Trace:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def meta_object(self, key: str) -> dict[str, Any]:
-        """A meta value that is a JSON object; {} where it is absent or null, TraceError
-        naming the file and the key where it is anything else."""
-        value = self.meta.get(key)
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise TraceError(
-                f"{self.path}: corrupted trace metadata ({_short(key)} should be an object, "
-                f"not {_json_kind(value)})"
-            )
-        return value
+    @functools.cached_property
+    def run_meta(self) -> RunMeta:
+        """The meta, typed (:class:`~reprocheck.contract.RunMeta`)."""
+        return RunMeta.of(self.meta)
 
     @property
     def status(self) -> str:
         """complete | failed | running (a run still going, or one that was killed)."""
-        return self.meta.get("status", "running")
+        return self.run_meta.status or "running"
 
     @property
     def error(self) -> str | None:
-        return self.meta.get("error")
+        return self.run_meta.error
 
     @property
     def last_step(self) -> int | None:

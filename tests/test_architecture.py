@@ -210,3 +210,59 @@ def test_a_divergence_is_measured_and_zoomed_without_torch_in_the_audits_process
 
 if __name__ == "__main__":
     sys.stdout.write(module_table() + "\n")
+
+
+# the modules that own a format: the contract (the run spec, the child settings, the trace
+# meta, typed) and the trace file's reader (which validates the meta it reads)
+_KEY_OWNERS = {"reprocheck.contract", "reprocheck.trace"}
+_KEYED = {"meta", "spec", "settings", "capture"}
+
+
+def _keyed_reads(tree: ast.AST) -> list[tuple[int, str]]:
+    """``x.meta["k"]``, ``meta.get("k")``, ``spec["k"]`` …: a spec or meta read by string."""
+
+    def keyed(node: ast.AST) -> str | None:
+        if isinstance(node, ast.Name) and node.id in _KEYED:
+            return node.id
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr in _KEYED
+            and not (isinstance(node.value, ast.Name) and node.value.id == "ctx")  # click's
+        ):
+            return node.attr
+        return None
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and keyed(node.value):
+            key = node.slice
+            if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                found.append((node.lineno, f"{keyed(node.value)}[{key.value!r}]"))
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get"
+            and keyed(node.func.value)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.append((node.lineno, f"{keyed(node.func.value)}.get({node.args[0].value!r})"))
+    return found
+
+
+def test_only_the_contract_reads_a_spec_or_meta_key_by_string():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        if module in _KEY_OWNERS:
+            continue
+        for line, read in _keyed_reads(ast.parse(path.read_text(), str(path))):
+            offenders.append(f"{path.relative_to(ROOT)}:{line} {read}")
+    assert not offenders, "read through reprocheck.contract's types:\n" + "\n".join(offenders)
+
+
+def test_the_key_check_sees_a_keyed_read():
+    # the check above cannot pass for want of looking
+    tree = ast.parse("a = trace.meta['status']\nb = spec.get('trace')\nc = ctx.meta.get('x')")
+    assert _keyed_reads(tree) == [(1, "meta['status']"), (2, "spec.get('trace')")]

@@ -673,7 +673,10 @@ def _read_everything(path: Path, good: Path, config) -> str:
         with Trace(path) as trace:
             list(trace.records())
             trace.losses(), trace.step_rows(), trace.record_count(), trace.phases()
-            trace.meta_object("config"), trace.status, trace.error
+            assert isinstance(trace.run_meta.config, (dict, type(None))), (
+                trace.status,
+                trace.error,
+            )
     except TraceError:
         outcome = "refused"
     for read in (

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 from ..config import ConfigError
+from ..contract import RunMeta
 from ..fingerprint import hasher_name
 from ..recorder import StepRecorder
 from ..trace import TraceFull, TraceWriter
@@ -81,6 +82,7 @@ class RunContext:
         extra_phases: Iterable[str] = (),
     ) -> None:
         phases = tuple(phases)
+        known = RunMeta.of(meta)
         self.writer = TraceWriter(
             trace,
             {
@@ -89,7 +91,7 @@ class RunContext:
                 "phases": list(phases),
                 "depth": depth,
                 "sketches": with_sketch,
-                "hasher": meta.get("hasher") or hasher_name(meta.get("device") or "cpu"),
+                "hasher": known.hasher or hasher_name(known.device or "cpu"),
             },
         )
         self.recorder = StepRecorder(

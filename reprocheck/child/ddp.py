@@ -30,11 +30,9 @@ def _config(path: str) -> Config:
     from ..configfile import config_from_dict, load_config
 
     settings = os.environ.get(CHILD_ENV)
-    meta = ChildSettings.imported(settings).meta if settings else {}
-    if meta.get("config"):
-        return config_from_dict(
-            meta["config"], path=path, base_dir=os.path.dirname(os.path.abspath(path))
-        )
+    config = ChildSettings.imported(settings).config if settings else None
+    if config:
+        return config_from_dict(config, path=path, base_dir=os.path.dirname(os.path.abspath(path)))
     return load_config(path)
 
 

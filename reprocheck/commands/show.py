@@ -34,9 +34,9 @@ def register(app: typer.Typer) -> None:
 
         # read as a foreign trace: read-only, never written, nothing made beside it
         with Trace(trace_path, own=False) as trace:
-            meta = trace.meta
-            env = trace.meta_object("environment")
-            config = trace.meta_object("config")
+            meta = trace.run_meta
+            env = trace.run_meta.environment or {}
+            config = trace.run_meta.config or {}
             steps = f"steps 0–{trace.last_step}" if trace.steps else "no step committed"
             if step is not None and step not in trace.steps:
                 raise UsageError(f"{trace_path} has no step {step} ({steps})")
@@ -44,15 +44,12 @@ def register(app: typer.Typer) -> None:
             stdout.print(head)
             steps = f"steps 0–{trace.last_step}" if trace.steps else "no step committed"
             status = Text(
-                f"  {safe(config.get('name'))} · leg {safe(meta.get('leg'))} · "
-                f"run #{safe(meta.get('run'))} · "
+                f"  {safe(config.get('name'))} · leg {safe(meta.leg)} · run #{safe(meta.run)} · "
             )
             status.append(
                 safe(trace.status), style="green" if trace.status == "complete" else "red"
             )
-            status.append(
-                f" · {steps} · {trace.record_count():,} records · {safe(meta.get('hasher'))}"
-            )
+            status.append(f" · {steps} · {trace.record_count():,} records · {safe(meta.hasher)}")
             stdout.print(status)
             stdout.print(
                 Text(

@@ -183,13 +183,13 @@ def _in_effect(report: dict[str, Any]) -> dict[str, Any]:
         for run in leg.get("runs") or []:
             try:
                 with Trace(run["trace"], own=True) as trace:
-                    meta = trace.meta
+                    meta = trace.run_meta
             except (TraceError, KeyError, TypeError):
                 continue
             return {
-                "effective": meta.get("effective") or {},
-                "overrides": meta.get("overrides") or [],
-                "seeding": meta.get("seeding") or [],
+                "effective": meta.effective or {},
+                "overrides": meta.overrides or [],
+                "seeding": meta.seeding or [],
             }
     return {"effective": {}, "overrides": [], "seeding": []}
 

@@ -258,7 +258,7 @@ def _rng_digests(path: str, step: int) -> tuple[dict[str, bytes], dict[str, str]
     script started with (``meta.rng_start``, hex; None where unknown)."""
     with Trace(path, own=True) as trace:
         states = {r.name: r.digest for r in trace.records(step) if r.phase == "rng"}
-        return states, trace.meta.get("rng_start")
+        return states, trace.run_meta.rng_start
 
 
 def _drawn_cause(
@@ -326,7 +326,7 @@ def _seeding_calls(
     for group in divergence.runs[:2]:
         try:
             with Trace(by_run[group[0]].processes[divergence.process], own=True) as trace:
-                seeding, complete = trace.meta.get("seeding"), trace.status == "complete"
+                seeding, complete = trace.run_meta.seeding, trace.status == "complete"
         except (TraceError, KeyError):
             return None
         if not isinstance(seeding, list):  # never written: nothing can be said of it
@@ -582,7 +582,7 @@ def _ran_compiled(leg: Leg) -> bool:
     for path in run.processes.values():
         try:
             with Trace(path, own=True) as trace:
-                if trace.meta.get("compiled") is True:
+                if trace.run_meta.compiled is True:
                     return True
         except TraceError:
             continue
@@ -960,7 +960,7 @@ def _canary(result: RunResult, trained: dict[str, tuple[str, int]], step: int) -
             continue
         try:
             with Trace(other, own=True) as trace:
-                planted = trace.meta.get("canary")
+                planted = trace.run_meta.canary
         except TraceError as exc:
             entry["why"] = str(exc)
             continue
@@ -1108,7 +1108,7 @@ def _drawn_before_seeding(runs: list[dict[str, Any]]) -> tuple[dict, dict] | Non
         for path in paths:
             try:
                 with Trace(path, own=True) as trace:
-                    calls = trace.meta.get("seeding") or []
+                    calls = trace.run_meta.seeding or []
             except TraceError:
                 continue
             for call in calls:
@@ -1170,10 +1170,10 @@ def _observed_findings(legs: list[Leg]) -> list[dict[str, Any]]:
             for process, path in run.processes.items():
                 try:
                     with Trace(path, own=True) as trace:
-                        meta = trace.meta
+                        meta = trace.run_meta
                 except TraceError:
                     continue
-                for seen in meta.get("observations") or []:
+                for seen in meta.observations or []:
                     key = (seen["model"], seen["where"])
                     if key in found or seen.get("code") not in ("RC019", "RC028"):
                         continue
@@ -1208,7 +1208,7 @@ def _shared_files(legs: list[Leg]) -> list[dict[str, Any]]:
         for path in run.processes.values():
             try:
                 with Trace(path, own=True) as trace:
-                    paths.update(p for p in trace.meta.get("written") or [] if isinstance(p, str))
+                    paths.update(p for p in trace.run_meta.written or [] if isinstance(p, str))
             except TraceError:
                 continue
         return paths
@@ -1244,7 +1244,7 @@ def _compile_findings(meta: dict[str, Any], path: str, found: dict[tuple, dict])
     graphs dynamo made after the first step (RC029, ``meta.dynamo_graphs``)."""
     from ..doctor.probe import finding
 
-    graphs = meta.get("dynamo_graphs") or {}
+    graphs = meta.dynamo_graphs or {}
     first, end = graphs.get("step1"), graphs.get("end")
     if first and end and end > first and ("RC029", path) not in found:
         found[("RC029", path)] = finding(
@@ -1253,7 +1253,7 @@ def _compile_findings(meta: dict[str, Any], path: str, found: dict[tuple, dict])
             f"({first} then, {end} at the end): recompiled while training",
             evidence=graphs,
         )
-    for call in meta.get("compile_options") or []:
+    for call in meta.compile_options or []:
         asked = [call.get("mode") or ""]
         asked += [f"{k}={v}" for k, v in (call.get("options") or {}).items()]
         text = " ".join(asked)

@@ -558,7 +558,7 @@ class Launcher:
         try:
             with Trace(result.trace, own=True) as trace:
                 result.steps = len(trace.steps)
-                status, error, kind = trace.status, trace.error, trace.meta.get("error_kind")
+                status, error, kind = trace.status, trace.error, trace.run_meta.error_kind
         except TraceError:
             status, error, kind = "running", None, None
         result.steps = max(result.steps, kept_steps(result.trace))  # (a log left unfolded)
@@ -707,7 +707,7 @@ def _first_failed_child(result: RunResult) -> str | None:
             continue
         with contextlib.suppress(TraceError), Trace(path, own=True) as trace:
             if trace.status == "failed" and trace.error:
-                failed.append((trace.meta.get("failed_at") or float("inf"), name, trace.error))
+                failed.append((trace.run_meta.failed_at or float("inf"), name, trace.error))
     if not failed:
         return None
     _, name, error = min(failed)

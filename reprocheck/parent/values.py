@@ -24,7 +24,7 @@ from ..compare import (
     divergence_dict,
 )
 from ..config import PHASES, TRACE_PHASES, Config
-from ..contract import ProcessName
+from ..contract import ProcessName, RunMeta
 from ..golden import GoldenCheck
 from ..replicas import ReplicaCheck
 from ..trace import LATENT_PHASES, Trace, TraceError
@@ -44,7 +44,7 @@ class _TraceFacts:
     phases: frozenset[str] = frozenset()
     last_step: int | None = None
     status: str = "unreadable"
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: RunMeta = field(default_factory=RunMeta)
     error: str | None = None  # why it could not be read
     losses: list[list[Any]] = field(default_factory=list)  # [step, loss] pairs
     sketched: bool = False
@@ -71,7 +71,7 @@ def _read_traces(legs: Sequence[Leg]) -> dict[str, _TraceFacts]:
                             frozenset(trace.phases()),
                             trace.last_step,
                             trace.status,
-                            trace.meta,
+                            trace.run_meta,
                             losses=[[step, loss] for step, loss in sorted(trace.losses().items())],
                             sketched=trace.has_sketches,
                             counts=counts,
@@ -102,8 +102,8 @@ def _environment(legs: Sequence[Leg], facts: dict[str, _TraceFacts]) -> dict[str
         for run in leg.runs:
             read = facts.get(run.trace)
             if read is not None and read.error is None:
-                env = dict(read.meta.get("environment") or {})
-                env["hasher"] = read.meta.get("hasher")
+                env = dict(read.meta.environment or {})
+                env["hasher"] = read.meta.hasher
                 return env
     return {}
 
@@ -112,7 +112,7 @@ def _versions(leg: Leg, facts: dict[str, _TraceFacts]) -> dict[str, Any] | None:
     """The interpreter, torch and NumPy a leg's first run used (another venv: others)."""
     for run in leg.runs:
         read = facts.get(run.trace)
-        env = (read.meta.get("environment") or {}) if read is not None else {}
+        env = (read.meta.environment or {}) if read is not None else {}
         if env:
             return {key: env.get(key) for key in ("python", "torch", "numpy")}
     return None
@@ -125,13 +125,13 @@ def _compile_leg(leg: Leg, facts: dict[str, _TraceFacts]) -> dict[str, Any] | No
     for run in leg.runs:
         for path in run.processes.values():
             read = facts.get(path)
-            settings = read.meta.get("compile_settings") if read is not None else None
-            if settings:
-                cache = settings.get("cache_dir")
+            inductor = read.meta.compile_settings if read is not None else None
+            if inductor:  # inductor's own configuration: its keys are torch's
+                cache = inductor.get("cache_dir")
                 return {
-                    "settings": {k: v for k, v in settings.items() if k != "cache_dir"},
+                    "settings": {k: v for k, v in inductor.items() if k != "cache_dir"},
                     "cache_dir": cache,
-                    "cache_warm": read.meta.get("compile_cache_warm"),  # type: ignore[union-attr]
+                    "cache_warm": read.meta.compile_cache_warm,  # type: ignore[union-attr]
                     "note": "inductor's on-disk cache is shared by the leg's runs: a graph "
                     "one run compiled, the next loads (the same generated code either way)",
                 }
@@ -174,10 +174,10 @@ def _processes(run: RunResult, planned: int, facts: dict[str, _TraceFacts]) -> d
 
 
 def _rank_meta(read: _TraceFacts) -> dict[str, Any]:
-    meta, group = read.meta, read.meta.get("distributed") or {}
+    meta, group = read.meta, read.meta.distributed or {}
     return {
-        "local_rank": group.get("local_rank", meta.get("local_rank")),
-        "world_size": group.get("world_size", meta.get("world_size")),
+        "local_rank": group.get("local_rank", meta.local_rank),
+        "world_size": group.get("world_size", meta.world_size),
         "backend": group.get("backend"),
         "device": group.get("device"),
     }
@@ -545,7 +545,7 @@ def _script(
         for run in leg.runs:
             for path in run.processes.values():
                 read = facts.get(path, _TraceFacts())
-                names = read.meta.get("exec")
+                names = read.meta.exec
                 if names and read.last_step is not None:
                     return {**out, **names}
     return out
