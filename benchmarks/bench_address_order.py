@@ -67,7 +67,7 @@ def forked(count: int) -> tuple[list[str], int]:
     config, target = script_config(["python", str(SCRIPT)], "exec", repeats=count)
     leg = plan_legs(config)[0]
     with tempfile.TemporaryDirectory() as folder:
-        Launcher(config, folder, fail_fast=False, extra_spec={"exec": target}).run([leg])
+        (leg,), _ = Launcher(config, folder, fail_fast=False, target=target).run([leg])
         losses = [_loss(Path(run.log).read_text(encoding="utf-8")) for run in leg.runs]
     return losses, sum(run.forked for run in leg.runs)
 

@@ -30,10 +30,8 @@ SCRIPTS = ROOT / "tests" / "scripts"
 def _runs(config, folder, fork: bool, target=None):
     folder.mkdir(exist_ok=True)
     leg = plan_legs(config)[0]
-    launcher = Launcher(
-        config, folder, fork_runs=fork, extra_spec={"exec": target} if target else None
-    )
-    launcher.run([leg])
+    launcher = Launcher(config, folder, fork_runs=fork, target=target)
+    (leg,), _ = launcher.run([leg])
     return leg.runs
 
 
@@ -77,7 +75,7 @@ def test_forks_draw_from_generators_seeded_from_entropy_as_fresh_runs_do(tmp_pat
         pythonhashseed=0,  # a fixed hash seed: the runs may fork
     )
     config = dataclasses.replace(config, determinism=unseeded)
-    runs = _runs(config, tmp_path, True, {**target, "max_steps": 2})
+    runs = _runs(config, tmp_path, True, target.with_steps(2))
     assert [r.forked for r in runs] == [True, True]
     found = first_divergence([r.trace for r in runs])
     assert found is not None and (found.step, found.phase) == (0, "weights")
@@ -178,11 +176,17 @@ def test_a_fork_whose_zygote_dies_is_reported_killed_not_waited_for(tmp_path, mo
     folder = tmp_path / "out"
     folder.mkdir()
     leg = plan_legs(config)[0]
-    launcher = Launcher(config, folder, fork_runs=True, extra_spec={"exec": target})
-    worker = threading.Thread(target=launcher.run, args=([leg],))
+    launcher = Launcher(config, folder, fork_runs=True, target=target)
+    ran: list = []
+    worker = threading.Thread(target=lambda: ran.extend(launcher.run([leg])[0]))
     worker.start()
     deadline = time.monotonic() + 60
-    while not (leg.runs and leg.runs[0].status == "running" and leg.runs[0].forked):
+
+    def forked_and_running() -> bool:
+        running = [task.result for task in launcher._running]  # the scheduler's, live
+        return bool(running) and running[0].status == "running" and running[0].forked
+
+    while not forked_and_running():
         assert time.monotonic() < deadline, "the run never forked"
         time.sleep(0.05)
     zygote = pool.registered(launcher._environment(leg))
@@ -190,7 +194,7 @@ def test_a_fork_whose_zygote_dies_is_reported_killed_not_waited_for(tmp_path, mo
     os.kill(zygote.process.pid, signal.SIGKILL)  # an OOM kill of the server, say
     worker.join(timeout=30)
     assert not worker.is_alive(), "the launcher waited for a fork it can no longer hear"
-    (run,) = leg.runs
+    (run,) = ran[0].runs
     assert (run.status, run.exit_code) == ("killed", -signal.SIGKILL)
 
 
@@ -210,7 +214,7 @@ def test_a_zygote_that_never_gets_ready_is_stopped_and_the_runs_start_fresh(tmp_
     config, target = script_config(
         ["python", str(SCRIPTS / "thread_count.py"), "--steps", "1"], "exec", repeats=1
     )
-    runs = _runs(config, tmp_path / "out", True, {**target, "max_steps": 1})
+    runs = _runs(config, tmp_path / "out", True, target.with_steps(1))
     assert [(r.status, r.forked) for r in runs] == [("complete", False)]
     stuck = [z for z in pool._ZYGOTES.values() if str(hang) in z.env.get("PYTHONPATH", "")]
     assert stuck and not any(z.alive() for z in stuck)  # killed, not left running

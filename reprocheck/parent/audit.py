@@ -704,11 +704,8 @@ def run_audit(
         any_threads=options.any_threads,
     )
     timings: dict[str, float] = {}
-    interrupted = False
-    try:
-        launcher.run(legs)
-    except KeyboardInterrupt:
-        interrupted = True
+    legs, interrupted = launcher.run(legs)
+    active = [leg for leg in legs if leg.status != "skipped"]
     timings["runs_s"] = time.monotonic() - started
 
     divergences = [] if interrupted else [d for d in map(_leg_divergence, active) if d]
@@ -732,19 +729,20 @@ def run_audit(
                 # from inductor's generated code
                 ladder = {"inductor": "diverges", "aot_eager": _rung(launcher, leg, first)}
                 ladder["eager"] = "diverges" if measurement.zoom.get("op") else "repeats"
-                measurement.zoom["ladder"] = ladder
-                measurement.zoom["rung"] = _rung_text(ladder)
+                zoom = {**measurement.zoom, "ladder": ladder, "rung": _rung_text(ladder)}
                 graph = _graph_output(launcher, leg, first)
                 if graph is not None:  # what the compiled code itself computed, first apart
-                    measurement.zoom["compiled_output"] = graph
+                    zoom["compiled_output"] = graph
+                measurement = replace(measurement, zoom=zoom)
             elif options.zoom and measurement.zoom.get("op") and _ran_compiled(leg):
                 # the script compiles its model itself (no --compile leg): the op capture
                 # ran the compiled regions eagerly, and the report says on which rung
-                measurement.zoom["rung"] = (
+                rung = (
                     "eager (op capture): the model ran torch.compile'd, and the op capture "
                     "runs its compiled regions eagerly; `--compile on` replays down the "
                     "ladder from inductor"
                 )
+                measurement = replace(measurement, zoom={**measurement.zoom, "rung": rung})
         except KeyboardInterrupt:
             interrupted = True
         timings["measure_s"] = time.monotonic() - measure_started
@@ -758,22 +756,23 @@ def run_audit(
             a, b = reference[0], reference[index]
             if a is None or b is None:
                 continue
-            across.append(
-                compare_sketches(
-                    a.trace,
-                    b.trace,
-                    Tolerance(rtol=tolerance.rtol, atol=tolerance.atol),
-                    (active[0].name, active[index].name),
-                    own=True,
-                )
+            compared = compare_sketches(
+                a.trace,
+                b.trace,
+                Tolerance(rtol=tolerance.rtol, atol=tolerance.atol),
+                (active[0].name, active[index].name),
+                own=True,
             )
-            where = across[-1].first_outside or across[-1].first_differing
+            where = compared.first_outside or compared.first_differing
             if where is not None and options.measure and b.status == "complete":
                 try:
-                    across[-1].measured = _measure_across(launcher, active[0], active[index], where)
+                    measured = _measure_across(launcher, active[0], active[index], where)
+                    compared = replace(compared, measured=measured)
                 except KeyboardInterrupt:
                     interrupted = True
+                    across.append(compared)
                     break
+            across.append(compared)
     golden = None
     reference = _golden_reference(active)
     if options.golden and not interrupted and reference is not None:

@@ -73,16 +73,17 @@ class RunResult:
         return {MAIN: self.trace, **self.children}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Leg:
-    """Runs under one environment: a device and a thread count."""
+    """Runs under one environment: a device and a thread count. :func:`plan_legs` plans
+    them (no runs); :meth:`Launcher.run` returns new ones holding the runs' results."""
 
     name: str
     device: str
     threads: int | None
     status: str = "ok"  # ok | skipped | failed
     reason: str | None = None
-    runs: list[RunResult] = field(default_factory=list)
+    runs: tuple[RunResult, ...] = ()
     env: tuple[tuple[str, str], ...] = ()  # variables set for this leg's runs
     compile: bool | None = None  # through torch.compile (True), eager (False), as built (None)
 
@@ -157,10 +158,10 @@ def plan_legs(config: Config) -> list[Leg]:
             for compiled in config.compile:
                 for index, env in enumerate(config.environments):
                     name = leg_name(device, threads, index, compiled)
-                    leg = Leg(name, device, threads, env=env, compile=compiled)
-                    if missing:
-                        leg.status, leg.reason = "skipped", missing
-                    legs.append(leg)
+                    status = "skipped" if missing else "ok"
+                    legs.append(
+                        Leg(name, device, threads, status, missing, env=env, compile=compiled)
+                    )
     return legs
 
 
@@ -279,9 +280,11 @@ class Launcher:
         """The trace the last :meth:`capture` of ``run`` recorded."""
         return self._replays[run]
 
-    def run(self, legs: Sequence[Leg]) -> list[Leg]:
-        """Every run of every leg that is not skipped; Ctrl-C stops them all and re-raises."""
+    def run(self, legs: Sequence[Leg]) -> tuple[list[Leg], bool]:
+        """Every run of every planned leg that is not skipped: (the legs with their runs,
+        whether Ctrl-C stopped them — it stops them all)."""
         tasks = []
+        results: dict[str, list[RunResult]] = {}
         total_runs = self.config.repeats * sum(leg.status != "skipped" for leg in legs)
         for leg in legs:
             if leg.status == "skipped":
@@ -294,22 +297,32 @@ class Launcher:
                         self.config.steps, self._checkpoint_prefix(leg, run), total_runs
                     )
                 result, spec_path = self._spec(leg, run, checkpoints=saves)
-                leg.runs.append(result)
+                results.setdefault(leg.name, []).append(result)
                 fork = (run > 0 or self.fork_runs) and pool.usable(env, leg.device)
                 tasks.append(_Task(leg, result, spec_path, env, fork=fork))
         fresh = [task for task in tasks if not task.fork]
         forked = [task for task in tasks if task.fork]
         # the fresh runs first: their interpreters start while the zygotes warm up
-        self._execute(fresh + forked, self.config.steps, check_leg=self.fail_fast)
+        interrupted = False
+        try:
+            self._execute(fresh + forked, self.config.steps, check_leg=self.fail_fast)
+        except KeyboardInterrupt:
+            interrupted = True
+        ran = []
         for leg in legs:
-            if (
-                leg.status != "skipped"
-                and leg.runs
-                and all(r.status not in ("complete", "stopped") for r in leg.runs)
-            ):
-                leg.status = "failed"
-                leg.reason = leg.runs[0].error
-        return list(legs)
+            runs = tuple(results.get(leg.name, ()))
+            failed = (
+                not interrupted
+                and leg.status != "skipped"
+                and runs
+                and all(r.status not in ("complete", "stopped") for r in runs)
+            )
+            ran.append(
+                replace(leg, runs=runs, status="failed", reason=runs[0].error)
+                if failed
+                else replace(leg, runs=runs)
+            )
+        return ran, interrupted
 
     def capture(
         self,
