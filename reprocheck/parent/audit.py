@@ -6,18 +6,21 @@ This is what ``reprocheck run`` calls; the CLI only parses, renders and exits.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import checkpoint
 from ..compare import (
     Divergence,
+    LegComparison,
     Tolerance,
     compare_sketches,
     first_divergence,
@@ -40,6 +43,9 @@ from ..replicas import finding as replica_finding
 from ..trace import Trace, TraceError, committed_steps
 from .launch import Launcher, Leg, RunResult, plan_legs
 from .stages import Evidence, Latent, Measurement
+
+if TYPE_CHECKING:
+    from ..golden import GoldenCheck
 
 MIN_FREE_BYTES = 16 * 2**20
 
@@ -677,24 +683,45 @@ def variability(traces: list[str], run_ids: list[int], step: int) -> list[dict[s
     return out
 
 
+class _Clock:
+    """Each stage's seconds (the report's ``timings``), and whether Ctrl-C stopped one."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.timings: dict[str, float] = {}
+        self.interrupted = False
+
+    @contextlib.contextmanager
+    def stage(self, key: str) -> Iterator[None]:
+        """Time a stage; a Ctrl-C in it ends it (the stages after it are skipped)."""
+        begun = time.monotonic()
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.interrupted = True
+        finally:
+            self.timings[key] = time.monotonic() - begun
+
+
 def run_audit(
     config: Config,
     options: AuditOptions,
     progress: Callable[[RunResult, int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the audit's stages and return the report (built by :mod:`.values`)."""
+    """Run the audit's stages and return the report (built by :mod:`.values`): each stage
+    reads the values of the ones before it and returns its own, and none is changed after."""
     from .values import build_report
 
-    started = time.monotonic()
+    clock = _Clock()
     folder = make_audit_dir(options.out, config.name)
-    legs = plan_legs(config)
-    active = [leg for leg in legs if leg.status != "skipped"]
+    planned = plan_legs(config)
     launcher = Launcher(
         config,
         folder,
         jobs=_jobs(config, options),
         timeout=options.timeout,
-        with_sketch=options.sketch or len(active) > 1,  # sketches only where used
+        # sketches only where used: across legs
+        with_sketch=options.sketch or sum(leg.status != "skipped" for leg in planned) > 1,
         fail_fast=options.fail_fast,
         depth=options.depth,
         progress=progress,
@@ -703,93 +730,44 @@ def run_audit(
         fork_runs=options.fork_runs,
         any_threads=options.any_threads,
     )
-    timings: dict[str, float] = {}
-    legs, interrupted = launcher.run(legs)
+    legs, clock.interrupted = launcher.run(planned)
+    clock.timings["runs_s"] = time.monotonic() - clock.started
     active = [leg for leg in legs if leg.status != "skipped"]
-    timings["runs_s"] = time.monotonic() - started
 
-    divergences = [] if interrupted else [d for d in map(_leg_divergence, active) if d]
+    # the first divergence, and what the traces say of it
+    divergences = [] if clock.interrupted else [d for d in map(_leg_divergence, active) if d]
     first = min(divergences, key=lambda d: (d.step, d.seq), default=None)
     leg = next((leg for leg in active if first and leg.name == first.leg), None)
     evidence = _evidence(leg, first) if leg is not None and first is not None else Evidence()
-    latent = _latent(active) if first is None and not interrupted else []
+    latent = _latent(active) if first is None and not clock.interrupted else []
     untrained = None
-    if not interrupted and active and not any(_trained(each) for each in active):
+    if not clock.interrupted and active and not any(_trained(each) for each in active):
         untrained = _untrained_reason(config, options, active)
+
     measurement = Measurement()
     # a script's replay reruns it whole; the capture is made in the process that diverged
-    if first is not None and first.kind == "value" and options.measure:
-        measure_started = time.monotonic()
-        try:
-            measurement = _measure(launcher, leg, first, options.zoom)
-            if leg.compile and options.zoom:
-                # a TorchDispatchMode runs compiled regions eagerly: never present its op
-                # as the compiled model's, and a divergence it cannot repeat is the
-                # compiled code's; the ladder's middle rung tells AOT autograd's graphs
-                # from inductor's generated code
-                ladder = {"inductor": "diverges", "aot_eager": _rung(launcher, leg, first)}
-                ladder["eager"] = "diverges" if measurement.zoom.get("op") else "repeats"
-                zoom = {**measurement.zoom, "ladder": ladder, "rung": _rung_text(ladder)}
-                graph = _graph_output(launcher, leg, first)
-                if graph is not None:  # what the compiled code itself computed, first apart
-                    zoom["compiled_output"] = graph
-                measurement = replace(measurement, zoom=zoom)
-            elif options.zoom and measurement.zoom.get("op") and _ran_compiled(leg):
-                # the script compiles its model itself (no --compile leg): the op capture
-                # ran the compiled regions eagerly, and the report says on which rung
-                rung = (
-                    "eager (op capture): the model ran torch.compile'd, and the op capture "
-                    "runs its compiled regions eagerly; `--compile on` replays down the "
-                    "ladder from inductor"
-                )
-                measurement = replace(measurement, zoom={**measurement.zoom, "rung": rung})
-        except KeyboardInterrupt:
-            interrupted = True
-        timings["measure_s"] = time.monotonic() - measure_started
+    if leg is not None and first is not None and first.kind == "value" and options.measure:
+        with clock.stage("measure_s"):
+            measurement = _measure_stage(launcher, leg, first, options)
     checkpoint.remove_all(str(folder))  # they serve the replays above only
 
-    across = []
-    if not interrupted and len(active) > 1:
-        reference = [_reference_run(leg) for leg in active]
-        tolerance = config.tolerance
-        for index in range(1, len(active)):
-            a, b = reference[0], reference[index]
-            if a is None or b is None:
-                continue
-            compared = compare_sketches(
-                a.trace,
-                b.trace,
-                Tolerance(rtol=tolerance.rtol, atol=tolerance.atol),
-                (active[0].name, active[index].name),
-                own=True,
-            )
-            where = compared.first_outside or compared.first_differing
-            if where is not None and options.measure and b.status == "complete":
-                try:
-                    measured = _measure_across(launcher, active[0], active[index], where)
-                    compared = replace(compared, measured=measured)
-                except KeyboardInterrupt:
-                    interrupted = True
-                    across.append(compared)
-                    break
-            across.append(compared)
-    golden = None
-    reference = _golden_reference(active)
-    if options.golden and not interrupted and reference is not None:
-        from ..golden import check_against
+    across = _across_stage(launcher, config, active, options, clock)
+    golden = _golden_stage(config, options, active, clock)
 
-        golden = check_against(options.golden, reference, config, options.any_config)
-    findings, attribution = [], []
-    if first is not None and not interrupted:
-        findings, attribution, interrupted = _findings(
-            config, options, leg, first, evidence, measurement, folder, timings
+    findings: list[dict[str, Any]] = []
+    attribution: list[dict[str, Any]] = []
+    if leg is not None and first is not None and not clock.interrupted:
+        findings, attribution, clock.interrupted = _findings(
+            config, options, leg, first, evidence, measurement, folder, clock.timings
         )
         if not any(f.get("severity") == "error" for f in findings):
             findings = [*_entropy_generators(leg, first), *findings]
-    check_started = time.monotonic()
-    replicas = None if interrupted else check_legs(active)
-    if replicas is not None:
-        timings["replicas_s"] = time.monotonic() - check_started
+    replicas = None
+    if not clock.interrupted:
+        with clock.stage("replicas_s"):
+            replicas = check_legs(active)
+        if replicas is None:
+            del clock.timings["replicas_s"]
     if replicas is not None and replicas.divergence is not None:
         findings = [*findings, replica_finding(replicas.divergence)]
     findings = [
@@ -800,45 +778,27 @@ def run_audit(
     ]
     if golden is not None and golden.packages_differ:
         findings.append(_drift_finding(golden.packages_differ))
+
     # every run of every leg completed and agreed (with the golden, between replicas):
     # a reproducible verdict, which the self-checks and the as-is pair test further
     agreed = (
         first is None
-        and not interrupted
+        and not clock.interrupted
         and untrained is None
         and bool(active)
         and not (golden is not None and golden.matches is False)
         and not (replicas is not None and replicas.divergence is not None)
         and all(run.status == "complete" for leg in active for run in leg.runs)
     )
-    canary = observer = None
-    if agreed and (options.canary or options.observer):
-        checks_started = time.monotonic()
-        try:
-            canary, observer = _self_checks(launcher, config, options, active[0])
-        except KeyboardInterrupt:
-            interrupted = True
-        timings["checks_s"] = time.monotonic() - checks_started
-    as_is = None
-    if (
-        agreed
-        and not interrupted  # (a Ctrl-C during the self-checks)
-        and options.as_is
-        and (canary is None or canary["caught"])
-        and (observer is None or observer["agrees"])
-        and options.target.is_script
-        and not isinstance(options.target, Function)
-        and config.determinism.preset != "none"
-    ):
-        as_is_started = time.monotonic()
-        try:
-            as_is = _as_is(config, options, active[0], folder)
-        except KeyboardInterrupt:
-            interrupted = True
-        timings["as_is_s"] = time.monotonic() - as_is_started
-        if as_is is not None and as_is.get("finding"):
-            findings.append(as_is.pop("finding"))
-    timings["total_s"] = time.monotonic() - started
+    canary, observer, as_is = (
+        _checks_stage(launcher, config, options, active[0], folder, clock)
+        if agreed
+        else (None, None, None)
+    )
+    if as_is is not None and as_is.get("finding"):
+        findings.append(as_is["finding"])
+        as_is = {key: value for key, value in as_is.items() if key != "finding"}
+    clock.timings["total_s"] = time.monotonic() - clock.started
     return build_report(
         config,
         legs,
@@ -848,8 +808,8 @@ def run_audit(
         evidence=evidence,
         measurement=measurement,
         folder=folder,
-        timings=timings,
-        interrupted=interrupted,
+        timings=clock.timings,
+        interrupted=clock.interrupted,
         findings=findings,
         attribution=attribution,
         untrained=untrained,
@@ -862,6 +822,105 @@ def run_audit(
         confidence=options.confidence,
         max_rate=options.max_rate,
     )
+
+
+def _checks_stage(
+    launcher: Launcher,
+    config: Config,
+    options: AuditOptions,
+    leg: Leg,
+    folder: Path,
+    clock: _Clock,
+) -> tuple[dict | None, dict | None, dict | None]:
+    """After a reproducible verdict: the canary and observer runs, then (a script under a
+    preset, both self-checks passed) the as-is pair. (canary, observer, as-is)."""
+    canary = observer = as_is = None
+    if options.canary or options.observer:
+        with clock.stage("checks_s"):
+            canary, observer = _self_checks(launcher, config, options, leg)
+    if (
+        not clock.interrupted  # (a Ctrl-C during the self-checks)
+        and options.as_is
+        and (canary is None or canary["caught"])
+        and (observer is None or observer["agrees"])
+        and options.target.is_script
+        and not isinstance(options.target, Function)
+        and config.determinism.preset != "none"
+    ):
+        with clock.stage("as_is_s"):
+            as_is = _as_is(config, options, leg, folder)
+    return canary, observer, as_is
+
+
+def _measure_stage(
+    launcher: Launcher, leg: Leg, first: Divergence, options: AuditOptions
+) -> Measurement:
+    """The divergent step replayed: the numeric diff on the real tensors and the zoom;
+    for a compiled leg, the ladder's rungs too."""
+    measurement = _measure(launcher, leg, first, options.zoom)
+    if leg.compile and options.zoom:
+        # a TorchDispatchMode runs compiled regions eagerly: never present its op
+        # as the compiled model's, and a divergence it cannot repeat is the
+        # compiled code's; the ladder's middle rung tells AOT autograd's graphs
+        # from inductor's generated code
+        ladder = {"inductor": "diverges", "aot_eager": _rung(launcher, leg, first)}
+        ladder["eager"] = "diverges" if measurement.zoom.get("op") else "repeats"
+        zoom = {**measurement.zoom, "ladder": ladder, "rung": _rung_text(ladder)}
+        graph = _graph_output(launcher, leg, first)
+        if graph is not None:  # what the compiled code itself computed, first apart
+            zoom["compiled_output"] = graph
+        return replace(measurement, zoom=zoom)
+    if options.zoom and measurement.zoom.get("op") and _ran_compiled(leg):
+        # the script compiles its model itself (no --compile leg): the op capture
+        # ran the compiled regions eagerly, and the report says on which rung
+        rung = (
+            "eager (op capture): the model ran torch.compile'd, and the op capture "
+            "runs its compiled regions eagerly; `--compile on` replays down the "
+            "ladder from inductor"
+        )
+        return replace(measurement, zoom={**measurement.zoom, "rung": rung})
+    return measurement
+
+
+def _across_stage(
+    launcher: Launcher, config: Config, active: list[Leg], options: AuditOptions, clock: _Clock
+) -> list[LegComparison]:
+    """Each leg's reference run against the first leg's, under the tolerance; where they
+    part, the two replayed and measured."""
+    across: list[LegComparison] = []
+    if clock.interrupted or len(active) < 2:
+        return across
+    reference = [_reference_run(leg) for leg in active]
+    tolerance = Tolerance(rtol=config.tolerance.rtol, atol=config.tolerance.atol)
+    for index in range(1, len(active)):
+        a, b = reference[0], reference[index]
+        if a is None or b is None:
+            continue
+        names = (active[0].name, active[index].name)
+        compared = compare_sketches(a.trace, b.trace, tolerance, names, own=True)
+        where = compared.first_outside or compared.first_differing
+        if where is not None and options.measure and b.status == "complete":
+            try:
+                measured = _measure_across(launcher, active[0], active[index], where)
+                compared = replace(compared, measured=measured)
+            except KeyboardInterrupt:
+                clock.interrupted = True
+                across.append(compared)
+                break
+        across.append(compared)
+    return across
+
+
+def _golden_stage(
+    config: Config, options: AuditOptions, active: list[Leg], clock: _Clock
+) -> GoldenCheck | None:
+    """``check``: run 0 of the first leg against the golden trace."""
+    reference = _golden_reference(active)
+    if not options.golden or clock.interrupted or reference is None:
+        return None
+    from ..golden import check_against
+
+    return check_against(options.golden, reference, config, options.any_config)
 
 
 def _self_checks(
