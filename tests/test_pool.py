@@ -183,7 +183,7 @@ def test_a_fork_whose_zygote_dies_is_reported_killed_not_waited_for(tmp_path, mo
     deadline = time.monotonic() + 60
 
     def forked_and_running() -> bool:
-        running = [task.result for task in launcher._running]  # the scheduler's, live
+        running = [task.result for task in launcher.scheduler.running]  # live
         return bool(running) and running[0].status == "running" and running[0].forked
 
     while not forked_and_running():
