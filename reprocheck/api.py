@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .config import PHASES
+from .options import DEFAULT_OUT
 from .recorder import StepRecorder, batch_tensors, flatten, parameter_names
 
 
@@ -115,7 +116,7 @@ def audit(
     train_fn: Callable[[], Any],
     repeats: int = 2,
     steps: int | None = None,
-    out: str | os.PathLike = "reports",
+    out: str | os.PathLike = DEFAULT_OUT,
     preset: str = "seeded",
     seed: int = 0,
     threads: list[int] | None = None,
@@ -130,7 +131,8 @@ def audit(
     """
     from .config import PRESETS, Config, DataConfig, DeterminismConfig, FactoryConfig
     from .contract import Function
-    from .parent.audit import AuditOptions, run_audit
+    from .options import LegOptions, audit_setup
+    from .parent.audit import run_audit
 
     module = sys.modules.get(train_fn.__module__)
     if "<locals>" in train_fn.__qualname__ or module is None:
@@ -153,11 +155,11 @@ def audit(
         path=target,
         base_dir=os.getcwd(),
     )
-    options = AuditOptions(
-        out=os.fspath(out),
-        timeout=timeout,
+    config, options = audit_setup(
+        config,
+        LegOptions(out=os.fspath(out), timeout=timeout),
+        target=Function(function=target, max_steps=steps),
         measure=False,
         zoom=False,
-        target=Function(function=target, max_steps=steps),
     )
     return run_audit(config, options)

@@ -7,6 +7,7 @@ Exit codes: 0 reproducible · 1 diverged · 2 usage or config error · 3 a run f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import json
@@ -24,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperGroup
 
 from . import __version__, jsonout
+from .options import DEFAULT_OUT, DEFAULT_REPEATS, DEPTHS, REPEATS_RANGE, LegOptions, audit_setup
 from .report.safe import clean, cut_all, safe
 from .verdict import EXIT_DIVERGED, EXIT_FAILED, EXIT_REPRODUCIBLE, EXIT_USAGE
 
@@ -208,20 +210,6 @@ def main_options(
     _state["debug"] = debug
 
 
-def _split_list(values: Optional[List[str]]) -> list[str] | None:
-    if not values:
-        return None
-    return [item.strip() for value in values for item in value.split(",") if item.strip()]
-
-
-MAX_RATE_HELP = (
-    "Keep starting runs (up to -n, else as many as it takes) until N agreeing runs bound "
-    "the divergence rate below R at --confidence, or a run diverges: 5% (59 runs at 95%), "
-    "or 0.05."
-)
-CONFIDENCE_HELP = "Confidence of the evidence's rate bound: 95% (the default), or 0.99."
-
-
 def _fraction(value: Optional[str], option: str) -> float | None:
     """``5%`` or ``0.05`` → 0.05; strictly between 0 and 1, else one line naming the option."""
     if value is None:
@@ -250,18 +238,6 @@ def rate_repeats(
 
     needed = runs_for(rate, level)
     return (min(needed, repeats) if repeats is not None else needed), level, rate
-
-
-def _threads(values: Optional[List[str]]) -> list[int] | None:
-    items = _split_list(values)
-    if items is None:
-        return None
-    try:
-        return [int(item) for item in items]
-    except ValueError:
-        raise UsageError(
-            f"--threads takes whole numbers, e.g. --threads 1,2 (got {','.join(items)})"
-        ) from None
 
 
 def preflight(
@@ -372,17 +348,16 @@ def _terminate_as_interrupt() -> None:
 
 
 def _emit(
-    report: dict[str, Any], json_path: Optional[Path], quiet: bool, html_path: Optional[Path] = None
-) -> None:
+    built: dict[str, Any], json_path: Optional[Path], quiet: bool, html_path: Optional[Path] = None
+) -> dict[str, Any]:
+    """Write and render a built report; returns the report as written (long strings cut
+    once, here, and the page's path added), which whatever is written after (`check`'s
+    JUnit, annotations, --format json) uses. The built report is left as it was."""
     from .report.json import write_report
     from .report.terminal import render
 
-    # long strings cut once, here: the page, the JSON, and whatever is written after
-    # (`check`'s JUnit, annotations, --format json) hold the same report
-    kept = cut_all(report)
-    report.clear()
-    report.update(kept)
-    report["html"] = _write_html(report, html_path or Path(report["out_dir"]) / "report.html")
+    cut = cut_all(built)
+    report = {**cut, "html": _write_html(cut, html_path or Path(cut["out_dir"]) / "report.html")}
     folder_json = Path(report["out_dir"]) / "report.json"
     try:
         write_report(report, folder_json)
@@ -391,12 +366,13 @@ def _emit(
     if json_path is not None:
         if str(json_path) == "-":
             sys.stdout.write(jsonout.dumps(report, indent=2, default=str) + "\n")
-            return
+            return report
         write_report(report, json_path)
     if not quiet:
         render(report, stdout)
     elif report["verdict"] == "failed":  # a CI log still says why, in one line
         print(f"reprocheck: {safe(_failure_line(report))}", file=sys.stderr)
+    return report
 
 
 def _write_html(report: dict[str, Any], path: Path) -> Optional[str]:
@@ -418,9 +394,6 @@ def _write_html(report: dict[str, Any], path: Path) -> Optional[str]:
         return None
 
 
-HTML_OPTION_HELP = "Write the HTML report here (default: report.html in the audit's folder)."
-
-
 def prewarm_html() -> None:
     """Import what the HTML page needs (matplotlib, Jinja2: ~0.3 s) in a background thread
     while the runs train in their own processes, so the page costs only its rendering."""
@@ -436,25 +409,6 @@ def prewarm_html() -> None:
     threading.Thread(target=load, name="reprocheck-html-prewarm", daemon=True).start()
 
 
-COMPILE_OPTION_HELP = (
-    "off, on or off,on: legs with the model eager, compiled (torch.compile, default "
-    "backend), or both, compared under the tolerance."
-)
-COMPILE_SCRIPT_HELP = (
-    "For a script: off makes torch.compile return its argument unchanged; on leaves the "
-    "script's own torch.compile, or compiles each trained model in place when the script "
-    "compiles none."
-)
-PYTHON_OPTION_HELP = (
-    "PATH (repeatable): one more leg run by that interpreter (another venv: another torch "
-    "or NumPy), compared with the others under the tolerance."
-)
-ENV_OPTION_HELP = (
-    "KEY=VALUE (repeatable): one more leg with these variables set, compared with the "
-    "others under the tolerance (e.g. ATEN_CPU_CAPABILITY=default)."
-)
-
-
 def _failure_line(report: dict[str, Any]) -> str:
     """Why a failed audit failed: its reason, else the first failed run's error."""
     if report.get("interrupted"):
@@ -468,59 +422,148 @@ def _failure_line(report: dict[str, Any]) -> str:
     return "the audit failed"
 
 
-@app.command()
+# ------------------------------------------------------------------ the shared options
+# Each option an audit command takes is declared here, once: one flag, one help text, one
+# default (from reprocheck.options and the config's dataclasses). Every audit command
+# (run, exec, record, check) takes all of LEG_OPTIONS, under these parameter names, and
+# hands them over with LegOptions.from_cli(ctx.params) to reprocheck.options.audit_setup;
+# tests/test_options.py holds them to it.
+
+REPEATS_HELP = (
+    f"Runs per leg (config: repeats; a script: {DEFAULT_REPEATS}; with --max-rate: at most)."
+)
+REPEATS = typer.Option(None, "-n", "--repeats", help=REPEATS_HELP)
+# exec's -n: its range is checked here, where exec hands -n to the script's config as it
+# is; run, record and check have the config's overrides check it (apply_overrides)
+SCRIPT_REPEATS = typer.Option(
+    None, "-n", "--repeats", min=REPEATS_RANGE[0], max=REPEATS_RANGE[1], help=REPEATS_HELP
+)
+STEPS = typer.Option(
+    None,
+    "--steps",
+    min=1,
+    help="Optimizer steps per run (config: steps); a script stops cleanly after its K-th.",
+)
+DEVICE = typer.Option(
+    None,
+    "--device",
+    help="Devices, e.g. cpu,cuda: one leg each (config: devices; a script places its own "
+    "tensors: the device names its leg).",
+)
+THREADS = typer.Option(None, "--threads", help="Thread counts, e.g. 1,2: one leg each.")
+ENV = typer.Option(
+    None,
+    "--env",
+    help="KEY=VALUE (repeatable): one more leg with these variables set, compared with the "
+    "others under the tolerance (e.g. ATEN_CPU_CAPABILITY=default).",
+)
+COMPILE = typer.Option(
+    None,
+    "--compile",
+    help="off, on or off,on: legs with the model eager, compiled (torch.compile, default "
+    "backend), or both, compared under the tolerance. For a script: off makes torch.compile "
+    "return its argument unchanged; on leaves the script's own torch.compile, or compiles "
+    "each trained model in place when the script compiles none.",
+)
+PYTHON = typer.Option(
+    None,
+    "--python",
+    help="PATH (repeatable): one more leg run by that interpreter (another venv: another "
+    "torch or NumPy), compared with the others under the tolerance.",
+)
+DEPTH = typer.Option(
+    DEPTHS[0],
+    "--depth",
+    help="What each run records: step (phases) | module | op (inside a config's steps).",
+)
+OUT = typer.Option(DEFAULT_OUT, "--out", help="Folder for the traces, logs and reports.")
+JOBS = typer.Option(
+    None, "--jobs", "-j", min=1, help="Runs in parallel (default: cores ÷ threads)."
+)
+TIMEOUT = typer.Option(
+    None, "--timeout", min=0.1, help="Seconds a run may take; then it is killed (exit 3)."
+)
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress and no terminal report.")
+# what every audit command takes: the legs and runs, their folder, and quiet
+LEG_OPTIONS = (
+    "-n",
+    "--steps",
+    "--device",
+    "--threads",
+    "--env",
+    "--compile",
+    "--python",
+    "--depth",
+    "--out",
+    "--jobs",
+    "--timeout",
+    "--quiet",
+)
+
+JSON = typer.Option(None, "--json", help="Also write the JSON report here ('-': stdout).")
+HTML = typer.Option(
+    None, "--html", help="Write the HTML report here (default: report.html in the audit's folder)."
+)
+# how run and exec look for a divergence and explain it (a golden check: no attribution)
+MAX_RATE = typer.Option(
+    None,
+    "--max-rate",
+    help="Keep starting runs (up to -n, else as many as it takes) until N agreeing runs bound "
+    "the divergence rate below R at --confidence, or a run diverges: 5% (59 runs at 95%), "
+    "or 0.05.",
+)
+CONFIDENCE = typer.Option(
+    None,
+    "--confidence",
+    help="Confidence of the evidence's rate bound: 95% (the default), or 0.99.",
+)
+FAIL_FAST = typer.Option(
+    True, "--fail-fast/--no-fail-fast", help="Stop a leg's runs as soon as two disagree."
+)
+MEASURE = typer.Option(
+    True,
+    "--measure/--no-measure",
+    help="Replay the divergent step (a script reruns from its start) to diff the real tensors.",
+)
+ZOOM = typer.Option(
+    True,
+    "--zoom/--no-zoom",
+    help="After a divergence, replay that step op by op: module, aten op, source line, cause.",
+)
+ATTRIBUTE = typer.Option(
+    True,
+    "--attribute/--no-attribute",
+    help="After a divergence, rerun with each control on (seeds, hash seed, deterministic "
+    "algorithms, one thread, ...) to find the one that fixes it; a control a script sets "
+    "itself is said to be overridden.",
+)
+
+
 @user_errors
 def run(
+    ctx: typer.Context,
     config_path: Path = typer.Argument(..., metavar="CONFIG", help="The audit's YAML config."),
-    repeats: Optional[int] = typer.Option(
-        None, "-n", "--repeats", help="Runs per leg (config: repeats)."
-    ),
-    max_rate: Optional[str] = typer.Option(None, "--max-rate", help=MAX_RATE_HELP),
-    confidence: Optional[str] = typer.Option(None, "--confidence", help=CONFIDENCE_HELP),
-    device: Optional[List[str]] = typer.Option(
-        None, "--device", help="Devices, e.g. cpu,cuda (config: devices)."
-    ),
-    threads: Optional[List[str]] = typer.Option(
-        None, "--threads", help="Thread counts, e.g. 1,2: one leg each."
-    ),
-    steps: Optional[int] = typer.Option(
-        None, "--steps", min=1, help="Optimizer steps per run (config: steps)."
-    ),
-    out: str = typer.Option("reports", "--out", help="Folder for traces and report.json."),
-    json_path: Optional[Path] = typer.Option(
-        None, "--json", help="Also write the JSON report here ('-': stdout)."
-    ),
-    html_path: Optional[Path] = typer.Option(None, "--html", help=HTML_OPTION_HELP),
-    env: Optional[List[str]] = typer.Option(None, "--env", help=ENV_OPTION_HELP),
-    compile_: Optional[List[str]] = typer.Option(None, "--compile", help=COMPILE_OPTION_HELP),
-    python: Optional[List[str]] = typer.Option(None, "--python", help=PYTHON_OPTION_HELP),
-    fail_fast: bool = typer.Option(
-        True, "--fail-fast/--no-fail-fast", help="Stop a leg's runs as soon as two disagree."
-    ),
-    jobs: Optional[int] = typer.Option(
-        None, "--jobs", "-j", min=1, help="Runs in parallel (default: cores ÷ threads)."
-    ),
-    timeout: Optional[float] = typer.Option(
-        None, "--timeout", min=0.1, help="Seconds a run may take; then it is killed (exit 3)."
-    ),
-    measure: bool = typer.Option(
-        True, "--measure/--no-measure", help="Replay the divergent step to diff the real tensors."
-    ),
-    depth: str = typer.Option(
-        "step", "--depth", help="What each run records: step (phases) | module | op (inside steps)."
-    ),
-    zoom: bool = typer.Option(
-        True,
-        "--zoom/--no-zoom",
-        help="After a divergence, replay that step op by op: module, aten op, source line, cause.",
-    ),
-    attribute: bool = typer.Option(
-        True,
-        "--attribute/--no-attribute",
-        help="After a divergence, rerun with each control on (seeds, hash seed, deterministic "
-        "algorithms, one thread, ...) to find the one that fixes it.",
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no terminal report."),
+    # the leg options (LEG_OPTIONS), read back by LegOptions.from_cli
+    repeats: Optional[int] = REPEATS,
+    steps: Optional[int] = STEPS,
+    device: Optional[List[str]] = DEVICE,
+    threads: Optional[List[str]] = THREADS,
+    env: Optional[List[str]] = ENV,
+    compile_: Optional[List[str]] = COMPILE,
+    python: Optional[List[str]] = PYTHON,
+    depth: str = DEPTH,
+    out: str = OUT,
+    jobs: Optional[int] = JOBS,
+    timeout: Optional[float] = TIMEOUT,
+    quiet: bool = QUIET,
+    max_rate: Optional[str] = MAX_RATE,
+    confidence: Optional[str] = CONFIDENCE,
+    fail_fast: bool = FAIL_FAST,
+    measure: bool = MEASURE,
+    zoom: bool = ZOOM,
+    attribute: bool = ATTRIBUTE,
+    json_path: Optional[Path] = JSON,
+    html_path: Optional[Path] = HTML,
 ) -> None:
     """Run CONFIG N times per leg and report the first divergent step, phase and tensor.
 
@@ -533,52 +576,33 @@ def run(
     Example: reprocheck run configs/demo.yaml -n 3 --threads 1,2
     """
     preflight({"--json": json_path, "--html": html_path}, {"--out": out})
-    from .configfile import apply_overrides, load_config
-    from .parent.audit import AuditOptions, run_audit
+    from .configfile import load_config
+    from .parent.audit import run_audit
 
     config = load_config(config_path)
     repeats, level, rate = rate_repeats(repeats, max_rate, confidence, config.repeats)
-    config = apply_overrides(
+    config, options = audit_setup(
         config,
-        repeats=repeats,
-        steps=steps,
-        devices=_split_list(device),
-        threads=_threads(threads),
-        env=env,
-        compile=compile_,
-        python=python,
-    )
-    if depth not in ("step", "module", "op"):
-        raise UsageError(f"--depth takes step, module or op (got {depth!r})")
-    from .contract import Recipe, Target
-
-    target: Target = Recipe()
-    if config.distributed is not None:  # each run a torchrun job of the config's loop
-        from .script import distributed_target
-
-        target = distributed_target(config)
-    options = AuditOptions(
-        out=out,
-        jobs=jobs,
-        timeout=timeout,
+        LegOptions.from_cli(ctx.params, repeats=repeats),
         fail_fast=fail_fast,
         measure=measure,
-        depth=depth,
         zoom=zoom,
         attribute=attribute,
-        target=target,
         confidence=level,
         max_rate=rate,
     )
+    if config.distributed is not None:  # each run a torchrun job of the config's loop
+        from .script import distributed_target
+
+        options = dataclasses.replace(options, target=distributed_target(config))
     _terminate_as_interrupt()
     with RunProgress(quiet or (json_path is not None and str(json_path) == "-")) as progress:
         prewarm_html()
         report = run_audit(config, options, progress=progress.update)
-    _emit(report, json_path, quiet, html_path)
+    report = _emit(report, json_path, quiet, html_path)
     raise typer.Exit(report["exit_code"])
 
 
-@app.command()
 @user_errors
 def compare(
     trace_a: Path = typer.Argument(..., metavar="TRACE_A", help="A run's trace (.sqlite)."),
@@ -720,10 +744,18 @@ def _render_compare(result: dict[str, Any]) -> None:
         stdout.print(Text(f"  note: {c['note']}", style="yellow"))
 
 
-def _register_feature_commands() -> None:
-    from .commands import register_all
+def _add_commands() -> None:
+    """Every command, in the order `reprocheck -h` lists them: the audits, then the tools.
+    A command of its own module is added by that module's ``register(app)``."""
+    from .commands import doctor, golden, show
+    from .commands import exec as exec_command
 
-    register_all(app)
+    app.command()(run)
+    exec_command.register(app)  # exec
+    golden.register(app)  # record, check
+    doctor.register(app)  # doctor, explain
+    app.command()(compare)
+    show.register(app)  # show
     for command in app.registered_commands:  # help as paragraphs, whatever the width
         if command.help is None and command.callback is not None:
             command.help = paragraphs(inspect.getdoc(command.callback) or "")
@@ -745,7 +777,7 @@ def paragraphs(text: str) -> str:
     return "\n\n".join(out)
 
 
-_register_feature_commands()
+_add_commands()
 
 
 def main() -> None:

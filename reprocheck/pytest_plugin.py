@@ -18,11 +18,13 @@ from typing import Any, Callable
 
 import pytest
 
+from .options import DEFAULT_OUT, LegOptions, audit_setup
+
 
 def audit_config(
     config: str | os.PathLike,
     *,
-    out: str | os.PathLike = "reports",
+    out: str | os.PathLike = DEFAULT_OUT,
     repeats: int | None = None,
     steps: int | None = None,
     devices: list[str] | None = None,
@@ -31,13 +33,18 @@ def audit_config(
     attribute: bool = False,
 ) -> dict[str, Any]:
     """Audit a config (each run in its own process) and return the JSON report as a dict."""
-    from .configfile import apply_overrides, load_config
-    from .parent.audit import AuditOptions, run_audit
+    from .configfile import load_config
+    from .parent.audit import run_audit
 
-    loaded = apply_overrides(
-        load_config(config), repeats=repeats, steps=steps, devices=devices, threads=threads
+    legs = LegOptions(
+        repeats=repeats,
+        steps=steps,
+        devices=None if devices is None else tuple(devices),
+        threads=None if threads is None else tuple(threads),
+        out=os.fspath(out),
     )
-    return run_audit(loaded, AuditOptions(out=os.fspath(out), zoom=zoom, attribute=attribute))
+    loaded, options = audit_setup(load_config(config), legs, zoom=zoom, attribute=attribute)
+    return run_audit(loaded, options)
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -14,6 +14,10 @@ from .. import jsonout
 
 def register(app: typer.Typer) -> None:
     from ..cli import (
+        HTML,
+        JSON,
+        OUT,
+        QUIET,
         UsageError,
         _terminate_as_interrupt,
         _write_html,
@@ -24,20 +28,6 @@ def register(app: typer.Typer) -> None:
         user_errors,
     )
     from ..report.safe import clean, cut_all, safe
-
-    @app.command()
-    @user_errors
-    def explain(
-        code: str = typer.Argument(..., metavar="CODE", help="A rule code, e.g. RC004."),
-    ) -> None:
-        """Print one doctor rule in full: what it detects, why it matters, an example, the fix."""
-        from ..doctor.rules import find
-
-        try:
-            rule = find(code)
-        except KeyError as exc:
-            raise UsageError(exc.args[0]) from None
-        stdout.print(rule.explain(), markup=False, highlight=False)
 
     @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     @user_errors
@@ -53,16 +43,10 @@ def register(app: typer.Typer) -> None:
             "control on to find the one that fixes it.",
         ),
         steps: int = typer.Option(2, "--steps", min=1, help="Steps each probe runs."),
-        out: str = typer.Option("reports", "--out", help="Folder for the probes' traces."),
-        json_path: Optional[Path] = typer.Option(
-            None, "--json", help="Write the findings as JSON ('-': stdout)."
-        ),
-        html_path: Optional[Path] = typer.Option(
-            None,
-            "--html",
-            help="Write the HTML report here (default: report.html in the probes' folder).",
-        ),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No terminal output."),
+        out: str = OUT,
+        json_path: Optional[Path] = JSON,
+        html_path: Optional[Path] = HTML,
+        quiet: bool = QUIET,
     ) -> None:
         """Find what can make CONFIG — or a script, `reprocheck doctor -- python train.py
         ARGS` — irreproducible: static checks, then probes that run a few steps: the ops that
@@ -82,7 +66,8 @@ def register(app: typer.Typer) -> None:
         # the target first: a mistake in the command line is said before torch is imported
         config, target = resolve_target(config_path, list(ctx.args), "doctor")
         from ..doctor.probe import ProbeError, dynamic_findings, static_findings
-        from ..parent.audit import AuditOptions, Auditor, make_audit_dir, run_audit
+        from ..options import LegOptions, audit_setup
+        from ..parent.audit import Auditor, make_audit_dir, run_audit
         from ..verdict import EXIT_FAILED
 
         # a script's probes run its first `steps` steps, then stop it
@@ -103,10 +88,10 @@ def register(app: typer.Typer) -> None:
             raise fail(str(exc), EXIT_FAILED) from None
         audit: dict[str, Any] | None = None
         if attribute:
-            audit = run_audit(
-                config,
-                AuditOptions(out=str(folder / "audit"), attribute=True, target=target or Recipe()),
+            audited, options = audit_setup(
+                config, LegOptions(out=str(folder / "audit")), target=target, attribute=True
             )
+            audit = run_audit(audited, options)
             for item in audit["findings"]:
                 if item not in findings:
                     findings.append(item)
@@ -135,6 +120,20 @@ def register(app: typer.Typer) -> None:
         if not quiet and not (json_path is not None and str(json_path) == "-"):
             _render(result)
         raise typer.Exit(1 if findings else 0)
+
+    @app.command()
+    @user_errors
+    def explain(
+        code: str = typer.Argument(..., metavar="CODE", help="A rule code, e.g. RC004."),
+    ) -> None:
+        """Print one doctor rule in full: what it detects, why it matters, an example, the fix."""
+        from ..doctor.rules import find
+
+        try:
+            rule = find(code)
+        except KeyError as exc:
+            raise UsageError(exc.args[0]) from None
+        stdout.print(rule.explain(), markup=False, highlight=False)
 
     def _render(result: dict[str, Any]) -> None:
         result = clean(result)  # names and messages from the probes' runs: made safe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import List, Optional
 
@@ -10,18 +11,29 @@ import typer
 
 def register(app: typer.Typer) -> None:
     from ..cli import (
-        COMPILE_OPTION_HELP,
-        COMPILE_SCRIPT_HELP,
-        CONFIDENCE_HELP,
-        ENV_OPTION_HELP,
-        HTML_OPTION_HELP,
-        MAX_RATE_HELP,
-        PYTHON_OPTION_HELP,
+        ATTRIBUTE,
+        COMPILE,
+        CONFIDENCE,
+        DEPTH,
+        DEVICE,
+        ENV,
+        FAIL_FAST,
+        HTML,
+        JOBS,
+        JSON,
+        MAX_RATE,
+        MEASURE,
+        OUT,
+        PYTHON,
+        QUIET,
+        SCRIPT_REPEATS,
+        STEPS,
+        THREADS,
+        TIMEOUT,
+        ZOOM,
         RunProgress,
         _emit,
-        _split_list,
         _terminate_as_interrupt,
-        _threads,
         preflight,
         prewarm_html,
         rate_repeats,
@@ -35,65 +47,21 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def exec_(
         ctx: typer.Context,
-        repeats: Optional[int] = typer.Option(
-            None,
-            "-n",
-            "--repeats",
-            min=1,
-            max=1000,
-            help="Runs per leg (2; with --max-rate: at most).",
-        ),
-        max_rate: Optional[str] = typer.Option(None, "--max-rate", help=MAX_RATE_HELP),
-        confidence: Optional[str] = typer.Option(None, "--confidence", help=CONFIDENCE_HELP),
-        steps: Optional[int] = typer.Option(
-            None, "--steps", min=1, help="Stop each run cleanly after K optimizer steps."
-        ),
-        device: Optional[List[str]] = typer.Option(
-            None, "--device", help="Leg label(s): cpu, cuda."
-        ),
-        threads: Optional[List[str]] = typer.Option(
-            None, "--threads", help="Thread counts, e.g. 1,2."
-        ),
+        # the leg options (cli.LEG_OPTIONS), read back by LegOptions.from_cli
+        repeats: Optional[int] = SCRIPT_REPEATS,
+        steps: Optional[int] = STEPS,
+        device: Optional[List[str]] = DEVICE,
+        threads: Optional[List[str]] = THREADS,
+        env: Optional[List[str]] = ENV,
+        compile_: Optional[List[str]] = COMPILE,
+        python: Optional[List[str]] = PYTHON,
+        depth: str = DEPTH,
+        out: str = OUT,
+        jobs: Optional[int] = JOBS,
+        timeout: Optional[float] = TIMEOUT,
+        quiet: bool = QUIET,
         preset: str = typer.Option("seeded", "--preset", help="seeded | strict | none."),
         seed: int = typer.Option(0, "--seed", min=0, help="Seed applied before the script starts."),
-        out: str = typer.Option(
-            "reports", "--out", help="Folder for traces, logs and report.json."
-        ),
-        json_path: Optional[Path] = typer.Option(
-            None, "--json", help="Also write the JSON report."
-        ),
-        html_path: Optional[Path] = typer.Option(None, "--html", help=HTML_OPTION_HELP),
-        env: Optional[List[str]] = typer.Option(None, "--env", help=ENV_OPTION_HELP),
-        compile_: Optional[List[str]] = typer.Option(
-            None, "--compile", help=COMPILE_OPTION_HELP + " " + COMPILE_SCRIPT_HELP
-        ),
-        python: Optional[List[str]] = typer.Option(None, "--python", help=PYTHON_OPTION_HELP),
-        jobs: Optional[int] = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel."),
-        timeout: Optional[float] = typer.Option(
-            None, "--timeout", min=0.1, help="Seconds per run."
-        ),
-        fail_fast: bool = typer.Option(
-            True, "--fail-fast/--no-fail-fast", help="Stop on divergence."
-        ),
-        measure: bool = typer.Option(
-            True,
-            "--measure/--no-measure",
-            help="Replay the divergent step (the script reruns from its start) to diff the "
-            "real tensors.",
-        ),
-        zoom: bool = typer.Option(
-            True,
-            "--zoom/--no-zoom",
-            help="In that replay, capture every aten op of the step: the first divergent op, "
-            "its module, source line and cause.",
-        ),
-        attribute: bool = typer.Option(
-            True,
-            "--attribute/--no-attribute",
-            help="After a divergence, rerun the script with each control on (seeds, hash "
-            "seed, deterministic algorithms, one thread) to find the one that fixes it; a "
-            "control the script overrides itself is said to be overridden.",
-        ),
         as_is: bool = typer.Option(
             False,
             "--as-is",
@@ -107,7 +75,14 @@ def register(app: typer.Typer) -> None:
             "they differ, a warning (RC030) says what the preset masked. Never changes the "
             "exit code.",
         ),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no report."),
+        max_rate: Optional[str] = MAX_RATE,
+        confidence: Optional[str] = CONFIDENCE,
+        fail_fast: bool = FAIL_FAST,
+        measure: bool = MEASURE,
+        zoom: bool = ZOOM,
+        attribute: bool = ATTRIBUTE,
+        json_path: Optional[Path] = JSON,
+        html_path: Optional[Path] = HTML,
     ) -> None:
         """Run a training script N times, unchanged, and report where the runs first differ.
 
@@ -140,45 +115,37 @@ def register(app: typer.Typer) -> None:
         the canary was missed or recording changed training.
         """
         preflight({"--json": json_path, "--html": html_path}, {"--out": out})
+        from ..options import DEFAULT_REPEATS, LegOptions, audit_setup
         from ..script import ScriptError, script_config
 
         if as_is:
             if preset not in ("seeded", "none"):
                 raise ScriptError(f"--as-is runs with no preset: drop --preset {preset}")
             preset = "none"
-        repeats, level, rate = rate_repeats(repeats, max_rate, confidence, 2)
-        # the command line first: a mistake in it is said before torch is imported
+        repeats, level, rate = rate_repeats(repeats, max_rate, confidence, DEFAULT_REPEATS)
+        # the command line first: a mistake in it is said before torch is imported. The
+        # runs per leg are the script's own (--max-rate may ask more than a config's 1000)
         config, target = script_config(
-            list(ctx.args), "exec", repeats=repeats, steps=steps, preset=preset, seed=seed
+            list(ctx.args), "exec", repeats=repeats, preset=preset, seed=seed
         )
-        from ..configfile import apply_overrides as _overrides
-        from ..parent.audit import AuditOptions, run_audit
+        from ..parent.audit import run_audit
 
-        config = _overrides(
+        config, options = audit_setup(
             config,
-            devices=_split_list(device),
-            threads=_threads(threads),
-            env=env,
-            compile=compile_,
-            python=python,
-        )
-        options = AuditOptions(
-            out=out,
-            jobs=jobs,
-            timeout=timeout,
+            LegOptions.from_cli(ctx.params, repeats=None),
+            target=target,
             fail_fast=fail_fast,
             measure=measure,
             zoom=zoom,
             attribute=attribute,
-            target=target,
             confidence=level,
             max_rate=rate,
         )
         if not as_is_check or as_is:
-            options.as_is = False
+            options = dataclasses.replace(options, as_is=False)
         _terminate_as_interrupt()
         with RunProgress(quiet) as progress:
             prewarm_html()
             report = run_audit(config, options, progress=progress.update)
-        _emit(report, json_path, quiet, html_path)
+        report = _emit(report, json_path, quiet, html_path)
         raise typer.Exit(report["exit_code"])

@@ -11,15 +11,6 @@ from rich.text import Text
 
 from .. import jsonout
 
-# The options `record` and `check` share, declared once.
-REPEATS = typer.Option(None, "-n", "--repeats", help="Runs per leg.")
-STEPS = typer.Option(None, "--steps", help="Optimizer steps per run.")
-DEVICE = typer.Option(None, "--device", help="Devices, e.g. cpu.")
-THREADS = typer.Option(None, "--threads", help="Thread counts.")
-OUT = typer.Option("reports", "--out", help="Folder for the audit's traces.")
-JOBS = typer.Option(None, "--jobs", "-j", min=1, help="Runs in parallel.")
-TIMEOUT = typer.Option(None, "--timeout", min=0.1, help="Seconds per run.")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress, no report.")
 TARGET = typer.Argument(
     None, metavar="CONFIG", help="The audit's YAML config (or `-- python train.py ARGS`)."
 )
@@ -29,13 +20,24 @@ SCRIPT_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 def register(app: typer.Typer) -> None:
     from ..cli import (
-        HTML_OPTION_HELP,
+        COMPILE,
+        DEPTH,
+        DEVICE,
+        ENV,
+        HTML,
+        JOBS,
+        JSON,
+        OUT,
+        PYTHON,
+        QUIET,
+        REPEATS,
+        STEPS,
+        THREADS,
+        TIMEOUT,
         RunProgress,
         UsageError,
         _emit,
-        _split_list,
         _terminate_as_interrupt,
-        _threads,
         fail,
         preflight,
         prewarm_html,
@@ -43,30 +45,18 @@ def register(app: typer.Typer) -> None:
         user_errors,
     )
 
-    def _audit(
-        config, target, repeats, steps, device, threads, out, jobs, timeout, quiet, **golden
-    ):
-        from ..configfile import apply_overrides
-        from ..parent.audit import AuditOptions, run_audit
+    def _audit(ctx: typer.Context, config, target, quiet: bool, **golden):
+        from ..options import LegOptions, audit_setup
+        from ..parent.audit import run_audit
 
-        config = apply_overrides(
-            config,
-            repeats=repeats,
-            steps=steps,
-            devices=_split_list(device),
-            threads=_threads(threads),
-        )
         # no attribution here: a golden check answers "did the numerics change?"; run
         # `reprocheck run --attribute` or `doctor` to ask why a config does not reproduce
-        if target is not None and steps is not None:  # a script stops after its K-th step
-            target = target.with_steps(steps)
-        options = AuditOptions(
-            out=out,
-            jobs=jobs,
-            timeout=timeout,
+        config, options = audit_setup(
+            config,
+            LegOptions.from_cli(ctx.params),
+            target=target,
             sketch=True,
             attribute=False,
-            **({"target": target} if target is not None else {}),
             **golden,
         )
         _terminate_as_interrupt()
@@ -80,10 +70,15 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         config_path: Optional[Path] = TARGET,
         output: Path = typer.Option(..., "-o", "--output", help="Where to write the golden trace."),
+        # the leg options (cli.LEG_OPTIONS), read back by LegOptions.from_cli
         repeats: Optional[int] = REPEATS,
         steps: Optional[int] = STEPS,
         device: Optional[List[str]] = DEVICE,
         threads: Optional[List[str]] = THREADS,
+        env: Optional[List[str]] = ENV,
+        compile_: Optional[List[str]] = COMPILE,
+        python: Optional[List[str]] = PYTHON,
+        depth: str = DEPTH,
         out: str = OUT,
         jobs: Optional[int] = JOBS,
         timeout: Optional[float] = TIMEOUT,
@@ -103,10 +98,8 @@ def register(app: typer.Typer) -> None:
         config, target = resolve_target(config_path, list(ctx.args), "record")
         from ..golden import reference_trace, write_golden
 
-        config, report = _audit(
-            config, target, repeats, steps, device, threads, out, jobs, timeout, quiet
-        )
-        _emit(report, None, quiet)
+        config, report = _audit(ctx, config, target, quiet)
+        report = _emit(report, None, quiet)
         if report["verdict"] != "reproducible":
             why = (
                 "the audit was not verified (the runs agreed, but see its reason)"
@@ -134,25 +127,30 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         config_path: Optional[Path] = TARGET,
         against: Path = typer.Option(..., "--against", help="The golden trace (from `record`)."),
+        # the leg options (cli.LEG_OPTIONS), read back by LegOptions.from_cli
+        repeats: Optional[int] = REPEATS,
+        steps: Optional[int] = STEPS,
+        device: Optional[List[str]] = DEVICE,
+        threads: Optional[List[str]] = THREADS,
+        env: Optional[List[str]] = ENV,
+        compile_: Optional[List[str]] = COMPILE,
+        python: Optional[List[str]] = PYTHON,
+        depth: str = DEPTH,
+        out: str = OUT,
+        jobs: Optional[int] = JOBS,
+        timeout: Optional[float] = TIMEOUT,
+        quiet: bool = QUIET,
         junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file."),
         output_format: str = typer.Option(
             "text", "--format", help="text | github (::error annotations) | json (stdout)."
         ),
-        json_path: Optional[Path] = typer.Option(None, "--json", help="Write the JSON report."),
-        html_path: Optional[Path] = typer.Option(None, "--html", help=HTML_OPTION_HELP),
         any_config: bool = typer.Option(
             False,
             "--any-config",
             help="Allow a golden trace of a differently named config.",
         ),
-        repeats: Optional[int] = REPEATS,
-        steps: Optional[int] = STEPS,
-        device: Optional[List[str]] = DEVICE,
-        threads: Optional[List[str]] = THREADS,
-        out: str = OUT,
-        jobs: Optional[int] = JOBS,
-        timeout: Optional[float] = TIMEOUT,
-        quiet: bool = QUIET,
+        json_path: Optional[Path] = JSON,
+        html_path: Optional[Path] = HTML,
     ) -> None:
         """Rerun CONFIG — or a script: `reprocheck check --against golden.sqlite -- python
         train.py ARGS` — and compare it with a golden trace: exit 0 unchanged, 1 changed.
@@ -186,22 +184,11 @@ def register(app: typer.Typer) -> None:
         machine = output_format != "text"
         try:
             config, report = _audit(
-                config,
-                target,
-                repeats,
-                steps,
-                device,
-                threads,
-                out,
-                jobs,
-                timeout,
-                quiet or machine,
-                golden=str(against),
-                any_config=any_config,
+                ctx, config, target, quiet or machine, golden=str(against), any_config=any_config
             )
         except GoldenError as exc:
             raise fail(str(exc), exc.exit_code) from None
-        _emit(report, json_path, quiet or machine, html_path)
+        report = _emit(report, json_path, quiet or machine, html_path)
         if junit is not None:
             from ..report.junit import write_junit
 

@@ -38,6 +38,7 @@ from ..contract import (
     TorchrunJob,
     capture_key,
 )
+from ..options import DEFAULT_OUT, DEPTHS
 from ..replicas import check_legs
 from ..replicas import finding as replica_finding
 from ..trace import Trace, TraceError, committed_steps
@@ -56,12 +57,12 @@ class OutputError(Exception):
 
 @dataclass
 class AuditOptions:
-    out: str = "reports"
+    out: str = DEFAULT_OUT
     jobs: int | None = None
     timeout: float | None = None
     fail_fast: bool = True
     measure: bool = True  # replay the divergent step to diff the real tensors
-    depth: str = "step"  # step | module | op: what each run records (issue: zoom)
+    depth: str = DEPTHS[0]  # step | module | op: what each run records
     zoom: bool = True  # after a divergence, replay the step at op depth (localize.py)
     attribute: bool = True  # after a divergence, find the control that fixes it (doctor)
     sketch: bool = False  # numeric sketches in every trace (golden traces); else only across legs
