@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .causes import Cause
 from .trace import (
     DB_ERRORS,
     Record,
@@ -537,7 +538,7 @@ def divergence_dict(
     out["seeding"] = seeding
     if generator and not out["cause"]:  # no zoom said otherwise
         g = generator
-        out["cause"] = "unseeded or re-seeded RNG"
+        out["cause"] = Cause.RNG
         groups = " ≠ ".join(",".join(f"#{run}" for run in group) for group in g["runs"])
         out["cause_detail"] = (
             f"generator {g['name']} differed between runs from step {g['step']} ({groups})"

@@ -32,6 +32,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .causes import Cause
 from .fingerprint import fingerprint
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -568,42 +569,32 @@ def first_divergent_op(a: Sequence[OpRecord], b: Sequence[OpRecord]) -> int | No
     return None
 
 
-CAUSES = (
-    "a Python value differs",
-    "nondeterministic op",
-    "unseeded or re-seeded RNG",
-    "data pipeline",
-    "initialisation",
-    "earlier state",
-)
-
-
-def classify(a: OpRecord, b: OpRecord, step: int, phase: str) -> tuple[str, str]:
+def classify(a: OpRecord, b: OpRecord, step: int, phase: str) -> tuple[Cause, str]:
     """(cause class, the evidence for it) for a first divergent op."""
     if step == 0:
         return (
-            "initialisation",
+            Cause.INITIALISATION,
             "the initial weights differ: an op building the model drew other values",
         )
     if phase == "data":
-        return "data pipeline", "the batch differs before the model sees it"
+        return Cause.DATA, "the batch differs before the model sees it"
     if a.op != b.op:
-        return "earlier state", "the two runs executed different ops"
+        return Cause.EARLIER_STATE, "the two runs executed different ops"
     # an in-place random op (`bernoulli_`, `uniform_` …) overwrites its first input, often
     # fresh uninitialized memory (dropout's mask): only its other inputs are inputs
     read = slice(1, None) if a.generator and a.base.endswith("_") else slice(None)
     if a.inputs[read] != b.inputs[read]:
-        return "earlier state", "the op's inputs already differ when the step starts"
+        return Cause.EARLIER_STATE, "the op's inputs already differ when the step starts"
     if a.scalars != b.scalars:
         x, y = next(p for p in zip_longest(a.scalars, b.scalars, fillvalue="–") if p[0] != p[1])
         return (
-            "a Python value differs",
+            Cause.PYTHON_VALUE,
             f"{a.base}: its tensor inputs are identical, a number argument is {x} in one run "
             f"and {y} in the other",
         )
     if a.generator:
-        return "unseeded or re-seeded RNG", "a random op drew different values (inputs identical)"
-    return "nondeterministic op", f"{a.base}: inputs identical, output differs"
+        return Cause.RNG, "a random op drew different values (inputs identical)"
+    return Cause.NONDETERMINISTIC_OP, f"{a.base}: inputs identical, output differs"
 
 
 def localize(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .contract import ProcessName
+from .doctor import rules
 from .trace import Trace, TraceError
 
 REPLICA_PHASES = ("grads", "weights", "optimizer")  # what data parallelism keeps equal
@@ -228,37 +229,9 @@ def check_legs(legs: list[Any]) -> ReplicaCheck | None:
 
 
 def finding(divergence: ReplicaDivergence) -> dict[str, Any]:
-    """The rule a replica divergence matches, with its fix (see the catalog)."""
-    from .doctor.probe import finding as probe_finding
-
-    d, agreed = divergence, divergence.agreed
-    where = f"step {d.step} · {d.phase} · {d.tensor}"
-    groups = " ≠ ".join(",".join(map(str, g)) for g in d.ranks)
-    if d.kind == "buffer" and agreed.get("parameter") is not False:
-        code = "RC022"
-        message = (
-            f"buffer {d.tensor} differs between replicas (ranks {groups}) from {where}, while "
-            "every parameter agrees: buffers are not synchronised across ranks"
-        )
-    elif d.kind in ("parameter", "optimizer") and agreed.get("grad") is not False:
-        code = "RC023"
-        what = "parameter" if d.kind == "parameter" else "optimizer state"
-        message = (
-            f"{what} {d.tensor} differs between replicas (ranks {groups}) from {where}, while "
-            "their gradients agree: the update depends on the rank (a learning rate, "
-            "clipping, a scheduler stepped on one rank)"
-        )
-    elif agreed.get("comm"):
-        code = "RC024"
-        message = (
-            f"gradient {d.tensor} differs between replicas (ranks {groups}) at {where}, while "
-            "every collective's output agreed: changed per rank after communication "
-            "(clipping, a hook, a rank-dependent scale)"
-        )
-    else:
-        code = "RC024"
-        message = (
-            f"gradient {d.tensor} differs between replicas (ranks {groups}) at {where}: "
-            "gradients not all-reduced, or changed per rank after backward"
-        )
-    return probe_finding(code, message, {"step": d.step, "tensor": d.tensor, "ranks": d.ranks})
+    """The rule a replica divergence matches, with its fix: the first in the catalog whose
+    ``replicas`` way it triggers (RC022 buffers, RC023 the update, RC024 gradients)."""
+    rule = next(r for r in rules.RULES if r.fires("replicas", divergence=divergence))
+    d = divergence
+    evidence = {"step": d.step, "tensor": d.tensor, "ranks": d.ranks}
+    return rule.fire("replicas", evidence, divergence=divergence)

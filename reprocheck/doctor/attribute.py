@@ -17,7 +17,8 @@ from typing import Any, Callable
 from ..config import Config
 from ..contract import Target
 from ..trace import Trace, TraceError
-from .probe import Auditor, finding
+from . import rules
+from .probe import Auditor
 
 Change = Callable[[Config], Config]
 
@@ -142,38 +143,12 @@ def attribute(
         fixes = [t for t in fixes if t["code"] != "RC020"]
     if fixes:
         return [
-            finding(
-                t["code"], f"with {t['control']} the runs reproduce ({t['code']})", {"tried": tried}
-            )
+            rules.BY_CODE[t["code"]].fire("control", {"tried": tried}, control=t["control"])
             for t in fixes
         ], tried
     if tried and tried[-1]["verdict"] == "reproducible":
-        return [
-            finding(
-                "RC003", "only all the controls together make the runs reproduce", {"tried": tried}
-            )
-        ], tried
-    cause = (zoom or {}).get("cause")
-    where = (zoom or {}).get("source")
-    if cause == "unseeded or re-seeded RNG":
-        return [
-            finding(
-                "RC015",
-                f"no control makes the runs reproduce: a generator seeded "
-                f"outside the configured seed draws at {where}",
-                {"tried": tried},
-            )
-        ], tried
-    if cause == "nondeterministic op":
-        return [
-            finding(
-                "RC011",
-                f"no control makes the runs reproduce: {zoom.get('op')} at "
-                f"{where} is nondeterministic",
-                {"tried": tried},
-            )
-        ], tried
-    return [], tried
+        return [rules.RC003.fire("all controls", {"tried": tried})], tried
+    return rules.for_cause(zoom, tried), tried
 
 
 def _in_effect(report: dict[str, Any]) -> dict[str, Any]:

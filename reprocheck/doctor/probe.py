@@ -14,7 +14,7 @@ from ..compare import first_divergence
 from ..config import Config
 from ..contract import Target
 from ..trace import Trace, TraceError
-from .rules import BY_CODE
+from . import rules
 
 # aten ops PyTorch documents as nondeterministic on CUDA (the list under
 # `torch.use_deterministic_algorithms`, torch 2.13): op base name → what runs there.
@@ -75,55 +75,9 @@ ONLY_WHEN: dict[str, Callable[[dict[str, Any]], bool]] = {
 }
 
 
-def finding(code: str, message: str, evidence: Any = None) -> dict[str, Any]:
-    """A finding as reports carry it: code, rule name, message, fix, evidence."""
-    rule = BY_CODE[code]
-    return {
-        "code": code,
-        "name": rule.name,
-        "severity": rule.severity,
-        "message": message,
-        "fix": rule.fix.split("\n")[0],
-        "evidence": evidence,
-    }
-
-
 def static_findings(config: Config) -> list[dict[str, Any]]:
-    """What the config and environment alone say."""
-    d = config.determinism
-    found = []
-    if not d.seed_python:
-        found.append(finding("RC001", "Python's `random` is not seeded (determinism.seed_python)"))
-    if not d.seed_numpy:
-        found.append(
-            finding("RC002", "NumPy's global generator is not seeded (determinism.seed_numpy)")
-        )
-    if not d.seed_torch:
-        found.append(finding("RC003", "torch's generators are not seeded (determinism.seed_torch)"))
-    if d.cudnn_benchmark:
-        found.append(
-            finding("RC005", "cudnn.benchmark is on: cuDNN may pick other kernels per run")
-        )
-    cuda = any(device.startswith("cuda") for device in config.devices)
-    if (
-        cuda
-        and d.deterministic_algorithms
-        and not (d.cublas_workspace or os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
-    ):
-        found.append(
-            finding(
-                "RC007", "deterministic algorithms on a CUDA leg without CUBLAS_WORKSPACE_CONFIG"
-            )
-        )
-    if not d.dataloader_generator and (config.data.shuffle or config.data.num_workers):
-        found.append(
-            finding(
-                "RC008",
-                "the DataLoader shuffles without a seeded generator "
-                "(determinism.dataloader_generator: false)",
-            )
-        )
-    return found
+    """What the config and environment alone say: each rule whose ``config`` way fires."""
+    return [rule.fire("config") for rule in rules.RULES if rule.fires("config", config=config)]
 
 
 def _base(op: str) -> str:
@@ -141,12 +95,8 @@ def gpu_risk_findings(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (base, op["source"])
         if key in seen:
             continue
-        line = op["source"] or "(no user frame)"
-        kind = "in the backward of the op at" if op.get("forward_line") else "at"
-        seen[key] = finding(
-            "RC006",
-            f"aten.{base} ({CUDA_NONDETERMINISTIC[base]}) {kind} {line} "
-            "is nondeterministic on CUDA",
+        seen[key] = rules.RC006.fire(
+            "op",
             {
                 "op": f"aten.{base}",
                 "stage": op["stage"],
@@ -155,6 +105,10 @@ def gpu_risk_findings(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "module": op.get("module"),
                 "from": CUDA_NONDETERMINISTIC_FROM,
             },
+            op=base,
+            does=CUDA_NONDETERMINISTIC[base],
+            source=op["source"],
+            backward=bool(op.get("forward_line")),
         )
     return list(seen.values())
 
@@ -319,8 +273,8 @@ def dynamic_findings(
                 ops = json.load(handle)
             found += gpu_risk_findings(ops)
             with open(captured + ".env.json", encoding="utf-8") as handle:
-                if json.load(handle).get("compiled"):
-                    found.append(finding("RC017", "the model runs through torch.compile"))
+                if rules.RC017.fires("op scan", env=json.load(handle)):
+                    found.append(rules.RC017.fire("op scan"))
 
         def audit(variant: Config, label: str) -> dict[str, Any]:
             return reports[label].result()
@@ -329,22 +283,12 @@ def dynamic_findings(
         for label, code, what, a, b in probes:
             differ, where = sensitivity(audit, a, b, label)
             if differ:
-                sensitive.append(
-                    finding(
-                        code,
-                        f"{what} differ from step {where['step']} · "
-                        f"{where['phase']} · {where['tensor']}",
-                        where,
-                    )
-                )
+                sensitive.append(rules.BY_CODE[code].fire("probe", where, what=what, where=where))
         if any(item["code"] == "RC020" for item in sensitive):
             # what uninitialized memory holds follows the process's whole allocation
             # history — thread count and hash seed among it: the other probes' differences
-            # may be that memory's, and say nothing of their own
+            # may be that memory's, and say nothing of their own (its message says so)
             sensitive = [item for item in sensitive if item["code"] == "RC020"]
-            sensitive[0]["message"] += (
-                "; the thread, hash-seed and worker probes are inconclusive while it is read"
-            )
         found += sensitive
     finally:  # a probe that failed leaves nothing to wait for: the others not yet started go
         pool.shutdown(wait=True, cancel_futures=True)

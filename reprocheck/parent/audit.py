@@ -38,6 +38,7 @@ from ..contract import (
     TorchrunJob,
     capture_key,
 )
+from ..doctor import rules
 from ..options import DEFAULT_OUT, DEPTHS
 from ..replicas import check_legs
 from ..replicas import finding as replica_finding
@@ -382,8 +383,6 @@ def _entropy_generators(leg: Leg, first: Divergence) -> list[dict[str, Any]]:
     generator the script built from entropy (``np.random.default_rng()``, ``torch.seed()``)
     in the process that diverged, at or before the divergent step, in every run compared —
     a local generator (a collator's) whose state no trace records."""
-    from ..doctor.probe import finding
-
     read = _seeding_calls(leg, first)
     if read is None or len(read) < 2:
         return []
@@ -398,27 +397,11 @@ def _entropy_generators(leg: Leg, first: Divergence) -> list[dict[str, Any]]:
     if not calls[0] or not calls[1]:
         return []
     call = calls[0][0]
-    message = (
-        f"`{call['call']}()` at {call['where']} builds a generator from entropy in every run: "
-        f"what it draws differs, and the runs part at step {first.step} · {first.phase}"
-    )
-    found = finding("RC015", message, evidence={"seeding": call})
-    found["fix"] = (
-        f"seed it: `{_fixed(call['call'])}` at {call['where']} (or derive it from your seed)"
-    )
-    return [found]
-
-
-def _fixed(call: str) -> str:
-    """The fixed-seed form of a seeding call: ``torch.seed`` → ``torch.manual_seed(0)``."""
-    fixed = {
-        "torch.seed": "torch.manual_seed(0)",
-        "torch.cuda.seed": "torch.cuda.manual_seed(0)",
-        "torch.cuda.seed_all": "torch.cuda.manual_seed_all(0)",
-        "np.random.default_rng": "np.random.default_rng(0)",
-        "np.random.SeedSequence": "np.random.SeedSequence(0)",
-    }
-    return fixed.get(call, f"{call}(0)")
+    return [
+        rules.RC015.fire(
+            "entropy call", {"seeding": call}, call=call, step=first.step, phase=first.phase
+        )
+    ]
 
 
 def _latent(legs: list[Leg]) -> list[Latent]:
@@ -1065,7 +1048,6 @@ def _as_is(config: Config, options: AuditOptions, leg: Leg, folder: Path) -> dic
     it (read from the runs' seeding calls), or — proven by a pair with one fixed hash
     seed that agrees — the hash seed."""
     from ..config import PRESETS, DeterminismConfig
-    from ..doctor.probe import finding
 
     variant = replace(
         config,
@@ -1096,29 +1078,12 @@ def _as_is(config: Config, options: AuditOptions, leg: Leg, folder: Path) -> dic
     runs = [run for each in report["legs"] for run in each["runs"]]
     # a draw before the script's seeding explains a difference from its first steps on
     early = _drawn_before_seeding(runs) if (where["step"] or 0) <= 1 else None
+    facts: dict[str, Any] = {"at": at}
     if early is not None:
         call, drawn = early
-        made = (
-            f"{drawn['model']} was built at {drawn['where']}"
-            if drawn.get("model")
-            else "torch's generator was drawn from"
-        )
         section["cause"] = {"kind": "seeded-late", "call": call, "drawn_before": drawn}
-        message = (
-            f"as its user runs it (no preset) the runs differ at {at}: {made} before "
-            f"`{call['call']}({call['value']})` at {call['where']} seeded torch — the preset "
-            "seeded it before the script's first line"
-        )
-        line, _, inside = call["where"].partition(" (in ")
-        if inside:  # the framework's function the user's line reached (set_seed …)
-            seeding = f"call `{inside.split(',')[0]}({call['value']})` (now reached at {line})"
-        else:
-            seeding = f"move `{call['call']}({call['value']})` at {line}"
-        fix = (
-            f"seed before building the model: {seeding} above {drawn['where']}"
-            if drawn.get("where")
-            else f"seed before torch's generator is first drawn from: {seeding} earlier"
-        )
+        way = "seeded late"
+        facts.update(call=call, drawn=drawn)
     elif hashseed is None:
         fixed = replace(
             variant,
@@ -1129,33 +1094,14 @@ def _as_is(config: Config, options: AuditOptions, leg: Leg, folder: Path) -> dic
         check = auditor.audit(fixed, folder / "as-is-hashseed")
         if check["verdict"] != "reproducible":
             section["cause"] = {"kind": "unknown"}
-            message = (
-                f"as its user runs it (no preset) the runs differ at {at}; with one fixed "
-                "PYTHONHASHSEED they still differ: what the preset fixes that the script "
-                "leaves to chance was not found (rerun with `--as-is` to audit that way)"
-            )
-            fix = "rerun with `--as-is` to audit the script as its user runs it"
+            way = "not the hash seed"
         else:
             section["cause"] = {"kind": "hash-seed"}
-            message = (
-                f"as its user runs it (no preset) the runs differ at {at}, and with one "
-                "fixed PYTHONHASHSEED they agree: the script depends on the hash seed (an "
-                "order taken from a set or dict of strings)"
-            )
-            fix = (
-                "sort what is taken from a set or dict of strings, or set PYTHONHASHSEED "
-                "in the launcher"
-            )
+            way = "hash seed"
     else:
         section["cause"] = {"kind": "unknown"}
-        message = (
-            f"as its user runs it (no preset) the runs differ at {at}: the preset's seeding "
-            "hides it (rerun with `--as-is` to audit that way)"
-        )
-        fix = "rerun with `--as-is` to audit the script as its user runs it"
-    result = finding("RC030", message, evidence=section["cause"])
-    result["fix"] = fix
-    section["finding"] = result
+        way = "unknown"
+    section["finding"] = rules.RC030.fire(way, section["cause"], **facts)
     return section
 
 
@@ -1220,9 +1166,8 @@ def _observed_findings(legs: list[Leg]) -> list[dict[str, Any]]:
     each leg, each of its traces opened once: an evaluation forward with dropout or batch
     norm in training mode (RC019, ``meta.observations``), a compiled model's dropout drawing
     from inductor's generator (RC028), and the script's torch.compile calls (RC026, RC027,
-    RC029: see :func:`_compile_findings`); once per model and line."""
-    from ..doctor.probe import finding
-
+    RC029: see :func:`_compile_findings`); once per model and line. A process notes an
+    observation by its rule's name (it imports no catalog)."""
     found: dict[tuple[str, str | None], dict[str, Any]] = {}
     for leg in legs:
         for run in leg.runs[:1]:
@@ -1234,25 +1179,12 @@ def _observed_findings(legs: list[Leg]) -> list[dict[str, Any]]:
                     continue
                 for seen in meta.observations or []:
                     key = (seen["model"], seen["where"])
-                    if key in found or seen.get("code") not in ("RC019", "RC028"):
+                    rule = rules.BY_NAME.get(seen.get("rule"))
+                    if key in found or rule is None or "observed" not in rule.ways:
                         continue
-                    if seen["code"] == "RC028":
-                        message = (
-                            f"{seen['model']} runs compiled with {', '.join(seen['layers'])} "
-                            "drawing from inductor's own generator (fallback_random off)"
-                        )
-                    else:
-                        after = (
-                            f" after step {seen['step']}" if seen.get("step") is not None else ""
-                        )
-                        inside = "" if process == "main" else f" in process {process}"
-                        message = (
-                            f"{seen['model']} is evaluated under no_grad at {seen['where']}"
-                            f"{after}{inside} with {', '.join(seen['layers'])} in training mode"
-                        )
-                    found[key] = finding(
-                        seen["code"], message, evidence={**seen, "process": process}
-                    )
+                    facts = {k: v for k, v in seen.items() if k != "rule"}
+                    evidence = {"code": rule.code, **facts, "process": process}
+                    found[key] = rule.fire("observed", evidence, **facts, process=process)
                 _compile_findings(meta, path, found)
     return list(found.values())
 
@@ -1260,7 +1192,6 @@ def _observed_findings(legs: list[Leg]) -> list[dict[str, Any]]:
 def _shared_files(legs: list[Leg]) -> list[dict[str, Any]]:
     """RC031: files that two runs of a leg both opened for writing at one path (each
     process's ``meta.written``): the runs shared a working directory."""
-    from ..doctor.probe import finding
 
     def written(run: RunResult) -> set[str]:
         paths: set[str] = set()
@@ -1280,80 +1211,46 @@ def _shared_files(legs: list[Leg]) -> list[dict[str, Any]]:
         shared = sorted(set.intersection(*sets) if all(sets) else set())
         if not shared:
             continue
-        # relative to the folder the audit ran in where below it (context.display_path's
-        # rule; that module is the runs' and imports torch)
-        shown = [p if (r := os.path.relpath(p)).startswith("..") else r for p in shared[:3]]
-        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
-        message = (
-            f"every run wrote {', '.join(shown)}{more}: the runs share a working "
-            "directory, and a script that reads back what it wrote may read another run's "
-            "file"
-        )
-        return [finding("RC031", message, evidence={"paths": shared[:50], "count": len(shared)})]
+        evidence = {"paths": shared[:50], "count": len(shared)}
+        return [rules.RC031.fire("shared files", evidence, paths=shared)]
     return []
-
-
-_AUTOTUNE = ("max-autotune", "max_autotune", "coordinate_descent_tuning")
-_CUDAGRAPHS = ("reduce-overhead", "triton.cudagraphs")
 
 
 def _compile_findings(meta: dict[str, Any], path: str, found: dict[tuple, dict]) -> None:
     """Into ``found``: a trace's torch.compile calls whose mode or options autotune
     (RC026) or record CUDA graphs (RC027), from ``meta.compile_options``, once per line;
     graphs dynamo made after the first step (RC029, ``meta.dynamo_graphs``)."""
-    from ..doctor.probe import finding
-
     graphs = meta.dynamo_graphs or {}
     first, end = graphs.get("step1"), graphs.get("end")
-    if first and end and end > first and ("RC029", path) not in found:
-        found[("RC029", path)] = finding(
-            "RC029",
-            f"torch.compile made {end - first} more graph(s) after the first step "
-            f"({first} then, {end} at the end): recompiled while training",
-            evidence=graphs,
+    recompiled = rules.RC029.fires("recompiles", first=first, end=end)
+    if recompiled and (rules.RC029.code, path) not in found:
+        found[(rules.RC029.code, path)] = rules.RC029.fire(
+            "recompiles", graphs, first=first, end=end
         )
     for call in meta.compile_options or []:
         asked = [call.get("mode") or ""]
         asked += [f"{k}={v}" for k, v in (call.get("options") or {}).items()]
-        text = " ".join(asked)
-        # max-autotune also records CUDA graphs, unless -no-cudagraphs
-        graphs_too = "max-autotune" in text and "no-cudagraphs" not in text
-        for code, words in (("RC026", _AUTOTUNE), ("RC027", _CUDAGRAPHS)):
-            hit = any(w in text for w in words) or (code == "RC027" and graphs_too)
-            if hit and (code, call["where"]) not in found:
-                found[(code, call["where"])] = finding(
-                    code, f"torch.compile at {call['where']} with {text.strip()}", evidence=call
-                )
+        text = " ".join(asked).strip()
+        for rule in rules.RULES:
+            key = (rule.code, call["where"])
+            if rule.fires("compile call", text=text) and key not in found:
+                found[key] = rule.fire("compile call", call, where=call["where"], text=text)
 
 
 def _drift_finding(packages: dict[str, list[str]]) -> dict[str, Any]:
-    from ..doctor.probe import finding
-
-    moved = ", ".join(f"{name} {then} → {now}" for name, (then, now) in packages.items())
-    return finding(
-        "RC021",
-        f"the run imports other versions than the golden's did: {moved}",
-        evidence={"packages": packages},
-    )
+    return rules.RC021.fire("drift", {"packages": packages}, packages=packages)
 
 
 def _latent_finding(found: Latent) -> dict[str, Any]:
-    from ..doctor.probe import finding
-
     latent, names = found.divergence, list(found.generators)
-    where = "" if latent.process == "main" else f" in process {latent.process}"
-    generators = ("generators " if len(names) > 1 else "generator ") + ", ".join(names)
-    return finding(
-        "RC018",
-        f"{generators} {'differ' if len(names) > 1 else 'differs'} between runs "
-        f"{_runs(latent.runs)} from step {latent.step}{where}, while nothing drawn from "
-        f"{'them' if len(names) > 1 else 'it'} differs",
-        evidence={**_generator(latent), "generators": names},
+    return rules.RC018.fire(
+        "latent",
+        {**_generator(latent), "generators": names},
+        generators=names,
+        runs=latent.runs,
+        step=latent.step,
+        process=latent.process,
     )
-
-
-def _runs(groups: list[list[int]]) -> str:
-    return " ≠ ".join(",".join(f"#{run}" for run in group) for group in groups)
 
 
 def _findings(
@@ -1370,7 +1267,6 @@ def _findings(
     or the generator that differed."""
     zoom = measurement.zoom
     from ..doctor.attribute import attribute
-    from ..doctor.probe import finding
 
     if options.attribute:
         started = time.monotonic()
@@ -1391,44 +1287,19 @@ def _findings(
             return [], [], True
         timings["attribution_s"] = time.monotonic() - started
         return found, tried, False
-    cause, where = zoom.get("cause"), zoom.get("source")
-    if evidence.generator and cause in (None, "unseeded or re-seeded RNG"):
-        g = evidence.generator
-        drawn = f" (drawn at {where})" if where else ""
-        why = f": {evidence.seeding}" if evidence.seeding else ""
-        found = finding(
-            "RC015",
-            f"generator {g['name']} differed between runs {_runs(g['runs'])} from step "
-            f"{g['step']}{why}; what is drawn from it{drawn} differs from step "
-            f"{first.step} on",
-            evidence={**g, "seeding": evidence.seeding},
+    g = evidence.generator
+    if rules.RC015.fires("generator", generator=g, cause=zoom.get("cause")):
+        found = rules.RC015.fire(
+            "generator",
+            {**g, "seeding": evidence.seeding},
+            generator=g,
+            seeding=evidence.seeding,
+            where=zoom.get("source"),
+            step=first.step,
+            call=evidence.seeding_call,  # the fix names the script's own call and line
         )
-        call = evidence.seeding_call
-        if call:  # the fix names the script's own call and line
-            if call.get("value") == "entropy":
-                found["fix"] = (
-                    f"`{call['call']}()` at {call['where']} seeds from entropy, other in every "
-                    f"run: remove it, or seed with a fixed value (`{_fixed(call['call'])}`)"
-                )
-            else:
-                found["fix"] = (
-                    f"`{call['call']}` at {call['where']} takes a value that differs between "
-                    "runs: pass it a fixed seed"
-                )
         return [found], [], False
-    if cause == "unseeded or re-seeded RNG":
-        return (
-            [finding("RC015", f"a generator seeded outside the configured seed draws at {where}")],
-            [],
-            False,
-        )
-    if cause == "nondeterministic op":
-        return (
-            [finding("RC011", f"{zoom.get('op')} at {where} is nondeterministic")],
-            [],
-            False,
-        )
-    return [], [], False
+    return rules.for_cause(zoom), [], False
 
 
 def _reference_run(leg: Leg) -> RunResult | None:
