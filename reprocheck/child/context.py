@@ -1,7 +1,7 @@
 """One run, in its process: the context every driver shares.
 
 A *driver* says where a run's steps begin and end — the config loop
-(:mod:`reprocheck.child.loop`), the script hooks (:mod:`reprocheck.child.bootstrap`),
+(:mod:`reprocheck.child.loop`), the script hooks (:mod:`reprocheck.child.script`),
 the Python API (:class:`reprocheck.Recorder`). The context owns the rest, once: the trace
 (its meta, its status, how it finishes), the step recorder with its capture window, and
 what an error becomes — a failed trace with its error line and exit status 3, a config

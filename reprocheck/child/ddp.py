@@ -1,12 +1,12 @@
 """A config's training as one rank of a ``torchrun`` job (``distributed:`` in a config).
 
 ``reprocheck run`` starts each run as ``torchrun --standalone --nproc_per_node N -m
-reprocheck.child.ddp CONFIG``; every rank runs this module under the bootstrap, which
-records it as it records any script (one trace per rank, replicas checked afterwards).
+reprocheck.child.ddp CONFIG``; every rank runs this module under the script hooks, which
+record it as they record any script (one trace per rank, replicas checked afterwards).
 The model is wrapped in ``DistributedDataParallel``, the config's Dataset split by a
 ``DistributedSampler`` seeded with the config's seed (``set_epoch`` every epoch), and the
 config's optimizer and loss train it for the config's steps. Under an audit the config is
-the audited variant's (the bootstrap's settings carry it); by hand, the file given.
+the audited variant's (the script hooks' settings carry it); by hand, the file given.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .loop import build_dataset, build_model, build_optimizer, resolve_loss, spl
 
 
 def _config(path: str) -> Config:
-    """The audited variant (from the bootstrap's settings) or the config file itself."""
+    """The audited variant (from the script hooks' settings) or the config file itself."""
     from ..configfile import config_from_dict, load_config
 
     settings = os.environ.get(CHILD_ENV)

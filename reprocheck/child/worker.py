@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if spec.target.is_script:  # `reprocheck exec` / `audit`: a script or function, unchanged
-            from .bootstrap import run_script
+            from .script.run import run_script
 
             return run_script(spec)
         return run(spec)

@@ -41,7 +41,7 @@ def _warm() -> None:
         import torch._dynamo
     for module in ("fingerprint", "localize", "recorder", "trace", "analysis"):
         importlib.import_module(f"reprocheck.{module}")
-    for module in ("bootstrap", "loop", "worker"):
+    for module in ("script.run", "loop", "worker"):
         importlib.import_module(f"{__package__}.{module}")
     importlib.import_module("reprocheck.compare")
 

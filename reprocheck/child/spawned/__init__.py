@@ -1,11 +1,11 @@
 """Recording in the Python processes a recorded script starts.
 
-A forked child inherits the hooks of :mod:`reprocheck.child.bootstrap` with its parent's
+A forked child inherits the hooks of :mod:`reprocheck.child.script` with its parent's
 memory. A process that starts a fresh interpreter (``torch.multiprocessing.spawn``,
 ``multiprocessing`` with ``spawn``/``forkserver``, ``subprocess`` running Python, a
 ``torchrun`` rank) gets them from the ``sitecustomize`` module in this folder, which
 :func:`export` puts first on ``PYTHONPATH`` together with the run's settings in
-:data:`~reprocheck.child.bootstrap.CHILD_ENV`. The hooks are installed once the child
+:data:`~reprocheck.contract.CHILD_ENV`. The hooks are installed once the child
 imports torch, so a Python child that never does (a helper script) pays nothing.
 """
 
@@ -58,7 +58,7 @@ def activate(text: str) -> None:
     settings = ChildSettings.imported(text)
 
     def start() -> None:
-        from ..bootstrap import start_child
+        from ..script.run import start_child
 
         start_child(settings)
 
