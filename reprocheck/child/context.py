@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 from ..config import ConfigError
-from ..contract import RunMeta
+from ..contract import Capture, RunMeta, capture_key
 from ..fingerprint import hasher_name
 from ..recorder import StepRecorder
 from ..trace import TraceFull, TraceWriter
@@ -159,6 +159,30 @@ class RunContext:
             ],
         )
         return EXIT_FAILED
+
+    def save_capture(self, capture: Capture, ops: list[Any]) -> None:
+        """A replay's capture: the kept tensors (``.pt``) and, for a zoom, every op of the
+        step (``.ops.json``) and what ran it (``.env.json``)."""
+        import torch
+
+        from .. import jsonout
+        from ..localize import to_json
+
+        recorder = self.recorder
+        torch.save(
+            {capture_key(*record): tensor for record, tensor in recorder.captured.items()},
+            capture.out,
+        )
+        if capture.backend == "reprocheck-digest":  # the compiled graphs' outputs
+            from ..compiled import RECORDS
+
+            with open(capture.out + ".graphs.json", "w", encoding="utf-8") as handle:
+                jsonout.dump(RECORDS, handle)
+        if capture.ops:
+            with open(capture.out + ".ops.json", "w", encoding="utf-8") as handle:
+                jsonout.dump(to_json(ops), handle)
+            with open(capture.out + ".env.json", "w", encoding="utf-8") as handle:
+                jsonout.dump({"compiled": recorder.compiled}, handle)
 
     def run(self, body: Callable[[], Any]) -> int:
         """Run the driver's ``body``; the trace then says how it ended, and the result is

@@ -1,11 +1,11 @@
 """One run, in its own process: ``python -m reprocheck.child.worker SPEC.json``.
 
-The spec (written by :mod:`reprocheck.parent.launch`) names the config, the leg (device,
-threads), the run index and the trace path. Exit status: 0 complete, 2 config error,
+The spec (a :class:`~reprocheck.contract.RunSpec`, written by the parent) names the
+config, the target, the leg (device, threads), the run index and the trace path. Exit status: 0 complete, 2 config error,
 3 the training raised, :data:`EXIT_NO_SPACE` the disk holding the trace is full (the trace
 may not have been able to say so itself). Otherwise, the trace says so in ``meta.status``
-(:class:`reprocheck.child.context.RunContext` owns that); this module picks the driver —
-the config loop, or an unchanged script — and saves what a replay captured.
+(:class:`reprocheck.child.context.RunContext` owns that, and a replay's capture); this
+module picks the driver — the config loop, or an unchanged script.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any
 
-from ..contract import EXIT_NO_SPACE, OBSERVED, Capture, RunSpec, capture_key
+from ..contract import EXIT_NO_SPACE, OBSERVED, RunSpec
 from ..verdict import EXIT_USAGE as EXIT_CONFIG
 
 
@@ -84,33 +83,9 @@ def run(spec: RunSpec) -> int:
         if canary is not None and "planted" in canary:
             context.writer.set_meta(canary=canary["planted"])
         if capture:
-            save_capture(capture, context.recorder, ops)
+            context.save_capture(capture, ops)
 
     return context.run(body)
-
-
-def save_capture(capture: Capture, recorder: Any, ops: list[Any]) -> None:
-    """A replay's capture: the kept tensors (``.pt``) and, for a zoom, every op of the
-    step (``.ops.json``) and what ran it (``.env.json``)."""
-    import torch
-
-    from .. import jsonout
-    from ..localize import to_json
-
-    torch.save(
-        {capture_key(*record): tensor for record, tensor in recorder.captured.items()},
-        capture.out,
-    )
-    if capture.backend == "reprocheck-digest":  # the compiled graphs' outputs
-        from ..compiled import RECORDS
-
-        with open(capture.out + ".graphs.json", "w", encoding="utf-8") as handle:
-            jsonout.dump(RECORDS, handle)
-    if capture.ops:
-        with open(capture.out + ".ops.json", "w", encoding="utf-8") as handle:
-            jsonout.dump(to_json(ops), handle)
-        with open(capture.out + ".env.json", "w", encoding="utf-8") as handle:
-            jsonout.dump({"compiled": recorder.compiled}, handle)
 
 
 def main(argv: list[str] | None = None) -> int:

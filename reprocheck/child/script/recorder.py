@@ -348,10 +348,9 @@ class ProcessRecorder:
             self.finished = True
             return
         if self.key != MAIN and self.window is not None and status == "complete":
-            from ..worker import save_capture  # a child's replay: its capture, at its end
-
             pause(self)
-            save_capture(self.window, self.context.recorder, self.zoom_ops)
+            # a child's replay: its capture, at its end
+            self.context.save_capture(self.window, self.zoom_ops)
         self.context.finish(status)
 
     def fail(self, exc: BaseException) -> None:

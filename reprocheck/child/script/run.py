@@ -109,10 +109,8 @@ def run_script(spec: RunSpec) -> int:
 
     code = context.run(body)
     if capture and code == 0 and recorder.window is not None:
-        from ..worker import save_capture
-
         pause(recorder)
-        save_capture(capture, context.recorder, recorder.zoom_ops)
+        context.save_capture(capture, recorder.zoom_ops)
     return code
 
 
