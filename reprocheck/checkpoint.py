@@ -76,6 +76,11 @@ class Checkpointer:
     """Saves the run's state every ``every`` steps, keeping the newest ``keep`` (fewer if
     the budget holds fewer; none if it holds less than two)."""
 
+    @classmethod
+    def planned(cls, plan: CheckpointPlan) -> Checkpointer:
+        """The saver a run's spec asks for (:func:`plan`)."""
+        return cls(plan.every, plan.keep, plan.prefix, plan.runs)
+
     def __init__(self, every: int, keep: int, prefix: str, runs: int = 1) -> None:
         self.every, self.keep, self.prefix = every, keep, prefix
         self.runs = max(1, runs)  # the audit's runs: together they keep to 1/8 of the disk

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import torch
 
+from reprocheck.parent import pool
+
 from .strict_json import load_strict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +28,12 @@ torch.set_num_threads(1)
 # asserts, not about how a run's process starts. The tests of the pool itself, and every
 # run whose hash seed is random, start fresh interpreters (tests/test_pool.py says which).
 os.environ.setdefault("REPROCHECK_POOL", "all")
+# The pool keeps MAX_ZYGOTES warm servers, one per start-up environment (thread count,
+# hash seed, the variables below …), and stops the least recently used beyond that. A test
+# session meets many more environments than an audit does, module after module: with room
+# for the common ones (a config's and a script's, at 1 and 2 threads) beside the rest, each
+# starts once per session instead of again after every few modules (~3 s a start).
+pool.MAX_ZYGOTES = max(pool.MAX_ZYGOTES, 8)
 
 # The as-is pair after a reproducible verdict (two more runs, no preset) is on for users;
 # the tests of it turn it on (tests/test_entrances.py), the rest are about their verdict.
@@ -113,14 +121,20 @@ def _run_in_process(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[in
     return result.exit_code, result.stdout, stderr
 
 
-def run_exec(out: Path, report: Path, command: tuple[str, ...], options: tuple[str, ...] = ()):
+def run_exec(
+    out: Path,
+    report: Path,
+    command: tuple[str, ...],
+    options: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+):
     """``reprocheck exec -n 2 -q --out OUT --json REPORT OPTIONS -- python COMMAND``;
     without attribution unless OPTIONS ask for it (``--attribute``): a test of it says so."""
     if "--attribute" not in options:
         options = ("--no-attribute", *options)
     result = run_cli(
         "exec", "-n", "2", "-q", "--out", str(out), "--json", str(report), *options,
-        "--", "python", *command,
+        "--", "python", *command, env=env,
     )  # fmt: skip
     assert result.report is not None, result.stderr
     return result
@@ -145,8 +159,14 @@ class ScriptAudits:
         folder.mkdir(parents=True, exist_ok=True)  # --json's folder must exist (preflight)
         self.done: dict[tuple[str, ...], CliResult] = {}
 
-    def __call__(self, script: str, *args: str, options: tuple[str, ...] = ()) -> CliResult:
-        key = (script, *args, "|", *options)
+    def __call__(
+        self,
+        script: str,
+        *args: str,
+        options: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> CliResult:
+        key = (script, *args, "|", *options, "|", *sorted((env or {}).items()))
         if key not in self.done:
             index = len(self.done)
             self.done[key] = run_exec(
@@ -154,8 +174,31 @@ class ScriptAudits:
                 self.folder / f"r{index}.json",
                 (str(SCRIPTS / script), *args),
                 options,
+                env,
             )
         return self.done[key]
+
+
+# `--preset none` (and the as-is pair) leave PYTHONHASHSEED as the environment has it. Unset,
+# each run needs an interpreter of its own (a random hash seed cannot fork from the warm
+# pool); set, the runs fork, and a fork draws its generators from entropy as a fresh
+# interpreter does (tests/test_pool.py). The tests whose answer does not hang on the hash
+# seed set it; the tests of a hash-seed dependence leave it unset.
+FIXED_HASH_SEED = {"PYTHONHASHSEED": "0"}
+
+
+@pytest.fixture(scope="session")
+def segment_pool_golden(tmp_path_factory) -> Path:
+    """``reprocheck record -- python tests/scripts/segment_pool.py --lr 0.05``, once per
+    session: tests/test_script_depth.py and tests/test_html.py check against copies of it."""
+    folder = tmp_path_factory.mktemp("segment-pool-golden")
+    path = folder / "golden.sqlite"
+    result = run_cli(
+        "record", "-q", "-o", str(path), "--out", str(folder / "out"),
+        "--", "python", str(SCRIPTS / "segment_pool.py"), "--lr", "0.05",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    return path
 
 
 _AUDITS: dict[tuple, CliResult] = {}  # each distinct audit of a shipped config, once

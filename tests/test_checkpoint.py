@@ -68,8 +68,8 @@ def test_the_newest_are_kept_within_the_budget(tmp_path, monkeypatch):
 
 def test_plan_spaces_sixteen_per_run():
     assert checkpoint.plan(2, "p") is None  # too short for a resume
-    assert checkpoint.plan(6, "p")["every"] == 1
-    assert checkpoint.plan(200, "p")["every"] == 13
+    assert checkpoint.plan(6, "p").every == 1
+    assert checkpoint.plan(200, "p").every == 13
 
 
 def test_a_checkpoint_that_cannot_be_written_turns_checkpoints_off(tmp_path):
@@ -88,7 +88,7 @@ def test_the_runs_of_an_audit_share_an_eighth_of_the_free_disk(tmp_path, monkeyp
     size = (tmp_path / "p.ckpt-1.pt").stat().st_size
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: usage(0, 0, 8 * 4 * 5 * size))
-    saver = checkpoint.Checkpointer(**checkpoint.plan(100, str(tmp_path / "r.ckpt-"), runs=4))
+    saver = checkpoint.Checkpointer.planned(checkpoint.plan(100, str(tmp_path / "r.ckpt-"), runs=4))
     for step in range(7, 70, 7):
         saver.after_step(step, 100, model, optimizer)
     assert saver.keep == 5 and len(list(tmp_path.glob("r.ckpt-*"))) == 5

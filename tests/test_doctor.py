@@ -162,7 +162,7 @@ def test_entropy_generator_and_nondeterministic_op_findings_from_the_zoom(audit)
     forward = audit("planted-forward.yaml")
     assert _codes(forward.report["findings"]) == ["RC015"]
     assert "reprocheck/zoo/planted.py:" in forward.report["findings"][0]["message"]
-    demo = audit("demo.yaml", "--steps", "2")
+    demo = audit("demo.yaml")  # the session's demo audit (tests/test_audit.py)
     assert demo.report["findings"] == []
 
 

@@ -220,6 +220,9 @@ def test_a_zygote_that_never_gets_ready_is_stopped_and_the_runs_start_fresh(tmp_
     assert stuck and not any(z.alive() for z in stuck)  # killed, not left running
 
 
+# slow: the default suite audits the same command in the run-0 test above (a fresh run 0
+# and two forks, exit 0 asserted: the forks agree with each other and with a fresh run)
+@pytest.mark.slow
 def test_the_same_script_in_its_modules_order_reproduces(tmp_path):
     result = run_exec(
         tmp_path / "out", tmp_path / "r.json", (str(SCRIPTS / "set_init.py"), "--list")

@@ -20,25 +20,20 @@ from .conftest import CONFIGS, ROOT, run_cli, write_config
 from .strict_json import load_strict
 
 
-@pytest.fixture(scope="module")
-def traces(tmp_path_factory) -> dict[str, Path]:
-    """Real traces: two runs of planted-backward, one of demo, and a killed run."""
-    out = tmp_path_factory.mktemp("traces")
+@pytest.fixture
+def traces(audit) -> dict[str, Path]:
+    """Real traces: two runs of planted-backward, one of demo, and a killed run — of the
+    audits the session shares (tests/test_audit.py and the killed run's test below read
+    them too; the tests here only read the traces, or copy them). Each run ran to its end:
+    planted-backward's without fail-fast, demo's and planted-killed's with no divergence
+    to stop them."""
     found: dict[str, Path] = {}
-    for config in ("planted-backward.yaml", "demo.yaml", "planted-killed.yaml"):
-        result = run_cli(
-            "run",
-            str(CONFIGS / config),
-            "--out",
-            str(out / config),
-            "-q",
-            "--no-measure",
-            "--no-attribute",
-            "--no-fail-fast",
-            "--json",
-            str(out / f"{config}.json"),
-        )
-        runs = result.report["legs"][0]["runs"]
+    for config, extra in (
+        ("planted-backward.yaml", ("--no-fail-fast", "--no-measure")),
+        ("demo.yaml", ()),
+        ("planted-killed.yaml", ()),
+    ):
+        runs = audit(config, *extra).report["legs"][0]["runs"]
         stem = config.removesuffix(".yaml")
         found[f"{stem}-0"], found[f"{stem}-1"] = Path(runs[0]["trace"]), Path(runs[1]["trace"])
     return found

@@ -18,7 +18,7 @@ from rich.console import Console
 from reprocheck.report.terminal import render
 from reprocheck.trace import Trace
 
-from .conftest import ScriptAudits, run_cli, script_line
+from .conftest import FIXED_HASH_SEED, ScriptAudits, run_cli, script_line
 from .strict_json import load_strict
 
 
@@ -96,7 +96,11 @@ def test_a_no_grad_update_with_accumulation_keeps_one_step_per_update(audits):
 
 def test_an_unseeded_hand_written_loop_diverges_at_its_initial_weights(audits):
     result = audits(
-        "regression_manual.py", "--max-batches", "20", options=("--preset", "none", "--no-measure")
+        "regression_manual.py",
+        "--max-batches",
+        "20",
+        options=("--preset", "none", "--no-measure"),
+        env=FIXED_HASH_SEED,  # the runs fork: tests/conftest.py
     )
     assert result.code == 1
     first = result.report["first_divergence"]
@@ -172,7 +176,9 @@ def test_a_divergence_in_a_spawned_worker_is_replayed_and_zoomed_there(audits):
 
 
 def test_unused_unseeded_generators_are_a_latent_finding_not_a_divergence(audits):
-    result = audits("nanogpt_style.py", "--max_iters=4", options=("--preset", "none"))
+    result = audits(
+        "nanogpt_style.py", "--max_iters=4", options=("--preset", "none"), env=FIXED_HASH_SEED
+    )
     assert result.code == 0, result.report
     report = result.report
     assert report["verdict"] == "reproducible"
@@ -184,7 +190,9 @@ def test_unused_unseeded_generators_are_a_latent_finding_not_a_divergence(audits
 
 
 def test_an_evaluation_copy_loaded_with_torch_load_is_no_model(audits):
-    result = audits("makemore_style.py", "--max-steps", "6", options=("--preset", "none"))
+    result = audits(
+        "makemore_style.py", "--max-steps", "6", options=("--preset", "none"), env=FIXED_HASH_SEED
+    )
     assert result.code == 0, result.report
     assert result.report["config"]["models"] == [{"prefix": "", "type": "MLP"}]
     trace = result.report["legs"][0]["runs"][0]["trace"]

@@ -95,7 +95,9 @@ def test_unseeded_init_is_initialisation_at_step_0(audit):
 
 
 def test_real_nondeterministic_index_put_is_named_with_its_forward_line(audit):
-    result = audit("nondeterministic-index.yaml")
+    # the audit tests/test_pool.py attributes (shared by the session): attribution runs
+    # after the zoom and leaves the first divergence as it found it
+    result = audit("nondeterministic-index.yaml", "--attribute")
     assert result.code == 1, result.stderr
     d = result.report["first_divergence"]
     assert (d["step"], d["phase"], d["tensor"]) == (1, "grads", "table")
@@ -148,7 +150,7 @@ def test_capture_in_process_finds_the_nondeterministic_op(node_lookup, monkeypat
     torch.set_num_threads(2)
     try:
         captures = []
-        for _ in range(8):
+        for _ in range(24):  # a race: under load, two passes agree more often
             model.zero_grad()
             capture = OpCapture(model)
             with capture.during("forward"):
@@ -160,7 +162,7 @@ def test_capture_in_process_finds_the_nondeterministic_op(node_lookup, monkeypat
         torch.set_num_threads(previous)
     located = [localize(captures[0], other, 1, "grads") for other in captures[1:]]
     found = [loc for loc in located if loc is not None]
-    assert found, "index_put accumulation agreed in 8 backward passes on 2 threads"
+    assert found, "index_put accumulation agreed in 24 backward passes on 2 threads"
     assert all(loc["op"].startswith("aten.index_put") for loc in found)
     assert all(loc["cause"] == "nondeterministic op" for loc in found)
     line = _source(indexing.TableLookup.forward, "self.table[idx]")

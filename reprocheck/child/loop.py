@@ -184,13 +184,7 @@ def train(
             next(stream)
         checkpoint.restore(state, model, optimizer)
         first = state["step"] + 1
-    saver = (
-        checkpoint.Checkpointer(
-            checkpoints.every, checkpoints.keep, checkpoints.prefix, checkpoints.runs
-        )
-        if checkpoints
-        else None
-    )
+    saver = checkpoint.Checkpointer.planned(checkpoints) if checkpoints else None
     for step in range(first, steps + 1):
         recorder.begin(step)
         if step == zoom_step or depth == "op":
