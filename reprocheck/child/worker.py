@@ -2,10 +2,11 @@
 
 The spec (a :class:`~reprocheck.contract.RunSpec`, written by the parent) names the
 config, the target, the leg (device, threads), the run index and the trace path. Exit
-status: 0 complete, 2 config error, 3 the training raised, :data:`EXIT_NO_SPACE` the disk holding the trace is full (the trace
-may not have been able to say so itself). Otherwise, the trace says so in ``meta.status``
-(:class:`reprocheck.child.context.RunContext` owns that, and a replay's capture); this
-module picks the driver — the config loop, or an unchanged script.
+status: 0 complete, 2 config error, 3 the training raised, :data:`EXIT_NO_SPACE` the disk
+holding the trace is full (the trace may not have been able to say so itself). Otherwise,
+the trace says so in ``meta.status`` (:class:`reprocheck.child.context.RunContext` owns
+that, and a replay's capture); this module picks the driver — the config loop, or an
+unchanged script.
 """
 
 from __future__ import annotations
