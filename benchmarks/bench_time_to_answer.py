@@ -76,6 +76,7 @@ def _fork_start(folder: Path) -> float:
     sys.path.insert(0, str(ROOT))
     from reprocheck.config import config_to_dict
     from reprocheck.configfile import load_config
+    from reprocheck.contract import RunSpec
     from reprocheck.determinism import child_environment
     from reprocheck.parent import pool
 
@@ -85,21 +86,20 @@ def _fork_start(folder: Path) -> float:
     while not zygote.ready:
         zygote.pump(wait=0.05)
     trace = folder / f"fork-{time.monotonic_ns()}.sqlite"
-    spec = {
-        "config": config_to_dict(config),
-        "config_path": config.path,
-        "base_dir": str(ROOT / "configs"),
-        "leg": "cpu-t1",
-        "device": "cpu",
-        "threads": 1,
-        "run": 0,
-        "steps": 1,
-        "trace": str(trace),
-        "with_sketch": False,
-        "depth": "step",
-    }
+    spec = RunSpec(
+        config=config_to_dict(config),
+        config_path=config.path,
+        base_dir=str(ROOT / "configs"),
+        leg="cpu-t1",
+        device="cpu",
+        threads=1,
+        compile=None,
+        run=0,
+        steps=1,
+        trace=str(trace),
+    )
     spec_path = folder / (trace.stem + ".spec.json")
-    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    spec.write(str(spec_path))
     started = time.perf_counter()
     process = pool.spawn(env, str(spec_path), str(folder / (trace.stem + ".log")))
     assert process is not None

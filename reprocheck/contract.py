@@ -465,7 +465,7 @@ class RunMeta:
     # what the script did (the rules read it)
     rng_start: dict[str, Any] | None = None  # each generator's state digest at its start
     seeding: list[Any] | None = None  # its seeding calls, with their lines
-    observations: list[Any] | None = None  # rule observations (RCxxx), with their lines
+    observations: list[Any] | None = None  # what a rule names (by its name), with its line
     written: list[Any] | None = None  # files it opened for writing
     effective: dict[str, Any] | None = None  # controls in effect at its first step
     overrides: list[Any] | None = None  # its own calls that set a control
