@@ -28,7 +28,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, TypeVar, Union
 
 # ------------------------------------------------------------------ the environment
 
@@ -102,23 +102,23 @@ class ProcessName:
     def leaf(self) -> str:
         return self.name.rsplit(".", 1)[-1]
 
+    def _parsed(self) -> tuple[str, int | None]:
+        """(role, number) of the name's last part: ``mp1-2`` → (multiprocessing, 2)."""
+        for prefix, kind in _ROLES:
+            tail = self.leaf[len(prefix) :].split("-")[-1]
+            if self.leaf.startswith(prefix) and tail.isdigit():
+                return kind, int(tail)
+        return "script", None
+
     @property
     def role(self) -> str:
         """rank, spawn, multiprocessing, subprocess, fork; ``script`` for the rest."""
-        for prefix, kind in _ROLES:
-            tail = self.leaf[len(prefix) :]
-            if self.leaf.startswith(prefix) and tail.split("-")[-1].isdigit():
-                return kind
-        return "script"
+        return self._parsed()[0]
 
     @property
     def number(self) -> int | None:
         """The rank (rank, spawn) or creation index (the others); None for ``main``."""
-        for prefix, _ in _ROLES:
-            tail = self.leaf[len(prefix) :]
-            if self.leaf.startswith(prefix) and tail.split("-")[-1].isdigit():
-                return int(tail.split("-")[-1])
-        return None
+        return self._parsed()[1]
 
     @property
     def rank(self) -> int | None:
@@ -183,6 +183,20 @@ def _natural(text: str) -> tuple:
 def run_stem(trace: str) -> str:
     """``cpu-r0`` of ``…/cpu-r0.sqlite`` (a replay's: ``cpu-r0.replay-s1``)."""
     return os.path.basename(trace)[: -len(TRACE_SUFFIX)]
+
+
+class _Json:
+    """A value that crosses as the JSON object of its fields (a nested value as its own)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def from_json(cls: type[_J], data: dict[str, Any]) -> _J:
+        return _from_plain(cls, data)
+
+
+_J = TypeVar("_J", bound=_Json)
 
 
 # ------------------------------------------------------------------ the target
@@ -277,7 +291,7 @@ def target_from_json(data: dict[str, Any]) -> Target:
 
 
 @dataclass(frozen=True)
-class Capture:
+class Capture(_Json):
     """A replay's request: run to ``step`` and keep the named records' tensors in ``out``
     (``.pt``); with ``ops``, every aten op of the step too (``out.ops.json``)."""
 
@@ -289,16 +303,9 @@ class Capture:
     backend: str | None = None  # a compiled leg's replay through this backend (the ladder)
     resume: str | None = None  # start from this checkpoint (a config's run)
 
-    def to_json(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Capture:
-        return _from_plain(cls, data)
-
 
 @dataclass(frozen=True)
-class CheckpointPlan:
+class CheckpointPlan(_Json):
     """Where a config's run saves the states its replays may resume from."""
 
     every: int
@@ -306,27 +313,13 @@ class CheckpointPlan:
     prefix: str
     runs: int = 1
 
-    def to_json(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CheckpointPlan:
-        return _from_plain(cls, data)
-
 
 @dataclass(frozen=True)
-class Canary:
+class Canary(_Json):
     """The canary run: one bit of one trained tensor flipped right before ``step``'s
     weights are recorded (:mod:`reprocheck.canary`; what was flipped: the trace's meta)."""
 
     step: int
-
-    def to_json(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Canary:
-        return _from_plain(cls, data)
 
 
 @dataclass(frozen=True)
@@ -386,7 +379,7 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
-class ChildSettings:
+class ChildSettings(_Json):
     """A recorded script's run as its processes (the main one, and each Python child it
     starts, through :data:`CHILD_ENV`) need it."""
 
@@ -410,13 +403,6 @@ class ChildSettings:
     def config(self) -> dict[str, Any] | None:
         """The audited config (``config_to_dict``), as the run's meta carries it."""
         return self.meta.get("config")
-
-    def to_json(self) -> dict[str, Any]:
-        return _plain(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ChildSettings:
-        return _from_plain(cls, data)
 
     def export(self) -> str:
         return json.dumps(self.to_json(), default=str)
