@@ -154,6 +154,40 @@ def restore(
     _set_rng_state(state["rng"])
 
 
+def reseed_from_entropy() -> None:
+    """A resume control (``reprocheck resume --control rng``): every global generator
+    re-seeded from entropy, through the generators themselves (a script's seeding calls,
+    which the hooks note, stay its own)."""
+    import sys
+
+    import torch
+
+    seed = torch.default_generator.seed()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.default_generators[index].manual_seed(seed + index)
+    random._inst.seed()  # type: ignore[attr-defined]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.mtrand._rand.seed()
+
+
+def zero_optimizer_state(optimizers: list[torch.optim.Optimizer]) -> int:
+    """A resume control (``--control optimizer``): every tensor the optimizers hold in
+    their state zeroed; how many."""
+    import torch
+
+    count = 0
+    with torch.no_grad():
+        for optimizer in optimizers:
+            for state in dict.values(optimizer.state):
+                for value in dict.values(state):
+                    if isinstance(value, torch.Tensor) and value.numel():
+                        value.zero_()
+                        count += 1
+    return count
+
+
 def remove_all(folder: str) -> None:
     """Delete a finished audit's checkpoints (they serve its replays only)."""
     for path in glob.glob(os.path.join(glob.escape(folder), "*.ckpt-*.pt*")):

@@ -564,6 +564,20 @@ def run(
     attribute: bool = ATTRIBUTE,
     json_path: Optional[Path] = JSON,
     html_path: Optional[Path] = HTML,
+    resume_at: Optional[int] = typer.Option(
+        None,
+        "--resume-at",
+        min=1,
+        help="Instead of the audit: prove reprocheck's own checkpoints exact — a run to "
+        "the last step saving at step K, a run resumed from that checkpoint, compared bit "
+        "for bit from K+1 (docs/resume.md).",
+    ),
+    resume_control: str = typer.Option(
+        "auto",
+        "--resume-control",
+        help="With --resume-at: the control run (rng, "
+        "optimizer, data, none; auto picks one that applies).",
+    ),
 ) -> None:
     """Run CONFIG N times per leg and report the first divergent step, phase and tensor.
 
@@ -580,6 +594,8 @@ def run(
     from .parent.audit import run_audit
 
     config = load_config(config_path)
+    if resume_at is not None:
+        _resume_config(ctx, config, resume_at, resume_control, json_path, html_path)
     repeats, level, rate = rate_repeats(repeats, max_rate, confidence, config.repeats)
     config, options = audit_setup(
         config,
@@ -600,6 +616,37 @@ def run(
         prewarm_html()
         report = run_audit(config, options, progress=progress.update)
     report = _emit(report, json_path, quiet, html_path)
+    raise typer.Exit(report["exit_code"])
+
+
+def _resume_config(
+    ctx: typer.Context,
+    config: Any,
+    at: int,
+    control: str,
+    json_path: Optional[Path],
+    html_path: Optional[Path],
+) -> None:
+    """``run CONFIG --resume-at K``: the resume audit of a config's own checkpoints."""
+    from .commands.resume import check_control, emit_resume
+    from .contract import Recipe
+    from .parent.resume import ResumeAudit, ResumeOptions
+
+    check_control(control)
+    if config.distributed is not None:
+        raise UsageError("--resume-at: a distributed config is not supported yet")
+    legs = LegOptions.from_cli(ctx.params, repeats=1)
+    config, _ = audit_setup(config, legs)
+    if at >= config.steps:
+        raise UsageError(f"--resume-at {at}: the config trains {config.steps} steps")
+    p = ctx.params
+    options = ResumeOptions(at=at, control=control, out=p["out"], timeout=p["timeout"])
+    _terminate_as_interrupt()
+    quiet = p["quiet"] or (json_path is not None and str(json_path) == "-")
+    with RunProgress(quiet) as progress:
+        prewarm_html()
+        report = ResumeAudit(config, Recipe(), options, progress.update).report()
+    report = emit_resume(report, json_path, p["quiet"], html_path)
     raise typer.Exit(report["exit_code"])
 
 
@@ -747,11 +794,12 @@ def _render_compare(result: dict[str, Any]) -> None:
 def _add_commands() -> None:
     """Every command, in the order `reprocheck -h` lists them: the audits, then the tools.
     A command of its own module is added by that module's ``register(app)``."""
-    from .commands import doctor, golden, show
+    from .commands import doctor, golden, resume, show
     from .commands import exec as exec_command
 
     app.command()(run)
     exec_command.register(app)  # exec
+    resume.register(app)  # resume
     golden.register(app)  # record, check
     doctor.register(app)  # doctor, explain
     app.command()(compare)

@@ -323,6 +323,23 @@ class Canary(_Json):
 
 
 @dataclass(frozen=True)
+class ResumeRun(_Json):
+    """A run of a resume audit (``reprocheck resume``): where it runs, when it stops, what
+    its control disturbs. Its checkpoint saves and loads are noted in its trace's meta."""
+
+    cwd: str | None = None  # its own working directory (made if missing)
+    # stop at the next step boundary after the first checkpoint saved at a step ≥ this
+    stop_after_save: int | None = None
+    # the control: this part of the state disturbed after the load, before the first
+    # training forward — rng (generators re-seeded from entropy), optimizer (its state
+    # zeroed), data (the first training batch skipped)
+    disturb: str | None = None
+    # a config's resumed run (``run --resume-at K``): it starts from this checkpoint of
+    # reprocheck's own
+    start_from: str | None = None
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One run, as the parent hands it to :mod:`reprocheck.child.worker`."""
 
@@ -343,6 +360,7 @@ class RunSpec:
     capture: Capture | None = None
     canary: Canary | None = None
     observer: bool = False  # records the state alone (it must end where the others do)
+    resume_run: ResumeRun | None = None  # a run of ``reprocheck resume``
 
     def to_json(self) -> dict[str, Any]:
         out = _plain(self)
@@ -398,6 +416,7 @@ class ChildSettings(_Json):
     canary: Canary | None = None  # every process flips one bit before this step's weights
     record: tuple[str, ...] | None = None  # the phases recorded (the observer's), else all
     rng_start: dict[str, Any] | None = None  # a child's generators as it found them
+    resume_run: ResumeRun | None = None  # a run of ``reprocheck resume`` (its saves noted)
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -464,6 +483,12 @@ class RunMeta:
     dynamo_graphs: dict[str, Any] | None = None
     # the canary run: what it flipped
     canary: dict[str, Any] | None = None
+    # a resume audit's run: its checkpoint saves (step, file, writer, keys), the files it
+    # loaded, the step it stopped after a save at, what its control disturbed
+    saves: list[Any] | None = None
+    loads: list[Any] | None = None
+    stopped_after_save: int | None = None
+    disturbed: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, meta: dict[str, Any]) -> RunMeta:
@@ -502,6 +527,7 @@ _NESTED: dict[str, Any] = {
     "capture": Capture,
     "checkpoints": CheckpointPlan,
     "canary": Canary,
+    "resume_run": ResumeRun,
 }
 _TUPLES = {"argv", "command", "record"}
 
@@ -556,6 +582,7 @@ __all__ = [
     "Function",
     "ProcessName",
     "Recipe",
+    "ResumeRun",
     "RunMeta",
     "RunSpec",
     "Script",

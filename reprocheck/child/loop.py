@@ -142,6 +142,8 @@ def train(
     compile: bool = False,
     backend: str | None = None,
     canary: dict[str, Any] | None = None,
+    disturb: str | None = None,
+    resume_point: bool = False,
 ) -> list[OpRecord]:
     """Run ``steps`` optimizer steps, recording step 0 and each step.
 
@@ -152,6 +154,10 @@ def train(
     replay that starts from that checkpoint instead of step 1. ``canary``: the canary
     run (:mod:`reprocheck.canary`): one bit of the first weight flipped right before step
     ``canary["step"]``'s weights are recorded; what was flipped is written into it.
+    ``disturb``: a resume control (``run --resume-at K``) — after the restore, the
+    generators re-seeded from entropy (``rng``), the optimizer's state zeroed
+    (``optimizer``) or one batch skipped (``data``). ``resume_point``: a resume audit's
+    run also records the state it resumed at (the checkpoint's step, after the restore).
     """
     capture = OpCapture(None) if zoom_step == 0 else None
     with capture.during("forward") if capture else contextlib.nullcontext():
@@ -184,6 +190,12 @@ def train(
             next(stream)
         checkpoint.restore(state, model, optimizer)
         first = state["step"] + 1
+        if disturb is not None:
+            recorder.writer.set_meta(disturbed=_disturb(disturb, optimizer, stream))
+        if resume_point:
+            recorder.begin(state["step"])
+            recorder.state(model, [optimizer], names)
+            recorder.commit(state["step"], None)
     saver = checkpoint.Checkpointer.planned(checkpoints) if checkpoints else None
     for step in range(first, steps + 1):
         recorder.begin(step)
@@ -228,6 +240,18 @@ def train(
         if saver:
             saver.after_step(step, steps, model, optimizer)
     return capture.ops if capture and zoom_step is not None else []
+
+
+def _disturb(what: str, optimizer: torch.optim.Optimizer, stream: Iterator[Any]) -> dict[str, Any]:
+    """A resume control's disturbance, right after the restore: what it did."""
+    if what == "rng":
+        checkpoint.reseed_from_entropy()
+    elif what == "optimizer":
+        if not checkpoint.zero_optimizer_state([optimizer]):
+            return {"what": what, "applied": False, "reason": "the optimizer held no state"}
+    else:
+        next(stream)
+    return {"what": what, "applied": True, "reason": None}
 
 
 def _canary(canary: dict[str, Any] | None, step: int, model: torch.nn.Module) -> None:

@@ -76,7 +76,11 @@ def run(spec: RunSpec) -> int:
             zoom_step=capture.step if capture and capture.ops else None,
             depth=depth,
             checkpoints=None if capture else spec.checkpoints,
-            resume=capture.resume if capture else None,
+            resume=capture.resume
+            if capture
+            else (spec.resume_run.start_from if spec.resume_run else None),
+            disturb=spec.resume_run.disturb if spec.resume_run and not capture else None,
+            resume_point=spec.resume_run is not None and not capture,
             compile=bool(spec.compile),
             backend=capture.backend if capture else None,
             canary=canary,

@@ -855,6 +855,125 @@ RC031 = Rule(
     ways={"shared files": Way(_shared_files)},
 )
 
+# -- resume equivalence (``reprocheck resume``): what a checkpoint failed to restore ---------
+
+# the resumed run's first divergent record (``step``, ``resumed_step``, ``phase``,
+# ``tensor``) and the top-level keys the checkpoint held (``keys``)
+_RESUMED = (
+    "the resumed run differs from the reference at step {step} · {phase} · {tensor} "
+    "(its step {resumed_step}); the checkpoint held: {keys}"
+)
+
+
+def _resumed_data(**facts: Any) -> str:
+    text = _RESUMED.format(**facts)
+    if facts.get("batch_of_step") is not None:
+        text += f"; the resumed run read the batch of step {facts['batch_of_step']}"
+    return text + " — the data stream's position was not restored"
+
+
+RC032 = Rule(
+    "RC032",
+    "resume-data-position-lost",
+    "Flags a resume whose first divergent record is the data: the resumed run read "
+    "another batch than the run that never stopped (the data stream restarted, or was "
+    "shuffled again).",
+    "A checkpoint of weights and optimizer alone restarts the epoch: the resumed run "
+    "trains on batches the reference already used, in another order, and never matches it.",
+    "torch.save({'model': model.state_dict(), 'optimizer': opt.state_dict()}, path)\n"
+    "...\nfor batch in loader:  # after a resume: the epoch starts over",
+    "Save where the data stream is (epoch, batch index, the sampler's generator state) and "
+    "skip to it on resume (`StatefulDataLoader` from torchdata, or Lightning/transformers' "
+    "own resume, which do).",
+    ways={"resume": Way(_resumed_data)},
+)
+RC033 = Rule(
+    "RC033",
+    "resume-rng-not-restored",
+    "Flags a resume whose generators (torch, CUDA, NumPy, Python) differ from the run "
+    "that never stopped, and whose first divergent record a random draw explains "
+    "(dropout, a shuffle from the global generator, a sampled augmentation).",
+    "Seeding at start-up gives the resumed run the generators of step 0, not of the "
+    "checkpoint's step: every random draw after the resume differs.",
+    "torch.manual_seed(0)\nmodel.load_state_dict(ckpt['model'])  # the generators start over",
+    "Save `torch.get_rng_state()` (and `torch.cuda.get_rng_state_all()`, "
+    "`np.random.get_state()`, `random.getstate()`) in the checkpoint and set them back "
+    "after loading it.",
+    ways={"resume": Way(_RESUMED + " — the generators' state was not restored")},
+)
+RC034 = Rule(
+    "RC034",
+    "resume-optimizer-not-restored",
+    "Flags a resume whose optimizer state (moments, momentum buffers, step counts) "
+    "differs from the run that never stopped, at the resume or in the first update.",
+    "An optimizer rebuilt empty starts its moments at zero and its bias correction at "
+    "step 1: the first update after the resume differs.",
+    "torch.save(model.state_dict(), path)  # no optimizer state",
+    "Save `optimizer.state_dict()` and load it with `optimizer.load_state_dict(...)` "
+    "after the optimizer is built.",
+    ways={"resume": Way(_RESUMED + " — the optimizer's state was not restored")},
+)
+RC035 = Rule(
+    "RC035",
+    "resume-scheduler-not-restored",
+    "Flags a resume whose update differs with the same gradients and optimizer state: "
+    "the learning rate differs (a scheduler rebuilt at its first epoch).",
+    "A scheduler that is not restored sets the learning rate of its first steps again; "
+    "the weights after the next update differ.",
+    "scheduler = StepLR(opt, 2)  # after a resume: last_epoch starts at 0 again",
+    "Save `scheduler.state_dict()` and load it after the scheduler is built.",
+    ways={"resume": Way(_RESUMED + " — the learning-rate scheduler was not restored")},
+)
+RC036 = Rule(
+    "RC036",
+    "resume-scaler-not-restored",
+    "Flags a resume whose loss, as `backward()` received it, differs from the reference's "
+    "by a power of two with the same outputs: the loss scale (GradScaler) was not restored.",
+    "A GradScaler rebuilt at its initial scale scales the loss differently: skipped steps "
+    "and the scale's growth differ from the run that never stopped.",
+    "scaler = torch.amp.GradScaler()  # after a resume: the initial scale again",
+    "Save `scaler.state_dict()` and load it after the scaler is built.",
+    ways={"resume": Way(_RESUMED + " — the loss scaler's state was not restored")},
+)
+RC037 = Rule(
+    "RC037",
+    "resume-weights-not-restored",
+    "Flags a resume whose model state at its first step equals the reference's at no "
+    "step: the weights (or buffers) were not loaded, or loaded from another checkpoint.",
+    "Training continues from other weights than the checkpoint's.",
+    "model.load_state_dict(ckpt['model'], strict=False)  # keys that do not match load nothing",
+    "Load the model's state with `strict=True` from the checkpoint the run saved.",
+    ways={"resume": Way(_RESUMED + " — the model's weights were not restored")},
+)
+RC038 = Rule(
+    "RC038",
+    "resume-divergence-unexplained",
+    "Flags a resume that differs from the run that never stopped where no state's "
+    "signature explains it (the generators, optimizer and weights were restored).",
+    "The training may be nondeterministic after the checkpoint, or depend on state no "
+    "checkpoint holds (a counter, a cache).",
+    "self.calls += 1  # state of the script's own, never saved",
+    "Audit the script's determinism first (`reprocheck exec -- python train.py`), then "
+    "save the state it depends on.",
+    ways={"resume": Way(_RESUMED + " — no restored state explains it")},
+)
+
+RESUME_RULES = {
+    "data": RC032,
+    "rng": RC033,
+    "optimizer": RC034,
+    "scheduler": RC035,
+    "scaler": RC036,
+    "weights": RC037,
+    "unknown": RC038,
+}
+
+
+def resume_rule(state: str) -> Rule:
+    """The rule naming the state a resume failed to restore (``unknown``: none explains it)."""
+    return RESUME_RULES[state]
+
+
 RULES: tuple[Rule, ...] = (
     RC001,
     RC002,
@@ -883,6 +1002,13 @@ RULES: tuple[Rule, ...] = (
     RC029,
     RC030,
     RC031,
+    RC032,
+    RC033,
+    RC034,
+    RC035,
+    RC036,
+    RC037,
+    RC038,
 )
 
 BY_CODE = {rule.code: rule for rule in RULES}

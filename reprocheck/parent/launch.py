@@ -203,8 +203,10 @@ class Launcher:
             jobs or default_jobs(config), timeout, progress, any_threads, config.steps
         )
 
-    def _spec(self, leg: Leg, run: int, suffix: str = "", **extra: Any) -> tuple[RunResult, str]:
-        stem = f"{leg.name}-r{run}{suffix}"
+    def _spec(
+        self, leg: Leg, run: int, suffix: str = "", stem: str | None = None, **extra: Any
+    ) -> tuple[RunResult, str]:
+        stem = stem or f"{leg.name}-r{run}{suffix}"
         trace = self.out_dir / f"{stem}.sqlite"
         spec = RunSpec(
             config=self._config_dict,
@@ -362,6 +364,22 @@ class Launcher:
         tasks = []
         for suffix, extra in runs:
             result, spec_path = self._spec(leg, self.config.repeats, suffix, **extra)
+            if os.path.exists(result.trace):
+                os.remove(result.trace)
+            tasks.append(Task(leg, result, spec_path, env, fork=pool.usable(env, leg.device)))
+        self.scheduler.execute(tasks, until, check_leg=False)
+        return [task.result for task in tasks]
+
+    def named_runs(
+        self, leg: Leg, runs: Sequence[tuple[str, dict[str, Any]]], until: int
+    ) -> list[RunResult]:
+        """Runs of ``leg`` by name (a resume audit's ``reference``, ``stopped`` …), side by
+        side: each (its name, what joins its spec: its target, its ``resume_run``), forked
+        where the pool serves; ``until``: the step progress counts to."""
+        env = self._environment(leg)
+        tasks = []
+        for name, extra in runs:
+            result, spec_path = self._spec(leg, 0, stem=name, **extra)
             if os.path.exists(result.trace):
                 os.remove(result.trace)
             tasks.append(Task(leg, result, spec_path, env, fork=pool.usable(env, leg.device)))

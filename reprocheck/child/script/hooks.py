@@ -14,6 +14,7 @@ from .collectives import watch_collectives
 from .compile import _is_compiling, compile_controls, optimizer_created
 from .observations import watch_controls, watch_seeding, watch_writes
 from .processes import name_forks, name_subprocesses
+from .saves import watch_saves
 from .window import pause, resume
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ def install(session: Session) -> None:
             pause(rec)
         try:
             batch = original_next(self_iter)
+            if session.saves.skips_batch(rec):  # a resume control: the stream one batch on
+                batch = original_next(self_iter)
         finally:
             if stage is not None:
                 resume(rec, stage)
@@ -113,3 +116,4 @@ def install(session: Session) -> None:
     watch_seeding(session)
     watch_controls(session)
     watch_writes(session)
+    watch_saves(session)

@@ -158,6 +158,7 @@ def watch_writes(session: Session) -> None:
         with contextlib.suppress(TypeError, ValueError):
             if isinstance(file, (str, bytes, os.PathLike)):
                 path = os.path.abspath(os.fsdecode(file))
+                session.saves.opened_for_writing(path)  # a resume audit's checkpoint file
                 if not path.startswith(own):
                     written = session.written.setdefault(os.getpid(), set())
                     if len(written) < MAX_WRITTEN:

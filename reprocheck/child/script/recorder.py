@@ -138,11 +138,16 @@ class ProcessRecorder:
             # the files this process opened for writing: two runs writing one path share it
             "written": sorted(self.session.written.get(os.getpid(), ()))[:MAX_WRITTEN],
             **controls_in_effect(self.session),
+            **self.session.saves.closing(),
         }
 
     # -- what the hooks report -------------------------------------------------------------
     def enter_module(self, module: torch.nn.Module) -> None:
         if self.depth == 0:
+            saves = self.session.saves
+            saves.boundary(self)  # a resume audit's run ends after its checkpoint
+            if not self.started:
+                saves.before_forward(self, module)  # a resume control's disturbance
             if not self.started and id(module) not in self.called:
                 keep_buffers(self, module)
             if self.snapshot is not None:
@@ -171,6 +176,7 @@ class ProcessRecorder:
     def before_backward(self, tensor: torch.Tensor) -> None:
         if self.finished:
             return
+        self.session.saves.boundary(self)
         pause(self)
         if self.snapshot is not None:
             hand_update_step(self)
@@ -193,6 +199,7 @@ class ProcessRecorder:
     def before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.finished:
             return
+        self.session.saves.boundary(self)
         pause(self)
         try:
             self._before_step(optimizer, args, kwargs)

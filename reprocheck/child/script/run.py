@@ -42,6 +42,11 @@ def run_script(spec: RunSpec) -> int:
     from .. import spawned
 
     target = spec.target
+    workdir = spec.resume_run.cwd if spec.resume_run else None
+    if workdir:  # a resume audit's run, in its own folder (the command's paths are absolute)
+        sys.path.insert(0, os.getcwd())  # `-m package.train` imports from the user's folder
+        os.makedirs(workdir, exist_ok=True)
+        os.chdir(workdir)
     controls = DeterminismConfig(**spec.config["determinism"])
     applied = apply_controls_for(controls, spec.config["seed"], spec.threads)
     capture = spec.capture
@@ -63,6 +68,7 @@ def run_script(spec: RunSpec) -> int:
         # the canary run: every process flips one bit before this step's weights
         canary=spec.canary,
         record=OBSERVED if spec.observer else None,
+        resume_run=spec.resume_run,
     )
     session = Session(settings)
     context = session.context(MAIN, spec.trace)
@@ -73,7 +79,7 @@ def run_script(spec: RunSpec) -> int:
     context.writer.set_meta(rng_start=rng_start())
     spawned.export(settings)  # its children record themselves too (and capture, if theirs)
     atexit.register(recorder.finish, "complete")  # a script that calls os-level exit paths
-    argv = run_arguments(list(getattr(target, "argv", ())), spec.trace, target.run_prefix)
+    argv = run_arguments(list(getattr(target, "argv", ())), spec.trace, target.run_prefix, workdir)
     if recorder.zoom_step is not None and recorder.zoom_step <= 1:
         # step 0 is committed only once step 1 has run its forward and backward (at its
         # optimizer step): a zoom of step 0 or 1 captures from the script's first line
@@ -114,17 +120,21 @@ def run_script(spec: RunSpec) -> int:
     return code
 
 
-def run_arguments(argv: list[str], trace: str, prefix: str = "") -> list[str]:
+def run_arguments(
+    argv: list[str], trace: str, prefix: str = "", workdir: str | None = None
+) -> list[str]:
     """The command's arguments for this run: ``{run}`` becomes the run's name (``cpu-r0``;
     a replay's is its own, ``cpu-r0.replay-s1``; a run of the audit's as-is pair or of an
     attribution control is ``prefix``ed with its folder's name, ``as-is-cpu-r0``) and
     ``{run_dir}`` a folder of its own in the audit's folder (made here), so runs that write
     and read back files keep them apart (``--output_dir out/{run}``); ``{port}`` a free
-    TCP port (a rendezvous port per run)."""
+    TCP port (a rendezvous port per run). A resume audit's run has its own working folder
+    (``workdir``): its ``{run_dir}`` is that folder (the resumed run's is the stopped
+    run's)."""
     if not any("{run" in word or "{port}" in word for word in argv):
         return argv
     stem = prefix + run_stem(trace)
-    folder = os.path.join(os.path.dirname(trace), "workdirs", stem)
+    folder = workdir or os.path.join(os.path.dirname(trace), "workdirs", stem)
     if any("{run_dir}" in word for word in argv):
         os.makedirs(folder, exist_ok=True)
     port = _free_port() if any("{port}" in word for word in argv) else 0

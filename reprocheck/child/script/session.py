@@ -50,6 +50,9 @@ class Session:
         self.compile_options: list[dict[str, Any]] = []  # those with a mode or options
         self.compiled_in_place: set[int] = set()  # models whose forward --compile on compiled
         self.original_compile: Callable[..., Any] = torch.compile
+        from .saves import Saves
+
+        self.saves = Saves(self)  # a resume audit's checkpoints, stop and control
 
     def window(self, key: str) -> Capture | None:
         """A replay's capture, if it is this process's (``main``, or the child that
