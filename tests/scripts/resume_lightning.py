@@ -9,17 +9,25 @@ and `Trainer(max_steps=N).fit(model, loader, ckpt_path=...)`. Checkpoints are wr
 Resume for `reprocheck resume --at 4`: `--with "--ckpt-path ckpts/step=4.ckpt"` (saves at
 steps 4, 8, 12 by default; `--save-every K` changes that).
 
-`--dropout P` sets the dropout (default 0.2); `--print-batches` prints the row ids of each
-step's batch.
+`--dropout P` sets the dropout (default 0.2); `--no-shuffle` turns the shuffle off;
+`--print-batches` prints the row ids of each step's batch.
 
-Measured (lightning 2.6.6, torch 2.13 CPU, one thread; run to 12 vs run to 4, then
-`--ckpt-path ckpts/step=4.ckpt` to 12; final weights compared bitwise):
-  - dropout 0.2: differs. The checkpoint holds no global RNG state (Lightning saves
-    none), so the resumed dropout masks differ.
-  - `--dropout 0`: differs too, because of the data order. Lightning restarts the
-    interrupted epoch from its first batch (with a fresh shuffle: the default sampler
-    draws from the global generator, which is not restored): steps 5-12 see other
-    batches than the straight run.
+Measured (lightning 2.6.6, torch 2.13 CPU, one thread; run to 12 vs run to K, then
+`--ckpt-path ckpts/step=K.ckpt` to 12; final weights compared bitwise). The checkpoint has
+no RNG state (keys: epoch, global_step, state_dict, loops, callbacks, optimizer_states,
+lr_schedulers, hparams, version): Lightning does not restore the global RNG, and the
+resumed run's generator is where `seed_everything(0)` and the model's init left it.
+  - K=4, dropout 0.2: differs (dropout masks, and the data order below).
+  - K=4, `--dropout 0`: differs. The DataLoader is not resumable, so Lightning (it warns)
+    counts 4 of the epoch's 5 batches as done and draws one batch from a fresh iterator:
+    step 5 gets the straight run's step-1 batch instead of its step-5 batch (the fresh
+    permutation is drawn from the same generator state as epoch 1's). Steps 6-12 then
+    see the straight run's batches (with no dropout both runs draw epoch 2's permutation
+    second), but the weights already differ.
+  - K=5 (an epoch's end), `--dropout 0`: differs: epoch 2 reshuffles from the unrestored
+    generator and repeats epoch 1's order. With dropout 0.2: differs.
+  - `--no-shuffle --dropout 0`: K=5 identical; K=4 differs (step 5 replays batch 1).
+    `--no-shuffle` with dropout 0.2, K=5: differs.
 """
 
 import argparse

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import io
 import os
+import shutil
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,6 +56,14 @@ def saved_keys(obj: Any) -> list[str]:
 
 
 def _path(file: Any) -> str | None:
+    """A path's absolute form; an open file's (``io`` and fsspec files: their ``name`` or
+    ``path``), else None."""
+    if isinstance(file, io.IOBase):
+        for attribute in ("name", "path"):
+            value = getattr(file, attribute, None)
+            if isinstance(value, str):
+                return os.path.abspath(value)
+        return None
     if isinstance(file, (str, bytes, os.PathLike)):
         try:
             return os.path.abspath(os.fsdecode(file))
@@ -97,6 +107,21 @@ class Saves:
         if self.awaiting_file is not None:
             self.awaiting_file["file"] = path
             self.awaiting_file = None
+            self._write(self.session.recorders.get(os.getpid()), saves=self.saves)
+
+    def moved(self, source: Any, destination: Any) -> None:
+        """A file written elsewhere and moved into place (an atomic save: fsspec's, a
+        ``.tmp`` and ``os.replace``): the save's file is where it landed."""
+        before, after = _path(source), _path(destination)
+        if before is None or after is None:
+            return
+        if os.path.isdir(after):
+            after = os.path.join(after, os.path.basename(before))
+        changed = False
+        for entry in self.saves:
+            if entry["file"] == before:
+                entry["file"], changed = after, True
+        if changed:
             self._write(self.session.recorders.get(os.getpid()), saves=self.saves)
 
     def loaded(self, file: Any) -> None:
@@ -196,6 +221,8 @@ def watch_saves(session: Session) -> None:
 
     torch.save = torch.serialization.save = saving
     torch.load = torch.serialization.load = loading
+    for owner, name in ((os, "replace"), (os, "rename"), (shutil, "move")):
+        setattr(owner, name, _moving(getattr(owner, name), saves))
     if importlib.util.find_spec("safetensors") is None:
         return
     safe = importlib.import_module("safetensors.torch")
@@ -209,6 +236,16 @@ def watch_saves(session: Session) -> None:
         if original is None:
             continue
         setattr(safe, name, _safetensors(original, kind, saves))
+
+
+def _moving(original: Any, saves: Saves) -> Any:
+    @functools.wraps(original)
+    def move(source: Any, destination: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(source, destination, *args, **kwargs)
+        saves.moved(source, destination)
+        return result
+
+    return move
 
 
 def _safetensors(original: Any, kind: str, saves: Saves) -> Any:
