@@ -220,3 +220,22 @@ def test_a_bad_resume_command_is_one_line_and_exit_2(args, message, tmp_path):
         assert message in result.stderr
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.slow
+def test_a_transformers_trainer_resume_from_checkpoint_is_exact(resumes):
+    # the Trainer saves weights (safetensors), optimizer, scheduler and generators, and
+    # skips the batches already used: bit for bit; its loader fetches one batch ahead
+    result = resumes("resume_hf.py", resume="--resume out/checkpoint-4")
+    r = result.report
+    assert (result.code, r["verdict"]) == (0, "equivalent"), r["reason"]
+    files = {Path(f["file"]).name: (f["writer"], f["holds"]) for f in r["checkpoint"]["files"]}
+    assert files["model.safetensors"] == ("safetensors", ["weights"])
+    assert files["optimizer.pt"] == ("torch.save", ["optimizer"])
+    assert files["scheduler.pt"] == ("torch.save", ["scheduler"])
+    assert files["rng_state.pth"] == ("torch.save", ["rng"])
+    assert all("checkpoint-4" in f["file"] for f in r["checkpoint"]["files"])
+    assert r["compared"] == {"from": 5, "to": 12, "steps": 8}
+    control = r["control"]
+    assert (control["what"], control["diverged"]) == ("rng", True)
+    assert _where(control["first_divergence"]) == (5, 1, "outputs", "output.loss")

@@ -64,10 +64,24 @@ class ResumeOptions:
     timeout: float | None = None
 
 
+# the state dicts torch's own objects save, by their keys
+_STATE_DICTS = (
+    ("optimizer", {"state", "param_groups"}),
+    ("scheduler", {"base_lrs", "last_epoch"}),
+    ("scaler", {"scale", "growth_factor"}),
+    ("rng", {"python", "numpy", "cpu"}),
+)
+
+
 def holds(keys: list[str], writer: str) -> list[str]:
-    """The kinds of state a saved object's top-level keys name (safetensors: weights)."""
+    """The kinds of state a saved object's top-level keys name: a state dict of torch's
+    own (an optimizer's, a scheduler's, a GradScaler's, transformers' generator states) by
+    its keys, a checkpoint dict by the words in its keys; safetensors: weights."""
     if writer == "safetensors":
         return ["weights"]
+    for kind, known in _STATE_DICTS:
+        if known <= set(keys):
+            return [kind]
     found = []
     for kind, words in _HOLDS:
         if any(word in key.lower() for key in keys for word in words):
@@ -160,21 +174,29 @@ def _unbatched(name: str) -> str:
     return re.sub(r"^batch\d+\.", "", name)
 
 
-def _fast_forward(a: list[Record], b: list[Record]) -> tuple[list[Record], int]:
-    """The resumed run's first step without the batches it read before the one it trained
-    on (a resume that skips the batches already used reads them through the loader):
-    (its records with the last batches in the reference's names, how many batches it
-    skipped). Unchanged where its last batches are not shaped as the reference's."""
+def _data_key(record: Record) -> tuple:
+    return (_unbatched(record.name), record.shape, record.dtype, record.digest)
+
+
+def _first_batches(previous: list[Record], a: list[Record], b: list[Record]) -> list[Record]:
+    """The resumed run's first step with its batches read as the reference read them.
+
+    Where the two runs fetched their batches in different steps, the resumed run's first
+    step holds the batches it read to get back to its place — a resume that skips the
+    batches already used reads them through the loader; a loader that fetches one batch
+    ahead (accelerate's, under transformers) read the first one during the reference's
+    step c. Its last batches are then compared with the last the reference read by the end
+    of step c+1; where they agree, its data is the reference's of that step. Unchanged
+    where they do not (the comparison then finds the data differing)."""
     da = [r for r in a if r.phase == "data"]
     db = [r for r in b if r.phase == "data"]
-    if not da or len(db) <= len(da) or len(db) % len(da):
-        return b, 0
-    tail = db[len(db) - len(da) :]
-    shape = [(_unbatched(r.name), r.shape, r.dtype) for r in da]
-    if [(_unbatched(r.name), r.shape, r.dtype) for r in tail] != shape:
-        return b, 0
-    named = [replace(y, name=x.name) for x, y in zip(da, tail)]
-    return named + [r for r in b if r.phase != "data"], (len(db) - len(da)) // len(da)
+    if len(da) == len(db):
+        return b
+    stream = [r for r in previous if r.phase == "data"] + da
+    n = min(len(db), len(stream))
+    if not n or [_data_key(r) for r in db[-n:]] != [_data_key(r) for r in stream[-n:]]:
+        return b
+    return da + [r for r in b if r.phase != "data"]
 
 
 def compare(
@@ -208,9 +230,7 @@ def compare(
             a = ref_records if ref_records is not None else list(reference.records(step))
             b = res_records if res_records is not None else list(resumed.records(own_step))
             if step == start + 1:
-                b, skipped = _fast_forward(a, b)
-                if skipped:
-                    evidence["batches_skipped"] = skipped
+                b = _first_batches(list(reference.records(start)), a, b)
                 if script:  # the generators after the first resumed step
                     state["rng"] = _state_at(a, b)["rng"]
                     state["rng"]["step"] = step

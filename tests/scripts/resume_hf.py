@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--save-every", type=int, default=4)
     parser.add_argument("--resume", default=None, help="a checkpoint folder, or `true`")
+    parser.add_argument("--dropout", type=float, default=0.1, help="BERT's two dropouts")
     parser.add_argument("--print-batches", action="store_true")
     args = parser.parse_args()
 
@@ -91,6 +92,8 @@ def main() -> None:
         intermediate_size=32,
         max_position_embeddings=16,
         num_labels=2,
+        hidden_dropout_prob=args.dropout,
+        attention_probs_dropout_prob=args.dropout,
     )
     model = BertForSequenceClassification(config)
     training = TrainingArguments(

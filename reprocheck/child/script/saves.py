@@ -261,8 +261,7 @@ def _safetensors(original: Any, kind: str, saves: Saves) -> Any:
             saves.loaded(file)
             return original(*args, **kwargs)
         result = original(*args, **kwargs)
-        saved = args[0] if args else kwargs.get("tensors")
-        saves.saved(saved if name == "save_file" else None, file, "safetensors")
+        saves.saved(None, file, "safetensors")  # its keys are tensor names: weights
         return result
 
     return wrapped
