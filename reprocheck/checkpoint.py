@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # the runs save and load; the parent that plans them imports 
 CHECKPOINTS_PER_RUN = 16  # checkpoints are spaced steps/16 apart ...
 BUDGET_BYTES = 512 * 2**20  # ... and as many kept per run as fit in this (all, if small)
 # and in an eighth of the disk's free space
+# what a checkpoint holds: the step, the model's and the optimizer's state dicts, the
+# generators (the data stream is rebuilt and advanced by the step)
+SAVED_KEYS = ("step", "model", "optimizer", "rng")
 MIN_KEEP = 2  # a state too large to keep two of is not checkpointed (replays from step 0)
 
 
@@ -95,12 +98,9 @@ class Checkpointer:
         import torch
 
         path = path_for(self.prefix, step)
-        state = {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(),
-        }
+        state = dict(
+            zip(SAVED_KEYS, (step, model.state_dict(), optimizer.state_dict(), _rng_state()))
+        )
         try:
             torch.save(state, path + ".tmp")
             os.replace(path + ".tmp", path)  # a killed run never leaves half a checkpoint

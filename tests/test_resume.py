@@ -239,3 +239,21 @@ def test_a_transformers_trainer_resume_from_checkpoint_is_exact(resumes):
     control = r["control"]
     assert (control["what"], control["diverged"]) == ("rng", True)
     assert _where(control["first_divergence"]) == (5, 1, "outputs", "output.loss")
+
+
+@pytest.mark.slow
+def test_a_nanogpt_style_init_from_resume_misses_the_generators(resumes):
+    # nanoGPT's checkpoint holds model, optimizer, iter_num: get_batch's torch.randint draws
+    # from a generator seeded at start-up, so the resumed run samples other batches
+    result = resumes(
+        "nanogpt_style.py", "--out_dir=out", resume="--init_from=resume", at=5,
+        options=("--control", "none"),
+    )  # fmt: skip
+    r = result.report
+    assert (result.code, r["verdict"]) == (1, "diverged")
+    assert r["checkpoint"]["step"] == 5 and r["aligned_step"] == 5
+    assert r["checkpoint"]["files"][0]["keys"] == [
+        "model", "optimizer", "model_args", "iter_num", "best_val_loss", "config",
+    ]  # fmt: skip
+    assert _where(r["first_divergence"]) == (6, 1, "outputs", "output0.0")
+    assert (r["missing"]["state"], r["missing"]["code"]) == ("rng", "RC033")

@@ -228,8 +228,7 @@ def test_an_equivalent_resume_says_which_steps_match_bit_for_bit():
         "              keys model, optimizer, step, rng   holds weights, optimizer, rng",
         f"  loaded      {ROOT}/stopped/work/ckpt.pt",
         "  aligned     resumed from reference step 4",
-        "  at resume   weights ✔ equal · optimizer ✔ equal · rng ✔ equal   "
-        "(resumed step 0 vs reference step 4)",
+        "  at resume   weights ✔ equal · optimizer ✔ equal · rng ✔ equal   (vs reference step 4)",
         "  compared    reference steps 5–12   (8 steps)",
         "✔ RESUME EQUIVALENT  steps 5…12 bit for bit",
         "  control     rng disturbed at the resume: ✔ diverged at step 5 · outputs · output "
@@ -253,7 +252,7 @@ def test_a_diverged_resume_names_the_step_and_the_missing_state():
     ]
     assert (
         "  at resume   weights ✔ equal · optimizer ✔ equal · rng ✘ differs (torch.cpu)   "
-        "(resumed step 0 vs reference step 4)"
+        "(vs reference step 4)"
     ) in lines
     assert "  control     data ⚠ not applied: the run fetched no DataLoader batch" in lines
     # the missing state is shown once; the other findings after it

@@ -191,6 +191,7 @@ class Launcher:
         self.replay_errors: dict[int, str] = {}  # run → why its last capture kept nothing
         self._config_dict = config_to_dict(config)
         self._analyses = 0  # measurements made in forks (their files' numbers)
+        self._named = 0  # runs started by name (a resume audit's)
         # where forking is sound (see :mod:`.pool`): the runs of a replay, an attribution
         # control or a probe (``fork_runs``) fork from a warm zygote; of a verdict's runs,
         # run 0 of each leg starts a fresh interpreter (so every fork is compared against
@@ -379,7 +380,9 @@ class Launcher:
         env = self._environment(leg)
         tasks = []
         for name, extra in runs:
-            result, spec_path = self._spec(leg, 0, stem=name, **extra)
+            self._named += 1  # numbered in order: progress shows `reference #0`, `stopped #1`
+            result, spec_path = self._spec(leg, self._named - 1, stem=name, **extra)
+            result.leg = name
             if os.path.exists(result.trace):
                 os.remove(result.trace)
             tasks.append(Task(leg, result, spec_path, env, fork=pool.usable(env, leg.device)))

@@ -390,6 +390,10 @@ def choose_control(asked: str, reference: str, step: int, last: int) -> str | No
     return "rng" if draws else "optimizer" if optimizer else "data"
 
 
+# what reprocheck's own checkpoint of a config's run holds (:data:`checkpoint.SAVED_KEYS`)
+_OWN_HOLDS = ["data", "weights", "optimizer", "rng"]
+
+
 class ResumeAudit:
     """The runs of one resume audit and their report."""
 
@@ -492,200 +496,158 @@ class ResumeAudit:
 
     # -- the runs ----------------------------------------------------------------------------
     def _audit(self) -> dict[str, Any]:
-        recipe = isinstance(self.target, Recipe)
-        at, steps = self.options.at, self.config.steps or None
-        ckpt_prefix = str((self.folder / "reference.ckpt-").resolve())
-        if recipe:
-            first_wave = [
-                (
-                    "reference",
-                    {
-                        "checkpoints": CheckpointPlan(
-                            every=at, keep=max(2, (steps or at) // at + 1), prefix=ckpt_prefix
-                        ),
-                        "resume_run": ResumeRun(),
-                    },
-                    None,
-                )
-            ]
-        else:
-            first_wave = [
-                (
-                    "reference",
-                    {"resume_run": ResumeRun(cwd=self._workdir("reference"))},
-                    self._workdir("reference"),
-                ),
-                (
-                    "stopped",
-                    {"resume_run": ResumeRun(cwd=self._workdir("stopped"), stop_after_save=at)},
-                    self._workdir("stopped"),
-                ),
-            ]
-        done = self._run(first_wave, steps or 0)
-        failed = [(n, r) for (n, _, _), r in zip(first_wave, done) if r.status not in ("complete",)]
-        if failed:
-            name, result = failed[0]
-            return self._verdict(
-                "not_verified", f"the {name} run failed: {result.error or result.status}"
-            )
+        first_wave = self._first_wave()
+        done = self._run(first_wave, self.config.steps or 0)
+        for (name, _, _), result in zip(first_wave, done):
+            if result.status != "complete":
+                why = result.error or result.status
+                return self._verdict("not_verified", f"the {name} run failed: {why}")
         reference = done[0]
-        last = reference.last_step
+        last = _last_step(reference)
         if not last:
             return self._verdict(
                 "not_verified", "the reference run trained no step: nothing to resume"
             )
-        if recipe:
-            from .. import checkpoint as checkpoints
+        saved, problem = self._checkpoint(done, last)
+        if problem is not None:
+            return problem
+        step = saved["step"]
+        control = choose_control(self.options.control, reference.trace, step, last)
+        second = self._run(self._second_wave(saved, control, last), last)
+        return self._judge(reference, second, saved, control, last)
 
-            found = checkpoints.path_for(ckpt_prefix, at)
-            if at >= last or not os.path.exists(found):
-                return self._verdict(
-                    "not_verified",
-                    f"reprocheck saved no checkpoint at step {at} (the run has {last} steps)",
-                    steps=last,
-                )
+    def _first_wave(self) -> list[tuple[str, dict[str, Any], str | None]]:
+        """The reference, and (a script's) the run stopped after its checkpoint."""
+        at = self.options.at
+        if isinstance(self.target, Recipe):  # reprocheck's own checkpoint at step K
+            every = CheckpointPlan(every=at, keep=self.config.steps // at + 1, prefix=self._prefix)
+            return [("reference", {"checkpoints": every, "resume_run": ResumeRun()}, None)]
+        reference, stopped = self._workdir("reference"), self._workdir("stopped")
+        return [
+            ("reference", {"resume_run": ResumeRun(cwd=reference)}, reference),
+            ("stopped", {"resume_run": ResumeRun(cwd=stopped, stop_after_save=at)}, stopped),
+        ]
+
+    @property
+    def _prefix(self) -> str:
+        return str((self.folder / "reference.ckpt-").resolve())
+
+    def _checkpoint(
+        self, done: list[RunResult], last: int
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The checkpoint the resumed run starts from (step, files, keys), or the report
+        that says why there is none to resume from (or why no resume can be judged)."""
+        at = self.options.at
+        if isinstance(self.target, Recipe):
+            from ..checkpoint import SAVED_KEYS, path_for
+
+            found = path_for(self._prefix, at)
+            keys = list(SAVED_KEYS)
             saved = {
                 "step": at,
                 "files": [
-                    {
-                        "file": found,
-                        "writer": "torch.save",
-                        "keys": ["step", "model", "optimizer", "rng"],
-                        "holds": ["data", "weights", "optimizer", "rng"],
-                    }
+                    {"file": found, "writer": "torch.save", "keys": keys, "holds": _OWN_HOLDS}
                 ],
                 "loaded": [found],
             }
-            step = at
-        else:
-            meta = _meta(done[1].trace)
-            saves = [
-                s
-                for s in meta.saves or []
-                if isinstance(s, dict) and isinstance(s.get("step"), int)
-            ]
-            later = [s for s in saves if s["step"] >= at]
-            if not later:
-                seen = sorted({s["step"] for s in saves})
-                said = (
-                    f"it saved at step{'s' if len(seen) > 1 else ''} {', '.join(map(str, seen))}"
-                    if seen
-                    else "it saved none (torch.save, safetensors)"
-                )
-                return self._verdict(
-                    "not_verified", f"no checkpoint saved at or after step {at}: {said}", steps=last
-                )
-            step = later[0]["step"]
-            files = [s for s in saves if s["step"] == step]
-            saved = {
-                "step": step,
-                "files": [
-                    {
-                        **s,
-                        "holds": holds(
-                            [k for k in s.get("keys") or [] if isinstance(k, str)],
-                            s.get("writer", ""),
-                        ),
-                    }
-                    for s in files
-                ],
-                "loaded": [],
-            }
-            if step >= last:
-                return self._verdict(
-                    "not_verified",
-                    f"the first checkpoint at or after step {at} holds step {step}, "
-                    "the reference's "
-                    "last: nothing after it to compare",
-                    steps=last,
-                    checkpoint=saved,
-                )
-            from ..compare import first_divergence
+            if not os.path.exists(found):
+                why = f"reprocheck kept no checkpoint of step {at} (too large for its budget)"
+                return saved, self._verdict("not_verified", why, steps=last)
+            return saved, None
+        saves = [
+            s
+            for s in _meta(done[1].trace).saves or []
+            if isinstance(s, dict) and isinstance(s.get("step"), int)
+        ]
+        later = [s for s in saves if s["step"] >= at]
+        if not later:
+            seen = sorted({s["step"] for s in saves})
+            said = (
+                f"it saved at step{'s' if len(seen) > 1 else ''} {', '.join(map(str, seen))}"
+                if seen
+                else "it saved none (torch.save, safetensors)"
+            )
+            why = f"no checkpoint saved at or after step {at}: {said}"
+            return {}, self._verdict("not_verified", why, steps=last)
+        step = later[0]["step"]
+        files = []
+        for entry in saves:
+            if entry["step"] == step:
+                keys = [k for k in entry.get("keys") or [] if isinstance(k, str)]
+                files.append({**entry, "holds": holds(keys, str(entry.get("writer")))})
+        saved = {"step": step, "files": files, "loaded": []}
+        if step >= last:
+            why = (
+                f"the first checkpoint at or after step {at} holds step {step}, the "
+                "reference's last: nothing after it to compare"
+            )
+            return saved, self._verdict("not_verified", why, steps=last, checkpoint=saved)
+        from ..compare import first_divergence
 
-            before = first_divergence([reference.trace, done[1].trace], last_step=step, own=True)
-            if before is not None:
-                return self._verdict(
-                    "not_reproducible",
-                    "two runs of the command differ before the checkpoint: resume cannot be "
-                    "judged; audit it with `reprocheck exec`",
-                    steps=last,
-                    checkpoint=saved,
-                    before_resume={
-                        "step": before.step,
-                        "phase": before.phase,
-                        "tensor": before.tensor,
-                    },
-                    losses={
-                        "reference": _losses(reference.trace),
-                        "stopped": _losses(done[1].trace),
-                    },
-                )
-        control = choose_control(self.options.control, reference.trace, step, last)
-        resumed_target = self._resume_target().with_steps(None if recipe else last - step)
-        second = []
-        if recipe:
-            second.append(
-                ("resumed", {"resume_run": ResumeRun(start_from=saved["files"][0]["file"])}, None)
-            )
-            if control:
-                second.append(
-                    (
-                        "control",
-                        {
-                            "resume_run": ResumeRun(
-                                start_from=saved["files"][0]["file"], disturb=control
-                            )
-                        },
-                        None,
-                    )
-                )
-        else:
-            where = self._workdir("stopped")
-            second.append(
-                ("resumed", {"target": resumed_target, "resume_run": ResumeRun(cwd=where)}, where)
-            )
-            if control:
-                copy = self._workdir("control")
-                shutil.copytree(where, copy, symlinks=True)
-                second.append(
-                    (
-                        "control",
-                        {
-                            "target": resumed_target,
-                            "resume_run": ResumeRun(cwd=copy, disturb=control),
-                        },
-                        copy,
-                    )
-                )
-        done2 = self._run(second, last)
-        resumed = done2[0]
-        first = step if recipe else 0
-        meta = _meta(resumed.trace)
-        if not recipe:
-            saved["loaded"] = [p for p in meta.loads or [] if isinstance(p, str)]
-        keys = sorted(
-            {k for f in saved["files"] for k in f.get("keys") or [] if isinstance(k, str)}
+        reference, stopped = done[0].trace, done[1].trace
+        before = first_divergence([reference, stopped], last_step=step, own=True)
+        if before is None:
+            return saved, None
+        return saved, self._verdict(
+            "not_reproducible",
+            "two runs of the command differ before the checkpoint: resume cannot be judged; "
+            "audit it with `reprocheck exec`",
+            steps=last,
+            checkpoint=saved,
+            before_resume={"step": before.step, "phase": before.phase, "tensor": before.tensor},
+            losses={"reference": _losses(reference), "stopped": _losses(stopped)},
         )
-        base = {
-            "steps": last,
-            "checkpoint": saved,
-            "losses": {"reference": _losses(reference.trace)},
-        }
+
+    def _second_wave(
+        self, saved: dict[str, Any], control: str | None, last: int
+    ) -> list[tuple[str, dict[str, Any], str | None]]:
+        """The resumed run, and beside it the control: a config's from reprocheck's
+        checkpoint file; a script's with the resume arguments, in the stopped run's folder
+        (the control in a copy of it made before the resumed run writes there)."""
+        if isinstance(self.target, Recipe):
+            start = saved["files"][0]["file"]
+            runs = [("resumed", {"resume_run": ResumeRun(start_from=start)}, None)]
+            if control:
+                plan = ResumeRun(start_from=start, disturb=control)
+                runs.append(("control", {"resume_run": plan}, None))
+            return runs
+        target = self._resume_target().with_steps(last - saved["step"])
+        where = self._workdir("stopped")
+        runs = [("resumed", {"target": target, "resume_run": ResumeRun(cwd=where)}, where)]
+        if control:
+            copy = self._workdir("control")
+            shutil.copytree(where, copy, symlinks=True)
+            plan = ResumeRun(cwd=copy, disturb=control)
+            runs.append(("control", {"target": target, "resume_run": plan}, copy))
+        return runs
+
+    def _judge(
+        self,
+        reference: RunResult,
+        second: list[RunResult],
+        saved: dict[str, Any],
+        control: str | None,
+        last: int,
+    ) -> dict[str, Any]:
+        """The resumed run (and the control) against the reference: the verdict."""
+        resumed, step = second[0], saved["step"]
+        first = step if isinstance(self.target, Recipe) else 0  # its first recorded state
+        if not isinstance(self.target, Recipe):
+            saved["loaded"] = [p for p in _meta(resumed.trace).loads or [] if isinstance(p, str)]
+        keys = sorted({k for f in saved["files"] for k in f["keys"] if isinstance(k, str)})
+        losses = {"reference": _losses(reference.trace)}
+        base = {"steps": last, "checkpoint": saved, "losses": losses}
         if resumed.status != "complete":
-            return self._verdict(
-                "not_verified", f"the resumed run failed: {resumed.error or resumed.status}", **base
-            )
-        if resumed.last_step is None or resumed.last_step <= first:
-            return self._verdict(
-                "not_verified",
-                "the resumed run trained no step: do the resume arguments make it train on?",
-                **base,
-            )
+            why = f"the resumed run failed: {resumed.error or resumed.status}"
+            return self._verdict("not_verified", why, **base)
+        resumed_last = _last_step(resumed)
+        if resumed_last is None or resumed_last <= first:
+            why = "the resumed run trained no step: do the resume arguments make it train on?"
+            return self._verdict("not_verified", why, **base)
         result = compare(reference.trace, resumed.trace, step, first)
         offset = result.start - first
-        base["losses"]["resumed"] = _losses(resumed.trace, offset, first + 1)
+        losses["resumed"] = _losses(resumed.trace, offset, first + 1)
         lost = missing(result, keys)
-        findings = [lost] if lost else []
         more = {
             **base,
             "aligned_step": result.aligned,
@@ -694,21 +656,19 @@ class ResumeAudit:
             "first_divergence": result.divergence,
             "latent": result.latent,
             "missing": lost,
-            "findings": findings,
+            "findings": [lost] if lost else [],
         }
-        if len(done2) > 1:
-            more["control"] = self._control(done2[1], reference.trace, step, first, control, result)
-            if done2[1].status == "complete":
-                offset_c = result.start - first
-                base["losses"]["control"] = _losses(done2[1].trace, offset_c, first + 1)
+        if len(second) > 1:
+            more["control"] = self._control(
+                second[1], reference.trace, step, first, control, result
+            )
+            if second[1].status == "complete":
+                losses["control"] = _losses(second[1].trace, offset, first + 1)
         if result.divergence is not None:
             return self._verdict("diverged", **more)
         if result.compared is None:
-            return self._verdict(
-                "not_verified",
-                "the resumed run has no step after the checkpoint to compare",
-                **more,
-            )
+            why = "the resumed run has no step after the checkpoint to compare"
+            return self._verdict("not_verified", why, **more)
         return self._verdict("equivalent", **more)
 
     def _control(

@@ -249,6 +249,9 @@ def state_lines(report: dict[str, Any]) -> list[Text]:
                 shown.append(f" ({entry['tensor']})")
         else:
             shown.append(f"– {status}", style=DIM)
+        step = entry.get("step")
+        if isinstance(step, int) and step != c:  # a script's generators: after a step
+            shown.append(f" after step {step}", style=DIM)
     if shown.plain:
         ckpt_step = (report.get("checkpoint") or {}).get("step")
         against = (
@@ -259,7 +262,7 @@ def state_lines(report: dict[str, Any]) -> list[Text]:
             else None
         )
         if against:
-            shown.append(f"   (resumed step 0 vs {against})", style=DIM)
+            shown.append(f"   (vs {against})", style=DIM)
         lines.append(_line("at resume", shown))
     compared = report.get("compared")
     if compared and compared.get("from") is not None and compared.get("to") is not None:

@@ -6,7 +6,10 @@ Shape: module-level config globals overridden by ``--key=value`` (configurator w
 weight-tied lm_head, ``configure_optimizers`` (AdamW decay/no-decay groups), warmup+cosine
 ``get_lr`` written into each param_group, ``@torch.no_grad() estimate_loss``, a disabled
 GradScaler, accumulation micro-steps, ``unscale_`` + ``clip_grad_norm_``, ``torch.save``
-checkpoints into ``out_dir``. Exercises LR writes, accumulation, eval batches drawn from the
+checkpoints into ``out_dir`` and ``--init_from=resume`` from them (model, optimizer, iter_num
+and best_val_loss restored, as nanoGPT does — not the generators ``get_batch`` draws from:
+``reprocheck resume --at 5 --with "--init_from=resume" -- python nanogpt_style.py
+--out_dir=out`` names them). Exercises LR writes, accumulation, eval batches drawn from the
 same global RNG between updates, and checkpoint writes. No Python/NumPy global RNG is used.
 """
 
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------- default config
 out_dir = ""  # '' -> tempfile.mkdtemp(), removed at exit
+init_from = "scratch"  # or "resume": from out_dir/ckpt.pt
 eval_interval, eval_iters, always_save_checkpoint = 5, 2, True
 gradient_accumulation_steps, batch_size, block_size = 2, 4, 16
 n_layer, n_head, n_embd, dropout, bias = 1, 2, 16, 0.0, False
@@ -151,9 +155,17 @@ class GPT(nn.Module):
 
 
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=len(chars))
+iter_num, best_val_loss = 0, 1e9
 model = GPT(len(chars)).to(device)
+if init_from == "resume":
+    checkpoint = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location=device)
+    model.load_state_dict(checkpoint["model"])
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if init_from == "resume":
+    optimizer.load_state_dict(checkpoint["optimizer"])
+checkpoint = None  # free up memory
 if compile:
     print("compiling the model...")
     unoptimized_model = model
@@ -186,7 +198,6 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-iter_num, best_val_loss = 0, 1e9
 X, Y = get_batch("train")
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate

@@ -10,10 +10,20 @@ Resume for `reprocheck resume --at 4`: `--with "--resume out/checkpoint-4"` or
 `--with "--resume true"` (the latest checkpoint in `out/`). Saves at steps 4, 8, 12 by
 default (`--save-every K`).
 
-`--print-batches` prints the row ids of each batch as the collator builds it.
+`--dropout P` sets BERT's hidden and attention dropout (default 0.1, the config's own);
+`--print-batches` prints the row ids of each batch as the collator builds it (accelerate's
+loader fetches one batch ahead, so a line runs one step early).
 
-Measured (transformers 5.25, torch 2.13 CPU, one thread; run to 12 vs run to 4, then
-`--resume out/checkpoint-4` (or `--resume true`) to 12; final weights compared bitwise):
+Measured (transformers 5.25, torch 2.13 CPU, one thread; a run to 12 vs a run to 12
+stopped right after its first save, then `--resume out/checkpoint-K` to 12; final weights
+compared bitwise):
+  - dropout 0.1, K=4 (also `--resume true`), K=3, K=5 (an epoch's end): identical. The
+    checkpoint holds rng_state.pth, optimizer, scheduler and trainer_state; the Trainer
+    skips the epoch's used batches and the data order matches (checked with
+    `--print-batches`). `--dropout 0`, K=4: identical.
+  - A run made with `--steps 4` instead (max_steps=4) then resumed to 12 differs: the
+    linear lr schedule is built from max_steps, and the checkpoint's optimizer carries
+    lr 0 into the first resumed step. Stop the 12-step run instead of shortening it.
 """
 
 import argparse
