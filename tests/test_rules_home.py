@@ -91,6 +91,16 @@ AT = "step 0 · weights · body.0.weight"
 HERE = os.getcwd()
 
 # (rule, way, facts, message, fix: None for the catalog's own)
+# a resume's first divergent record and the checkpoint's keys (RC032–RC038)
+RESUMED = {
+    "step": 5,
+    "resumed_step": 1,
+    "phase": "outputs",
+    "tensor": "output",
+    "kind": "value",
+    "keys": "model, optimizer",
+}
+
 CASES = [
     (rules.RC001, "config", {}, "Python's `random` is not seeded (determinism.seed_python)", None),
     (
@@ -404,6 +414,64 @@ CASES = [
         "every run wrote checkpoints/ckpt.pt, checkpoints/train.log, /elsewhere/a.bin and 2 "
         "more: the runs share a working directory, and a script that reads back what it wrote "
         "may read another run's file",
+        None,
+    ),
+    # tests/test_resume.py: the state a resume's checkpoint failed to restore
+    (
+        rules.RC032,
+        "resume",
+        {**RESUMED, "phase": "data", "tensor": "input", "batch_of_step": 1},
+        "the resumed run differs from the reference at step 5 · data · input (its step 1); "
+        "the checkpoint held: model, optimizer; the resumed run read the batch of step 1 — "
+        "the data stream's position was not restored",
+        None,
+    ),
+    (
+        rules.RC033,
+        "resume",
+        RESUMED,
+        "the resumed run differs from the reference at step 5 · outputs · output (its step 1); "
+        "the checkpoint held: model, optimizer — the generators' state was not restored",
+        None,
+    ),
+    (
+        rules.RC034,
+        "resume",
+        RESUMED,
+        "the resumed run differs from the reference at step 5 · outputs · output (its step 1); "
+        "the checkpoint held: model, optimizer — the optimizer's state was not restored",
+        None,
+    ),
+    (
+        rules.RC035,
+        "resume",
+        RESUMED,
+        "the resumed run differs from the reference at step 5 · outputs · output (its step 1); "
+        "the checkpoint held: model, optimizer — the learning-rate scheduler was not restored",
+        None,
+    ),
+    (
+        rules.RC036,
+        "resume",
+        RESUMED,
+        "the resumed run differs from the reference at step 5 · outputs · output (its step 1); "
+        "the checkpoint held: model, optimizer — the loss scaler's state was not restored",
+        None,
+    ),
+    (
+        rules.RC037,
+        "resume",
+        RESUMED,
+        "the resumed run differs from the reference at step 5 · outputs · output (its step 1); "
+        "the checkpoint held: model, optimizer — the model's weights were not restored",
+        None,
+    ),
+    (
+        rules.RC038,
+        "resume",
+        RESUMED,
+        "the resumed run differs from the reference at step 5 · outputs · output (its step 1); "
+        "the checkpoint held: model, optimizer — no restored state explains it",
         None,
     ),
 ]
