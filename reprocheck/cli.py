@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperGroup
 
 from . import __version__, jsonout
+from .contract import RECORD_MODES, Recording
 from .options import DEFAULT_OUT, DEFAULT_REPEATS, DEPTHS, REPEATS_RANGE, LegOptions, audit_setup
 from .report.safe import clean, cut_all, safe
 from .verdict import EXIT_DIVERGED, EXIT_FAILED, EXIT_REPRODUCIBLE, EXIT_USAGE
@@ -476,6 +477,20 @@ DEPTH = typer.Option(
     "--depth",
     help="What each run records: step (phases) | module | op (inside a config's steps).",
 )
+RECORD = typer.Option(
+    RECORD_MODES[0],
+    "--record",
+    help="full: one digest per tensor · sparse: one per phase (every tensor folded in): "
+    "a long job's records in kilobytes; a divergence's tensor is then named by replaying "
+    "the two runs to its step (docs/long-runs.md).",
+)
+EVERY = typer.Option(
+    None,
+    "--every",
+    min=1,
+    help="Hash only every M-th step (and the last): the first differing interval is "
+    "found exactly by replays.",
+)
 OUT = typer.Option(DEFAULT_OUT, "--out", help="Folder for the traces, logs and reports.")
 JOBS = typer.Option(
     None, "--jobs", "-j", min=1, help="Runs in parallel (default: cores ÷ threads)."
@@ -494,6 +509,8 @@ LEG_OPTIONS = (
     "--compile",
     "--python",
     "--depth",
+    "--record",
+    "--every",
     "--out",
     "--jobs",
     "--timeout",
@@ -552,6 +569,8 @@ def run(
     compile_: Optional[List[str]] = COMPILE,
     python: Optional[List[str]] = PYTHON,
     depth: str = DEPTH,
+    record: str = RECORD,
+    every: Optional[int] = EVERY,
     out: str = OUT,
     jobs: Optional[int] = JOBS,
     timeout: Optional[float] = TIMEOUT,
@@ -688,6 +707,12 @@ def compare(
         hashers = (a.run_meta.hasher, b.run_meta.hasher)
         identities = [_config_identity(t.run_meta.config) for t in (a, b)]
         names = [(t.run_meta.config or {}).get("name") for t in (a, b)]
+        recorded = [Recording.of(t.run_meta.recording) for t in (a, b)]
+    if recorded[0] != recorded[1]:
+        raise UsageError(
+            f"the traces were recorded differently ({recorded[0].describe()} vs "
+            f"{recorded[1].describe()}): record both the same way (--record, --every)"
+        )
     if identities[0] != identities[1] and not any_config:
         raise UsageError(
             f"the traces come from different configs ({names[0]!r} vs {names[1]!r}): "

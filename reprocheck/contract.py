@@ -323,6 +323,43 @@ class Canary(_Json):
 
 
 @dataclass(frozen=True)
+class Recording(_Json):
+    """How a verdict's runs record their steps (``--record``, ``--every``): ``full`` (one
+    digest per tensor) or ``sparse`` (one digest per phase: every tensor of the phase
+    folded in record order, so a change anywhere changes it); with ``every`` M, only
+    every M-th step (and the last) is hashed at all. Replays always record in full."""
+
+    mode: str = "full"
+    every: int | None = None
+
+    @property
+    def plain(self) -> bool:
+        """One digest per tensor at every step: what every reader of traces reads."""
+        return self.mode == "full" and self.every is None
+
+    def describe(self) -> str:
+        """``sparse``, ``sparse, every 10 steps``, ``every 10 steps``."""
+        parts = [self.mode] if self.mode != "full" else []
+        if self.every is not None:
+            parts.append(f"every {self.every} steps")
+        return ", ".join(parts) or "full"
+
+    @classmethod
+    def of(cls, value: Any) -> Recording:
+        """A trace's ``meta.recording`` (any value: a hostile trace's reads as full)."""
+        if not isinstance(value, dict):
+            return cls()
+        mode = value.get("mode") if value.get("mode") in RECORD_MODES else "full"
+        every = value.get("every")
+        ok = isinstance(every, int) and not isinstance(every, bool) and every > 0
+        return cls(mode, every if ok else None)
+
+
+RECORD_MODES = ("full", "sparse")
+PHASE_DIGEST = "*"  # a sparse trace's record name: every tensor of its phase, folded
+
+
+@dataclass(frozen=True)
 class ResumeRun(_Json):
     """A run of a resume audit (``reprocheck resume``): where it runs, when it stops, what
     its control disturbs. Its checkpoint saves and loads are noted in its trace's meta."""
@@ -361,6 +398,7 @@ class RunSpec:
     canary: Canary | None = None
     observer: bool = False  # records the state alone (it must end where the others do)
     resume_run: ResumeRun | None = None  # a run of ``reprocheck resume``
+    recording: Recording | None = None  # sparse or sampled records (a verdict's runs)
 
     def to_json(self) -> dict[str, Any]:
         out = _plain(self)
@@ -393,6 +431,11 @@ class RunSpec:
             "device": self.device,
             "threads": self.threads,
             "steps_planned": self.steps,
+            **(
+                {"recording": self.recording.to_json()}
+                if self.recording is not None and not self.recording.plain
+                else {}
+            ),
         }
 
 
@@ -489,6 +532,8 @@ class RunMeta:
     loads: list[Any] | None = None
     stopped_after_save: int | None = None
     disturbed: dict[str, Any] | None = None
+    # sparse or sampled records (``Recording``'s JSON); absent: one digest per tensor, each step
+    recording: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, meta: dict[str, Any]) -> RunMeta:
@@ -528,6 +573,7 @@ _NESTED: dict[str, Any] = {
     "checkpoints": CheckpointPlan,
     "canary": Canary,
     "resume_run": ResumeRun,
+    "recording": Recording,
 }
 _TUPLES = {"argv", "command", "record"}
 
@@ -572,9 +618,11 @@ __all__ = [
     "MAIN",
     "OBSERVED",
     "OBSERVER_ENV",
+    "PHASE_DIGEST",
     "POOL_ENV",
     "PROCESS_ENV",
     "PYTHON_ENV",
+    "RECORD_MODES",
     "Canary",
     "Capture",
     "CheckpointPlan",
@@ -582,6 +630,7 @@ __all__ = [
     "Function",
     "ProcessName",
     "Recipe",
+    "Recording",
     "ResumeRun",
     "RunMeta",
     "RunSpec",

@@ -29,6 +29,7 @@ from typing import Any
 from . import jsonout
 from .compare import Tolerance, compare_sketches, comparison_dict, divergence_dict, first_divergence
 from .config import Config
+from .contract import Recording
 from .trace import Trace, TraceError, recover
 from .verdict import EXIT_FAILED, EXIT_USAGE
 
@@ -122,6 +123,12 @@ def precheck(golden_path: str, config: Config, command: list[str] | None, any_co
     with _open_golden(golden_path) as golden:
         _check_identity(golden, golden_path, config, command, any_config)
         _check_trained(golden, golden_path)
+
+
+def golden_recording(golden_path: str) -> Recording:
+    """How the golden's runs recorded (a check records the same way)."""
+    with _open_golden(golden_path) as golden:
+        return Recording.of(golden.run_meta.recording)
 
 
 def _open_golden(golden_path: str) -> Trace:
@@ -256,6 +263,12 @@ def check_against(
         _check_trained(golden, golden_path)
         if golden.status not in ("complete", "stopped"):
             raise GoldenError(f"{golden_path}: golden trace ended early ({golden.status})")
+        recorded = [Recording.of(t.run_meta.recording) for t in (golden, current)]
+        if recorded[0] != recorded[1]:
+            raise GoldenError(
+                f"{golden_path}: the golden was recorded {recorded[0].describe()}, this check "
+                f"{recorded[1].describe()}: check with the golden's --record and --every"
+            )
         changes = _script_changes(golden, current, config)
         drift = _package_drift(golden.run_meta.packages, current.run_meta.packages)
         theirs, ours = environment_of(golden), environment_of(current)

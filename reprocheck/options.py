@@ -45,6 +45,8 @@ class LegOptions:
     compile: tuple[str, ...] = ()  # off, on, off,on
     python: tuple[str, ...] = ()  # one more leg per interpreter
     depth: str = DEPTHS[0]
+    record: str = "full"  # full | sparse: one digest per tensor, or per phase
+    every: int | None = None  # hash every M-th step (and the last) only
     out: str = DEFAULT_OUT
     jobs: int | None = None
     timeout: float | None = None
@@ -64,6 +66,8 @@ class LegOptions:
             "compile": tuple(params["compile_"] or ()),
             "python": tuple(params["python"] or ()),
             "depth": params["depth"],
+            "record": params["record"],
+            "every": params["every"],
             "out": params["out"],
             "jobs": params["jobs"],
             "timeout": params["timeout"],
@@ -99,7 +103,7 @@ def audit_setup(
     (``fail_fast``, ``measure``, ``zoom``, ``attribute``, ``golden`` …), their defaults
     where not given."""
     from .configfile import apply_overrides
-    from .contract import Recipe
+    from .contract import RECORD_MODES, Recipe, Recording
     from .parent.audit import AuditOptions
 
     config = apply_overrides(
@@ -123,7 +127,23 @@ def audit_setup(
             )
         if legs.steps is not None:  # a script stops after its K-th step
             target = target.with_steps(legs.steps)
+    legs_planned = (
+        len(config.devices) * len(config.threads) * len(config.compile) * len(config.environments)
+    )
+    if (legs.record != "full" or legs.every) and legs_planned > 1:
+        raise ConfigError(
+            "--record sparse and --every compare runs bit for bit within one leg: legs are "
+            "compared under a tolerance, tensor by tensor (drop --threads/--device/--compile/"
+            "--env/--python legs, or record in full)"
+        )
+    if legs.record not in RECORD_MODES:
+        raise ConfigError(f"--record takes {' or '.join(RECORD_MODES)} (got {legs.record!r})")
+    if (legs.record != "full" or legs.every) and legs.depth != DEPTHS[0]:
+        raise ConfigError(
+            f"--record {legs.record} --every: each step's phases, not --depth {legs.depth}"
+        )
     options = AuditOptions(
+        recording=Recording(legs.record, legs.every),
         out=legs.out,
         jobs=legs.jobs,
         timeout=legs.timeout,

@@ -18,12 +18,13 @@ import struct
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .config import TRACE_PHASES
+from .contract import PHASE_DIGEST, Recording
 from .fingerprint import StepHasher
 from .trace import LATENT_PHASES, TraceWriter, pack_ids
 
@@ -31,6 +32,7 @@ from .trace import LATENT_PHASES, TraceWriter, pack_ids
 _fp = importlib.import_module(".fingerprint", __package__)
 
 _PHASE_INDEX = {phase: index for index, phase in enumerate(TRACE_PHASES)}
+STATE = frozenset(("weights", "optimizer", "rng"))  # what a run keeps from step to step
 RSS_EVERY = 100  # steps between samples of the run's resident memory
 
 
@@ -256,14 +258,26 @@ class StepRecorder:
         phases: Iterable[str],
         with_sketch: bool = False,
         capture: tuple[int, Iterable[tuple[str, str]]] | None = None,
+        recording: Recording | None = None,
+        last: int | None = None,
     ) -> None:
         self.writer = writer
         self.step = 0
+        # ``--record sparse``: one digest per phase; ``--every M``: every M-th step (and
+        # ``last``, where known) hashed, the others logged with no records
+        recording = recording or Recording()
+        self.sparse = recording.mode == "sparse"
+        self.every = recording.every
+        self.last = last
+        self.sampling = True  # this step is hashed
+        self._pending: tuple[int, float | None, float] | None = None  # a step not hashed
+        self._bounds: list[tuple[str, int]] = []  # (phase, its first record) this step
+        self._phase_ids: dict[str, int] = {}
         # (step, {(phase, name)}): tensors whose values are kept, for the numeric diff.
         self.capture_step = capture[0] if capture else None
         self.capture_names = frozenset(tuple(c) for c in capture[1]) if capture else frozenset()
         self.captured: dict[tuple[str, str], torch.Tensor] = {}
-        self.phases = frozenset(phases)
+        self.phases = self._all_phases = frozenset(phases)
         self.with_sketch = with_sketch
         self._hasher = StepHasher(with_sketch=with_sketch)
         self._fast = not with_sketch and _fp.hasher_name("cpu") == "xxh3-128"
@@ -284,8 +298,26 @@ class StepRecorder:
         self.devices = {"cpu"}  # the devices whose tensors were hashed (generators: cpu)
 
     def begin(self, step: int) -> None:
+        if self._pending is not None:  # the step before was not hashed: logged bare
+            self._log(*self._pending)
         self.step = step
         self._started = time.perf_counter()
+        if self.every is not None:
+            self.sampling = step % self.every == 0 or step == self.last
+            self.phases = self._all_phases if self.sampling else frozenset()
+
+    def end(self, state: Callable[[], None]) -> None:
+        """The run ends: a last step that was not hashed gets its state now (``state``
+        records it; nothing has changed it since its commit), so the runs' final states
+        are always compared."""
+        if self._pending is None:
+            return
+        step, loss, wall = self._pending
+        self._pending = None
+        self.phases = self._all_phases & STATE
+        state()
+        self.phases = self._all_phases
+        self._log(step, loss, wall)
 
     def wants(self, phase: str) -> bool:
         return phase in self.phases
@@ -301,6 +333,8 @@ class StepRecorder:
             raise RuntimeError(
                 f"phase {phase!r} recorded after {TRACE_PHASES[self._phase_index]!r}"
             )
+        if not self._bounds or self._bounds[-1][0] != phase:
+            self._bounds.append((phase, len(self._ids)))
         self._phase_index = index
         if self._observed is None and phase in LATENT_PHASES:
             self._observed = len(self._ids)  # the step's latent records start here
@@ -402,7 +436,6 @@ class StepRecorder:
 
     def commit(self, step: int, loss: torch.Tensor | None) -> None:
         """One logged write per step; the hasher's single device→host copy happens here."""
-        digests, sketches = self._hasher.finish()
         loss_value = None
         if loss is not None:
             loss_value = (
@@ -410,23 +443,31 @@ class StepRecorder:
                 if loss.dtype in (torch.float32, torch.float64) and loss.numel() == 1
                 else float(loss.detach().float().mean())
             )
+        wall = time.perf_counter() - self._started
+        self.last_committed = step
+        if not self.sampling:  # logged bare at the next step, or with its state at the end
+            self._pending = (step, loss_value, wall)
+            return
+        self._log(step, loss_value, wall)
+
+    def _log(self, step: int, loss_value: float | None, wall: float) -> None:
+        digests, sketches = self._hasher.finish()
         stored = (
             [(step, seq, *s.to_tuple()[:4]) for seq, s in enumerate(sketches) if s is not None]
             if self.with_sketch
             else []
         )
+        ids = self._ids
+        observed = len(ids) if self._observed is None else self._observed
+        if self.sparse and ids:
+            ids, digests, observed = self._fold(digests)
         self.writer.log_step(
-            step,
-            pack_ids(self._ids),
-            b"".join(digests),
-            stored,
-            loss_value,
-            time.perf_counter() - self._started,
-            len(self._ids) if self._observed is None else self._observed,
+            step, pack_ids(ids), b"".join(digests), stored, loss_value, wall, observed
         )
         self.records += len(digests)
-        self.last_committed = step
+        self._pending = None
         self._ids = array.array("I")
+        self._bounds = []
         self._observed = None
         self._kept, self._kept_now = self._kept_now, {}
         self._phase_index = 0
@@ -435,6 +476,29 @@ class StepRecorder:
             if rss is not None:  # memory over the run: flat after warm-up, or a leak
                 self.rss[str(step)] = rss
                 self.writer.set_meta(rss_mib=self.rss)
+
+    def _fold(self, digests: list[bytes]) -> tuple[array.array, list[bytes], int]:
+        """``--record sparse``: the step's records as one per phase — xxh3-128 over the
+        phase's tensor ids and digests in record order, so any change in a value, a name,
+        a shape, a dtype or the order changes it; (ids, digests, observable records)."""
+        ids, folded, observed = array.array("I"), [], 0
+        ends = [start for _, start in self._bounds[1:]] + [len(self._ids)]
+        for (phase, start), end in zip(self._bounds, ends):
+            if start == end:
+                continue
+            found = self._phase_ids.get(phase)
+            if found is None:
+                found = self._phase_ids[phase] = self.writer.tensor_id(
+                    phase, PHASE_DIGEST, (), "phase"
+                )
+            ids.append(found)
+            folded.append(
+                _fp.xxhash.xxh3_128_digest(
+                    self._ids[start:end].tobytes() + b"".join(digests[start:end])
+                )
+            )
+            observed += phase not in LATENT_PHASES
+        return ids, folded, observed
 
     # The phases, each from the objects a training loop has at hand.
     def state(

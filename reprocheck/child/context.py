@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 from ..config import ConfigError
-from ..contract import Capture, RunMeta, capture_key
+from ..contract import Capture, Recording, RunMeta, capture_key
 from ..fingerprint import hasher_name
 from ..recorder import StepRecorder
 from ..trace import TraceFull, TraceWriter
@@ -83,6 +83,9 @@ class RunContext:
     ) -> None:
         phases = tuple(phases)
         known = RunMeta.of(meta)
+        # a replay records in full, whatever the run it repeats recorded
+        recording = Recording.of(known.recording) if capture is None else Recording()
+        with_sketch = with_sketch and recording.mode == "full"  # sparse: no tensor to sketch
         self.writer = TraceWriter(
             trace,
             {
@@ -95,7 +98,12 @@ class RunContext:
             },
         )
         self.recorder = StepRecorder(
-            self.writer, phases + tuple(extra_phases), with_sketch=with_sketch, capture=capture
+            self.writer,
+            phases + tuple(extra_phases),
+            with_sketch=with_sketch,
+            capture=capture,
+            recording=recording,
+            last=known.steps_planned,
         )
         self.finished = False
         # the driver's last word before the trace closes: given the status, it may record

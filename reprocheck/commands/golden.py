@@ -24,12 +24,14 @@ def register(app: typer.Typer) -> None:
         DEPTH,
         DEVICE,
         ENV,
+        EVERY,
         HTML,
         JOBS,
         JSON,
         OUT,
         PYTHON,
         QUIET,
+        RECORD,
         REPEATS,
         STEPS,
         THREADS,
@@ -79,6 +81,8 @@ def register(app: typer.Typer) -> None:
         compile_: Optional[List[str]] = COMPILE,
         python: Optional[List[str]] = PYTHON,
         depth: str = DEPTH,
+        record: str = RECORD,
+        every: Optional[int] = EVERY,
         out: str = OUT,
         jobs: Optional[int] = JOBS,
         timeout: Optional[float] = TIMEOUT,
@@ -136,6 +140,8 @@ def register(app: typer.Typer) -> None:
         compile_: Optional[List[str]] = COMPILE,
         python: Optional[List[str]] = PYTHON,
         depth: str = DEPTH,
+        record: str = RECORD,
+        every: Optional[int] = EVERY,
         out: str = OUT,
         jobs: Optional[int] = JOBS,
         timeout: Optional[float] = TIMEOUT,
@@ -173,14 +179,24 @@ def register(app: typer.Typer) -> None:
         # a bad config or script is said before the golden is read (and, for a mistake in
         # the command line, before torch is imported)
         config, target = resolve_target(config_path, list(ctx.args), "check")
-        from ..golden import GoldenError, precheck
+        from ..contract import Recording
+        from ..golden import GoldenError, golden_recording, precheck
 
         # a golden that is not this config's (or script's), or holds no training step (exit
         # 3), is said before any run
         try:
             precheck(str(against), config, list(target.argv) if target else None, any_config)
+            recorded = golden_recording(str(against))
         except GoldenError as exc:
             raise fail(str(exc), exc.exit_code) from None
+        # the check records as its golden did (a sparse golden: sparse runs)
+        if (record, every) == ("full", None):
+            ctx.params.update(record=recorded.mode, every=recorded.every)
+        elif Recording(record, every) != recorded:
+            raise UsageError(
+                f"--record/--every: the golden was recorded {recorded.describe()} "
+                "(leave them out to check the way it was recorded)"
+            )
         machine = output_format != "text"
         try:
             config, report = _audit(

@@ -26,6 +26,7 @@ from ..contract import (
     CANARY_ENV,
     OBSERVER_ENV,
     Recipe,
+    Recording,
     Target,
     TorchrunJob,
 )
@@ -54,6 +55,7 @@ from .replay import (
     across_stage,
     measure_stage,
 )
+from .sparse import localize_stage
 from .stages import Evidence, Measurement
 
 if TYPE_CHECKING:
@@ -97,6 +99,9 @@ class AuditOptions:
     observer: bool = field(default_factory=lambda: os.environ.get(OBSERVER_ENV, "1") != "0")
     confidence: float = 0.95  # of the evidence's bound on the divergence rate
     max_rate: float | None = None  # --max-rate: the bound the runs were asked to reach
+    # `--record sparse`, `--every M`: the verdict's runs record one digest per phase, or
+    # every M-th step; a divergence is then found exactly by replays (parent/sparse.py)
+    recording: Recording = field(default_factory=Recording)
 
 
 class Auditor:
@@ -220,6 +225,7 @@ def run_audit(
         checkpoints=options.measure,  # a replay then starts near the divergent step
         fork_runs=options.fork_runs,
         any_threads=options.any_threads,
+        recording=options.recording,
     )
     legs, clock.interrupted = launcher.run(planned)
     clock.timings["runs_s"] = time.monotonic() - clock.started
@@ -229,6 +235,14 @@ def run_audit(
     divergences = [] if clock.interrupted else [d for d in map(leg_divergence, active) if d]
     first = min(divergences, key=lambda d: (d.step, d.seq), default=None)
     leg = next((leg for leg in active if first and leg.name == first.leg), None)
+    localized = None
+    if leg is not None and first is not None and not options.recording.plain:
+        # sparse or sampled records: the exact step, then the tensor, from replays of two
+        # runs that disagree; the stages after read those replays' full traces
+        with clock.stage("localize_s"):
+            localized = localize_stage(launcher, leg, first, options.recording)
+        if localized.leg is not None and localized.divergence is not None:
+            leg, first = localized.leg, localized.divergence
     evidence = evidence_at(leg, first) if leg is not None and first is not None else Evidence()
     latent = latent_generators(active) if first is None and not clock.interrupted else []
     untrained = None
@@ -312,6 +326,8 @@ def run_audit(
         observer=observer,
         confidence=options.confidence,
         max_rate=options.max_rate,
+        recording=options.recording,
+        localized=localized,
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from .. import checkpoint
 from ..config import Config, config_to_dict
-from ..contract import MAIN, Capture, Recipe, RunSpec, Target
+from ..contract import MAIN, Capture, Recipe, Recording, ResumeRun, RunSpec, Target
 from ..determinism import child_environment, torch_source
 from . import pool
 from .schedule import Scheduler, Task
@@ -178,8 +178,11 @@ class Launcher:
         checkpoints: bool = False,
         fork_runs: bool = False,
         any_threads: bool = False,
+        recording: Recording | None = None,
     ) -> None:
         self.config = config
+        # how the verdict's runs and those beside it record (sparse, sampled); replays: full
+        self.recording = recording if recording is not None and not recording.plain else None
         self.checkpoints = checkpoints  # save states for replays (not for exec scripts)
         self.out_dir = Path(out_dir)
         self.with_sketch = with_sketch
@@ -262,7 +265,9 @@ class Launcher:
                     saves = checkpoint.plan(
                         self.config.steps, self._checkpoint_prefix(leg, run), total_runs
                     )
-                result, spec_path = self._spec(leg, run, checkpoints=saves)
+                result, spec_path = self._spec(
+                    leg, run, checkpoints=saves, recording=self.recording
+                )
                 results.setdefault(leg.name, []).append(result)
                 fork = (run > 0 or self.fork_runs) and pool.usable(env, leg.device)
                 tasks.append(Task(leg, result, spec_path, env, fork=fork))
@@ -364,12 +369,55 @@ class Launcher:
         env = self._environment(leg)
         tasks = []
         for suffix, extra in runs:
+            extra = {"recording": self.recording, **extra}
             result, spec_path = self._spec(leg, self.config.repeats, suffix, **extra)
             if os.path.exists(result.trace):
                 os.remove(result.trace)
             tasks.append(Task(leg, result, spec_path, env, fork=pool.usable(env, leg.device)))
         self.scheduler.execute(tasks, until, check_leg=False)
         return [task.result for task in tasks]
+
+    def replays(
+        self,
+        leg: Leg,
+        runs: Sequence[int],
+        until: int,
+        tag: str,
+        recording: Recording | None = None,
+        resume_before: int | None = None,
+    ) -> dict[int, RunResult]:
+        """Runs of ``leg`` replayed to step ``until`` whole (not a capture): ``recording``
+        as asked (None: in full); a config's from its newest checkpoint at a step ≤
+        ``resume_before`` that every run has (a script's from its start). run → result."""
+        env = self._environment(leg)
+        start = None
+        if resume_before is not None and not self.target.is_script and self.checkpoints:
+            found = [
+                checkpoint.newest(self._checkpoint_prefix(leg, r), resume_before) for r in runs
+            ]
+            if all(found):
+                step = min(f[0] for f in found if f)
+                start = {
+                    r: checkpoint.path_for(self._checkpoint_prefix(leg, r), step) for r in runs
+                }
+                if not all(os.path.exists(path) for path in start.values()):
+                    start = None
+        tasks, results = [], {}
+        for run in runs:
+            extra: dict[str, Any] = {"recording": recording}
+            if self.target.is_script:
+                extra["target"] = self.target.with_steps(until)
+            else:
+                extra["steps"] = until
+                if start is not None:
+                    extra["resume_run"] = ResumeRun(start_from=start[run])
+            result, spec_path = self._spec(leg, run, f".{tag}", **extra)
+            if os.path.exists(result.trace):
+                os.remove(result.trace)
+            tasks.append(Task(leg, result, spec_path, env, fork=pool.usable(env, leg.device)))
+            results[run] = result
+        self.scheduler.execute(tasks, until, check_leg=False)
+        return results
 
     def named_runs(
         self, leg: Leg, runs: Sequence[tuple[str, dict[str, Any]]], until: int

@@ -24,12 +24,13 @@ from ..compare import (
     divergence_dict,
 )
 from ..config import PHASES, TRACE_PHASES, Config
-from ..contract import ProcessName, RunMeta
+from ..contract import ProcessName, Recording, RunMeta
 from ..golden import GoldenCheck
 from ..replicas import ReplicaCheck
 from ..trace import LATENT_PHASES, Trace, TraceError
 from ..verdict import FAILED_RUN, decide
 from .launch import Leg, RunResult
+from .sparse import Localized
 from .stages import Evidence, Measurement
 
 SCHEMA = "reprocheck.report/1"
@@ -309,6 +310,8 @@ def build_report(
     canary: dict[str, Any] | None = None,
     observer: dict[str, Any] | None = None,
     max_rate: float | None = None,
+    recording: Recording | None = None,
+    localized: Localized | None = None,
 ) -> dict[str, Any]:
     """Assemble the report; ``verdict`` and ``exit_code`` follow DESIGN.md's exit codes.
 
@@ -363,6 +366,8 @@ def build_report(
             "steps": config.steps,
             "preset": config.determinism.preset,
             "record": list(config.record),
+            # sparse (one digest per phase) or sampled (every M-th step) records
+            "recording": (recording or Recording()).describe(),
             **_script(legs, command, facts),
         },
         "legs": [
@@ -405,6 +410,8 @@ def build_report(
             for leg in legs
         ],
         "first_divergence": _first_divergence(first, golden, evidence, measurement),
+        # sparse or sampled records: how replays found the exact step and the tensor
+        "localized": localized.to_dict(recording or Recording()) if localized else None,
         "replicas": replicas.to_dict() if replicas is not None else None,
         "replica_divergence": (
             replicas.divergence.to_dict()

@@ -306,6 +306,29 @@ def _golden_change(d: dict[str, Any]) -> list[Text]:
     return lines
 
 
+def localized_line(report: dict[str, Any]) -> Text | None:
+    """Sparse or sampled records: where they put the divergence, and what the replays of
+    two runs that disagree found."""
+    found = report.get("localized")
+    if not isinstance(found, dict):
+        return None
+    recorded = found.get("recorded") or {}
+    text = f"{found.get('recording')}: "
+    interval = found.get("interval")
+    if interval:
+        text += f"the runs first differ in steps {interval[0] + 1}–{interval[1]}"
+        if found.get("step") is not None:
+            text += f", at step {found['step']}"
+    else:
+        text += f"the runs first differ at step {recorded.get('step')} · {recorded.get('phase')}"
+    replays = found.get("replays") or 0
+    text += f"; {replays} replay run{'s' if replays != 1 else ''}"
+    if found.get("named"):
+        text += " named the tensor"
+        return _line("records", text)
+    return _line("records", text + f" — the tensor is not named: {found.get('why')}", style=YELLOW)
+
+
 def divergence_lines(report: dict[str, Any]) -> list[Text]:
     d = report["first_divergence"]
     if d.get("compared") == "golden":
@@ -330,6 +353,9 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
     if d["step"]:
         steps = "step 0" if d["step"] == 1 else f"steps 0–{d['step'] - 1}"
         lines.append(_line("before", f"{steps} identical in every observable phase", style=GREEN))
+    localized = localized_line(report)
+    if localized is not None:
+        lines.append(localized)
     total = sum(len(group) for group in d["runs"])
     lines.append(
         _line(
@@ -773,6 +799,11 @@ def render(report: dict[str, Any], console: Console) -> None:
         _line(
             "time",
             f"{timings.get('total_s', 0):.1f} s (runs {timings.get('runs_s', 0):.1f} s"
+            + (
+                f", replays to the exact step {timings['localize_s']:.1f} s"
+                if "localize_s" in timings
+                else ""
+            )
             + (f", replay {timings['measure_s']:.1f} s" if "measure_s" in timings else "")
             + (
                 f" from the step-{start} checkpoint"

@@ -127,6 +127,8 @@ class ProcessRecorder:
         if status == "complete" and self.snapshot is not None:
             with contextlib.suppress(StepLimitReached):
                 hand_update_step(self)  # the last hand-written update, before the end
+        if status == "complete" and self.started:  # `--every M`: the last step's state
+            self._rec().end(self._state)
         self.finished = True
         return {
             "exec": prefixes(self),
