@@ -21,7 +21,14 @@ from typing import Any, Callable, List, Optional, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from typer.core import TyperGroup
 
 from . import __version__, jsonout
@@ -311,6 +318,7 @@ class RunProgress:
                 TextColumn("steps"),
                 TextColumn("{task.fields[status]}"),
                 TimeElapsedColumn(),
+                TimeRemainingColumn(),
                 console=stderr,
                 transient=True,
             )
@@ -335,6 +343,8 @@ class RunProgress:
                 escape(safe(f"{result.leg} #{result.run}", 200)), total=total or None, status=""
             )
         status = "" if result.status in ("running", "complete") else escape(safe(result.status))
+        if not status and result.agreed is not None:  # long runs: how far they agree so far
+            status = f"identical to step {result.agreed:,}"
         self.progress.update(self.tasks[key], completed=done, total=total or None, status=status)
 
 

@@ -49,6 +49,7 @@ class RunResult:
     # the traces of the Python processes the run started that trained: name → trace
     children: dict[str, str] = field(default_factory=dict)
     forked: bool = False  # started as a fork of a warm zygote (runner/pool.py), not fresh
+    agreed: int | None = None  # fail-fast: the leg's runs found identical up to this step
 
     @property
     def last_step(self) -> int | None:

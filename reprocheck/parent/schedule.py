@@ -282,6 +282,8 @@ class Scheduler:
                 is None
             ):
                 self._verified[traces] = common
+                for task in started:  # the progress says how far the runs agree
+                    task.result.agreed = common
                 continue
             for task in leg_tasks:
                 if task in self.running:
