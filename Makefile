@@ -54,6 +54,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_time_to_answer.py --markdown
 	$(BIN)/python benchmarks/bench_self_checks.py --markdown
 	$(BIN)/python benchmarks/bench_resume.py --markdown
+	$(BIN)/python benchmarks/bench_long_runs.py --markdown
 	$(BIN)/python benchmarks/bench_address_order.py --markdown
 	$(BIN)/python benchmarks/bench_device_digest.py --markdown
 	$(BIN)/python benchmarks/bench_ddp.py --markdown

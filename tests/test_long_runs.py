@@ -128,3 +128,17 @@ def test_bad_recording_options_are_one_line_and_exit_2(options, message):
     result = run_cli("exec", "-q", *options, "--", "python", NOISE, "--steps", "3")
     assert result.code == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_sampled_audits_canary_is_flipped_at_a_hashed_step_and_caught_there(tmp_path):
+    result = run_exec(
+        tmp_path / "out", tmp_path / "r.json", (NOISE, "--steps", "30"),
+        ("--every", "10", "--no-as-is-check"),
+        env={"REPROCHECK_CANARY": "1", "REPROCHECK_OBSERVER": "1"},
+    )  # fmt: skip
+    r = result.report
+    assert (result.code, r["verdict"]) == (0, "reproducible")
+    (process,) = r["canary"]["processes"]
+    assert (r["canary"]["caught"], r["canary"]["step"]) == (True, 10)
+    assert process["found"] == {"step": 10, "phase": "weights", "tensor": "0.weight"}
+    assert r["observer"]["agrees"] is True

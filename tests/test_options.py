@@ -117,6 +117,8 @@ def test_leg_options_read_the_command_line_as_every_command_does():
         "compile_": None,
         "python": None,
         "depth": "module",
+        "record": "sparse",
+        "every": 10,
         "out": "elsewhere",
         "jobs": 2,
         "timeout": None,
@@ -128,6 +130,8 @@ def test_leg_options_read_the_command_line_as_every_command_does():
         threads=(1, 2),
         env=("A=1",),
         depth="module",
+        record="sparse",
+        every=10,
         out="elsewhere",
         jobs=2,
     )
