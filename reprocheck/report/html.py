@@ -14,7 +14,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .safe import DATA_LIMIT, clean
 
@@ -248,6 +248,27 @@ def _relative(path: str | None, folder: Path) -> str | None:
         return path
 
 
+def environment(rel: Callable[[Any], str | None], undefined_missing: bool = False) -> Any:
+    """The pages' jinja2 environment: autoescaped, a missing value read as "—" (never
+    ``None`` or ``[]``; with ``undefined_missing``, an undefined one too), and ``rel`` as the
+    filter that makes a link relative to the page."""
+    from jinja2 import Environment, FileSystemLoader, Undefined, select_autoescape
+
+    def finalize(value: Any) -> Any:
+        missing = value is None or value == [] or value == {}
+        return "—" if missing or (undefined_missing and isinstance(value, Undefined)) else value
+
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(["html", "j2"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        finalize=finalize,
+    )
+    env.filters["rel"] = rel
+    return env
+
+
 def render_html(
     report: dict[str, Any],
     folder: Path | None = None,
@@ -256,7 +277,6 @@ def render_html(
     """The page for ``report``; links to traces and logs are relative to ``folder`` (where
     the page is written); ``rules``: the catalog's text of the findings' rules (code →
     why, example, fix), shown in full on the page."""
-    from jinja2 import Environment, FileSystemLoader, select_autoescape
     from markupsafe import Markup
 
     report = clean(report, DATA_LIMIT, newlines=True)
@@ -270,15 +290,7 @@ def render_html(
         comparisons.append(report["comparison"])
     growth = growth_svg(report, series)
     tolerance = tolerance_svg(comparisons)
-    env = Environment(
-        loader=FileSystemLoader(TEMPLATES),
-        autoescape=select_autoescape(["html", "j2"]),
-        trim_blocks=True,
-        lstrip_blocks=True,
-        # a value that is missing reads "—", never `None` or `[]`
-        finalize=lambda value: "—" if value is None or value == [] or value == {} else value,
-    )
-    env.filters["rel"] = lambda path: _relative(path, folder)
+    env = environment(lambda path: _relative(path, folder))
     template = env.get_template("report.html.j2")
     fail_fast_stopped = any(
         run["status"] == "stopped" for leg in report.get("legs") or [] for run in leg["runs"]
@@ -304,7 +316,11 @@ def write_html(
     """Write the page (atomically: a crash never leaves half a page)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = render_html(report, path.parent, rules)
+    return write_page(render_html(report, path.parent, rules), path)
+
+
+def write_page(text: str, path: Path) -> Path:
+    """Write a page's text atomically: a crash (a full disk) never leaves half a page."""
     temporary = path.with_name(path.name + ".tmp")
     try:
         temporary.write_text(text, encoding="utf-8")

@@ -84,36 +84,31 @@ def cases(report: dict[str, Any]) -> list[dict[str, Any]]:
 def write_junit(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Write the report as a JUnit XML file (testsuites/testsuite/testcase)."""
     report = clean(report)
-    items = cases(report)
-    failures = sum(1 for c in items if c.get("kind") == "failure")
-    errors = sum(1 for c in items if c.get("kind") == "error")
-    skipped = sum(1 for c in items if "skipped" in c)
-    seconds = f"{(report.get('timings') or {}).get('total_s', 0):.3f}"
-    suites = ET.Element(
-        "testsuites",
-        tests=str(len(items)),
-        failures=str(failures),
-        errors=str(errors),
-        skipped=str(skipped),
-        time=seconds,
-    )
-    suite = ET.SubElement(
-        suites,
-        "testsuite",
-        name=f"reprocheck.{report['config']['name']}",
-        tests=str(len(items)),
-        failures=str(failures),
-        errors=str(errors),
-        skipped=str(skipped),
-        time=seconds,
-    )
+    seconds = (report.get("timings") or {}).get("total_s", 0)
+    write_cases(cases(report), f"reprocheck.{report['config']['name']}", seconds, path)
+
+
+def write_cases(
+    items: list[dict[str, Any]], suite_name: str, seconds: float, path: str | os.PathLike
+) -> None:
+    """Test cases as a JUnit XML file: each its ``name``, its ``time`` (default 0), and a
+    ``failure`` (of ``kind`` failure or error), a ``skipped`` reason, its ``out``."""
+    counts = {
+        "tests": str(len(items)),
+        "failures": str(sum(1 for c in items if c.get("kind") == "failure")),
+        "errors": str(sum(1 for c in items if c.get("kind") == "error")),
+        "skipped": str(sum(1 for c in items if "skipped" in c)),
+        "time": f"{float(seconds or 0):.3f}",
+    }
+    suites = ET.Element("testsuites", **counts)
+    suite = ET.SubElement(suites, "testsuite", name=suite_name, **counts)
     for item in items:
         case = ET.SubElement(
             suite,
             "testcase",
-            classname=f"reprocheck.{report['config']['name']}",
+            classname=suite_name,
             name=item["name"],
-            time="0",
+            time=f"{float(item.get('time') or 0):.3f}" if "time" in item else "0",
         )
         if "skipped" in item:
             ET.SubElement(case, "skipped", message=str(item["skipped"]))
@@ -121,4 +116,6 @@ def write_junit(report: dict[str, Any], path: str | os.PathLike) -> None:
             tag = "error" if item.get("kind") == "error" else "failure"
             element = ET.SubElement(case, tag, message=item["failure"], type=f"reprocheck.{tag}")
             element.text = item["failure"]
+        if item.get("out"):
+            ET.SubElement(case, "system-out").text = item["out"]
     ET.ElementTree(suites).write(os.fspath(path), encoding="utf-8", xml_declaration=True)

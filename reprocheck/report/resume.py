@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -20,7 +19,8 @@ from rich.text import Text
 
 from .. import __version__
 from .github import _escape, _property
-from .html import TEMPLATES, _figure_svg, _pyplot
+from .html import _figure_svg, _pyplot, environment, write_page
+from .junit import write_cases
 from .safe import DATA_LIMIT, clean
 from .terminal import DIM, GREEN, RED, YELLOW, _line
 
@@ -511,32 +511,7 @@ def cases(report: dict[str, Any]) -> list[dict[str, Any]]:
 def write_junit(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Write the report as a JUnit XML file (testsuites/testsuite/testcase)."""
     report = clean(report)
-    items = cases(report)
-    failures = sum(1 for c in items if c.get("kind") == "failure")
-    errors = sum(1 for c in items if c.get("kind") == "error")
-    skipped = sum(1 for c in items if "skipped" in c)
-    counts = {
-        "tests": str(len(items)),
-        "failures": str(failures),
-        "errors": str(errors),
-        "skipped": str(skipped),
-        "time": f"{float(report.get('seconds') or 0):.3f}",
-    }
-    suites = ET.Element("testsuites", **counts)
-    suite = ET.SubElement(suites, "testsuite", name=CLASSNAME, **counts)
-    for item in items:
-        case = ET.SubElement(
-            suite, "testcase", classname=CLASSNAME, name=item["name"], time=f"{item['time']:.3f}"
-        )
-        if "skipped" in item:
-            ET.SubElement(case, "skipped", message=str(item["skipped"]))
-        elif "failure" in item:
-            tag = "error" if item.get("kind") == "error" else "failure"
-            element = ET.SubElement(case, tag, message=item["failure"], type=f"reprocheck.{tag}")
-            element.text = item["failure"]
-        if item.get("out"):
-            ET.SubElement(case, "system-out").text = item["out"]
-    ET.ElementTree(suites).write(os.fspath(path), encoding="utf-8", xml_declaration=True)
+    write_cases(cases(report), CLASSNAME, float(report.get("seconds") or 0), path)
 
 
 def _script(command: Any) -> str | None:
@@ -666,25 +641,12 @@ def _link(path: Any, folder: Path) -> str | None:
 def render_html(report: dict[str, Any], folder: Path | None = None) -> str:
     """The page for ``report``; links to traces and logs are relative to ``folder`` (where
     the page is written; by default the report's out_dir)."""
-    from jinja2 import Environment, FileSystemLoader, Undefined, select_autoescape
     from markupsafe import Markup
 
     report = clean(report, DATA_LIMIT, newlines=True)
     folder = Path(folder or report.get("out_dir") or ".")
     svg = losses_svg(report)
-    env = Environment(
-        loader=FileSystemLoader(TEMPLATES),
-        autoescape=select_autoescape(["html", "j2"]),
-        trim_blocks=True,
-        lstrip_blocks=True,
-        # a value that is missing reads "—", never `None` or `[]`
-        finalize=lambda value: (
-            "—"
-            if value is None or value == [] or value == {} or isinstance(value, Undefined)
-            else value
-        ),
-    )
-    env.filters["rel"] = lambda path: _link(path, folder)
+    env = environment(lambda path: _link(path, folder), undefined_missing=True)
     env.filters["command"] = _command
     runs = report.get("runs") or {}
     return env.get_template(TEMPLATE).render(
@@ -706,12 +668,4 @@ def write_html(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the page (atomically: a crash never leaves half a page)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = render_html(report, path.parent)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    except BaseException:  # (a full disk): no half a page left behind
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    return write_page(render_html(report, path.parent), path)
