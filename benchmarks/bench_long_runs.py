@@ -160,12 +160,48 @@ def _child(*args: object) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def whole_audits(steps: int, repeats: int) -> list[list[str]]:
+    """``reprocheck exec -n 2`` of a long script (tests/scripts/late_noise.py, a ~0.4-ms
+    step) recorded each way, its canary and observer runs included, against the two plain
+    runs it stands for, one after the other; medians of ``repeats``, interleaved."""
+    script = str(Path(__file__).resolve().parent.parent / "tests" / "scripts" / "late_noise.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    ways = {"full": (), "sparse": ("--record", "sparse"), "every 10": ("--every", "10")}
+    times: dict[str, list[float]] = {"plain": [], **{way: [] for way in ways}}
+
+    def clock(command: list[str], cwd: str) -> float:
+        began = time.perf_counter()
+        subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True)
+        return time.perf_counter() - began
+
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as folder:
+            plain = [sys.executable, script, "--steps", str(steps)]
+            times["plain"].append(clock(plain, folder) + clock(plain, folder))
+            for way, options in ways.items():
+                command = [sys.executable, "-m", "reprocheck", "exec", "-n", "2", "-q",
+                           "--no-as-is-check", "--out", folder, *options, "--", "python",
+                           script, "--steps", str(steps)]  # fmt: skip
+                times[way].append(clock(command, folder))
+    plain = statistics.median(times["plain"])
+    cells = [f"{steps:,} steps", f"{plain:.1f} s"]
+    for way in ways:
+        took = statistics.median(times[way])
+        cells.append(f"{took:.1f} s ({took / plain:.2f}×)")
+    return [cells]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--audits-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.audits_only:
+        head = ["job", "2 plain runs", "audit, full", "audit, sparse", "audit, every 10"]
+        print(table(head, whole_audits(2000, 3), args.markdown))
+        return
     if args.child:
         kind, *rest = json.loads(args.child)
         print(json.dumps((timed if kind == "timed" else peak)(*rest)))
@@ -203,6 +239,9 @@ def main() -> None:
         "peak RSS plain / full / sparse / every 10",
     ]
     print(table(head, rows, args.markdown))
+    print()
+    head = ["job", "2 plain runs", "audit, full", "audit, sparse", "audit, every 10"]
+    print(table(head, whole_audits(2000, 3), args.markdown))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ NOISE = str(SCRIPTS / "late_noise.py")
 
 def _audit(tmp_path: Path, steps: int, noise_step: int, *options: str):
     # the noise is added from loop index noise_step - 1 on: the optimizer's step noise_step
+    # (loud enough that the loss, not only the gradients, differs at that step)
     command = (NOISE, "--steps", str(steps), "--noise-from", str(noise_step - 1))
+    command += ("--noise-scale", "1e-3")
     return run_exec(tmp_path / "out", tmp_path / "r.json", command, ("--no-measure", *options))
 
 
