@@ -24,7 +24,8 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         loss = nn.functional.mse_loss(model(x), y)
         if unlucky and step >= 2:
-            loss = loss + 1e-6 * random.SystemRandom().random()
+            # at least 1e-6 (several float32 ulps of the loss): never rounded away
+            loss = loss + 1e-6 * (1 + random.SystemRandom().random())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
