@@ -35,7 +35,9 @@ def _runs(config, folder, fork: bool, target=None):
     return leg.runs
 
 
-@pytest.mark.parametrize("kind", ["config", "script"])
+# a script's case is slow: the default suite's run-0 test below audits a script with a fresh
+# run 0 and two forks, exit 0 asserted (the forks record what the fresh run records)
+@pytest.mark.parametrize("kind", ["config", pytest.param("script", marks=pytest.mark.slow)])
 def test_a_forked_run_records_what_a_fresh_run_records(tmp_path, kind, monkeypatch):
     monkeypatch.setenv("REPROCHECK_POOL", "1")  # fork_runs=False must mean a fresh start
     if kind == "config":
