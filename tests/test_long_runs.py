@@ -91,6 +91,7 @@ def test_a_2000_step_job_with_noise_from_step_1500_is_found_exactly(tmp_path, op
         assert r["localized"]["interval"] == [1408, 1536]
 
 
+@pytest.mark.slow
 def test_a_sparse_golden_is_checked_sparse_and_a_full_trace_is_refused(tmp_path, audit):
     golden = tmp_path / "golden.sqlite"
     command = ("--", "python", NOISE, "--steps", "200")
@@ -131,6 +132,7 @@ def test_bad_recording_options_are_one_line_and_exit_2(options, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_sampled_audits_canary_is_flipped_at_a_hashed_step_and_caught_there(tmp_path):
     result = run_exec(
         tmp_path / "out", tmp_path / "r.json", (NOISE, "--steps", "30"),

@@ -1,5 +1,7 @@
 """``reprocheck resume`` and ``run --resume-at``: real runs of scripts that checkpoint and
-resume (tests/scripts/resume_*.py), each audit once per module and shared by its tests."""
+resume (tests/scripts/resume_*.py), each audit once per module and shared by its tests.
+The default suite runs one real resume audit (a full checkpoint, with its control) and the
+usage errors; every other case is ``slow`` (``make test-slow``)."""
 
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ def test_a_checkpoint_of_every_state_resumes_bit_for_bit_and_the_rng_control_div
     assert Path(r["html"]).exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_the_generators_names_them(resumes):
     result = resumes("resume_plain.py", "--omit", "rng", options=("--control", "none"))
     r = result.report
@@ -110,6 +113,7 @@ def test_a_checkpoint_without_the_generators_names_them(resumes):
     assert "RC033" in ET.tostring(suite, encoding="unicode")
 
 
+@pytest.mark.slow
 def test_no_checkpoint_at_or_after_the_step_is_not_verified(resumes):
     result = resumes("resume_plain.py", at=20)
     r = result.report
@@ -177,6 +181,7 @@ def test_a_lightning_ckpt_path_resume_restarts_the_epoch(resumes):
     assert r["missing"]["evidence"]["batch_of_step"] == 1
 
 
+@pytest.mark.slow
 def test_a_configs_own_checkpoints_resume_bit_for_bit(tmp_path):
     result = run_cli(
         "run", str(ROOT / "configs" / "demo.yaml"), "--resume-at", "4", "-q",
