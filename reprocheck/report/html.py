@@ -10,6 +10,7 @@ reads no trace. The plots are matplotlib figures inlined as SVG.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -248,15 +249,38 @@ def _relative(path: str | None, folder: Path) -> str | None:
         return path
 
 
-def environment(rel: Callable[[Any], str | None], undefined_missing: bool = False) -> Any:
-    """The pages' jinja2 environment: autoescaped, a missing value read as "—" (never
-    ``None`` or ``[]``; with ``undefined_missing``, an undefined one too), and ``rel`` as the
-    filter that makes a link relative to the page."""
-    from jinja2 import Environment, FileSystemLoader, Undefined, select_autoescape
+def page(
+    name: str,
+    rel: Callable[[Any], str | None],
+    undefined_missing: bool = False,
+    filters: dict[str, Callable[..., Any]] | None = None,
+) -> Any:
+    """A page's template, from an environment made once per process (compiling a template
+    is half of a page's time): autoescaped, a missing value read as "—" (never ``None`` or
+    ``[]``; with ``undefined_missing``, an undefined one too); ``|rel`` makes a link
+    relative to the page with ``rel``; ``filters``: the page's own. Render it with
+    :func:`render_page`."""
+    env = _environment(undefined_missing)
+    env.filters.update(filters or {})
+    return env.get_template(name), rel
+
+
+def render_page(found: tuple[Any, Callable[[Any], str | None]], **values: Any) -> str:
+    template, rel = found
+    return template.render(_rel=rel, **values)
+
+
+@functools.cache
+def _environment(undefined_missing: bool) -> Any:
+    from jinja2 import Environment, FileSystemLoader, Undefined, pass_context, select_autoescape
 
     def finalize(value: Any) -> Any:
         missing = value is None or value == [] or value == {}
         return "—" if missing or (undefined_missing and isinstance(value, Undefined)) else value
+
+    @pass_context
+    def rel(context: Any, path: Any) -> str | None:
+        return context["_rel"](path)
 
     env = Environment(
         loader=FileSystemLoader(TEMPLATES),
@@ -290,14 +314,14 @@ def render_html(
         comparisons.append(report["comparison"])
     growth = growth_svg(report, series)
     tolerance = tolerance_svg(comparisons)
-    env = environment(lambda path: _relative(path, folder))
-    template = env.get_template("report.html.j2")
+    template = page("report.html.j2", lambda path: _relative(path, folder))
     fail_fast_stopped = any(
         run["status"] == "stopped" for leg in report.get("legs") or [] for run in leg["runs"]
     )
     from .. import __version__
 
-    return template.render(
+    return render_page(
+        template,
         version=__version__,
         r=report,
         first=report.get("first_divergence") or (report.get("audit") or {}).get("first_divergence"),

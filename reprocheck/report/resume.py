@@ -19,7 +19,7 @@ from rich.text import Text
 
 from .. import __version__
 from .github import _escape, _property
-from .html import _figure_svg, _pyplot, environment, write_page
+from .html import _figure_svg, _pyplot, page, render_page, write_page
 from .junit import write_cases
 from .safe import DATA_LIMIT, clean
 from .terminal import DIM, GREEN, RED, YELLOW, _line
@@ -646,10 +646,15 @@ def render_html(report: dict[str, Any], folder: Path | None = None) -> str:
     report = clean(report, DATA_LIMIT, newlines=True)
     folder = Path(folder or report.get("out_dir") or ".")
     svg = losses_svg(report)
-    env = environment(lambda path: _link(path, folder), undefined_missing=True)
-    env.filters["command"] = _command
+    template = page(
+        TEMPLATE,
+        lambda path: _link(path, folder),
+        undefined_missing=True,
+        filters={"command": _command},
+    )
     runs = report.get("runs") or {}
-    return env.get_template(TEMPLATE).render(
+    return render_page(
+        template,
         version=__version__,
         r=report,
         title=TITLES.get(report.get("verdict") or "", report.get("verdict")),
