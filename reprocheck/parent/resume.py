@@ -246,7 +246,7 @@ def compare(
                     "tensor": record.name if record else None,
                     "kind": kind,
                 }
-                evidence.update(_evidence(reference, resumed, step, own_step, record, offset))
+                evidence.update(_evidence(reference, resumed, step, own_step, record))
                 break
             if latent is None:
                 found = _first_difference([r for r in a if r.latent], [r for r in b if r.latent])
@@ -265,7 +265,7 @@ def compare(
 
 
 def _evidence(
-    reference: Trace, resumed: Trace, step: int, own_step: int, record: Record | None, offset: int
+    reference: Trace, resumed: Trace, step: int, own_step: int, record: Record | None
 ) -> dict[str, Any]:
     """What the missing state is read from: where the resumed run's batch came from, the
     two losses of the step."""
