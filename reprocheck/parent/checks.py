@@ -66,8 +66,8 @@ def self_checks(
     run0 = leg.runs[0]
     step = 1 if run0.steps >= 2 else 0
     every = options.recording.every
-    if every is not None and run0.steps > every + 1:  # a sampled step: the canary's is hashed
-        step = every
+    if every is not None:  # a step that is hashed: M, or 0 in a run too short for M
+        step = every if run0.steps > every + 1 else 0
     # run 0's processes that trained: name → (trace, steps committed)
     trained = {
         name: (path, steps)
