@@ -68,7 +68,17 @@ import threading
 import time
 from typing import Any
 
-from ..contract import AUDIT_ENV, DEATH_ENV, POOL_ENV, PYTHON_ENV, THREAD_VARS, thread_count
+from ..contract import (
+    AS_IS_ENV,
+    AUDIT_ENV,
+    CANARY_ENV,
+    DEATH_ENV,
+    OBSERVER_ENV,
+    POOL_ENV,
+    PYTHON_ENV,
+    THREAD_VARS,
+    thread_count,
+)
 
 READY_TIMEOUT_S = 120.0
 SWEEP_S = 10.0  # the reaper's longest sweep
@@ -83,9 +93,19 @@ STARTUP_PREFIXES = (
 )  # fmt: skip
 
 
+# the audit's own switches, read by the audit's process alone: a run never sees them start
+PARENT_ONLY = frozenset((POOL_ENV, CANARY_ENV, OBSERVER_ENV, AS_IS_ENV))
+
+
 def startup_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """The part of an environment a zygote must have been started with."""
-    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(STARTUP_PREFIXES)))
+    return tuple(
+        sorted(
+            (k, v)
+            for k, v in env.items()
+            if k.startswith(STARTUP_PREFIXES) and k not in PARENT_ONLY
+        )
+    )
 
 
 def _any_count(key: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
