@@ -139,7 +139,8 @@ def _first_difference(
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _record_key(record: Record | None) -> tuple | None:
+def record_key(record: Record | None) -> tuple | None:
+    """What makes two records the same: phase, name, shape, dtype and digest."""
     if record is None:
         return None
     return (record.phase, record.name, record.shape, record.dtype, record.digest)
@@ -190,7 +191,7 @@ def first_divergence(
         sides: dict[tuple | None, Record | None] = {}
         for run, trace in opened:
             record = trace.record(step, seq)
-            key = _record_key(record)
+            key = record_key(record)
             groups.setdefault(key, []).append(run)
             sides.setdefault(key, record)
         shown = next(r for r in sides.values() if r is not None)

@@ -64,6 +64,8 @@ def thread_count(env: dict[str, str]) -> int | None:
 
 # what the observer run records: the state alone (no data, outputs, loss or gradients)
 OBSERVED = ("weights", "optimizer")
+# what a run keeps from step to step: the state, and the generators'
+STATE_PHASES = (*OBSERVED, "rng")
 
 # ------------------------------------------------------------------ exit statuses
 
@@ -623,6 +625,7 @@ __all__ = [
     "PROCESS_ENV",
     "PYTHON_ENV",
     "RECORD_MODES",
+    "STATE_PHASES",
     "Canary",
     "Capture",
     "CheckpointPlan",

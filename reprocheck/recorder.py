@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .config import TRACE_PHASES
-from .contract import PHASE_DIGEST, Recording
+from .contract import PHASE_DIGEST, STATE_PHASES, Recording
 from .fingerprint import StepHasher
 from .trace import LATENT_PHASES, TraceWriter, pack_ids
 
@@ -32,7 +32,6 @@ from .trace import LATENT_PHASES, TraceWriter, pack_ids
 _fp = importlib.import_module(".fingerprint", __package__)
 
 _PHASE_INDEX = {phase: index for index, phase in enumerate(TRACE_PHASES)}
-STATE = frozenset(("weights", "optimizer", "rng"))  # what a run keeps from step to step
 RSS_EVERY = 100  # steps between samples of the run's resident memory
 
 
@@ -314,7 +313,7 @@ class StepRecorder:
             return
         step, loss, wall = self._pending
         self._pending = None
-        self.phases = self._all_phases & STATE
+        self.phases = self._all_phases & frozenset(STATE_PHASES)
         state()
         self.phases = self._all_phases
         self._log(step, loss, wall)

@@ -426,53 +426,23 @@ CASES = [
         "the data stream's position was not restored",
         None,
     ),
-    (
-        rules.RC033,
-        "resume",
-        RESUMED,
-        "the resumed run differs from the reference at step 5 · outputs · output (its step 1); "
-        "the checkpoint held: model, optimizer — the generators' state was not restored",
-        None,
-    ),
-    (
-        rules.RC034,
-        "resume",
-        RESUMED,
-        "the resumed run differs from the reference at step 5 · outputs · output (its step 1); "
-        "the checkpoint held: model, optimizer — the optimizer's state was not restored",
-        None,
-    ),
-    (
-        rules.RC035,
-        "resume",
-        RESUMED,
-        "the resumed run differs from the reference at step 5 · outputs · output (its step 1); "
-        "the checkpoint held: model, optimizer — the learning-rate scheduler was not restored",
-        None,
-    ),
-    (
-        rules.RC036,
-        "resume",
-        RESUMED,
-        "the resumed run differs from the reference at step 5 · outputs · output (its step 1); "
-        "the checkpoint held: model, optimizer — the loss scaler's state was not restored",
-        None,
-    ),
-    (
-        rules.RC037,
-        "resume",
-        RESUMED,
-        "the resumed run differs from the reference at step 5 · outputs · output (its step 1); "
-        "the checkpoint held: model, optimizer — the model's weights were not restored",
-        None,
-    ),
-    (
-        rules.RC038,
-        "resume",
-        RESUMED,
-        "the resumed run differs from the reference at step 5 · outputs · output (its step 1); "
-        "the checkpoint held: model, optimizer — no restored state explains it",
-        None,
+    *(
+        (
+            rule,
+            "resume",
+            RESUMED,
+            "the resumed run differs from the reference at step 5 · outputs · output (its step "
+            f"1); the checkpoint held: model, optimizer — {tail}",
+            None,
+        )
+        for rule, tail in (
+            (rules.RC033, "the generators' state was not restored"),
+            (rules.RC034, "the optimizer's state was not restored"),
+            (rules.RC035, "the learning-rate scheduler was not restored"),
+            (rules.RC036, "the loss scaler's state was not restored"),
+            (rules.RC037, "the model's weights were not restored"),
+            (rules.RC038, "no restored state explains it"),
+        )
     ),
 ]
 

@@ -14,6 +14,7 @@ from ..compare import (
 )
 from ..config import Config
 from ..contract import (
+    OBSERVED,
     PHASE_DIGEST,
     Canary,
     Function,
@@ -127,11 +128,7 @@ def state_difference(recorded: str, observed: str) -> dict[str, Any] | None:
     recorded run and the observer run, over the steps both committed."""
     with Trace(recorded, own=True) as a, Trace(observed, own=True) as b:
         for step in sorted(set(a.steps) & set(b.steps)):
-            theirs = {
-                (r.phase, r.name): r.digest
-                for r in b.records(step)
-                if r.phase in ("weights", "optimizer")
-            }
+            theirs = {(r.phase, r.name): r.digest for r in b.records(step) if r.phase in OBSERVED}
             for record in a.records(step):
                 key = (record.phase, record.name)
                 if key in theirs and theirs[key] != record.digest:

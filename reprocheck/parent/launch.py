@@ -367,11 +367,21 @@ class Launcher:
         """More runs of ``leg`` beside the verdict's, never part of it (the canary, the
         observer), side by side: each (suffix, what joins its spec), numbered after the
         verdict's, forked where the pool serves; ``until``: the step progress counts to."""
+        specs = [
+            self._spec(leg, self.config.repeats, suffix, **{"recording": self.recording, **extra})
+            for suffix, extra in runs
+        ]
+        return self._side_by_side(leg, specs, until)
+
+    def _side_by_side(
+        self, leg: Leg, specs: Sequence[tuple[RunResult, str]], until: int
+    ) -> list[RunResult]:
+        """Runs beside the verdict's (each its result and spec), side by side, each forked
+        where the pool serves, a trace left by an earlier run of that name removed first;
+        ``until``: the step progress counts to."""
         env = self._environment(leg)
         tasks = []
-        for suffix, extra in runs:
-            extra = {"recording": self.recording, **extra}
-            result, spec_path = self._spec(leg, self.config.repeats, suffix, **extra)
+        for result, spec_path in specs:
             if os.path.exists(result.trace):
                 os.remove(result.trace)
             tasks.append(Task(leg, result, spec_path, env, fork=pool.usable(env, leg.device)))
@@ -390,7 +400,6 @@ class Launcher:
         """Runs of ``leg`` replayed to step ``until`` whole (not a capture): ``recording``
         as asked (None: in full); a config's from its newest checkpoint at a step ≤
         ``resume_before`` that every run has (a script's from its start). run → result."""
-        env = self._environment(leg)
         start = None
         if resume_before is not None and not self.target.is_script and self.checkpoints:
             found = [
@@ -403,7 +412,7 @@ class Launcher:
                 }
                 if not all(os.path.exists(path) for path in start.values()):
                     start = None
-        tasks, results = [], {}
+        specs = []
         for run in runs:
             extra: dict[str, Any] = {"recording": recording}
             if self.target.is_script:
@@ -412,13 +421,8 @@ class Launcher:
                 extra["steps"] = until
                 if start is not None:
                     extra["resume_run"] = ResumeRun(start_from=start[run])
-            result, spec_path = self._spec(leg, run, f".{tag}", **extra)
-            if os.path.exists(result.trace):
-                os.remove(result.trace)
-            tasks.append(Task(leg, result, spec_path, env, fork=pool.usable(env, leg.device)))
-            results[run] = result
-        self.scheduler.execute(tasks, until, check_leg=False)
-        return results
+            specs.append(self._spec(leg, run, f".{tag}", **extra))
+        return dict(zip(runs, self._side_by_side(leg, specs, until)))
 
     def named_runs(
         self, leg: Leg, runs: Sequence[tuple[str, dict[str, Any]]], until: int
@@ -426,17 +430,13 @@ class Launcher:
         """Runs of ``leg`` by name (a resume audit's ``reference``, ``stopped`` …), side by
         side: each (its name, what joins its spec: its target, its ``resume_run``), forked
         where the pool serves; ``until``: the step progress counts to."""
-        env = self._environment(leg)
-        tasks = []
+        specs = []
         for name, extra in runs:
             self._named += 1  # numbered in order: progress shows `reference #0`, `stopped #1`
             result, spec_path = self._spec(leg, self._named - 1, stem=name, **extra)
             result.leg = name
-            if os.path.exists(result.trace):
-                os.remove(result.trace)
-            tasks.append(Task(leg, result, spec_path, env, fork=pool.usable(env, leg.device)))
-        self.scheduler.execute(tasks, until, check_leg=False)
-        return [task.result for task in tasks]
+            specs.append((result, spec_path))
+        return self._side_by_side(leg, specs, until)
 
     def analyse(self, leg: Leg, request: dict[str, Any]) -> dict[str, Any]:
         """Measure what replays kept (:mod:`.analysis`) in a fork of the leg's zygote, or

@@ -30,8 +30,18 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from ..compare import record_key
 from ..config import Config
-from ..contract import CheckpointPlan, Recipe, ResumeRun, RunMeta, Script, Target
+from ..contract import (
+    OBSERVED,
+    STATE_PHASES,
+    CheckpointPlan,
+    Recipe,
+    ResumeRun,
+    RunMeta,
+    Script,
+    Target,
+)
 from ..doctor import rules
 from ..trace import Record, Trace, TraceError
 from ..verdict import EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED
@@ -40,7 +50,6 @@ from .audit import make_audit_dir
 from .launch import Launcher, RunResult, plan_legs
 
 CONTROLS = ("auto", "rng", "optimizer", "data", "none")
-STATE_PHASES = ("weights", "optimizer", "rng")
 
 # the keys of a saved object, by the state they name (what the checkpoint holds)
 _HOLDS = (
@@ -109,15 +118,11 @@ def _state(records: list[Record], phase: str) -> list[Record]:
     return [r for r in records if r.phase == phase]
 
 
-def _key(record: Record) -> tuple:
-    return (record.phase, record.name, record.shape, record.dtype, record.digest)
-
-
 def _first_difference(a: list[Record], b: list[Record]) -> tuple[Record | None, str] | None:
     """The first record where two lists differ: (the reference's record or the resumed
     run's where the reference has none, value | structure); None when equal."""
     for x, y in zip(a, b):
-        if _key(x) != _key(y):
+        if record_key(x) != record_key(y):
             same = (x.phase, x.name, x.shape, x.dtype) == (y.phase, y.name, y.shape, y.dtype)
             return x, "value" if same else "structure"
     if len(a) != len(b):
@@ -141,7 +146,7 @@ def _state_at(ref: list[Record], res: list[Record]) -> dict[str, dict[str, Any]]
 
 
 def _weights(trace: Trace, step: int) -> list[tuple]:
-    return [_key(r) for r in trace.records(step) if r.phase == "weights"]
+    return [record_key(r) for r in trace.records(step) if r.phase == "weights"]
 
 
 def align(reference: Trace, resumed: Trace, first: int, expected: int) -> int | None:
@@ -216,8 +221,9 @@ def compare(
         # a resume that starts from them restored no model (compared from the checkpoint)
         start = aligned if aligned else checkpoint_step
         offset = start - first
-        phases = ("weights", "optimizer") if script else STATE_PHASES
-        ref0 = [r for r in reference.records(start) if r.phase in phases]
+        phases = OBSERVED if script else STATE_PHASES
+        at_start = list(reference.records(start))
+        ref0 = [r for r in at_start if r.phase in phases]
         res0 = [r for r in resumed.records(first) if r.phase in phases]
         state = _state_at(ref0, res0)
         last = min(reference.last_step or 0, (resumed.last_step or first) + offset)
@@ -230,7 +236,7 @@ def compare(
             a = ref_records if ref_records is not None else list(reference.records(step))
             b = res_records if res_records is not None else list(resumed.records(own_step))
             if step == start + 1:
-                b = _first_batches(list(reference.records(start)), a, b)
+                b = _first_batches(at_start, a, b)
                 if script:  # the generators after the first resumed step
                     state["rng"] = _state_at(a, b)["rng"]
                     state["rng"]["step"] = step
@@ -271,11 +277,11 @@ def _evidence(
     two losses of the step."""
     out: dict[str, Any] = {}
     if record is not None and record.phase == "data":
-        batch = [_key(r) for r in resumed.records(own_step) if r.phase == "data"]
+        batch = [record_key(r) for r in resumed.records(own_step) if r.phase == "data"]
         for other in reference.steps:
             if (
                 other != step
-                and [_key(r) for r in reference.records(other) if r.phase == "data"] == batch
+                and [record_key(r) for r in reference.records(other) if r.phase == "data"] == batch
             ):
                 out["batch_of_step"] = other
                 break
@@ -318,7 +324,7 @@ def missing(result: Comparison, keys: list[str]) -> dict[str, Any] | None:
             what = "scaler"
         else:
             what = "rng" if rng_lost else "unknown"
-    elif phase in ("weights", "optimizer"):
+    elif phase in OBSERVED:
         what = "optimizer" if state["optimizer"] == "differs" else "scheduler"
     else:
         what = "rng" if rng_lost else "unknown"
@@ -372,8 +378,8 @@ def _draws(path: str, a: int, b: int) -> tuple[bool, bool]:
     """(whether the generators moved between steps a and b, whether the optimizer holds
     state at step a) in the reference: the controls that apply."""
     with Trace(path, own=True) as trace:
-        rng_a = [_key(r) for r in trace.records(a) if r.phase == "rng"]
-        rng_b = [_key(r) for r in trace.records(b) if r.phase == "rng"]
+        rng_a = [record_key(r) for r in trace.records(a) if r.phase == "rng"]
+        rng_b = [record_key(r) for r in trace.records(b) if r.phase == "rng"]
         optimizer = any(r.phase == "optimizer" for r in trace.records(a))
     return rng_a != rng_b, optimizer
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .naming import _caller, _unwrapped
+from .saves import file_path
 
 if TYPE_CHECKING:
     from .recorder import ProcessRecorder
@@ -155,14 +156,14 @@ def watch_writes(session: Session) -> None:
     own = os.path.dirname(os.path.abspath(session.settings.trace)) + os.sep
 
     def note(file: Any) -> None:
-        with contextlib.suppress(TypeError, ValueError):
-            if isinstance(file, (str, bytes, os.PathLike)):
-                path = os.path.abspath(os.fsdecode(file))
-                session.saves.opened_for_writing(path)  # a resume audit's checkpoint file
-                if not path.startswith(own):
-                    written = session.written.setdefault(os.getpid(), set())
-                    if len(written) < MAX_WRITTEN:
-                        written.add(path)
+        path = file_path(file)
+        if path is None:
+            return
+        session.saves.opened_for_writing(path)  # a resume audit's checkpoint file
+        if not path.startswith(own):
+            written = session.written.setdefault(os.getpid(), set())
+            if len(written) < MAX_WRITTEN:
+                written.add(path)
 
     @functools.wraps(original)
     def opened(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:

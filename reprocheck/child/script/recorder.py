@@ -275,13 +275,18 @@ class ProcessRecorder:
         window_after(self, self.step)
         limit = self.session.max_steps
         if limit is not None and self.step >= limit:
-            self.finish("complete")
-            if _FORKS["name"] is not None and self.key == _FORKS["name"]:
-                # a bare fork has no process object to end it cleanly (a SystemExit would
-                # unwind through its parent's frames): it runs on to its end, unrecorded
-                self.session.recorders[os.getpid()] = None
-                return
-            raise StepLimitReached(0)
+            self.stop()
+
+    def stop(self) -> None:
+        """End the run here, complete: after its last step, or (a resume audit's) after
+        its checkpoint."""
+        self.finish("complete")
+        if _FORKS["name"] is not None and self.key == _FORKS["name"]:
+            # a bare fork has no process object to end it cleanly (a SystemExit would
+            # unwind through its parent's frames): it runs on to its end, unrecorded
+            self.session.recorders[os.getpid()] = None
+            return
+        raise StepLimitReached(0)
 
     def _state(self) -> None:
         rec = self._rec()

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ... import checkpoint
-from ..context import StepLimitReached
 from .naming import optimizers_created
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ def saved_keys(obj: Any) -> list[str]:
     return keys
 
 
-def _path(file: Any) -> str | None:
+def file_path(file: Any) -> str | None:
     """A path's absolute form; an open file's (``io`` and fsspec files: their ``name`` or
     ``path``), else None."""
     if isinstance(file, io.IOBase):
@@ -94,7 +93,7 @@ class Saves:
 
             hand_update_step(rec)  # an update by hand right before the save is its step
         step = rec.step if rec is not None and rec.started else 0
-        entry = {"step": step, "file": _path(file), "writer": writer, "keys": saved_keys(obj)}
+        entry = {"step": step, "file": file_path(file), "writer": writer, "keys": saved_keys(obj)}
         if len(self.saves) < MAX_NOTED:
             self.saves.append(entry)
         self.awaiting_file = entry if entry["file"] is None else None
@@ -112,7 +111,7 @@ class Saves:
     def moved(self, source: Any, destination: Any) -> None:
         """A file written elsewhere and moved into place (an atomic save: fsspec's, a
         ``.tmp`` and ``os.replace``): the save's file is where it landed."""
-        before, after = _path(source), _path(destination)
+        before, after = file_path(source), file_path(destination)
         if before is None or after is None:
             return
         if os.path.isdir(after):
@@ -125,7 +124,7 @@ class Saves:
             self._write(self.session.recorders.get(os.getpid()), saves=self.saves)
 
     def loaded(self, file: Any) -> None:
-        path = _path(file)
+        path = file_path(file)
         if len(self.loads) < MAX_NOTED:
             self.loads.append(path or "<a file object>")
         self._write(self.session.recorders.get(os.getpid()), loads=self.loads)
@@ -143,8 +142,7 @@ class Saves:
             return
         if rec.context is not None:
             rec.context.writer.set_meta(stopped_after_save=self.stop_due)
-        rec.finish("complete")
-        raise StepLimitReached(0)
+        rec.stop()
 
     # -- the control ---------------------------------------------------------------------------
     def before_forward(self, rec: ProcessRecorder, module: torch.nn.Module) -> None:
