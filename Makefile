@@ -55,6 +55,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_self_checks.py --markdown
 	$(BIN)/python benchmarks/bench_resume.py --markdown
 	$(BIN)/python benchmarks/bench_long_runs.py --markdown
+	$(BIN)/python benchmarks/bench_script_hooks.py --markdown
 	$(BIN)/python benchmarks/bench_address_order.py --markdown
 	$(BIN)/python benchmarks/bench_device_digest.py --markdown
 	$(BIN)/python benchmarks/bench_ddp.py --markdown

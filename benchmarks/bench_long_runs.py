@@ -1,14 +1,20 @@
 """What recording costs a long job, per step: full, sparse and sampled records against a
 plain step, at three model sizes with AdamW, torch on one thread.
 
-Each mode runs in a fresh process (its peak memory is its own): a plain MLP training loop,
-recorded through :class:`~reprocheck.recorder.StepRecorder` as the config loop records
-(data, outputs, loss, gradients, weights, optimizer state, generators). Per-step times are
-taken around each step (start-up is never in them), medians over the steps after warm-up;
-the hashing floor is the bytes a step hashes divided by the fingerprint's bandwidth on the
-same tensors, measured in the same process.
+A plain MLP training loop, recorded through :class:`~reprocheck.recorder.StepRecorder` as
+the config loop records (data, outputs, loss, gradients, weights, optimizer state,
+generators): ``full`` hashing on the training thread, ``full, beside`` with the large
+tensors hashed on a thread beside it (a core free: torch runs on one), ``sparse``,
+``every 10``. All modes run in one process, ``--block`` steps each in turn (the machine's
+drift falls on all alike; a thread hashing beside training overlaps its own run's next
+steps, as in an audit); per-step wall and CPU times (every thread's) are taken around each
+step (start-up is never in them), medians over the steps after the first block, leaving
+out each block's first step (the mode before's thread may still be hashing then). The
+hashing floor is the bytes a step hashes divided by the fingerprint's bandwidth on the
+same tensors, measured in the same process; the step log's share (its write and SQLite's
+folds) is timed inside the recorder. Peak memory: each mode alone in a fresh process.
 
-    python benchmarks/bench_long_runs.py [--steps 30] [--markdown]
+    python benchmarks/bench_long_runs.py [--steps 40] [--block 5] [--markdown]
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import table
 
 # (name, width, layers, batch): ~1M, ~10M, ~40M parameters; the batch sets the step time
-SIZES = [("~1M", 1024, 1, 160), ("~10M", 1600, 4, 160), ("~40M", 2560, 6, 160)]
-MODES = ["plain", "full", "sparse", "every 10"]
+# (≈ 20 ms, 200 ms, 1 s on one thread of this machine)
+SIZES = [("~1M", 1024, 1, 280), ("~10M", 1600, 4, 250), ("~40M", 2560, 6, 330)]
+MODES = ["plain", "full", "full, beside", "sparse", "every 10"]
 
 
 class Loop:
@@ -54,16 +61,32 @@ class Loop:
         self.trace = os.path.join(folder, f"{mode.replace(' ', '')}-{time.monotonic_ns()}.sqlite")
         self.recorder = None
         self.times: list[float] = []
+        self.cpu: list[float] = []
+        self.inside: list[float] = []
+        self.logged_s = 0.0  # time in the trace's step log (its write, SQLite's folds)
         self.step = 0
         if mode != "plain":
             recording = {
                 "full": Recording(),
+                "full, beside": Recording(),
                 "sparse": Recording("sparse"),
                 "every 10": Recording("sparse", 10),
             }[mode]
             self.recorder = StepRecorder(
-                TraceWriter(self.trace, {}), PHASES, recording=recording, last=steps
+                TraceWriter(self.trace, {}),
+                PHASES,
+                recording=recording,
+                last=steps,
+                hash_thread=mode == "full, beside",
             )
+            log_step = self.recorder.writer.log_step
+
+            def timed_log(*args: object) -> None:
+                began = time.perf_counter()
+                log_step(*args)  # type: ignore[arg-type]
+                self.logged_s += time.perf_counter() - began
+
+            self.recorder.writer.log_step = timed_log  # type: ignore[method-assign]
             self.recorder.begin(0)
             self.recorder.state(self.model, [self.optimizer], self.names)
             self.recorder.commit(0, None)
@@ -73,26 +96,38 @@ class Loop:
 
         from reprocheck.recorder import batch_tensors, flatten
 
-        started = time.perf_counter()
+        clock = time.perf_counter
+        started, cpu = clock(), time.process_time()
         self.step += 1
         rec, model, optimizer = self.recorder, self.model, self.optimizer
+        inside = 0.0  # time in the recorder's calls, on the training thread
         if rec:
+            began = clock()
             rec.begin(self.step)
             rec.add_all("data", batch_tensors((self.x, self.y)))
+            inside += clock() - began
         out = model(self.x)
         loss = torch.nn.functional.cross_entropy(out, self.y)
         if rec:
+            began = clock()
             rec.add_all("outputs", flatten(out, "output"))
             rec.add_all("loss", [("loss", loss)])
+            inside += clock() - began
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if rec:
+            began = clock()
             rec.grads(model)
+            inside += clock() - began
         optimizer.step()
         if rec:
+            began = clock()
             rec.state(model, [optimizer], self.names)
             rec.commit(self.step, loss)
-        self.times.append(time.perf_counter() - started)
+            inside += clock() - began
+        self.times.append(clock() - started)
+        self.cpu.append(time.process_time() - cpu)  # every thread's, the hashing one's too
+        self.inside.append(inside)
         self.out, self.loss = out, loss
 
     def floor(self) -> tuple[int, float]:
@@ -110,24 +145,38 @@ class Loop:
         return sum(t.numel() * t.element_size() for t in tensors), (time.perf_counter() - began) / 3
 
 
-def timed(width: int, layers: int, batch: int, steps: int, folder: str) -> dict:
-    """Every mode in this process, one step each in turn (the machine's drift falls on all
-    alike): the median step of each, and the hashing floor."""
+def timed(width: int, layers: int, batch: int, steps: int, block: int, folder: str) -> dict:
+    """Every mode in this process, ``block`` steps each in turn (the machine's drift falls
+    on all alike; a thread hashing beside training overlaps its own run's next steps, as in
+    an audit). The first step of each block is left out of the medians: the thread of the
+    mode before may still be hashing then."""
     import torch
 
     torch.set_num_threads(1)
     loops = {mode: Loop(width, layers, batch, mode, steps, folder) for mode in MODES}
-    for _ in range(steps):
-        for loop in loops.values():
-            loop.run()
+    kept: dict[str, list[int]] = {mode: [] for mode in MODES}
+    for _ in range(steps // block):
+        for mode, loop in loops.items():
+            for index in range(block):
+                loop.run()
+                if index:
+                    kept[mode].append(len(loop.times) - 1)
     for loop in loops.values():
         if loop.recorder:
+            loop.recorder.drain()
             loop.recorder.writer.finish("complete")
     hashed, floor = loops["full"].floor()
+
+    def median(mode: str, values: list[float]) -> float:
+        return statistics.median(values[i] for i in kept[mode] if i >= block)  # warm
+
     return {
-        "step_s": {mode: statistics.median(loop.times[3:]) for mode, loop in loops.items()},
+        "step_s": {mode: median(mode, loop.times) for mode, loop in loops.items()},
+        "cpu_s": {mode: median(mode, loop.cpu) for mode, loop in loops.items()},
+        "inside_s": {mode: median(mode, loop.inside) for mode, loop in loops.items()},
+        "log_s": loops["full"].logged_s / loops["full"].step,
         "bytes_per_step": {
-            mode: os.path.getsize(loop.trace) / (steps + 1)
+            mode: os.path.getsize(loop.trace) / (loop.step + 1)
             for mode, loop in loops.items()
             if loop.recorder
         },
@@ -145,6 +194,8 @@ def peak(width: int, layers: int, batch: int, mode: str, steps: int, folder: str
     loop = Loop(width, layers, batch, mode, steps, folder)
     for _ in range(steps):
         loop.run()
+    if loop.recorder:
+        loop.recorder.drain()
     return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -193,7 +244,8 @@ def whole_audits(steps: int, repeats: int) -> list[list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--block", type=int, default=5, help="steps of a mode in a row")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--audits-only", action="store_true", help=argparse.SUPPRESS)
@@ -206,39 +258,54 @@ def main() -> None:
         kind, *rest = json.loads(args.child)
         print(json.dumps((timed if kind == "timed" else peak)(*rest)))
         return
-    rows = []
+    costs, parts = [], []
     for name, width, layers, batch in SIZES:
         with tempfile.TemporaryDirectory() as folder:
-            found = _child("timed", width, layers, batch, args.steps, folder)
+            found = _child("timed", width, layers, batch, args.steps, args.block, folder)
             memory = {m: _child("peak", width, layers, batch, m, 5, folder) for m in MODES}
-        step, plain = found["step_s"], found["step_s"]["plain"]
-        rows.append(
+        step, cpu, floor = found["step_s"], found["cpu_s"], found["floor_s"]
+        plain, log_s = step["plain"], found["log_s"]
+        costs.append(
             [
                 name,
                 f"{found['params'] / 1e6:.1f}M",
                 f"{plain * 1e3:.0f} ms",
                 *(f"{step[m] / plain:.3f}×" for m in MODES[1:]),
-                f"{(step['full'] - plain) / found['floor_s']:.2f}×",
-                f"{found['hashed_bytes'] / 2**20:.0f} MiB",
-                *(f"{found['bytes_per_step'][m]:,.0f} B" for m in MODES[1:]),
+                *(f"{(cpu[m] - cpu['plain']) / floor:.2f}×" for m in ("full", "full, beside")),
+            ]
+        )
+        inside = found["inside_s"]
+        parts.append(
+            [
+                name,
+                f"{(step['full'] - plain) * 1e3:.1f} ms",
+                f"{inside['full'] * 1e3:.1f} ms",
+                f"{floor * 1e3:.1f} ms ({found['hashed_bytes'] / 2**20:.0f} MiB)",
+                f"{log_s * 1e3:.2f} ms",
+                f"{(inside['full'] - floor - log_s) * 1e3:.1f} ms",
+                f"{inside['full, beside'] * 1e3:.1f} ms",
+                *(f"{found['bytes_per_step'][m]:,.0f} B" for m in ("full", "sparse", "every 10")),
                 " / ".join(f"{memory[m]['peak_mib']:.0f}" for m in MODES) + " MiB",
             ]
         )
+    head = ["model", "parameters", "plain step", *MODES[1:]]
+    head += ["CPU ÷ hash floor, full", "CPU ÷ hash floor, beside"]
+    print(table(head, costs, args.markdown))
+    print()
     head = [
         "model",
-        "parameters",
-        "plain step",
-        "full",
-        "sparse",
-        "every 10",
-        "full's cost ÷ hash floor",
-        "hashed per step",
+        "full: step's extra wall time",
+        "full: in the recorder's calls",
+        "of which the hash floor (bytes)",
+        "the step log + SQLite",
+        "the rest (per-record Python)",
+        "beside: in the recorder's calls",
         "trace, full",
         "trace, sparse",
         "trace, every 10",
-        "peak RSS plain / full / sparse / every 10",
+        "peak RSS " + " / ".join(MODES),
     ]
-    print(table(head, rows, args.markdown))
+    print(table(head, parts, args.markdown))
     print()
     head = ["job", "2 plain runs", "audit, full", "audit, sparse", "audit, every 10"]
     print(table(head, whole_audits(2000, 3), args.markdown))

@@ -51,6 +51,9 @@ HASHER_ENV = "REPROCHECK_HASHER"
 AS_IS_ENV = "REPROCHECK_AS_IS"
 CANARY_ENV = "REPROCHECK_CANARY"
 OBSERVER_ENV = "REPROCHECK_OBSERVER"
+# "1": each run hashes its large tensors on a thread beside training; "0": never; unset:
+# where the audit leaves a core free for each run (:func:`reprocheck.parent.launch.hash_beside`)
+HASH_THREAD_ENV = "REPROCHECK_HASH_THREAD"
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -401,6 +404,7 @@ class RunSpec:
     observer: bool = False  # records the state alone (it must end where the others do)
     resume_run: ResumeRun | None = None  # a run of ``reprocheck resume``
     recording: Recording | None = None  # sparse or sampled records (a verdict's runs)
+    hash_thread: bool = False  # large tensors hashed beside training (the same digests)
 
     def to_json(self) -> dict[str, Any]:
         out = _plain(self)
@@ -438,6 +442,7 @@ class RunSpec:
                 if self.recording is not None and not self.recording.plain
                 else {}
             ),
+            **({"hash_thread": True} if self.hash_thread else {}),
         }
 
 
@@ -536,6 +541,8 @@ class RunMeta:
     disturbed: dict[str, Any] | None = None
     # sparse or sampled records (``Recording``'s JSON); absent: one digest per tensor, each step
     recording: dict[str, Any] | None = None
+    # its large tensors were hashed on a thread beside training (digests are the same)
+    hash_thread: bool | None = None
 
     @classmethod
     def of(cls, meta: dict[str, Any]) -> RunMeta:

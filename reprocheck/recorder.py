@@ -34,6 +34,29 @@ _fp = importlib.import_module(".fingerprint", __package__)
 _PHASE_INDEX = {phase: index for index, phase in enumerate(TRACE_PHASES)}
 RSS_EVERY = 100  # steps between samples of the run's resident memory
 
+# Hashing beside training. A tensor of at least BESIDE_BYTES is hashed on a thread of its
+# own while training goes on: the recorder takes the address of its bytes, then a
+# copy-on-write alias of its storage (``torch._lazy_clone``, no copy made), and hands both
+# to the thread. Training that writes the tensor before the thread has read it — the next
+# optimizer step, a ``.data`` write, a forward moving a buffer — writes into a fresh copy
+# (torch materialises copy-on-write storage on any write) and the thread reads the bytes as
+# they were when recorded; a thread that is done has dropped its alias, and the write finds
+# the storage its own again (no copy). So the digests are those hashing in place gives,
+# whatever training does meanwhile. The step's records are written when its digests are
+# in: at the recorder's next use of those tensors, its next step's record, or the run's
+# end (a trace is one step behind the run while a step is hashed).
+BESIDE_BYTES = 1 << 18
+_LAZY_CLONE = getattr(torch, "_lazy_clone", None)  # torch ≥ 2.3
+
+
+def _hash_jobs(jobs: list[Any], digests: list[Any]) -> None:
+    """The thread's work: each (slot, bytes, seed, alias) hashed into ``digests[slot]``,
+    its alias dropped as soon as it is read (a later write then needs no copy)."""
+    xxh3 = _fp.xxhash.xxh3_128_digest
+    for index, (slot, view, seed, _) in enumerate(jobs):
+        digests[slot] = xxh3(view, seed)
+        jobs[index] = None
+
 
 def rss_mib() -> float | None:
     """This process's resident memory in MiB (Linux), or None where it cannot be read."""
@@ -259,6 +282,7 @@ class StepRecorder:
         capture: tuple[int, Iterable[tuple[str, str]]] | None = None,
         recording: Recording | None = None,
         last: int | None = None,
+        hash_thread: bool = False,
     ) -> None:
         self.writer = writer
         self.step = 0
@@ -272,6 +296,7 @@ class StepRecorder:
         self._pending: tuple[int, float | None, float] | None = None  # a step not hashed
         self._bounds: list[tuple[str, int]] = []  # (phase, its first record) this step
         self._phase_ids: dict[str, int] = {}
+        self._fold_keys: dict[int, bytes] = {}  # tensor id → xxh3-64 of its name, shape, dtype
         # (step, {(phase, name)}): tensors whose values are kept, for the numeric diff.
         self.capture_step = capture[0] if capture else None
         self.capture_names = frozenset(tuple(c) for c in capture[1]) if capture else frozenset()
@@ -295,6 +320,12 @@ class StepRecorder:
         self.compiled = False  # the model runs through torch.compile (set by the loop)
         self.last_committed: int | None = None
         self.devices = {"cpu"}  # the devices whose tensors were hashed (generators: cpu)
+        # hashing beside training (see BESIDE_BYTES): the step's tensors handed to the
+        # thread, the step waiting for them (its log_step arguments, their future)
+        self.beside = hash_thread and self._fast and _LAZY_CLONE is not None
+        self._jobs: list[Any] = []
+        self._waiting: tuple[Any, tuple] | None = None
+        self._thread: Any = None  # a one-worker ThreadPoolExecutor, made at first use
 
     def begin(self, step: int) -> None:
         if self._pending is not None:  # the step before was not hashed: logged bare
@@ -353,6 +384,7 @@ class StepRecorder:
         self._enter(phase)
         capturing = self.step == self.capture_step
         known, ids, hasher, fast = self._tensor_ids, self._ids, self._hasher, self._fast
+        beside = self.beside
         digests, xxh3 = hasher.host, _fp.xxhash.xxh3_128_digest if fast else None
         fast_path, raw = (_fp._fast_path if fast else _never), _fp._raw
         for name, tensor in named:
@@ -364,7 +396,10 @@ class StepRecorder:
                 found = self._tensor_id(phase, name, tensor)
             ids.append(found[0])
             if fast_path(tensor):  # exactly the tensors `_xxh3` hashes in place
-                digests.append(xxh3(raw(tensor), found[1]))
+                if beside and tensor.nbytes >= BESIDE_BYTES:
+                    self._later(tensor, raw(tensor), found[1], digests)
+                else:
+                    digests.append(xxh3(raw(tensor), found[1]))
                 continue
             self.devices.add(tensor.device.type)
             hasher.add(tensor)
@@ -375,6 +410,7 @@ class StepRecorder:
         if not self._fast or self.step == self.capture_step:
             self._add(phase, _tensors(named))
             return
+        self._drain()  # (the last step's aliases gone: reading an address copies nothing)
         self._enter(phase)
         kept, now, ids = self._kept.get(phase, {}), self._kept_now.setdefault(phase, {}), self._ids
         digests, xxh3, holds = self._hasher.host, _fp.xxhash.xxh3_128_digest, _fp._view_holds
@@ -383,7 +419,10 @@ class StepRecorder:
             if holds(entry, tensor):
                 now[name] = entry
                 ids.append(entry[6])
-                digests.append(xxh3(entry[4], entry[5]))
+                if entry[7]:
+                    self._later(tensor, entry[4], entry[5], digests)
+                else:
+                    digests.append(xxh3(entry[4], entry[5]))
             elif not isinstance(tensor, torch.Tensor):
                 self._add(phase, flatten(tensor, name))
             else:
@@ -394,8 +433,24 @@ class StepRecorder:
                     self.devices.add(tensor.device.type)
                     self._hasher.add(tensor)
                 else:
-                    now[name] = [*view, tensor_id]
-                    digests.append(xxh3(view[4], seed))
+                    big = self.beside and tensor.nbytes >= BESIDE_BYTES
+                    now[name] = [*view, tensor_id, big]
+                    if big:
+                        self._later(tensor, view[4], seed, digests)
+                    else:
+                        digests.append(xxh3(view[4], seed))
+
+    def _later(self, tensor: torch.Tensor, view: Any, seed: int, digests: list) -> None:
+        """Hash ``view`` (``tensor``'s bytes, its address taken before this) on the thread
+        beside training, through a copy-on-write alias (see :data:`BESIDE_BYTES`)."""
+        try:
+            with torch.no_grad():
+                alias = _LAZY_CLONE(tensor)  # type: ignore[misc] - beside: it exists
+        except (RuntimeError, NotImplementedError):  # storage torch cannot share (NumPy's)
+            digests.append(_fp.xxhash.xxh3_128_digest(view, seed))
+            return
+        self._jobs.append((len(digests), view, seed, alias))
+        digests.append(None)
 
     def add_digests(
         self, phase: str, named: Iterable[tuple[str, tuple[int, ...], str, bytes]]
@@ -450,6 +505,7 @@ class StepRecorder:
         self._log(step, loss_value, wall)
 
     def _log(self, step: int, loss_value: float | None, wall: float) -> None:
+        self._drain()
         digests, sketches = self._hasher.finish()
         stored = (
             [(step, seq, *s.to_tuple()[:4]) for seq, s in enumerate(sketches) if s is not None]
@@ -458,31 +514,73 @@ class StepRecorder:
         )
         ids = self._ids
         observed = len(ids) if self._observed is None else self._observed
-        if self.sparse and ids:
-            ids, digests, observed = self._fold(digests)
-        self.writer.log_step(
-            step, pack_ids(ids), b"".join(digests), stored, loss_value, wall, observed
-        )
-        self.records += len(digests)
+        logged = (step, ids, digests, stored, loss_value, wall, observed, self._bounds)
         self._pending = None
         self._ids = array.array("I")
         self._bounds = []
         self._observed = None
         self._kept, self._kept_now = self._kept_now, {}
         self._phase_index = 0
+        if not self._jobs:
+            self._write(*logged)
+            return
+        if self._thread is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="reprocheck-hash")
+        jobs, self._jobs = self._jobs, []
+        self._waiting = (self._thread.submit(_hash_jobs, jobs, digests), logged)
+
+    def drain(self) -> None:
+        """Write the step whose tensors the thread beside training is still hashing (the
+        run ends, or the trace is read)."""
+        self._drain()
+
+    def _drain(self) -> None:
+        if self._waiting is not None:
+            future, logged = self._waiting
+            self._waiting = None
+            future.result()
+            self._write(*logged)
+
+    def _write(
+        self,
+        step: int,
+        ids: array.array,
+        digests: list[bytes],
+        stored: list,
+        loss_value: float | None,
+        wall: float,
+        observed: int,
+        bounds: list[tuple[str, int]],
+    ) -> None:
+        if self.sparse and ids:
+            ids, digests, observed = self._fold(ids, bounds, digests)
+        self.writer.log_step(
+            step, pack_ids(ids), b"".join(digests), stored, loss_value, wall, observed
+        )
+        self.records += len(digests)
         if step % RSS_EVERY == 0:
             rss = rss_mib()
             if rss is not None:  # memory over the run: flat after warm-up, or a leak
                 self.rss[str(step)] = rss
                 self.writer.set_meta(rss_mib=self.rss)
 
-    def _fold(self, digests: list[bytes]) -> tuple[array.array, list[bytes], int]:
+    def _fold(
+        self, step_ids: array.array, bounds: list[tuple[str, int]], digests: list[bytes]
+    ) -> tuple[array.array, list[bytes], int]:
         """``--record sparse``: the step's records as one per phase — xxh3-128 over the
-        phase's tensor ids and digests in record order, so any change in a value, a name,
-        a shape, a dtype or the order changes it; (ids, digests, observable records)."""
+        keys of the phase's tensors (xxh3-64 of name, shape and dtype) in record order, then
+        their digests, so any change in a value, a name, a shape, a dtype or the order
+        changes it, and nothing else does (not the order the trace met its tensors in);
+        (ids, digests, observable records)."""
         ids, folded, observed = array.array("I"), [], 0
-        ends = [start for _, start in self._bounds[1:]] + [len(self._ids)]
-        for (phase, start), end in zip(self._bounds, ends):
+        keys, xxh64 = self._fold_keys, _fp.xxhash.xxh3_64_digest
+        for tensor_id in step_ids:
+            if tensor_id not in keys:
+                keys[tensor_id] = xxh64("\0".join(self.writer.tensor_key(tensor_id)).encode())
+        ends = [start for _, start in bounds[1:]] + [len(step_ids)]
+        for (phase, start), end in zip(bounds, ends):
             if start == end:
                 continue
             found = self._phase_ids.get(phase)
@@ -493,7 +591,7 @@ class StepRecorder:
             ids.append(found)
             folded.append(
                 _fp.xxhash.xxh3_128_digest(
-                    self._ids[start:end].tobytes() + b"".join(digests[start:end])
+                    b"".join(keys[i] for i in step_ids[start:end]) + b"".join(digests[start:end])
                 )
             )
             observed += phase not in LATENT_PHASES

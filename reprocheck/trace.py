@@ -209,6 +209,7 @@ class TraceWriter:
         self.full: TraceFull | None = None
         self._lock = threading.Lock()
         self._ids: dict[tuple[str, str, str, str], int] = {}
+        self._keys: list[tuple[str, str, str, str]] = []  # id - 1 → its key
         self._pending_tensors: list[tuple[int, str, str, str, str]] = []
         self._unfolded: list[_LoggedStep] = []
         self._logged = 0  # bytes of whole frames in the step log
@@ -298,8 +299,13 @@ class TraceWriter:
         if found is None:
             found = len(self._ids) + 1
             self._ids[key] = found
+            self._keys.append(key)
             self._pending_tensors.append((found, *key))
         return found
+
+    def tensor_key(self, tensor_id: int) -> tuple[str, str, str, str]:
+        """(phase, name, shape as ``"2,3"``, dtype) of a registered id."""
+        return self._keys[tensor_id - 1]
 
     def write_step(
         self,

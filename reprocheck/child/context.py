@@ -104,6 +104,7 @@ class RunContext:
             capture=capture,
             recording=recording,
             last=known.steps_planned,
+            hash_thread=bool(known.hash_thread),
         )
         self.finished = False
         # the driver's last word before the trace closes: given the status, it may record
@@ -123,6 +124,8 @@ class RunContext:
         if self.on_finish is not None:
             with contextlib.suppress(TraceFull):  # (what it records the full disk refuses)
                 meta = {**self.on_finish(status), **meta}
+        with contextlib.suppress(TraceFull):
+            self.recorder.drain()  # the step still hashed beside training
         self.finished = True
         if self.writer.full is not None:  # whatever else happened, the run ends with its cause
             status, error = "failed", str(self.writer.full)

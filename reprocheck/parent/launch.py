@@ -23,7 +23,17 @@ from typing import Any, Callable
 
 from .. import checkpoint
 from ..config import Config, config_to_dict
-from ..contract import MAIN, Capture, Recipe, Recording, ResumeRun, RunSpec, Target
+from ..contract import (
+    HASH_THREAD_ENV,
+    MAIN,
+    Capture,
+    Recipe,
+    Recording,
+    ResumeRun,
+    RunSpec,
+    Target,
+    TorchrunJob,
+)
 from ..determinism import child_environment, torch_source
 from . import pool
 from .schedule import Scheduler, Task
@@ -161,6 +171,22 @@ def default_jobs(config: Config) -> int:
     return max(1, cores // per_run)
 
 
+def hash_beside(threads: int | None, jobs: int, processes: int = 1) -> bool:
+    """Whether each run hashes its large tensors on a thread beside training
+    (:data:`reprocheck.recorder.BESIDE_BYTES`): ``REPROCHECK_HASH_THREAD=1`` or ``0`` says;
+    unset, where the runs going at once (``jobs`` of ``processes`` processes, ``threads``
+    torch threads each) leave a core free for each process's thread. torch's default
+    thread count (``threads`` None) takes every core. The digests are the same either way."""
+    asked = os.environ.get(HASH_THREAD_ENV, "").strip()
+    if asked in ("0", "1"):
+        return asked == "1"
+    if threads is None:
+        return False
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    return cores - jobs * processes * threads >= jobs * processes
+
+
 class Launcher:
     """Runs a config's legs. ``progress(result, steps_done, steps_total)`` is called on updates."""
 
@@ -207,6 +233,10 @@ class Launcher:
         self.scheduler = Scheduler(
             jobs or default_jobs(config), timeout, progress, any_threads, config.steps
         )
+        # what each run's hashing thread needs a core beside: the run's processes, and the
+        # runs going at once (the verdict's: at most the jobs; those beside it: the jobs)
+        self._processes = self.target.nproc_per_node if isinstance(self.target, TorchrunJob) else 1
+        self._at_once = self.scheduler.jobs
 
     def _spec(
         self, leg: Leg, run: int, suffix: str = "", stem: str | None = None, **extra: Any
@@ -228,6 +258,7 @@ class Launcher:
             target=self.target,
             with_sketch=self.with_sketch,
             depth=self.depth,
+            hash_thread=hash_beside(leg.threads, self._at_once, self._processes),
         )
         spec = replace(spec, **extra)
         spec_path = self.out_dir / f"{stem}.spec.json"
@@ -256,6 +287,7 @@ class Launcher:
         tasks = []
         results: dict[str, list[RunResult]] = {}
         total_runs = self.config.repeats * sum(leg.status != "skipped" for leg in legs)
+        self._at_once = max(1, min(self.scheduler.jobs, total_runs))
         for leg in legs:
             if leg.status == "skipped":
                 continue

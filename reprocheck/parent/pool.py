@@ -73,6 +73,7 @@ from ..contract import (
     AUDIT_ENV,
     CANARY_ENV,
     DEATH_ENV,
+    HASH_THREAD_ENV,
     OBSERVER_ENV,
     POOL_ENV,
     PYTHON_ENV,
@@ -94,7 +95,7 @@ STARTUP_PREFIXES = (
 
 
 # the audit's own switches, read by the audit's process alone: a run never sees them start
-PARENT_ONLY = frozenset((POOL_ENV, CANARY_ENV, OBSERVER_ENV, AS_IS_ENV))
+PARENT_ONLY = frozenset((POOL_ENV, CANARY_ENV, OBSERVER_ENV, AS_IS_ENV, HASH_THREAD_ENV))
 
 
 def startup_key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
