@@ -22,6 +22,11 @@ from tests.conftest import SCRIPTS, run_cli, run_exec, write_config
 
 WIDTH = 512  # a 1-MiB weight: hashed beside training (BESIDE_BYTES is 256 KiB)
 
+needs_lazy_clone = pytest.mark.skipif(
+    not hasattr(torch, "_lazy_clone"),
+    reason=f"torch {torch.__version__} has no torch._lazy_clone: every tensor is hashed in place",
+)
+
 
 def _train(path: Path, beside: bool, recording: Recording, hostile: bool) -> tuple[list, dict]:
     """Six AdamW steps of a model with batch norm (its buffers move in each forward),
@@ -88,6 +93,7 @@ def slow_thread(monkeypatch):
     monkeypatch.setattr(recorder_module, "_hash_jobs", late)
 
 
+@needs_lazy_clone
 @pytest.mark.parametrize("mode", ["full", "sparse"])
 def test_digests_hashed_beside_training_are_those_hashed_in_place(tmp_path, slow_thread, mode):
     recording = Recording(mode)
@@ -103,6 +109,7 @@ def test_digests_hashed_beside_training_are_those_hashed_in_place(tmp_path, slow
     assert calm[first][:2] == (2, "outputs")
 
 
+@needs_lazy_clone
 def test_only_large_tensors_of_a_copy_on_write_storage_go_beside(tmp_path):
     rec = StepRecorder(TraceWriter(str(tmp_path / "t.sqlite"), {}), PHASES, hash_thread=True)
     rec.begin(0)
@@ -131,6 +138,7 @@ def test_a_core_is_left_free_for_each_runs_thread(monkeypatch):
     assert hash_beside(1, 1) is False
 
 
+@needs_lazy_clone
 def test_an_audit_hashed_beside_training_catches_its_canary(tmp_path):
     text = (
         "name: wide\nseed: 0\nrepeats: 2\nsteps: 6\ndevices: [cpu]\nthreads: [1]\n"
@@ -160,6 +168,7 @@ def test_an_audit_hashed_beside_training_catches_its_canary(tmp_path):
             assert trace.run_meta.hash_thread is True and trace.status == "complete"
 
 
+@needs_lazy_clone
 @pytest.mark.slow  # (the config audit above runs the same recorder in the default suite)
 def test_a_script_audit_hashed_beside_training_catches_its_canary(tmp_path):
     # nanoGPT's shape at n_embd 256: its MLP's weights (1 MiB) and their AdamW moments
@@ -178,3 +187,15 @@ def test_a_script_audit_hashed_beside_training_catches_its_canary(tmp_path):
     for run in r["legs"][0]["runs"]:
         with Trace(run["trace"]) as trace:
             assert trace.run_meta.hash_thread is True and trace.status == "complete"
+
+
+def test_a_trace_says_it_was_hashed_beside_only_where_it_was(tmp_path):
+    from reprocheck.child.context import RunContext
+
+    for sketches, expected in ((False, hasattr(torch, "_lazy_clone")), (True, False)):
+        path = tmp_path / f"sketches{sketches}.sqlite"
+        context = RunContext(path, {"hash_thread": True}, PHASES, with_sketch=sketches)
+        assert context.recorder.beside is expected  # sketches: every record the careful way
+        context.finish("complete")
+        with Trace(str(path)) as trace:
+            assert trace.run_meta.hash_thread is expected

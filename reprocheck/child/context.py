@@ -106,6 +106,10 @@ class RunContext:
             last=known.steps_planned,
             hash_thread=bool(known.hash_thread),
         )
+        if known.hash_thread and not self.recorder.beside:
+            # asked for, but not done: sketches or the device digest take the careful way,
+            # and a torch before 2.3 has no copy-on-write alias; the trace says what was done
+            self.writer.set_meta(hash_thread=False)
         self.finished = False
         # the driver's last word before the trace closes: given the status, it may record
         # what is still pending and returns meta to store (a script's models, say)
