@@ -42,9 +42,9 @@ RSS_EVERY = 100  # steps between samples of the run's resident memory
 # (torch materialises copy-on-write storage on any write) and the thread reads the bytes as
 # they were when recorded; a thread that is done has dropped its alias, and the write finds
 # the storage its own again (no copy). So the digests are those hashing in place gives,
-# whatever training does meanwhile. The step's records are written when its digests are
-# in: at the recorder's next use of those tensors, its next step's record, or the run's
-# end (a trace is one step behind the run while a step is hashed).
+# whatever training does meanwhile. The thread logs the step as soon as its digests are
+# in; the training thread waits for it only before it looks at those tensors again or logs
+# the next step.
 BESIDE_BYTES = 1 << 18
 _LAZY_CLONE = getattr(torch, "_lazy_clone", None)  # torch ≥ 2.3
 
@@ -320,11 +320,11 @@ class StepRecorder:
         self.compiled = False  # the model runs through torch.compile (set by the loop)
         self.last_committed: int | None = None
         self.devices = {"cpu"}  # the devices whose tensors were hashed (generators: cpu)
-        # hashing beside training (see BESIDE_BYTES): the step's tensors handed to the
-        # thread, the step waiting for them (its log_step arguments, their future)
+        # hashing beside training (see BESIDE_BYTES): the step's tensors for the thread,
+        # and the step it is hashing and logging
         self.beside = hash_thread and self._fast and _LAZY_CLONE is not None
         self._jobs: list[Any] = []
-        self._waiting: tuple[Any, tuple] | None = None
+        self._waiting: Any = None  # the future of the step on the thread
         self._thread: Any = None  # a one-worker ThreadPoolExecutor, made at first use
 
     def begin(self, step: int) -> None:
@@ -529,19 +529,25 @@ class StepRecorder:
 
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="reprocheck-hash")
         jobs, self._jobs = self._jobs, []
-        self._waiting = (self._thread.submit(_hash_jobs, jobs, digests), logged)
+        self._waiting = self._thread.submit(self._beside, jobs, logged)
+
+    def _beside(self, jobs: list[Any], logged: tuple) -> None:
+        """On the thread: hash the step's large tensors, then log the step — at once, so a
+        run killed in its next step (a timeout, a hang) keeps it, as in-place hashing
+        would (the writer locks what the training thread may touch meanwhile: tensor
+        registrations; the next step is logged only after this one, see :meth:`_drain`)."""
+        _hash_jobs(jobs, logged[2])
+        self._write(*logged)
 
     def drain(self) -> None:
-        """Write the step whose tensors the thread beside training is still hashing (the
-        run ends, or the trace is read)."""
+        """Wait for the step the thread beside training is hashing and logging (the run
+        ends)."""
         self._drain()
 
     def _drain(self) -> None:
         if self._waiting is not None:
-            future, logged = self._waiting
-            self._waiting = None
-            future.result()
-            self._write(*logged)
+            future, self._waiting = self._waiting, None
+            future.result()  # (its error, a full disk say, raised here)
 
     def _write(
         self,

@@ -297,10 +297,13 @@ class TraceWriter:
         key = (phase, name, ",".join(map(str, shape)), dtype)
         found = self._ids.get(key)
         if found is None:
-            found = len(self._ids) + 1
-            self._ids[key] = found
-            self._keys.append(key)
-            self._pending_tensors.append((found, *key))
+            with self._lock:  # (a thread hashing beside training may be logging a step)
+                found = self._ids.get(key)
+                if found is None:
+                    found = len(self._ids) + 1
+                    self._ids[key] = found
+                    self._keys.append(key)
+                    self._pending_tensors.append((found, *key))
         return found
 
     def tensor_key(self, tensor_id: int) -> tuple[str, str, str, str]:
@@ -346,10 +349,9 @@ class TraceWriter:
         observable, the rest latent (generator states)."""
         if self.full is not None:
             raise TraceFull(self.path)
-        logged = _LoggedStep(
-            step, ids, digests, loss, wall_s, self._pending_tensors, sketches, observed
-        )
-        self._pending_tensors = []
+        with self._lock:  # the tensors registered so far go with this step
+            pending, self._pending_tensors = self._pending_tensors, []
+        logged = _LoggedStep(step, ids, digests, loss, wall_s, pending, sketches, observed)
         frame = logged.frame()
         with self._lock:
             try:

@@ -59,7 +59,7 @@ def _train(path: Path, beside: bool, recording: Recording, hostile: bool) -> tup
         optimizer.step()
         rec.state(model, [optimizer], names)
         rec.commit(step, loss)
-        if rec._waiting is not None and not rec._waiting[0].done():
+        if rec._waiting is not None and not rec._waiting.done():
             seen["behind"] += 1  # the writes below come before the thread read the tensors
         if hostile:
             for p in model.parameters():
