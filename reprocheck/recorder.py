@@ -442,11 +442,19 @@ class StepRecorder:
 
     def _later(self, tensor: torch.Tensor, view: Any, seed: int, digests: list) -> None:
         """Hash ``view`` (``tensor``'s bytes, its address taken before this) on the thread
-        beside training, through a copy-on-write alias (see :data:`BESIDE_BYTES`)."""
+        beside training, through a copy-on-write alias (see :data:`BESIDE_BYTES`).
+
+        Only a storage torch can grow goes beside: one without an allocator — what
+        ``torch.load`` and ``torch.frombuffer`` make — lazily cloned, then written while
+        its alias lives, crashes torch 2.13 (the copy finds no allocator; measured: a
+        resumed optimizer's state written by its next step). Those, and storage torch
+        cannot share copy-on-write at all (NumPy's, shared memory), are hashed here."""
         try:
+            if not tensor.untyped_storage().resizable():
+                raise RuntimeError("no allocator")
             with torch.no_grad():
                 alias = _LAZY_CLONE(tensor)  # type: ignore[misc] - beside: it exists
-        except (RuntimeError, NotImplementedError):  # storage torch cannot share (NumPy's)
+        except (RuntimeError, NotImplementedError):
             digests.append(_fp.xxhash.xxh3_128_digest(view, seed))
             return
         self._jobs.append((len(digests), view, seed, alias))

@@ -115,10 +115,16 @@ def test_only_large_tensors_of_a_copy_on_write_storage_go_beside(tmp_path):
     rec.begin(0)
     big, small = torch.randn(WIDTH, WIDTH), torch.randn(8)
     numpy_backed = torch.from_numpy(np.zeros((WIDTH, WIDTH), dtype=np.float32))
-    rec.add_state("weights", [("big", big), ("numpy", numpy_backed), ("small", small)])
-    assert [slot for slot, *_ in rec._jobs] == [0]  # big alone; NumPy's and small: in place
-    assert torch._C._is_cow_tensor(big)
+    torch.save({"moment": torch.randn(WIDTH, WIDTH)}, tmp_path / "ckpt.pt")
+    loaded = torch.load(tmp_path / "ckpt.pt")["moment"]  # a resumed optimizer's state
+    named = [("big", big), ("numpy", numpy_backed), ("small", small), ("loaded", loaded)]
+    rec.add_state("weights", named)
+    # big alone; NumPy's, the small one and torch.load's (no allocator: a copy-on-write
+    # alias of it, written while the alias lives, crashes torch) are hashed in place
+    assert [slot for slot, *_ in rec._jobs] == [0]
+    assert torch._C._is_cow_tensor(big) and not torch._C._is_cow_tensor(loaded)
     rec.commit(0, None)
+    loaded.add_(1)  # the next optimizer step of a resumed run: no crash
     rec.drain()
     assert not rec._jobs and rec._waiting is None
     big.add_(1)  # the thread dropped its alias: the write takes the storage back, no copy
