@@ -272,7 +272,9 @@ class StepRecorder:
     other devices) take the careful way of :class:`~reprocheck.fingerprint.StepHasher`.
     All give the digest :func:`~reprocheck.fingerprint.fingerprint` gives, and none calls
     ``.numpy()`` on a user's tensor (it would make its storage non-resizable); with
-    sketches, or torchmix, every record takes the careful way."""
+    sketches, or torchmix, every record takes the careful way. With ``hash_thread``, the
+    in-place hashes of tensors of :data:`BESIDE_BYTES` and more run on a thread beside
+    training, through copy-on-write aliases (the same digests; see above)."""
 
     def __init__(
         self,
