@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SCRIPTS, run_cli, run_exec
+from tests.conftest import CONFIGS, SCRIPTS, run_cli, run_exec, write_config
 
 NOISE = str(SCRIPTS / "late_noise.py")
 
@@ -40,6 +40,7 @@ def test_sparse_records_find_the_step_and_a_full_replay_names_the_tensor(tmp_pat
         "replays": 2,
         "named": True,
         "why": None,
+        "every_step_from": None,  # sparse: every step was compared in the records
     }
     assert "records     sparse: the runs first differ at step 250 · loss; 2 replay runs named " in (
         run_cli("show", r["legs"][0]["runs"][0]["trace"]).stdout + _terminal(tmp_path, r)
@@ -78,6 +79,29 @@ def test_sampled_records_find_the_interval_and_replays_the_exact_step(tmp_path):
     # sampled steps 0, 64, …, 256: the runs agree at 192 and differ at 256
     assert (found["interval"], found["step"], found["replays"]) == ([192, 256], 250, 4)
     assert found["recorded"]["step"] == 256 and found["named"] is True
+    # a script's replays hash every step from its start: every step before was compared
+    assert found["every_step_from"] == 0
+    assert "before      steps 0–249 identical in every observable phase" in _terminal(tmp_path, r)
+
+
+@pytest.mark.slow
+def test_a_sampled_configs_replays_from_a_checkpoint_say_which_steps_were_compared(tmp_path):
+    text = (CONFIGS / "planted-forward.yaml").read_text()
+    text = text.replace("steps: 6", "steps: 40").replace("{step: 3}", "{step: 30}")
+    report = tmp_path / "r.json"
+    result = run_cli(
+        "run", str(write_config(tmp_path, text)), "-q", "--every", "8", "--no-attribute",
+        "--out", str(tmp_path / "out"), "--json", str(report),
+    )  # fmt: skip
+    r = result.report
+    assert (result.code, _where(r)) == (1, (30, "outputs", "output")), result.stderr
+    found = r["localized"]
+    # hashed at 0, 8, 16, 24, 32; the replays resumed from the step-24 checkpoint
+    assert (found["interval"], found["every_step_from"], found["replays"]) == ([24, 32], 24, 4)
+    assert (
+        "before      steps 0–23 identical where hashed (every 8 steps), steps 24–29 at every "
+        "step, in every observable phase"
+    ) in _terminal(tmp_path, r)
 
 
 @pytest.mark.slow
@@ -145,3 +169,5 @@ def test_a_sampled_audits_canary_is_flipped_at_a_hashed_step_and_caught_there(tm
     assert (r["canary"]["caught"], r["canary"]["step"]) == (True, 10)
     assert process["found"] == {"step": 10, "phase": "weights", "tensor": "0.weight"}
     assert r["observer"]["agrees"] is True
+    # the headline says which steps its digests are of
+    assert "digests bitwise identical (every 10 steps)" in _terminal(tmp_path, r)

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..compare import Divergence
 from ..contract import Recording
+from ..trace import Trace
 from .divergence import leg_divergence
 from .launch import Launcher, Leg, RunResult
 
@@ -41,6 +42,10 @@ class Localized:
     step: int | None  # the exact step (sparse: the recorded one; sampled: the replays')
     replays: int  # replay runs made
     why: str | None = None  # why the tensor is not named
+    # sampled: the first step the replays hashed every step from (a script's: 0; a
+    # config's: the checkpoint they resumed from); the steps before it were compared
+    # where the records hashed them only
+    every_step_from: int | None = None
 
     def to_dict(self, recording: Recording) -> dict[str, Any]:
         return {
@@ -51,6 +56,7 @@ class Localized:
             "replays": self.replays,
             "named": self.divergence is not None,
             "why": self.why,
+            "every_step_from": self.every_step_from,
         }
 
 
@@ -71,7 +77,7 @@ def localize_stage(
     if len(first.runs) < 2:  # a run that lacks a process: nothing to replay against
         return Localized(None, None, recorded, None, first.step, 0, "no two runs to replay")
     runs, replays, step = _pair(first), 0, first.step
-    interval = None
+    interval, every_step_from = None, None
     if recording.every is not None and first.step > 0:
         previous = (first.step - 1) // recording.every * recording.every
         interval = (previous, first.step)
@@ -82,14 +88,16 @@ def localize_stage(
         if not all(r.status == "complete" for r in sampled.values()):
             return Localized(None, None, recorded, interval, None, replays, _failed(sampled))
         found = leg_divergence(_leg_of(leg, sampled))
+        every_step_from = _first_hashed(sampled)
         if found is None:
             why = f"the replays of runs {_runs(runs)} agreed up to step {first.step}"
-            return Localized(None, None, recorded, interval, None, replays, why)
+            return Localized(None, None, recorded, interval, None, replays, why, every_step_from)
         step = found.step
     full = launcher.replays(leg, runs, step, f"full-s{step}", None, step - 1)
     replays += len(full)
     if not all(r.status == "complete" for r in full.values()):
-        return Localized(None, None, recorded, interval, step, replays, _failed(full))
+        why = _failed(full)
+        return Localized(None, None, recorded, interval, step, replays, why, every_step_from)
     named_leg = _leg_of(leg, full)
     found = leg_divergence(named_leg)
     if found is None or found.step != step:
@@ -98,8 +106,24 @@ def localize_stage(
             if found is None
             else f"the full replays differ first at step {found.step}, not {step}"
         )
-        return Localized(None, None, recorded, interval, step, replays, why)
-    return Localized(named_leg, found, recorded, interval, step, replays)
+        return Localized(None, None, recorded, interval, step, replays, why, every_step_from)
+    return Localized(named_leg, found, recorded, interval, step, replays, None, every_step_from)
+
+
+def _first_hashed(results: dict[int, RunResult]) -> int:
+    """The step from which every replay hashed every step to its end (a replay resumed
+    from a checkpoint records its step 0, then the steps from the checkpoint on)."""
+    first = 0
+    for result in results.values():
+        with Trace(result.trace, own=True) as trace:
+            steps = trace.steps
+        start = steps[-1] + 1 if steps else 0
+        for step in reversed(steps):
+            if step != start - 1:
+                break
+            start = step
+        first = max(first, start)
+    return first
 
 
 def _runs(runs: list[int]) -> str:

@@ -301,8 +301,9 @@ def _golden_change(d: dict[str, Any]) -> list[Text]:
         short = [f"{x[:4]}…{x[-4:]}" if x else "(no record)" for x in digests]
         lines.append(_line("digest", f"golden {short[0]}   this run {short[1]}"))
     if d["step"]:
-        steps = "step 0" if d["step"] == 1 else f"steps 0–{d['step'] - 1}"
-        lines.append(_line("before", f"{steps} identical to the golden", style=GREEN))
+        lines.append(
+            _line("before", f"{_steps(0, d['step'] - 1)} identical to the golden", style=GREEN)
+        )
     return lines
 
 
@@ -329,6 +330,23 @@ def localized_line(report: dict[str, Any]) -> Text | None:
     return _line("records", text + f" — the tensor is not named: {found.get('why')}", style=YELLOW)
 
 
+def _steps(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}–{last}"
+
+
+def _before(report: dict[str, Any], step: int) -> str:
+    """What the steps before the divergence were found: every step, each phase — or, where
+    sampled records were replayed from a checkpoint, the steps before it where hashed."""
+    found = report.get("localized")
+    start = found.get("every_step_from") if isinstance(found, dict) else None
+    if isinstance(start, int) and 0 < start < step:
+        return (
+            f"{_steps(0, start - 1)} identical where hashed ({found.get('recording')}), "
+            f"{_steps(start, step - 1)} at every step, in every observable phase"
+        )
+    return f"{_steps(0, step - 1)} identical in every observable phase"
+
+
 def divergence_lines(report: dict[str, Any]) -> list[Text]:
     d = report["first_divergence"]
     if d.get("compared") == "golden":
@@ -351,8 +369,7 @@ def divergence_lines(report: dict[str, Any]) -> list[Text]:
         title.append(f"   ({', '.join(where)})", style=DIM)
     lines = [title]
     if d["step"]:
-        steps = "step 0" if d["step"] == 1 else f"steps 0–{d['step'] - 1}"
-        lines.append(_line("before", f"{steps} identical in every observable phase", style=GREEN))
+        lines.append(_line("before", _before(report, d["step"]), style=GREEN))
     localized = localized_line(report)
     if localized is not None:
         lines.append(localized)
@@ -650,6 +667,9 @@ def reproducible_line(
         + f"{steps} step{'s' if steps != '1' else ''} × "
         f"{phases} phase{'s' if phases != 1 else ''} · {records:,} digests bitwise identical"
     )
+    recording = report["config"].get("recording")
+    if recording and recording != "full":  # sparse, or only every M-th step hashed
+        title.append(f" ({recording})")
     return title
 
 
