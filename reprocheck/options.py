@@ -127,23 +127,24 @@ def audit_setup(
             )
         if legs.steps is not None:  # a script stops after its K-th step
             target = target.with_steps(legs.steps)
+    if legs.record not in RECORD_MODES:
+        raise ConfigError(f"--record takes {' or '.join(RECORD_MODES)} (got {legs.record!r})")
+    recording = Recording(legs.record, legs.every)
     legs_planned = (
         len(config.devices) * len(config.threads) * len(config.compile) * len(config.environments)
     )
-    if (legs.record != "full" or legs.every) and legs_planned > 1:
+    if not recording.plain and legs_planned > 1:
         raise ConfigError(
             "--record sparse and --every compare runs bit for bit within one leg: legs are "
             "compared under a tolerance, tensor by tensor (drop --threads/--device/--compile/"
             "--env/--python legs, or record in full)"
         )
-    if legs.record not in RECORD_MODES:
-        raise ConfigError(f"--record takes {' or '.join(RECORD_MODES)} (got {legs.record!r})")
-    if (legs.record != "full" or legs.every) and legs.depth != DEPTHS[0]:
+    if not recording.plain and legs.depth != DEPTHS[0]:
         raise ConfigError(
             f"--record {legs.record} --every: each step's phases, not --depth {legs.depth}"
         )
     options = AuditOptions(
-        recording=Recording(legs.record, legs.every),
+        recording=recording,
         out=legs.out,
         jobs=legs.jobs,
         timeout=legs.timeout,

@@ -9,6 +9,7 @@ state: weights, optimizer and rng before the first update.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import hashlib
 import importlib
@@ -412,7 +413,7 @@ class StepRecorder:
         if not self._fast or self.step == self.capture_step:
             self._add(phase, _tensors(named))
             return
-        self._drain()  # (the last step's aliases gone: reading an address copies nothing)
+        self.drain()  # (the last step's aliases gone: reading an address copies nothing)
         self._enter(phase)
         kept, now, ids = self._kept.get(phase, {}), self._kept_now.setdefault(phase, {}), self._ids
         digests, xxh3, holds = self._hasher.host, _fp.xxhash.xxh3_128_digest, _fp._view_holds
@@ -451,12 +452,11 @@ class StepRecorder:
         its alias lives, crashes torch 2.13 (the copy finds no allocator; measured: a
         resumed optimizer's state written by its next step). Those, and storage torch
         cannot share copy-on-write at all (NumPy's, shared memory), are hashed here."""
-        try:
-            if not tensor.untyped_storage().resizable():
-                raise RuntimeError("no allocator")
-            with torch.no_grad():
+        alias = None
+        if tensor.untyped_storage().resizable():
+            with torch.no_grad(), contextlib.suppress(RuntimeError, NotImplementedError):
                 alias = _LAZY_CLONE(tensor)  # type: ignore[misc] - beside: it exists
-        except (RuntimeError, NotImplementedError):
+        if alias is None:
             digests.append(_fp.xxhash.xxh3_128_digest(view, seed))
             return
         self._jobs.append((len(digests), view, seed, alias))
@@ -515,7 +515,7 @@ class StepRecorder:
         self._log(step, loss_value, wall)
 
     def _log(self, step: int, loss_value: float | None, wall: float) -> None:
-        self._drain()
+        self.drain()
         digests, sketches = self._hasher.finish()
         stored = (
             [(step, seq, *s.to_tuple()[:4]) for seq, s in enumerate(sketches) if s is not None]
@@ -545,16 +545,13 @@ class StepRecorder:
         """On the thread: hash the step's large tensors, then log the step — at once, so a
         run killed in its next step (a timeout, a hang) keeps it, as in-place hashing
         would (the writer locks what the training thread may touch meanwhile: tensor
-        registrations; the next step is logged only after this one, see :meth:`_drain`)."""
+        registrations; the next step is logged only after this one, see :meth:`drain`)."""
         _hash_jobs(jobs, logged[2])
         self._write(*logged)
 
     def drain(self) -> None:
-        """Wait for the step the thread beside training is hashing and logging (the run
-        ends)."""
-        self._drain()
-
-    def _drain(self) -> None:
+        """Wait for the step the thread beside training is hashing and logging (before the
+        recorder reads those tensors' addresses again, logs the next step, or the run ends)."""
         if self._waiting is not None:
             future, self._waiting = self._waiting, None
             future.result()  # (its error, a full disk say, raised here)

@@ -234,7 +234,8 @@ class Launcher:
             jobs or default_jobs(config), timeout, progress, any_threads, config.steps
         )
         # what each run's hashing thread needs a core beside: the run's processes, and the
-        # runs going at once (the verdict's: at most the jobs; those beside it: the jobs)
+        # runs going at once — at most the jobs, and (set by :meth:`run`) at most the
+        # verdict's runs, which the runs beside the verdict then also go by
         self._processes = self.target.nproc_per_node if isinstance(self.target, TorchrunJob) else 1
         self._at_once = self.scheduler.jobs
 
